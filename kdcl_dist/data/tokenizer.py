@@ -20,7 +20,15 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def train_wordpiece(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000,
                     lowercase: bool = False, max_length: int = 512):
     """Train a BERT-style WordPiece tokenizer and save it as a `BertTokenizerFast` dir."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import BertTokenizerFast
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
