@@ -72,9 +72,22 @@ def init(timeout_min: float = 30.0) -> DistInfo:
     if not tdist.is_initialized():
         import deepspeed
 
+        if "RANK" not in os.environ and "MASTER_ADDR" in os.environ and _mpi_env() is not None:
+            # Under mpirun DeepSpeed's discovery (mpi4py) takes the rendezvous address from
+            # rank 0's `hostname -I`; run that discovery here and keep the address the user
+            # exported (multi-homed nodes, loopback-only tests). init_distributed then finds
+            # every variable set and does not discover again.
+            from deepspeed.comm.comm import mpi_discovery
+
+            addr = os.environ["MASTER_ADDR"]
+            mpi_discovery(distributed_port=int(os.environ.get("MASTER_PORT", "29500")), verbose=False)
+            os.environ["MASTER_ADDR"] = addr
         deepspeed.init_distributed(
             dist_backend=backend(),
             auto_mpi_discovery=True,
+            # MPI discovery overwrites MASTER_PORT with this value: keep the port the user
+            # (or launcher/mpirun.sh) exported, else concurrent mpirun jobs collide on 29500.
+            distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
             timeout=datetime.timedelta(minutes=timeout_min),
         )
     if torch.cuda.is_available():

@@ -13,6 +13,7 @@ never leaves a partial shard under its final name.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -23,9 +24,13 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from kdcl_dist.utils import atomic_path, sha256_file, write_json_atomic
+from kdcl_dist.utils import atomic_path, write_json_atomic
 
 INDEX_FORMAT = 1
+# A fixed member mtime makes shards byte-reproducible (same input -> same sha256 on any
+# number of ranks) and keeps tar headers plain ustar (a float time.time() forces an extra
+# PAX header per member, doubling the header bytes and the time to write and index them).
+SHARD_MTIME = 0
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -56,49 +61,143 @@ def ids_dtype(vocab_size: int):
 
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample], dtype=np.int32) -> dict:
     """Write one shard and its index atomically; return its manifest entry."""
+    import hashlib
+
     import webdataset as wds
 
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f)
+            # members are encoded here exactly as webdataset's default encoder would
+            # (np.save bytes, json.dumps(...).encode()), minus its per-sample dispatch
+            writer = wds.TarWriter(f, mtime=SHARD_MTIME, format="GNU_FORMAT", encoder=False)
+            # webdataset 1.0 does not hand `format` on to tarfile; GNU headers are cheaper to
+            # build than the default PAX ones and still allow long keys (GNU long-name records).
+            writer.tarstream.format = tarfile.GNU_FORMAT
             for s in samples:
-                rec = {"__key__": s.key, "ids.npy": np.asarray(s.ids, dtype=dtype), "json": s.meta}
+                rec = {"__key__": s.key, "ids.npy": npy_bytes(np.asarray(s.ids, dtype=dtype)),
+                       "json": json.dumps(s.meta).encode("utf-8")}
                 if s.text is not None:
-                    rec["txt"] = s.text
+                    rec["txt"] = s.text.encode("utf-8")
                 writer.write(rec)
             writer.close()
-        index = build_index(tmp)
+        blob = tmp.read_bytes()   # one read serves both the index and the checksum
+        index = index_tar_bytes(blob)
+        digest = hashlib.sha256(blob).hexdigest()
+        size = len(blob)
+        del blob
     write_json_atomic(Path(path.parent) / index_name(path.name), index)
     return {
         "name": path.name,
         "index": index_name(path.name),
         "count": index["count"],
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "bytes": size,
+        "sha256": digest,
     }
 
 
-def build_index(tar_path: str | os.PathLike) -> dict:
-    """Scan a finished tar: per sample key, (offset, size) of its ids and json members."""
-    keys: list[str] = []
-    cols: dict[str, list[int]] = {"ids_offset": [], "ids_size": [], "meta_offset": [], "meta_size": []}
+@functools.lru_cache(maxsize=4096)
+def _npy_header(dtype_str: str, n: int) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(n, dtype=np.dtype(dtype_str)), allow_pickle=False)
+    return buf.getvalue()[: buf.tell() - n * np.dtype(dtype_str).itemsize]
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """`np.save` bytes of a 1-D array (header cached per dtype and length)."""
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim != 1:
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        return buf.getvalue()
+    return _npy_header(arr.dtype.str, arr.shape[0]) + arr.tobytes()
+
+
+def _new_index() -> tuple[list[str], dict[str, list[int]]]:
+    return [], {"ids_offset": [], "ids_size": [], "meta_offset": [], "meta_size": []}
+
+
+def _add_member(keys, cols, pos, name: str, offset: int, size: int) -> None:
+    key, _, ext = name.partition(".")
+    if key not in pos:
+        pos[key] = len(keys)
+        keys.append(key)
+        for c in cols.values():
+            c.append(-1)
+    i = pos[key]
+    if ext == "ids.npy":
+        cols["ids_offset"][i], cols["ids_size"][i] = offset, size
+    elif ext == "json":
+        cols["meta_offset"][i], cols["meta_size"][i] = offset, size
+
+
+def index_tar_bytes(blob: bytes) -> dict:
+    """The offset index of a tar held in memory: a direct scan of its 512-byte headers.
+
+    Handles ustar/GNU headers, GNU long names and PAX extended headers; anything else
+    (sparse files, base-256 sizes) falls back to the `tarfile` scan of `build_index`.
+    """
+    keys, cols = _new_index()
     pos: dict[str, int] = {}
-    with tarfile.open(tar_path, "r:") as tf:
-        for m in tf:
-            if not m.isfile():
+    at, n = 0, len(blob)
+    pax: dict[str, str] = {}
+    while at + 512 <= n:
+        hdr = blob[at:at + 512]
+        if hdr.count(0) == 512:
+            break
+        size_field = hdr[124:136].strip(b"\0 ")
+        if not size_field or size_field[0] & 0x80:  # base-256 size: let tarfile handle it
+            return build_index(io.BytesIO(blob))
+        size = int(size_field, 8)
+        kind = hdr[156:157]
+        data_at = at + 512
+        at = data_at + (size + 511) // 512 * 512
+        if kind == b"x":
+            pax = _parse_pax(blob[data_at:data_at + size])
+            continue
+        if kind == b"g":
+            continue
+        if kind == b"L":   # GNU long name: the data is the next member's name
+            pax = {"path": blob[data_at:data_at + size].split(b"\0", 1)[0].decode("utf-8")}
+            continue
+        if kind not in (b"0", b"\0"):
+            if kind in (b"5", b"1", b"2"):  # directories and links hold no sample data
+                pax = {}
                 continue
-            key, _, ext = m.name.partition(".")
-            if key not in pos:
-                pos[key] = len(keys)
-                keys.append(key)
-                for c in cols.values():
-                    c.append(-1)
-            i = pos[key]
-            if ext == "ids.npy":
-                cols["ids_offset"][i], cols["ids_size"][i] = m.offset_data, m.size
-            elif ext == "json":
-                cols["meta_offset"][i], cols["meta_size"][i] = m.offset_data, m.size
+            return build_index(io.BytesIO(blob))
+        name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8")
+        if hdr[257:262] == b"ustar":
+            prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8")
+            if prefix:
+                name = f"{prefix}/{name}"
+        name = pax.get("path", name)
+        size = int(pax.get("size", size))
+        pax = {}
+        _add_member(keys, cols, pos, name, data_at, size)
+    return {"format": INDEX_FORMAT, "count": len(keys), "keys": keys, **cols}
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    out, i = {}, 0
+    while i < len(data):
+        sp = data.index(b" ", i)
+        length = int(data[i:sp])
+        rec = data[sp + 1:i + length - 1].decode("utf-8")
+        k, _, v = rec.partition("=")
+        out[k] = v
+        i += length
+    return out
+
+
+def build_index(tar_path) -> dict:
+    """Scan a finished tar with `tarfile`: per sample key, (offset, size) of its ids and json members."""
+    keys, cols = _new_index()
+    pos: dict[str, int] = {}
+    opener = tarfile.open(fileobj=tar_path, mode="r:") if hasattr(tar_path, "read") else tarfile.open(tar_path, "r:")
+    with opener as tf:
+        for m in tf:
+            if m.isfile():
+                _add_member(keys, cols, pos, m.name, m.offset_data, m.size)
     return {"format": INDEX_FORMAT, "count": len(keys), "keys": keys, **cols}
 
 

@@ -1,0 +1,46 @@
+"""Global sort of the scores and curriculum shards in easy -> hard order.
+
+  kdcl-dist curriculum --shards runs/shards --scores runs/scores --out runs/curriculum
+  torchrun --nproc-per-node 2 -m kdcl_dist curriculum ...   (ranks split the output shards)
+
+Writes curriculum.json, order_scores.npy, shard-NNNNNN.tar (+ .idx.json) with each
+sample's score and position in its metadata, curriculum.png and score_histogram.png.
+Scores made for another dataset are refused. See docs/curriculum.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdcl_dist.config import add_config_args, resolve, write_resolved
+
+
+def add_arguments(p):
+    p.add_argument("--shards", required=True, help="source shard directory (dataset.json)")
+    p.add_argument("--scores", required=True, help="scores directory from `kdcl-dist score`")
+    p.add_argument("--out", required=True, help="curriculum directory to write")
+    p.add_argument("--shard-size", dest="shard_size", type=int, help="samples per curriculum shard")
+    p.add_argument("--nonfinite", choices=("last", "exclude"),
+                   help="non-finite score policy (default: the one recorded in scores.json)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    add_config_args(p)
+
+
+def run(args) -> int:
+    from kdcl_dist import dist
+    from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
+    from kdcl_dist.utils import setup_logging
+
+    keys = ("shard_size", "nonfinite", "plots", "progress")
+    cfg = resolve(CurriculumConfig, "curriculum", preset=args.preset, config_file=args.config,
+                  flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)
+    info = dist.init()
+    setup_logging(info.rank)
+    try:
+        build_curriculum(args.shards, args.scores, args.out, cfg, rank=info.rank, world=info.world_size)
+        if info.rank == 0:
+            write_resolved(cfg, Path(args.out), "curriculum")
+    finally:
+        dist.shutdown()
+    return 0

@@ -1,0 +1,54 @@
+"""The paper's study at an equal sample budget: arms x seeds, held-out MLM (and yes/no) evaluation, report.
+
+  kdcl-dist experiment --corpus ../shared/data/pubmed/abstracts.jsonl --out runs/exp --seeds 3 --steps 200
+  kdcl-dist experiment --corpus C --out runs/exp --arms kd,kd-cl --seeds 2 --steps 20 parallel=2
+
+Arms: student-only, kd, kd-cl, kd-cl-sr-paper, kd-cl-sr-sample, kd-reverse, kd-pacing-root.
+Re-running the same command skips every finished step (see docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from kdcl_dist.config import add_config_args, resolve, write_resolved
+
+_FLAGS = ("seeds", "steps", "arms", "parallel", "nproc", "heldout_percent", "max_docs", "yesno")
+
+
+def add_arguments(p):
+    p.add_argument("--corpus", required=True, help="jsonl corpus ({id, title?, text} per line)")
+    p.add_argument("--out", required=True, help="experiment directory (re-use it to resume)")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default 3)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: one epoch)")
+    p.add_argument("--arms", help="comma-separated arms (default: all)")
+    p.add_argument("--parallel", type=int, help="runs at the same time (default 1)")
+    p.add_argument("--nproc", type=int, help="ranks per training run (default 1)")
+    p.add_argument("--heldout-percent", dest="heldout_percent", type=int)
+    p.add_argument("--max-docs", dest="max_docs", type=int, help="use the first N documents only")
+    p.add_argument("--yesno", action="store_true", default=None, help="also run the yes/no fine-tuning (slow)")
+    p.add_argument("--report-only", action="store_true", help="rebuild report.md from finished runs")
+    add_config_args(p)
+    p.set_defaults(preset="tiny")
+
+
+def run(args) -> int:
+    from kdcl_dist.experiment import Experiment, ExperimentConfig, write_report
+    from kdcl_dist.utils import read_json
+
+    flags = {k: getattr(args, k) for k in _FLAGS}
+    cfg = resolve(ExperimentConfig, "experiment", preset=args.preset, config_file=args.config, flags=flags,
+                  overrides=args.overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out, "experiment")
+    command = "kdcl-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    exp = Experiment(Path(args.corpus), out, cfg, preset=args.preset, command=command)
+    if args.report_only:
+        prep = {"steps": exp.steps(), "split": read_json(out / "data" / "split.json")}
+        print(f"report: {write_report(out, cfg, prep, 0.0, command)}")
+        return 0
+    exp.run()
+    return 0

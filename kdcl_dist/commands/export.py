@@ -1,0 +1,39 @@
+"""Export the trained student as an HF masked-LM directory (safetensors + tokenizer + config).
+
+  kdcl-dist export --checkpoint runs/train --out runs/student-hf
+  kdcl-dist export --checkpoint runs/train/checkpoints --tag global_step500 --out runs/student-500
+
+--checkpoint: the training --out, its checkpoints/ directory, or one global_stepN directory
+(any ZeRO stage; ZeRO partitions are consolidated to fp32). The student's config and
+tokenizer come from <train out>/student_config/, or from --student when that is absent.
+After writing, the directory is reloaded with AutoModelForMaskedLM and its logits are
+compared with the consolidated weights' (skip with --no-verify).
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, help="training out dir, checkpoints/ dir or global_stepN dir")
+    p.add_argument("--out", required=True, help="HF model directory to write")
+    p.add_argument("--tag", help="checkpoint tag (global_stepN); default: newest complete checkpoint")
+    p.add_argument("--student", help="student model dir or name for config+tokenizer (default: <train out>/student_config)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out that is not an earlier export")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload-and-compare check")
+
+
+def run(args) -> int:
+    import json
+
+    from kdcl_dist.export import export_checkpoint, verify_export
+    from kdcl_dist.utils import setup_logging
+
+    setup_logging(0)
+    out = export_checkpoint(args.checkpoint, args.out, tag=args.tag, student=args.student, force=args.force)
+    info = json.loads((out / "export.json").read_text())
+    msg = f"exported {info['tag']} (step {info['step']}) -> {out}"
+    if args.verify:
+        diff = verify_export(out)
+        msg += f"; reload check: max |logit diff| = {diff:.2e}"
+    print(msg)
+    return 0

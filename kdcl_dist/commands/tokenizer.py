@@ -1,0 +1,94 @@
+"""Train a BERT-style WordPiece tokenizer (HF tokenizers) on a corpus.
+
+  kdcl-dist tokenizer --input abstracts.jsonl --out runs/tokenizer --vocab-size 8000
+
+Reads the same inputs as `kdcl-dist shard` (jsonl, txt, MEDLINE XML, parquet, HF datasets),
+cleaned the same way (empty and duplicate documents skipped). The directory is written
+under a temporary name and renamed when complete; it loads with AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdcl_dist.config import add_config_args, option, resolve, write_resolved
+from kdcl_dist.data import ingest
+from kdcl_dist.errors import UserError
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = option(8000, help="WordPiece vocabulary size", min=100)
+    lowercase: bool = option(False, help="lowercase and strip accents (uncased model)")
+    max_length: int = option(512, help="model_max_length recorded in the tokenizer", min=8)
+    max_docs: int = option(0, help="train on the first N documents only (0 = all)", min=0)
+    format: str = option("auto", choices=ingest.FORMATS)
+    text_field: str = option("text")
+    title_field: str = option("title")
+    id_field: str = option("id")
+    text_unit: str = option("line", choices=("line", "paragraph"))
+    skip_bad_lines: bool = option(False)
+
+
+def add_arguments(p):
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH")
+    p.add_argument("--out", required=True, help="tokenizer directory to write")
+    p.add_argument("--vocab-size", dest="vocab_size", type=int)
+    p.add_argument("--lowercase", action="store_true", default=None)
+    p.add_argument("--max-docs", dest="max_docs", type=int)
+    p.add_argument("--format", choices=ingest.FORMATS)
+    p.add_argument("--text-field", dest="text_field")
+    p.add_argument("--title-field", dest="title_field")
+    p.add_argument("--id-field", dest="id_field")
+    p.add_argument("--text-unit", dest="text_unit", choices=("line", "paragraph"))
+    p.add_argument("--skip-bad-lines", dest="skip_bad_lines", action="store_true", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
+    add_config_args(p)
+
+
+def run(args) -> int:
+    from kdcl_dist.commands.shard import split_overrides
+    from kdcl_dist.data.tokenizer import train_wordpiece
+
+    inputs, overrides = split_overrides(args.input, args.overrides)
+    keys = ("vocab_size", "lowercase", "max_docs", "format", "text_field", "title_field", "id_field",
+            "text_unit", "skip_bad_lines")
+    cfg = resolve(TokenizerConfig, "tokenizer", preset=args.preset, config_file=args.config,
+                  flags={k: getattr(args, k) for k in keys}, overrides=overrides)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UserError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out")
+    opts = ingest.ReadOptions(format=cfg.format, text_field=cfg.text_field, title_field=cfg.title_field,
+                              id_field=cfg.id_field, text_unit=cfg.text_unit, skip_bad_lines=cfg.skip_bad_lines)
+    stats = ingest.IngestStats()
+    specs = ingest.resolve_inputs(inputs, cfg.format)   # errors before any work
+    n = 0
+
+    def texts():
+        nonlocal n
+        for doc in ingest.clean(ingest.read_documents(specs, opts, stats), opts, stats):
+            n += 1
+            yield doc.text
+            if cfg.max_docs and n >= cfg.max_docs:
+                return
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
+    try:
+        tok = train_wordpiece(texts(), tmp, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase,
+                              max_length=cfg.max_length)
+        if n == 0:
+            raise UserError(f"{', '.join(inputs)}: no documents to train on (dropped: {ingest.describe_drops(stats)})")
+        write_resolved(cfg, tmp, "tokenizer")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{out}: WordPiece tokenizer, {len(tok)} tokens, trained on {n} documents "
+          f"(dropped: {ingest.describe_drops(stats)})")
+    return 0

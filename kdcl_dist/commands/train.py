@@ -1,0 +1,58 @@
+"""KD / KD-CL / KD-CL-SR training with DeepSpeed ZeRO (see docs/training.md).
+
+Single process:  kdcl-dist train --curriculum runs/cur --student runs/models/student \\
+                     --teacher runs/models/teacher --out runs/train
+Several ranks:   torchrun --nproc_per_node 2 -m kdcl_dist train ...   (or: deepspeed --num_gpus 2 ...)
+Settings without a flag: --config FILE (section `train:`) or overrides such as warmup_steps=50.
+"""
+
+from __future__ import annotations
+
+from kdcl_dist.config import add_config_args, resolve
+
+# flag -> TrainConfig field
+FLAGS = {
+    "curriculum": "curriculum", "student": "student", "teacher": "teacher", "out": "out",
+    "order": "order", "reliance": "reliance", "lambda": "lambda_", "temperature": "temperature",
+    "global_batch": "global_batch", "micro_batch": "micro_batch", "steps": "steps", "epochs": "epochs",
+    "lr": "lr", "ds_config": "ds_config", "teacher_hosting": "teacher_hosting", "save_every": "save_every",
+    "keep": "keep", "resume": "resume", "seed": "seed", "kd_positions": "kd_positions",
+    "num_workers": "num_workers",
+}
+
+
+def add_arguments(parser):
+    a = parser.add_argument
+    a("--curriculum", help="curriculum directory (curriculum.json, order_scores.npy, shards)")
+    a("--student", help="student model directory or hub name (its tokenizer is used)")
+    a("--teacher", help="teacher model directory or hub name; omit for student-only MLM (--reliance none)")
+    a("--out", help="output directory")
+    a("--order", help="sequential | reverse | random | pacing-linear | pacing-root | pacing-exp")
+    a("--reliance", help="none | constant | sr-paper | sr-minmax | sr-sample")
+    a("--lambda", dest="lambda", type=float, help="λ of the constant schedule")
+    a("--temperature", type=float, help="KD temperature τ")
+    a("--global-batch", dest="global_batch", type=int, help="samples per optimizer step (all ranks)")
+    a("--micro-batch", dest="micro_batch", type=int, help="samples per forward per rank")
+    g = parser.add_argument_group("length (see docs/training.md for the epochs semantics)")
+    g.add_argument("--steps", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=int, help="epochs over the curriculum")
+    a("--lr", type=float, help="peak learning rate")
+    a("--ds-config", dest="ds_config", help="DeepSpeed config JSON (ds_configs/*.json)")
+    a("--teacher-hosting", dest="teacher_hosting", help="replicated | zero3")
+    a("--save-every", dest="save_every", type=int, help="checkpoint every N steps")
+    a("--keep", type=int, help="complete checkpoints to keep")
+    a("--resume", help="auto | none | PATH")
+    a("--seed", type=int)
+    a("--kd-positions", dest="kd_positions", help="masked (default) | all")
+    a("--num-workers", dest="num_workers", type=int, help="DataLoader workers per rank")
+    add_config_args(parser)
+
+
+def run(args) -> int:
+    from kdcl_dist.train import TrainConfig, train
+
+    flags = {field: getattr(args, flag) for flag, field in FLAGS.items()}
+    cfg = resolve(TrainConfig, "train", preset=args.preset, config_file=args.config, flags=flags,
+                  overrides=args.overrides)
+    summary = train(cfg)
+    return 0 if summary else 1

@@ -1,0 +1,541 @@
+"""The shard stage: cleaned documents -> tokenized webdataset shards + `dataset.json`.
+
+Layout is a pure function of the input, never of the world size: after cleaning, the
+documents are numbered in input order (global document index g) and document g goes to
+output shard g // shard_size. With W ranks, rank r tokenizes and writes the shards j with
+j % W == r. Every rank streams (parses and cleans) the whole input itself, so duplicate
+detection sees every document in the same order on every rank and all ranks agree on g
+without exchanging hashes; tokenization and writing, the expensive part, are divided.
+Rank 0 then merges the per-shard statistics into `dataset.json` in shard order. One rank
+and N ranks therefore write byte-identical shards.
+
+Per shard j the stage writes, each atomically (temporary name, then rename):
+    shard-j.tar         webdataset TarWriter output: <key>.ids.npy, <key>.json[, <key>.txt]
+    shard-j.idx.json    byte offset and size of every member (one seek per sample)
+    shard-j.stats.json  the shard's manifest entry, counters and a key over (tokenizer,
+                        settings, ids and texts of its documents); written last, so it
+                        marks the shard as finished. A re-run skips a shard whose stats key
+                        matches and whose tar is present.
+
+Counting: input documents = kept documents + dropped documents (all reasons). A document
+longer than max_length is truncated (one sample) or split into several samples of at
+most max_length tokens each (`too_long=split`); it still counts as one kept document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from kdcl_dist.config import option, to_dict
+from kdcl_dist.data import ingest
+from kdcl_dist.data.shards import (
+    Sample,
+    ids_dtype,
+    index_name,
+    sanitize_key,
+    shard_name,
+    write_shard,
+)
+from kdcl_dist.errors import UserError
+from kdcl_dist.utils import read_json, write_json_atomic
+
+log = logging.getLogger("kdcl_dist.shard")
+
+STATS_FORMAT = 1
+
+
+@dataclass
+class ShardConfig:
+    max_length: int = option(256, help="tokens per sample including special tokens", min=8)
+    shard_size: int = option(2000, help="documents per output shard (after cleaning)", min=1)
+    min_tokens: int = option(16, help="drop documents with fewer tokens (special tokens not counted)", min=0)
+    format: str = option("auto", help="input format; auto = by file suffix", choices=ingest.FORMATS)
+    text_field: str = option("text", help="jsonl/parquet/hf: field holding the document body")
+    title_field: str = option("title", help="field prefixed to the body when present; '' disables")
+    id_field: str = option("id", help="field holding the document id; '' uses <file>:<line>")
+    text_unit: str = option("line", help="txt inputs: one document per line or per blank-line paragraph",
+                            choices=("line", "paragraph"))
+    too_long: str = option("truncate", help="documents over max_length: keep the first max_length tokens, "
+                           "or split into several samples", choices=("truncate", "split"))
+    skip_bad_lines: bool = option(False, help="count and skip invalid JSON lines / records without the text field")
+    dedup: bool = option(True, help="drop documents whose whitespace-normalised text was seen before")
+    keep_text: bool = option(False, help="store the raw text beside the token ids (<key>.txt)")
+    overwrite: bool = option(False, help="replace shards in --out made with another tokenizer or of unknown origin")
+    batch_size: int = option(1000, help="documents per tokenizer call", min=1)
+    hf_split: str = option("train", help="hf inputs: split to read")
+
+    def validate(self) -> None:
+        if self.min_tokens > self.max_length:
+            raise UserError(f"shard.min_tokens: {self.min_tokens} is above shard.max_length {self.max_length}; "
+                            "lower min_tokens or raise max_length")
+
+    def read_options(self, verbose: bool) -> ingest.ReadOptions:
+        return ingest.ReadOptions(format=self.format, text_field=self.text_field, title_field=self.title_field,
+                                  id_field=self.id_field, text_unit=self.text_unit,
+                                  skip_bad_lines=self.skip_bad_lines, hf_split=self.hf_split,
+                                  dedup=self.dedup, verbose=verbose)
+
+
+def stats_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".stats.json"
+
+
+# --------------------------------------------------------------------------- tokenization
+
+def _special_template(tok) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single sequence (e.g. [CLS], [SEP])."""
+    probe = "the"
+    full = tok(probe, add_special_tokens=True)["input_ids"]
+    body = tok(probe, add_special_tokens=False)["input_ids"]
+    for at in range(len(full) - len(body) + 1):
+        if full[at:at + len(body)] == body:
+            return list(full[:at]), list(full[at + len(body):])
+    raise UserError(f"{getattr(tok, 'name_or_path', 'tokenizer')}: cannot find the special-token template "
+                    "of a single sequence; use a BERT-style fast tokenizer")
+
+
+class _Encoder:
+    """Batch tokenization with the HF fast tokenizer; special tokens added around each piece.
+
+    Tokenizing without truncation tells us a document's true length (needed to count and
+    split too-long documents); the special-token template (e.g. [CLS] ... [SEP]) is read
+    from the tokenizer once so that truncation and splitting keep it.
+    """
+
+    def __init__(self, tok, cfg: ShardConfig):
+        self.tok = tok
+        self.cfg = cfg
+        self.prefix, self.suffix = _special_template(tok)
+        self.room = cfg.max_length - len(self.prefix) - len(self.suffix)
+        if self.room < 1:
+            raise UserError(f"shard.max_length: {cfg.max_length} leaves no room for tokens after "
+                            f"{len(self.prefix) + len(self.suffix)} special tokens")
+        self.dtype = ids_dtype(len(tok))
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False, truncation=False, padding=False,
+                        return_attention_mask=False, return_token_type_ids=False,
+                        verbose=False)["input_ids"]
+
+    def pieces(self, ids: list[int]) -> tuple[list[np.ndarray], bool]:
+        """Samples for one document and whether it was too long."""
+        room = self.room
+        if len(ids) <= room:
+            return [np.asarray(self.prefix + ids + self.suffix, dtype=self.dtype)], False
+        if self.cfg.too_long == "truncate":
+            return [np.asarray(self.prefix + ids[:room] + self.suffix, dtype=self.dtype)], True
+        return [np.asarray(self.prefix + ids[i:i + room] + self.suffix, dtype=self.dtype)
+                for i in range(0, len(ids), room)], True
+
+
+def _new_counts() -> dict:
+    return {"too_short": 0, "truncated": 0, "split": 0, "split_parts": 0, "tokens": 0, "text_bytes": 0,
+            "kept_documents": 0}
+
+
+def _shard_batches(docs: list[tuple[int, ingest.Document]], enc: _Encoder, cfg: ShardConfig, c: dict):
+    """Yield the shard's samples one tokenizer batch at a time, updating the counters `c`."""
+    bs = cfg.batch_size
+    for start in range(0, len(docs), bs):
+        chunk = docs[start:start + bs]
+        samples: list[Sample] = []
+        all_ids = enc.encode([d.text for _, d in chunk])
+        for (g, doc), ids in zip(chunk, all_ids):
+            if len(ids) < cfg.min_tokens:
+                c["too_short"] += 1
+                continue
+            parts, too_long = enc.pieces(ids)
+            c["kept_documents"] += 1
+            c["text_bytes"] += len(doc.text.encode("utf-8"))
+            key = sanitize_key(doc.id)
+            if len(parts) == 1:
+                meta = {"id": doc.id, "source": doc.source, "n_tokens": int(parts[0].size),
+                        "truncated": too_long, "doc_index": g}
+                c["truncated"] += int(too_long)
+                samples.append(Sample(key, parts[0], meta, doc.text if cfg.keep_text else None))
+                c["tokens"] += int(parts[0].size)
+                continue
+            c["split"] += 1
+            c["split_parts"] += len(parts)
+            for k, arr in enumerate(parts):
+                meta = {"id": f"{doc.id}_part{k}", "source": doc.source, "n_tokens": int(arr.size),
+                        "truncated": False, "doc_index": g, "doc_id": doc.id, "part": k, "parts": len(parts)}
+                samples.append(Sample(f"{key}_part{k}", arr, meta, None))
+                c["tokens"] += int(arr.size)
+        yield samples
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _BackgroundWriter:
+    """Writes shards on a thread so that tar encoding overlaps tokenization.
+
+    The fast tokenizer releases the GIL while it encodes a batch, so the Python work of
+    webdataset's TarWriter (headers, npy/json members) and of indexing runs meanwhile.
+    Shards are still written one after another, each atomically by `write_shard`.
+    """
+
+    _END = object()
+    _ABORT = object()
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            path, dtype, feed, done = job
+            if self.error is not None:
+                continue
+            try:
+                done(write_shard(path, self._drain(feed), dtype=dtype))
+            except _Aborted:
+                pass
+            except BaseException as e:  # handed to the main thread at its next put
+                self.error = e
+
+    def _drain(self, feed: queue.Queue):
+        while True:
+            item = feed.get()
+            if item is self._END:
+                return
+            if item is self._ABORT:
+                raise _Aborted
+            yield from item
+
+    def _put(self, q: queue.Queue, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise RuntimeError("shard writer thread stopped unexpectedly") from None
+
+    def write(self, path: Path, dtype, batches, done) -> None:
+        """Feed one shard's sample batches to the writer; `done(entry)` runs there when it is complete."""
+        feed: queue.Queue = queue.Queue(maxsize=4)
+        self._put(self.jobs, (path, dtype, feed, done))
+        try:
+            for batch in batches:
+                self._put(feed, batch)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                feed.put(self._ABORT, timeout=5)
+            raise
+        self._put(feed, self._END)
+
+    def close(self, abort: bool = False) -> None:
+        with contextlib.suppress(BaseException):
+            self.jobs.put(None, timeout=30 if not abort else 5)
+        self.thread.join(timeout=None if not abort else 30)
+        if self.error is not None and not abort:
+            raise self.error
+
+
+# --------------------------------------------------------------------------- output dir
+
+_OUR_PATTERNS = ("shard-*.tar", "shard-*.idx.json", "shard-*.stats.json", "dataset.json", "config.yaml", ".tmp-*")
+
+
+def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
+    """Rank 0: refuse a directory holding another tokenizer's shards unless overwrite; tidy temps."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    foreign = None
+    manifest = out / "dataset.json"
+    if manifest.exists():
+        try:
+            fp = read_json(manifest, "dataset manifest").get("tokenizer", {}).get("fingerprint")
+        except UserError:
+            fp = None
+        if fp != tinfo["fingerprint"]:
+            foreign = f"dataset.json was made with tokenizer fingerprint {fp}"
+    if foreign is None:
+        for st in sorted(out.glob("shard-*.stats.json")):
+            try:
+                fp = read_json(st, "shard stats").get("tokenizer_fingerprint")
+            except UserError:
+                fp = None
+            if fp != tinfo["fingerprint"]:
+                foreign = f"{st.name} was made with tokenizer fingerprint {fp}"
+                break
+    if foreign is None:
+        for tar in sorted(out.glob("shard-*.tar")):
+            if not (out / stats_name(tar.name)).exists() and not manifest.exists():
+                foreign = f"{tar.name} has no stats file (unknown origin)"
+                break
+    if foreign is not None and not overwrite:
+        raise UserError(
+            f"{out}: holds shards made with another tokenizer ({foreign}; this run uses "
+            f"{tinfo['name']} {tinfo['fingerprint']}); pass --overwrite to replace them or choose another --out"
+        )
+    # The old manifest goes first: a run that fails half-way must not leave a dataset.json
+    # that describes shards this run has since replaced. Finished shards stay for reuse.
+    patterns = _OUR_PATTERNS if (foreign is not None and overwrite) else (".tmp-*", "dataset.json")
+    for pat in patterns:
+        for p in out.glob(pat):
+            if p.is_file():
+                p.unlink()
+
+
+def _remove_stale(out: Path, n_shards: int) -> None:
+    """Shards from an earlier, larger run with other settings are not part of this dataset."""
+    for p in out.glob("shard-*"):
+        try:
+            idx = int(p.name.split("-", 1)[1].split(".", 1)[0])
+        except ValueError:
+            continue
+        if idx >= n_shards and p.is_file():
+            p.unlink()
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _settings_key(cfg: ShardConfig, tinfo: dict, dtype) -> dict:
+    from kdcl_dist import FORMAT_VERSION
+
+    return {"format_version": FORMAT_VERSION, "tokenizer": tinfo["fingerprint"], "max_length": cfg.max_length,
+            "min_tokens": cfg.min_tokens, "too_long": cfg.too_long, "keep_text": cfg.keep_text,
+            "dtype": np.dtype(dtype).name}
+
+
+def _finished(out: Path, j: int, key: str) -> dict | None:
+    st_path = out / stats_name(shard_name(j))
+    if not st_path.exists():
+        return None
+    try:
+        st = read_json(st_path, "shard stats")
+    except UserError:
+        return None
+    tar = out / shard_name(j)
+    if (st.get("key") != key or not tar.exists() or tar.stat().st_size != st["entry"]["bytes"]
+            or not (out / index_name(tar.name)).exists()):
+        return None
+    return st
+
+
+def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    if rank is not None and world is not None:
+        return rank, world
+    from kdcl_dist import dist
+
+    if dist.is_initialized():
+        import torch.distributed as tdist
+
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def build_dataset(inputs: Iterable[str], tok, out_dir: str | os.PathLike, cfg: ShardConfig, *,
+                  tokenizer_name: str = "", rank: int | None = None, world: int | None = None,
+                  progress: bool = True) -> dict:
+    """Run the shard stage (on every rank when distributed); returns the merged manifest."""
+    from kdcl_dist import dist
+
+    rank, world = _rank_world(rank, world)
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    result, err = None, None
+    try:
+        result = _local_pass(list(inputs), tok, out, cfg, tokenizer_name, rank, world, progress)
+    except UserError as e:
+        err = f"UserError:{e}"
+    except Exception as e:  # reported to the other ranks so that none of them waits forever
+        err = f"{type(e).__name__}:{e}"
+        if world == 1:
+            raise
+    counts = (result["written"], result["skipped"]) if result else (0, 0)
+    gathered = dist.all_gather_object((err, counts)) if world > 1 else [(err, counts)]
+    bad = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+    if bad:
+        r, e = bad[0]
+        kind, _, msg = e.partition(":")
+        raise UserError(msg if kind == "UserError" or world == 1 else f"rank {r} failed: {kind}: {msg}")
+    manifest = None
+    if rank == 0:
+        result["written"] = sum(c[0] for _, c in gathered)
+        result["skipped"] = sum(c[1] for _, c in gathered)
+        manifest = _merge(out, cfg, result, time.perf_counter() - t0, world)
+    if world > 1:
+        manifest = dist.broadcast_object(manifest)
+    return manifest
+
+
+def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
+    from kdcl_dist import dist
+    from kdcl_dist.data.tokenizer import tokenizer_info
+
+    specs = ingest.resolve_inputs(inputs, cfg.format)   # same error on every rank
+    tinfo = tokenizer_info(tok, tokenizer_name or getattr(tok, "name_or_path", ""))
+    enc = _Encoder(tok, cfg)
+    if rank == 0:
+        err = None
+        try:
+            _prepare_out(out, tinfo, cfg.overwrite)
+        except UserError as e:
+            err = str(e)
+    else:
+        err = None
+    if world > 1:
+        err = dist.broadcast_object(err)
+        dist.barrier()
+    if err:
+        raise UserError(err)
+
+    settings = _settings_key(cfg, tinfo, enc.dtype)
+    settings_blob = repr(sorted(settings.items())).encode()
+    stats = ingest.IngestStats()
+    opts = cfg.read_options(verbose=rank == 0)
+    docs = ingest.clean(ingest.read_documents(specs, opts, stats), opts, stats)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="shard", unit="doc", mininterval=1.0, dynamic_ncols=True)
+    written = skipped = 0
+    cur: list[tuple[int, ingest.Document]] = []
+    digest = None
+    g = -1
+
+    writer = _BackgroundWriter()
+
+    def finish(j: int):
+        nonlocal written, skipped
+        key = hashlib.sha256(settings_blob + digest.digest()).hexdigest()[:32]
+        if _finished(out, j, key) is not None:
+            skipped += 1
+            return
+        counts = _new_counts()
+        docs_j = list(cur)
+
+        def done(entry: dict) -> None:  # on the writer thread, after the tar and its index exist
+            entry["tokens"] = counts["tokens"]
+            write_json_atomic(out / stats_name(shard_name(j)), {
+                "format": STATS_FORMAT, "key": key, "tokenizer_fingerprint": tinfo["fingerprint"],
+                "entry": entry, "first_doc": docs_j[0][0], "documents": len(docs_j), **counts,
+            })
+
+        writer.write(out / shard_name(j), enc.dtype, _shard_batches(docs_j, enc, cfg, counts), done)
+        written += 1
+
+    try:
+        for g, doc in enumerate(docs):
+            j = g // cfg.shard_size
+            if j % world == rank:
+                if digest is None:
+                    digest = hashlib.sha256()
+                digest.update(f"{doc.id}\0{doc.source}\0".encode())
+                digest.update(doc.text.encode("utf-8", "surrogatepass"))
+                cur.append((g, doc))
+                if len(cur) == cfg.shard_size:
+                    finish(j)
+                    cur, digest = [], None
+            if bar is not None:
+                bar.update(1)
+        if cur:
+            finish(g // cfg.shard_size)
+    except BaseException:
+        writer.close(abort=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    writer.close()
+    n_docs = g + 1
+    if n_docs == 0:
+        raise UserError(f"{', '.join(s.path for s in specs)}: no documents to write ({stats.documents} read; "
+                        f"dropped: {ingest.describe_drops(stats)})")
+    n_shards = (n_docs + cfg.shard_size - 1) // cfg.shard_size
+    return {"stats": stats, "specs": specs, "tinfo": tinfo, "n_docs": n_docs, "n_shards": n_shards,
+            "written": written, "skipped": skipped, "dtype": np.dtype(enc.dtype).name}
+
+
+def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -> dict:
+    """Rank 0: combine per-shard stats in shard order into dataset.json (world-size independent)."""
+    from kdcl_dist import FORMAT_VERSION
+    from kdcl_dist.config import write_resolved
+    from kdcl_dist.data.shards import manifest_fingerprint
+
+    stats: ingest.IngestStats = res["stats"]
+    entries, keys_seen = [], {}
+    sums = {"too_short": 0, "truncated": 0, "split": 0, "split_parts": 0, "tokens": 0, "text_bytes": 0,
+            "kept_documents": 0}
+    for j in range(res["n_shards"]):
+        st_path = out / stats_name(shard_name(j))
+        if not st_path.exists():
+            raise UserError(f"{st_path}: missing after all ranks finished; re-run the shard stage")
+        st = read_json(st_path, "shard stats")
+        entries.append(st["entry"])
+        for k in sums:
+            sums[k] += st[k]
+        for key in read_json(out / st["entry"]["index"], "shard offset index")["keys"]:
+            if key in keys_seen:
+                raise UserError(f"{out / st['entry']['name']}: sample key '{key}' also in shard "
+                                f"{keys_seen[key]}; document ids clash after sanitising, set id_field='' "
+                                "to use file:line ids")
+            keys_seen[key] = j
+    _remove_stale(out, res["n_shards"])
+    dropped = {r: 0 for r in ingest.DROP_REASONS}
+    dropped.update(stats.dropped)
+    dropped["too_short"] += sums["too_short"]
+    n_dropped = sum(dropped.values())
+    kept = sums["kept_documents"]
+    if kept + n_dropped != stats.documents:  # the accounting contract itself; a bug if violated
+        raise RuntimeError(f"count mismatch: kept {kept} + dropped {n_dropped} != read {stats.documents}")
+    tinfo = res["tinfo"]
+    num_samples = sum(e["count"] for e in entries)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "dataset",
+        "fingerprint": manifest_fingerprint(entries, tinfo),
+        "tokenizer": tinfo,
+        "max_length": cfg.max_length,
+        "dtype": res["dtype"],
+        "num_samples": num_samples,
+        "shards": entries,
+        "totals": {
+            "input_documents": stats.documents,
+            "kept_documents": kept,
+            "dropped_documents": n_dropped,
+            "samples": num_samples,
+            "tokens": sums["tokens"],
+            "text_bytes": sums["text_bytes"],
+            "truncated_documents": sums["truncated"],
+            "split_documents": sums["split"],
+            "split_samples": sums["split_parts"],
+        },
+        "dropped": dropped,
+        "inputs": [{"path": s.path, "format": s.format, "source": s.source, "bytes": s.bytes,
+                    "documents": stats.per_input.get(s.source, 0)} for s in res["specs"]],
+        "config": to_dict(cfg),
+    }
+    write_resolved(cfg, out, "shard")
+    write_json_atomic(out / "dataset.json", manifest)
+    log.info("%s: %d documents read, %d kept -> %d samples in %d shards (%d written now, %d reused); "
+             "dropped: %s; %.1fs on %d rank(s)", out, stats.documents, kept, num_samples, len(entries),
+             res["written"], res["skipped"], ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none",
+             seconds, world)
+    return manifest

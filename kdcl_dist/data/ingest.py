@@ -1,0 +1,479 @@
+"""Corpus readers -> a stream of `Document(id, text, source)`, with cleaning and drop counters.
+
+Input formats (chosen by `--format`, or by file suffix with `auto`):
+
+- `jsonl` (`.jsonl`, `.json`, `.ndjson`, optionally `.gz`): one JSON object per line;
+  the body is `text_field`, prefixed by `title_field` when present; the id is `id_field`
+  (falls back to `<file>:<line>`).
+- `txt` (`.txt`, optionally `.gz`): one document per line (`text_unit=line`) or
+  documents separated by blank lines (`text_unit=paragraph`).
+- `xml` (`.xml`, `.xml.gz`): PubMed/MEDLINE XML as NLM publishes its baseline files
+  (`MedlineCitationSet` or `PubmedArticleSet`). A document is the article title followed
+  by every `AbstractText` part (its `Label` kept as `LABEL: text`). Parsed with
+  `xml.etree.ElementTree.iterparse`, one citation in memory at a time.
+- `parquet`: streamed by record batches with pyarrow.
+- `hf`: a `datasets` directory written by `save_to_disk` (read with `load_from_disk`) or a
+  hub dataset name (read with `load_dataset(..., streaming=True)`).
+
+Every record the readers see is one *input document*, and it ends up either kept or
+counted under exactly one drop reason (DESIGN §4.6):
+
+    invalid_json   a jsonl line that is not a JSON object   (error unless skip_bad_lines)
+    missing_field  a record without a string text field     (error unless skip_bad_lines)
+    undecodable    bytes that are not UTF-8 (or lone surrogates from JSON escapes)
+    no_abstract    a MEDLINE citation without an abstract
+    empty          nothing but whitespace in the body
+    duplicate      same text as an earlier document (hash of whitespace-normalised text)
+    duplicate_id   same id (after key sanitising) as an earlier, different document
+    too_short      fewer than min_tokens tokens (counted later, by the shard stage)
+
+Documents that are too long are not dropped: the shard stage truncates or splits them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+from kdcl_dist.errors import UserError
+
+log = logging.getLogger("kdcl_dist.ingest")
+
+FORMATS = ("auto", "jsonl", "txt", "xml", "parquet", "hf")
+DROP_REASONS = ("invalid_json", "missing_field", "undecodable", "no_abstract", "empty",
+                "duplicate", "duplicate_id", "too_short")
+_SUFFIXES = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".txt": "txt", ".text": "txt",
+    ".xml": "xml",
+    ".parquet": "parquet",
+}
+_WARN_PER_REASON = 5
+
+
+class Document(NamedTuple):
+    id: str
+    text: str
+    source: str
+
+
+@dataclass
+class ReadOptions:
+    format: str = "auto"
+    text_field: str = "text"
+    title_field: str = "title"      # "" disables the title prefix
+    id_field: str = "id"            # "" always uses <file>:<line>
+    text_unit: str = "line"         # txt: "line" or "paragraph"
+    skip_bad_lines: bool = False
+    hf_split: str = "train"
+    dedup: bool = True
+    verbose: bool = True            # log the first few drops per reason (rank 0 only)
+
+
+@dataclass
+class InputSpec:
+    path: str           # file, directory (hf) or hub name
+    format: str
+    source: str         # short name recorded in each sample's metadata
+    bytes: int = 0
+
+
+@dataclass
+class IngestStats:
+    """Counts shared by the readers and the cleaner; `documents` = every record seen."""
+    documents: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    per_input: dict = field(default_factory=dict)   # source -> records seen
+    _warned: Counter = field(default_factory=Counter)
+
+    def drop(self, reason: str, where: str, verbose: bool, detail: str = "") -> None:
+        self.dropped[reason] += 1
+        if verbose and self._warned[reason] < _WARN_PER_REASON:
+            self._warned[reason] += 1
+            more = " (further ones are only counted)" if self._warned[reason] == _WARN_PER_REASON else ""
+            log.warning("%s: dropped (%s)%s%s", where, reason, f": {detail}" if detail else "", more)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _suffix_format(p: Path) -> str | None:
+    suffixes = [s.lower() for s in p.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return _SUFFIXES.get(suffixes[-1]) if suffixes else None
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists())
+
+
+def resolve_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputSpec]:
+    """Expand `--input` paths into files with a format each, in a deterministic order.
+
+    Raises a UserError naming the path for a missing file, an empty file, a directory with
+    no readable input, or a file whose format cannot be told from its name.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    paths = list(paths)
+    if not paths:
+        raise UserError("--input: no input given; pass one or more files or directories")
+    out: list[InputSpec] = []
+    for raw in paths:
+        p = Path(raw)
+        if fmt == "hf" or (fmt == "auto" and _is_hf_dir(p)):
+            if p.exists() and not _is_hf_dir(p):
+                raise UserError(f"{p}: not a `datasets` directory (no dataset_dict.json or state.json); "
+                                "write it with Dataset.save_to_disk or pass a hub dataset name")
+            out.append(InputSpec(str(p) if p.exists() else raw, "hf", p.name if p.exists() else raw))
+            continue
+        if not p.exists():
+            raise UserError(f"{p}: input not found; check the path given to --input")
+        if p.is_dir():
+            found = []
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and not f.name.startswith(".") and (fmt != "auto" or _suffix_format(f)):
+                    found.append(f)
+            if not found:
+                raise UserError(
+                    f"{p}: directory has no readable input (looked for "
+                    f"{', '.join(sorted(set(_SUFFIXES)))} files, optionally .gz); pass files or --format"
+                )
+            for f in found:
+                out.append(_file_spec(f, fmt, str(f.relative_to(p.parent))))
+        else:
+            out.append(_file_spec(p, fmt, p.name))
+    sources = Counter(s.source for s in out)
+    for s in out:  # two inputs with the same name: use the full path so ids stay unique
+        if sources[s.source] > 1:
+            s.source = s.path
+    return out
+
+
+def _file_spec(f: Path, fmt: str, source: str) -> InputSpec:
+    kind = fmt if fmt != "auto" else _suffix_format(f)
+    if kind is None:
+        raise UserError(f"{f}: cannot tell the input format from the file name; pass --format "
+                        f"({', '.join(FORMATS[1:])})")
+    size = f.stat().st_size
+    if size == 0:
+        raise UserError(f"{f}: empty file (0 bytes); nothing to ingest, remove it from --input")
+    return InputSpec(str(f), kind, source, size)
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+# --------------------------------------------------------------------------- readers
+
+def _text_ok(text: str) -> bool:
+    """False for strings that cannot be written as UTF-8 (lone surrogates from JSON escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _join_title(title, body: str) -> str:
+    if isinstance(title, str) and title.strip():
+        return f"{title.strip()} {body}"
+    return body
+
+
+def _record_to_doc(rec, opts: ReadOptions, fallback_id: str, where: str, spec: InputSpec,
+                   stats: IngestStats) -> Document | None:
+    """Shared by jsonl, parquet and hf rows: pick fields, build the document or count a drop."""
+    body = rec.get(opts.text_field) if isinstance(rec, dict) else None
+    if not isinstance(body, str):
+        if not opts.skip_bad_lines:
+            have = ", ".join(sorted(map(str, rec))[:8]) if isinstance(rec, dict) else type(rec).__name__
+            raise UserError(
+                f"{where}: record has no string field '{opts.text_field}' (fields: {have}); "
+                "set --text-field, or pass --skip-bad-lines to count and skip such records"
+            )
+        stats.drop("missing_field", where, opts.verbose)
+        return None
+    if not body.strip():
+        stats.drop("empty", where, opts.verbose)
+        return None
+    text = _join_title(rec.get(opts.title_field) if opts.title_field else None, body.strip())
+    if not _text_ok(text):
+        stats.drop("undecodable", where, opts.verbose, "invalid unicode (lone surrogate)")
+        return None
+    raw_id = rec.get(opts.id_field) if opts.id_field else None
+    doc_id = str(raw_id) if raw_id not in (None, "") else fallback_id
+    return Document(doc_id, text, spec.source)
+
+
+def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    seen_ok = 0
+    undecodable = 0
+    try:
+        with _open_binary(spec.path) as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                stats.documents += 1
+                stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
+                where = f"{spec.path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    undecodable += 1
+                    stats.drop("undecodable", where, opts.verbose, f"not UTF-8 ({e.reason} at byte {e.start})")
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if not opts.skip_bad_lines:
+                        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix the line "
+                                        "or pass --skip-bad-lines to count and skip it") from None
+                    stats.drop("invalid_json", where, opts.verbose, e.msg)
+                    continue
+                if not isinstance(rec, dict):
+                    if not opts.skip_bad_lines:
+                        raise UserError(f"{where}: a JSON {type(rec).__name__}, not an object; each line must be "
+                                        "a JSON object, or pass --skip-bad-lines to count and skip it")
+                    stats.drop("invalid_json", where, opts.verbose, "not an object")
+                    continue
+                doc = _record_to_doc(rec, opts, f"{spec.source}:{lineno}", where, spec, stats)
+                if doc is not None:
+                    seen_ok += 1
+                    yield doc
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
+    _check_not_binary(spec, seen_ok, undecodable)
+
+
+def _check_not_binary(spec: InputSpec, ok: int, undecodable: int) -> None:
+    if undecodable and not ok:
+        raise UserError(f"{spec.path}: not UTF-8 text ({undecodable} undecodable records, none readable); "
+                        "convert it (e.g. iconv -f latin1 -t utf-8) or check that it is the right file")
+
+
+def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    seen_ok = 0
+    undecodable = 0
+
+    def emit(chunks: list[bytes], first_line: int):
+        nonlocal seen_ok, undecodable
+        stats.documents += 1
+        stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
+        where = f"{spec.path}:{first_line}"
+        try:
+            text = b" ".join(c.strip() for c in chunks).decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            undecodable += 1
+            stats.drop("undecodable", where, opts.verbose, f"not UTF-8 ({e.reason})")
+            return None
+        if not text:
+            stats.drop("empty", where, opts.verbose)
+            return None
+        seen_ok += 1
+        return Document(f"{spec.source}:{first_line}", text, spec.source)
+
+    try:
+        with _open_binary(spec.path) as f:
+            if opts.text_unit == "line":
+                for lineno, raw in enumerate(f, 1):
+                    if raw.strip():
+                        doc = emit([raw], lineno)
+                        if doc is not None:
+                            yield doc
+            else:
+                buf: list[bytes] = []
+                start = 0
+                for lineno, raw in enumerate(f, 1):
+                    if raw.strip():
+                        if not buf:
+                            start = lineno
+                        buf.append(raw)
+                    elif buf:
+                        doc = emit(buf, start)
+                        buf = []
+                        if doc is not None:
+                            yield doc
+                if buf:
+                    doc = emit(buf, start)
+                    if doc is not None:
+                        yield doc
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
+    _check_not_binary(spec, seen_ok, undecodable)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _citation_to_doc(el, spec: InputSpec, index: int, opts: ReadOptions, stats: IngestStats):
+    pmid_el = el.find("PMID")
+    pmid = (pmid_el.text or "").strip() if pmid_el is not None else ""
+    where = f"{spec.path}: citation {index}" + (f" (PMID {pmid})" if pmid else "")
+    article = el.find("Article")
+    parts = []
+    if article is not None:
+        for a in article.findall("Abstract/AbstractText"):
+            body = " ".join("".join(a.itertext()).split())
+            if not body:
+                continue
+            label = a.get("Label")
+            parts.append(f"{label}: {body}" if label else body)
+    if not parts:
+        stats.drop("no_abstract", where, False)   # common in MEDLINE: only counted
+        return None
+    title = ""
+    if article is not None:
+        t = article.find("ArticleTitle")
+        if t is not None:
+            title = " ".join("".join(t.itertext()).split())
+    text = _join_title(title, " ".join(parts))
+    return Document(f"pmid-{pmid}" if pmid else f"{spec.source}:{index}", text, spec.source)
+
+
+def _read_xml(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    import xml.etree.ElementTree as ET
+
+    count = 0
+    depth = 0
+    root = None
+    try:
+        with _open_binary(spec.path) as f:
+            for event, el in ET.iterparse(f, events=("start", "end")):
+                if event == "start":
+                    depth += 1
+                    if root is None:
+                        root = el
+                    continue
+                depth -= 1
+                if _local(el.tag) == "MedlineCitation":
+                    count += 1
+                    stats.documents += 1
+                    stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
+                    doc = _citation_to_doc(el, spec, count, opts, stats)
+                    el.clear()
+                    if doc is not None:
+                        yield doc
+                if depth == 1 and root is not None:
+                    root.clear()   # finished a top-level record: free it (streaming)
+    except (EOFError, zlib.error, gzip.BadGzipFile, ET.ParseError) as e:
+        raise UserError(f"{spec.path}: truncated or corrupt XML/gzip after {count} citations ({e}); "
+                        "re-download the file (NLM publishes an .md5 beside each baseline file)") from None
+    if count == 0:
+        raise UserError(f"{spec.path}: no <MedlineCitation> records; is this a PubMed/MEDLINE XML file?")
+
+
+def _read_parquet(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(spec.path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise UserError(f"{spec.path}: not a readable parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if opts.text_field not in names:
+        raise UserError(f"{spec.path}: no column '{opts.text_field}' (columns: {', '.join(names)}); set --text-field")
+    cols = [c for c in (opts.text_field, opts.title_field, opts.id_field) if c and c in names]
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096, columns=cols):
+        for rec in batch.to_pylist():
+            row += 1
+            stats.documents += 1
+            stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
+            doc = _record_to_doc(rec, opts, f"{spec.source}:{row}", f"{spec.path}: row {row}", spec, stats)
+            if doc is not None:
+                yield doc
+
+
+def _read_hf(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    import datasets
+
+    if Path(spec.path).exists():
+        ds = datasets.load_from_disk(spec.path)
+        if isinstance(ds, datasets.DatasetDict):
+            if opts.hf_split not in ds:
+                raise UserError(f"{spec.path}: no split '{opts.hf_split}' (splits: {', '.join(ds)}); set hf_split=")
+            ds = ds[opts.hf_split]
+    else:
+        try:  # a hub name: streamed, never downloaded whole
+            ds = datasets.load_dataset(spec.path, split=opts.hf_split, streaming=True)
+        except Exception as e:
+            raise UserError(f"{spec.path}: cannot load the dataset from the hub ({str(e).splitlines()[0]}); "
+                            "pass a load_from_disk directory or a reachable dataset name") from None
+    names = getattr(ds, "column_names", None)
+    if names is not None and opts.text_field not in names:
+        raise UserError(f"{spec.path}: no column '{opts.text_field}' (columns: {', '.join(names)}); set --text-field")
+    for row, rec in enumerate(ds, 1):
+        stats.documents += 1
+        stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
+        doc = _record_to_doc(rec, opts, f"{spec.source}:{row}", f"{spec.path}: row {row}", spec, stats)
+        if doc is not None:
+            yield doc
+
+
+_READERS = {"jsonl": _read_jsonl, "txt": _read_txt, "xml": _read_xml, "parquet": _read_parquet, "hf": _read_hf}
+
+
+def read_documents(inputs: list[InputSpec], opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    """Raw documents from every input in order (format-level drops counted in `stats`)."""
+    for spec in inputs:
+        stats.per_input.setdefault(spec.source, 0)
+        yield from _READERS[spec.format](spec, opts, stats)
+
+
+# --------------------------------------------------------------------------- cleaning
+
+def content_hash(text: str) -> bytes:
+    """Duplicate detection key: whitespace-normalised text (tokenizers ignore whitespace runs)."""
+    return hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
+
+
+def clean(docs: Iterable[Document], opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    """Drop exact duplicates (content hash) and repeated ids; keep the input order.
+
+    Deterministic and order-preserving, so every rank that runs it over the same inputs
+    agrees on which documents survive and on their global index.
+    """
+    from kdcl_dist.data.shards import sanitize_key
+
+    seen_text: set[bytes] = set()
+    seen_key: set[str] = set()
+    for doc in docs:
+        if opts.dedup:
+            h = content_hash(doc.text)
+            if h in seen_text:
+                stats.drop("duplicate", f"{doc.source}: {doc.id}", opts.verbose)
+                continue
+            seen_text.add(h)
+        key = sanitize_key(doc.id)
+        if key in seen_key:
+            stats.drop("duplicate_id", f"{doc.source}: {doc.id}", opts.verbose,
+                       "another document already has this id (set --id-field, or id_field='' for file:line ids)")
+            continue
+        seen_key.add(key)
+        yield doc
+
+
+def iter_clean_documents(paths: Iterable[str], opts: ReadOptions, stats: IngestStats | None = None
+                         ) -> Iterator[Document]:
+    """Convenience: resolve inputs, read and clean (used by `kdcl-dist tokenizer`)."""
+    stats = stats if stats is not None else IngestStats()
+    yield from clean(read_documents(resolve_inputs(paths, opts.format), opts, stats), opts, stats)
+
+
+def describe_drops(stats: IngestStats) -> str:
+    items = [f"{k}={v}" for k, v in sorted(stats.dropped.items()) if v]
+    return ", ".join(items) if items else "none"
+
+
+__all__ = ["Document", "ReadOptions", "InputSpec", "IngestStats", "resolve_inputs", "read_documents",
+           "clean", "iter_clean_documents", "content_hash", "FORMATS", "DROP_REASONS"]

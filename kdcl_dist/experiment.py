@@ -1,0 +1,615 @@
+"""The paper's study at an equal sample budget, with seeds and statistics (`kdcl-dist experiment`).
+
+Pipeline (every step is a `kdcl-dist` stage run as a subprocess; a step whose output exists is
+skipped, so a killed experiment is resumed by re-running the same command):
+
+  1. split the corpus by document id: held-out documents (`evaluate.mlm.is_heldout`, default 5%)
+     go to `data/heldout.jsonl`, the rest to `data/train.jsonl`. Nothing held out is ever seen
+     by the tokenizer, the scorer or any training run.
+  2. tokenizer -> init-models (preset) -> shard (train and held-out corpora separately)
+  3. score (initial student) -> curriculum `cur0`: used only for the runs below that read the
+     data in random order (they need a curriculum directory, not its order)
+  4. adapt the teacher: student-only MLM training of the teacher model on the corpus
+     (reliance none, random order), as BioBERT was adapted from BERT -> export
+  5. warm up the student: student-only MLM for a few steps (a stand-in for the student's
+     general pre-training: a randomly initialised student gives every abstract the same score,
+     ln V, and the curriculum would be noise) -> export
+  6. score with the warmed student -> curriculum `cur`: the order every arm uses
+  7. per arm and seed: train (same steps x global batch = same number of samples for every
+     arm) -> export -> eval mlm on the held-out corpus (same fixed masks for every model)
+     [-> eval yesno with --yesno]
+  8. report.md: tables with 95% CIs, paired comparisons with Holm-corrected p-values,
+     loss-curve and λ-schedule plots (from each run's metrics.jsonl), and a plain statement of
+     which differences are significant.
+
+What a seed varies: the training seed (order for random/pacing arms, training masks, dropout).
+The starting student, the adapted teacher and the curriculum are shared by all arms: they are
+the fixed starting point the paper's arms share too (pretrained DistilBERT and BioBERT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kdcl_dist.config import option
+from kdcl_dist.errors import UserError
+
+# name -> training settings. "teacher": whether the adapted teacher is passed.
+ARMS: dict[str, dict] = {
+    "student-only": {"order": "random", "reliance": "none", "teacher": False,
+                     "label": "student only (continued MLM, no teacher)"},
+    "kd": {"order": "random", "reliance": "constant", "teacher": True, "label": "KD (random order, constant λ)"},
+    "kd-cl": {"order": "sequential", "reliance": "constant", "teacher": True,
+              "label": "KD-CL (easy→hard, constant λ)"},
+    "kd-cl-sr-paper": {"order": "sequential", "reliance": "sr-paper", "teacher": True,
+                       "label": "KD-CL-SR (batch λ, paper formula)"},
+    "kd-cl-sr-sample": {"order": "sequential", "reliance": "sr-sample", "teacher": True,
+                        "label": "KD-CL-SR (per-sample λ)"},
+    "kd-reverse": {"order": "reverse", "reliance": "constant", "teacher": True,
+                   "label": "KD, reverse curriculum (hard→easy)"},
+    "kd-pacing-root": {"order": "pacing-root", "reliance": "constant", "teacher": True,
+                       "label": "KD, root pacing (pool grows from the easiest 20%)"},
+}
+BASELINE_ARM = "kd"
+# (A, B): report A - B. Each arm against plain KD, and SR against CL alone.
+EXTRA_COMPARISONS = [("kd-cl-sr-paper", "kd-cl"), ("kd-cl-sr-sample", "kd-cl"), ("kd", "student-only")]
+
+
+@dataclass
+class ExperimentConfig:
+    seeds: int = option(3, help="seeds per arm", min=1)
+    steps: int = option(0, help="optimizer steps per arm (0: one epoch of the training corpus)", min=0)
+    arms: list[str] = option(default_factory=lambda: list(ARMS), help="arms to run", choices=tuple(ARMS))
+    heldout_percent: int = option(5, help="percent of documents held out for MLM evaluation", min=1, max=50)
+    max_docs: int = option(0, help="use the first N documents of the corpus (0: all)", min=0)
+    teacher_steps: int = option(0, help="teacher adaptation steps (0: same as --steps)", min=0)
+    warmup_student_steps: int = option(0, help="student warm-up steps (0: a quarter of --steps)", min=0)
+    global_batch: int = option(32, min=1)
+    micro_batch: int = option(16, min=1)
+    lr: float = option(5e-4, min=0.0)
+    lambda_: float = option(0.5, help="λ of the constant arms (the paper: 0.5)", min=0.0, max=1.0)
+    nproc: int = option(1, help="ranks per training run (torchrun, gloo on CPU)", min=1)
+    parallel: int = option(1, help="runs executed at the same time", min=1)
+    eval_masks: int = option(2, help="fixed masks per held-out sample", min=1)
+    yesno: bool = option(False, help="also fine-tune every run on the yes/no task (slow)")
+    yesno_data: str = option("", help="BLURB-format task dir (default $KDCL_DATA_DIR/bioasq)")
+    yesno_seeds: int = option(3, help="fine-tuning seeds per trained model", min=1)
+    n_boot: int = option(10000, min=100)
+
+
+# --------------------------------------------------------------------------------------
+# a small step runner shared by the experiment and the demo
+# --------------------------------------------------------------------------------------
+
+def python_cli() -> list[str]:
+    return [sys.executable, "-m", "kdcl_dist"]
+
+
+def torchrun_cli(nproc: int) -> list[str]:
+    if nproc <= 1:
+        return python_cli()
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "kdcl_dist"]
+
+
+class Runner:
+    """Runs stage commands as subprocesses; a step is skipped when its `done` file exists.
+
+    Each step's output goes to `<root>/logs/<name>.log`; a record per step is appended to
+    `<root>/steps.jsonl` and kept in `self.records` for the summary.
+    """
+
+    def __init__(self, root: Path, threads_per_proc: int = 1, echo: bool = True):
+        self.root = Path(root)
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        self.threads = threads_per_proc
+        self.echo = echo
+        self._lock = threading.Lock()
+
+    def env(self) -> dict:
+        e = dict(os.environ)
+        e.setdefault("OMP_NUM_THREADS", str(self.threads))
+        e.setdefault("TOKENIZERS_PARALLELISM", "false")
+        e.setdefault("HF_HUB_OFFLINE", "1")
+        e.setdefault("TRANSFORMERS_OFFLINE", "1")
+        return e
+
+    def _say(self, text: str) -> None:
+        if self.echo:
+            with self._lock:
+                print(text, flush=True)
+
+    def step(self, name: str, argv: list[str], done: Path, launcher: list[str] | None = None) -> dict:
+        done = Path(done)
+        log_path = self.root / "logs" / f"{name.replace('/', '_')}.log"
+        if done.exists():
+            rec = {"step": name, "status": "skipped", "seconds": 0.0, "output": str(done)}
+            self._say(f"  [skip] {name:<34} (exists: {done})")
+        else:
+            cmd = list(launcher or python_cli()) + [str(a) for a in argv]
+            self._say(f"  [run ] {name:<34} $ kdcl-dist {' '.join(shlex.quote(str(a)) for a in argv)}")
+            t0 = time.time()
+            with open(log_path, "w") as log:
+                log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+                log.flush()
+                p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), text=True)
+            dt = time.time() - t0
+            if p.returncode != 0 or not done.exists():
+                tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-25:])
+                raise UserError(
+                    f"{log_path}: step '{name}' failed (exit {p.returncode}{'' if done.exists() else ', no ' + str(done)}); "
+                    f"last lines:\n{tail}"
+                )
+            rec = {"step": name, "status": "done", "seconds": round(dt, 1), "output": str(done)}
+            self._say(f"  [ok  ] {name:<34} {dt:7.1f}s")
+        with self._lock:
+            self.records.append(rec)
+            with open(self.root / "steps.jsonl", "a") as f:
+                f.write(json.dumps({**rec, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        return rec
+
+    def call(self, name: str, fn, done: Path) -> dict:
+        """An in-process step (saves a subprocess start-up of ~5 s where that dominates)."""
+        done = Path(done)
+        if done.exists():
+            rec = {"step": name, "status": "skipped", "seconds": 0.0, "output": str(done)}
+            self._say(f"  [skip] {name:<34} (exists: {done})")
+        else:
+            self._say(f"  [run ] {name:<34} (in process)")
+            t0 = time.time()
+            fn()
+            if not done.exists():
+                raise UserError(f"{done}: step '{name}' finished without writing its output")
+            dt = time.time() - t0
+            rec = {"step": name, "status": "done", "seconds": round(dt, 1), "output": str(done)}
+            self._say(f"  [ok  ] {name:<34} {dt:7.1f}s")
+        with self._lock:
+            self.records.append(rec)
+            with open(self.root / "steps.jsonl", "a") as f:
+                f.write(json.dumps({**rec, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        return rec
+
+    def summary(self) -> str:
+        lines = [f"{'step':<36} {'status':<8} {'seconds':>8}"]
+        for r in self.records:
+            lines.append(f"{r['step']:<36} {r['status']:<8} {r['seconds']:>8.1f}")
+        lines.append(f"{'total':<36} {'':<8} {sum(r['seconds'] for r in self.records):>8.1f}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# corpus split
+# --------------------------------------------------------------------------------------
+
+def split_corpus(corpus: Path, out_dir: Path, heldout_percent: int, max_docs: int = 0) -> dict:
+    """Write train.jsonl / heldout.jsonl by the fixed id-hash rule (skipped when both exist)."""
+    from kdcl_dist.evaluate.mlm import is_heldout
+    from kdcl_dist.utils import atomic_path, read_json, write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info_path = out_dir / "split.json"
+    if info_path.exists() and (out_dir / "train.jsonl").exists() and (out_dir / "heldout.jsonl").exists():
+        info = read_json(info_path)
+        if info.get("heldout_percent") == heldout_percent and info.get("max_docs") == max_docs \
+                and info.get("corpus") == str(corpus):
+            return info
+    if not corpus.exists():
+        raise UserError(f"{corpus}: corpus not found; pass --corpus FILE (jsonl with id and text)")
+    counts = {"train": 0, "heldout": 0}
+    with atomic_path(out_dir / "train.jsonl") as t_tmp, atomic_path(out_dir / "heldout.jsonl") as h_tmp:
+        with open(corpus, encoding="utf-8") as f, open(t_tmp, "w") as ft, open(h_tmp, "w") as fh:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if max_docs and sum(counts.values()) >= max_docs:
+                    break
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{corpus}:{n}: invalid JSON ({e.msg})") from e
+                doc_id = str(rec.get("id", f"{corpus.name}:{n}"))
+                side = "heldout" if is_heldout(doc_id, heldout_percent) else "train"
+                (fh if side == "heldout" else ft).write(line if line.endswith("\n") else line + "\n")
+                counts[side] += 1
+    info = {"corpus": str(corpus), "heldout_percent": heldout_percent, "max_docs": max_docs, **counts,
+            "rule": "id_hash64(doc_id) % 100 < heldout_percent"}
+    write_json_atomic(info_path, info)
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# reading run outputs
+# --------------------------------------------------------------------------------------
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    if Path(path).exists():
+        for line in open(path):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a killed run's last line
+    return rows
+
+
+def run_tokens(metrics: list[dict]) -> float:
+    """Tokens the run trained on, from tokens/s x step time of each step."""
+    return float(sum((r.get("tokens_per_s") or 0.0) * (r.get("step_time") or 0.0) for r in metrics))
+
+
+def find_model_dir(export_dir: Path) -> Path:
+    """The HF directory an export wrote (its root, or one level down)."""
+    export_dir = Path(export_dir)
+    if (export_dir / "config.json").exists():
+        return export_dir
+    for sub in sorted(export_dir.glob("*/config.json")):
+        return sub.parent
+    return export_dir
+
+
+# --------------------------------------------------------------------------------------
+# the experiment
+# --------------------------------------------------------------------------------------
+
+class Experiment:
+    def __init__(self, corpus: Path, out: Path, cfg: ExperimentConfig, preset: str = "tiny",
+                 command: str | None = None):
+        self.corpus, self.out, self.cfg, self.preset = Path(corpus), Path(out), cfg, preset
+        self.command = command
+        threads = max(1, (os.cpu_count() or 2) // max(1, cfg.parallel * cfg.nproc))
+        self.r = Runner(self.out, threads_per_proc=threads)
+        self.p = {k: self.out / k for k in ("data", "tokenizer", "models", "shards", "heldout_shards", "scores0",
+                                            "cur0", "scores", "cur", "runs", "evals")}
+
+    # -- shared preparation ------------------------------------------------------------
+    def n_train_samples(self) -> int:
+        from kdcl_dist.utils import read_json
+
+        return int(read_json(self.p["cur0"] / "curriculum.json").get("num_samples"))
+
+    def steps(self) -> int:
+        if self.cfg.steps:
+            return self.cfg.steps
+        return max(1, self.n_train_samples() // self.cfg.global_batch)
+
+    def train_args(self, cur: Path, student: Path, teacher: Path | None, out: Path, order: str, reliance: str,
+                   steps: int, seed: int) -> list[str]:
+        a = ["train", "--preset", self.preset, "--curriculum", cur, "--student", student, "--out", out,
+             "--order", order, "--reliance", reliance, "--steps", steps, "--seed", seed,
+             "--global-batch", self.cfg.global_batch, "--micro-batch", self.cfg.micro_batch, "--lr", self.cfg.lr,
+             "--lambda", self.cfg.lambda_, "--save-every", 0, "--keep", 1, "--num-workers", 0]
+        if teacher is not None:
+            a += ["--teacher", teacher]
+        return a
+
+    def prepare(self) -> dict:
+        c, p, r = self.cfg, self.p, self.r
+        split = split_corpus(self.corpus, p["data"], c.heldout_percent, c.max_docs)
+        print(f"corpus {self.corpus}: {split['train']} training documents, {split['heldout']} held out "
+              f"({c.heldout_percent}% by id hash)")
+        r.step("tokenizer", ["tokenizer", "--preset", self.preset, "--input", p["data"] / "train.jsonl",
+                             "--out", p["tokenizer"]], p["tokenizer"] / "tokenizer_config.json")
+        r.step("init-models", ["init-models", "--preset", self.preset, "--tokenizer", p["tokenizer"], "--out", p["models"]],
+               p["models"] / "student" / "config.json")
+        r.step("shard/train", ["shard", "--preset", self.preset, "--input", p["data"] / "train.jsonl",
+                               "--tokenizer", p["tokenizer"], "--out", p["shards"], "--no-progress"],
+               p["shards"] / "dataset.json")
+        r.step("shard/heldout", ["shard", "--preset", self.preset, "--input", p["data"] / "heldout.jsonl",
+                                 "--tokenizer", p["tokenizer"], "--out", p["heldout_shards"], "--no-progress"],
+               p["heldout_shards"] / "dataset.json")
+        launcher = torchrun_cli(c.nproc)
+        r.step("score/initial-student", ["score", "--preset", self.preset, "--shards", p["shards"], "--model",
+                                         p["models"] / "student", "--out", p["scores0"]],
+               p["scores0"] / "scores.json", launcher)
+        r.step("curriculum/initial", ["curriculum", "--preset", self.preset, "--shards", p["shards"], "--scores",
+                                      p["scores0"], "--out", p["cur0"]], p["cur0"] / "curriculum.json")
+        steps = self.steps()
+        t_steps = c.teacher_steps or steps
+        w_steps = c.warmup_student_steps or max(1, steps // 4)
+        prep = self.out / "prep"
+        r.step("adapt-teacher/train", self.train_args(p["cur0"], p["models"] / "teacher", None, prep / "teacher-train",
+                                                       "random", "none", t_steps, 0),
+               prep / "teacher-train" / "train_summary.json", launcher)
+        r.step("adapt-teacher/export", ["export", "--checkpoint", prep / "teacher-train", "--out", prep / "teacher"],
+               prep / "teacher" / "config.json")
+        r.step("warmup-student/train", self.train_args(p["cur0"], p["models"] / "student", None, prep / "student-train",
+                                                        "random", "none", w_steps, 0),
+               prep / "student-train" / "train_summary.json", launcher)
+        r.step("warmup-student/export", ["export", "--checkpoint", prep / "student-train", "--out", prep / "student"],
+               prep / "student" / "config.json")
+        r.step("score/student", ["score", "--preset", self.preset, "--shards", p["shards"], "--model",
+                                 prep / "student", "--out", p["scores"]], p["scores"] / "scores.json", launcher)
+        r.step("curriculum", ["curriculum", "--preset", self.preset, "--shards", p["shards"], "--scores", p["scores"],
+                              "--out", p["cur"]], p["cur"] / "curriculum.json")
+        return {"steps": steps, "teacher_steps": t_steps, "warmup_steps": w_steps, "split": split,
+                "teacher": prep / "teacher", "student": prep / "student"}
+
+    # -- evaluation helpers --------------------------------------------------------------
+    def eval_mlm(self, name: str, model: Path, in_process: bool = False) -> Path:
+        out = self.p["evals"] / f"{name}.mlm.json"
+        if in_process:
+            from kdcl_dist.evaluate.mlm import EvalMLMConfig, evaluate_mlm, save_per_sample
+            from kdcl_dist.utils import write_json_atomic
+
+            def fn():
+                cfg = EvalMLMConfig(split="all", masks=self.cfg.eval_masks)
+                summary, per_sample = evaluate_mlm(str(model), str(self.p["heldout_shards"]), cfg)
+                save_per_sample(self.p["evals"] / f"{name}.mlm.npz", per_sample)
+                write_json_atomic(out, summary)
+
+            self.r.call(f"eval-mlm/{name}", fn, out)
+            return out
+        self.r.step(f"eval-mlm/{name}", ["eval", "mlm", "--model", model, "--shards", self.p["heldout_shards"],
+                                         "--split", "all", "--masks", self.cfg.eval_masks, "--out", out,
+                                         "--per-sample", self.p["evals"] / f"{name}.mlm.npz", "--no-progress"], out)
+        return out
+
+    def eval_yesno(self, name: str, model: Path) -> Path | None:
+        if not self.cfg.yesno:
+            return None
+        from kdcl_dist.utils import data_dir
+
+        data = self.cfg.yesno_data or (str(data_dir() / "bioasq") if data_dir() else "")
+        if not data or not Path(data).exists():
+            raise UserError("experiment.yesno_data: no BLURB task directory; pass yesno_data=DIR or set KDCL_DATA_DIR")
+        out = self.p["evals"] / f"{name}.yesno.json"
+        self.r.step(f"eval-yesno/{name}", ["eval", "yesno", "--preset", self.preset, "--model", model, "--data", data,
+                                           "--seeds", self.cfg.yesno_seeds, "--out", out, "--no-progress"], out)
+        return out
+
+    def run_one(self, arm: str, seed: int, prep: dict) -> None:
+        spec = ARMS[arm]
+        run = self.p["runs"] / f"{arm}-s{seed}"
+        r = self.r
+        r.step(f"train/{arm}-s{seed}", self.train_args(self.p["cur"], prep["student"],
+                                                        prep["teacher"] if spec["teacher"] else None, run / "train",
+                                                        spec["order"], spec["reliance"], prep["steps"], seed),
+               run / "train" / "train_summary.json", torchrun_cli(self.cfg.nproc))
+        r.step(f"export/{arm}-s{seed}", ["export", "--checkpoint", run / "train", "--out", run / "model"],
+               run / "model" / "config.json")
+        self.eval_mlm(f"{arm}-s{seed}", run / "model")
+        self.eval_yesno(f"{arm}-s{seed}", run / "model")
+
+    def run(self) -> Path:
+        t0 = time.time()
+        prep = self.prepare()
+        print(f"budget: {prep['steps']} steps x global batch {self.cfg.global_batch} = "
+              f"{prep['steps'] * self.cfg.global_batch} samples per arm and seed")
+        for name, model in (("reference-teacher", prep["teacher"]), ("reference-student", prep["student"])):
+            self.eval_mlm(name, model)
+            self.eval_yesno(name, model)
+        jobs = [(arm, seed) for seed in range(self.cfg.seeds) for arm in self.cfg.arms]
+        if self.cfg.parallel > 1:
+            with ThreadPoolExecutor(self.cfg.parallel) as ex:
+                for f in [ex.submit(self.run_one, a, s, prep) for a, s in jobs]:
+                    f.result()
+        else:
+            for a, s in jobs:
+                self.run_one(a, s, prep)
+        wall = time.time() - t0
+        report = write_report(self.out, self.cfg, prep, wall, self.command)
+        print(self.r.summary())
+        print(f"\nreport: {report}")
+        return report
+
+
+# --------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------
+
+def _load_arm_mlm(evals: Path, arm: str, seeds: int):
+    from kdcl_dist.evaluate.mlm import load_per_sample
+
+    sums, counts, losses = [], [], []
+    for s in range(seeds):
+        npz = evals / f"{arm}-s{s}.mlm.npz"
+        if not npz.exists():
+            continue
+        ps = load_per_sample(npz)
+        sums.append(ps["loss_sum"])
+        counts.append(ps["n_masked"].astype(np.float64))
+        losses.append(float(ps["loss_sum"].sum() / ps["n_masked"].sum()))
+    if not sums:
+        return None
+    return np.stack(sums), np.stack(counts), losses
+
+
+def _load_arm_yesno(evals: Path, arm: str, seeds: int):
+    correct, accs, f1s = [], [], []
+    for s in range(seeds):
+        path = evals / f"{arm}-s{s}.yesno.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        gold = np.asarray(r["test_gold"])
+        for run in r["per_seed"]:  # every fine-tuning seed of every training seed is one row
+            correct.append((np.asarray(run["test_pred"]) == gold).astype(np.float64))
+        accs.append(r["accuracy"]["mean"])
+        f1s.append(r["macro_f1"]["mean"])
+    if not correct:
+        return None
+    return np.stack(correct), accs, f1s, r["majority_baseline"]
+
+
+def _fmt_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _plots(out: Path, arms: list[str], seeds: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lam_fig, lam_ax = plt.subplots(figsize=(7, 4.5))
+    for arm in arms:
+        curves, lam = [], None
+        for s in range(seeds):
+            m = read_metrics(out / "runs" / f"{arm}-s{s}" / "train" / "metrics.jsonl")
+            if m:
+                curves.append([(r["step"], r.get("loss"), r.get("loss_mlm")) for r in m])
+                if lam is None:
+                    lam = [(r["step"], r.get("lambda")) for r in m]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        steps = np.array([c[0] for c in curves[0][:n]])
+        for j, ax in ((1, axes[0]), (2, axes[1])):
+            vals = np.array([[np.nan if v[j] is None else v[j] for v in c[:n]] for c in curves], dtype=float)
+            mean = np.nanmean(vals, axis=0)
+            k = max(1, n // 50)  # moving average: per-step losses on a curriculum are noisy
+            smooth = np.convolve(mean, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, label=arm)
+        if lam:
+            lam_ax.plot([s for s, _ in lam], [np.nan if v is None else v for _, v in lam], label=arm)
+    axes[0].set_title("training loss (mean over seeds)")
+    axes[1].set_title("MLM term of the loss (mean over seeds)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "loss_curves.png"
+    fig.savefig(p, dpi=110)
+    paths.append(p)
+    lam_ax.set_title("λ per step (seed 0)")
+    lam_ax.set_xlabel("step")
+    lam_ax.set_ylabel("λ (batch mean)")
+    lam_ax.legend(fontsize=7)
+    lam_fig.tight_layout()
+    p = out / "lambda_schedules.png"
+    lam_fig.savefig(p, dpi=110)
+    paths.append(p)
+    plt.close("all")
+    return paths
+
+
+def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, command: str | None = None) -> Path:
+    """report.md + report.json + plots from the evaluation outputs under `out`."""
+    from kdcl_dist.evaluate import stats
+    from kdcl_dist.utils import atomic_path, write_json_atomic
+
+    out = Path(out)
+    evals = out / "evals"
+    arms = [a for a in cfg.arms if _load_arm_mlm(evals, a, cfg.seeds) is not None]
+    mlm = {a: _load_arm_mlm(evals, a, cfg.seeds) for a in arms}
+    refs = {}
+    for ref in ("reference-teacher", "reference-student"):
+        path = evals / f"{ref}.mlm.json"
+        if path.exists():
+            refs[ref] = json.loads(path.read_text())
+    tokens = {a: [run_tokens(read_metrics(out / "runs" / f"{a}-s{s}" / "train" / "metrics.jsonl"))
+                  for s in range(cfg.seeds)] for a in arms}
+
+    # comparisons: each arm vs KD, and the extra pairs; Holm over the whole family
+    pairs = [(a, BASELINE_ARM) for a in arms if a != BASELINE_ARM and BASELINE_ARM in arms]
+    pairs += [(a, b) for a, b in EXTRA_COMPARISONS if a in arms and b in arms and (a, b) not in pairs]
+    comps = []
+    for i, (a, b) in enumerate(pairs):
+        ca = stats.compare_ratio(mlm[a][0], mlm[b][0], mlm[a][1], mlm[b][1], n_boot=cfg.n_boot, seed=100 + i)
+        ca["perm_p_seeds"] = stats.permutation_test(mlm[a][2], mlm[b][2])
+        comps.append({"a": a, "b": b, "metric": "heldout_mlm_loss", **ca})
+    yes = {a: _load_arm_yesno(evals, a, cfg.seeds) for a in arms} if cfg.yesno else {}
+    yes = {a: v for a, v in yes.items() if v is not None}
+    for i, (a, b) in enumerate(pairs):
+        if a in yes and b in yes:
+            cy = stats.compare_ratio(yes[a][0], yes[b][0], n_boot=cfg.n_boot, seed=500 + i)
+            comps.append({"a": a, "b": b, "metric": "yesno_accuracy", **cy})
+    for c, adj in zip(comps, stats.holm([c["p"] for c in comps]) if comps else []):
+        c["p_holm"] = adj
+        c["significant"] = adj < 0.05
+
+    L = [f"# KD / KD-CL / KD-CL-SR experiment ({out})", ""]
+    split = prep.get("split", {})
+    L.append(f"Corpus: `{split.get('corpus', '?')}`: {split.get('train', '?')} training documents, "
+             f"{split.get('heldout', '?')} held out ({cfg.heldout_percent}% by id hash). "
+             f"Budget per run: {prep['steps']} steps × global batch {cfg.global_batch} = "
+             f"{prep['steps'] * cfg.global_batch} samples (equal for every arm). Teacher adapted for "
+             f"{prep.get('teacher_steps')} steps, student warmed up for {prep.get('warmup_steps')} steps. "
+             f"{cfg.seeds} seeds per arm. Wall time {wall_s / 60:.1f} min.")
+    if command:
+        L += ["", f"Command: `{command}`"]
+    L += ["", "## Table 1: held-out masked-LM loss (lower is better)", "",
+          "Loss = mean cross-entropy over all masked tokens of the held-out documents (fixed masks, "
+          f"{cfg.eval_masks} per document, identical for every model). 95% CI: two-level bootstrap "
+          "(seeds and held-out documents resampled).", "",
+          "| arm | seeds | loss (mean ± std over seeds) | 95% CI | perplexity | Δ vs KD | tokens trained |",
+          "|---|---|---|---|---|---|---|"]
+    res_json = {"arms": {}, "references": refs, "comparisons": comps, "prep": {k: str(v) for k, v in prep.items()},
+                "config": dataclasses.asdict(cfg), "wall_s": wall_s}
+    base_loss = float(mlm[BASELINE_ARM][0].sum() / mlm[BASELINE_ARM][1].sum()) if BASELINE_ARM in mlm else None
+    for a in arms:
+        sums, counts, losses = mlm[a]
+        m, s = stats.mean_std(losses)
+        boot = stats.ratio_bootstrap(sums, counts, n_boot=cfg.n_boot)
+        pooled = boot["value"]
+        delta = "" if base_loss is None or a == BASELINE_ARM else f"{pooled - base_loss:+.4f}"
+        L.append(f"| {ARMS[a]['label']} | {len(losses)} | {m:.4f} ± {s:.4f} | {boot['ci'][0]:.4f}–{boot['ci'][1]:.4f} | "
+                 f"{np.exp(pooled):.2f} | {delta} | {np.mean(tokens[a]) / 1e6:.2f}M |")
+        res_json["arms"][a] = {"losses": losses, "mean": m, "std": s, "pooled": pooled, "ci": boot["ci"],
+                               "tokens": tokens[a]}
+    for ref, r in refs.items():
+        L.append(f"| *{ref.replace('reference-', '')} (starting point)* | – | {r['loss']:.4f} | | {r['perplexity']:.2f} | | |")
+    if yes:
+        any_y = next(iter(yes.values()))
+        maj = any_y[3]
+        L += ["", "## Table 2: yes/no test accuracy (fine-tuned, higher is better)", "",
+              f"Each trained model fine-tuned with {cfg.yesno_seeds} seeds; CI: two-level bootstrap over "
+              "(training seed × fine-tuning seed) runs and test questions.", "",
+              "| arm | accuracy (mean ± std over training seeds) | 95% CI | macro-F1 |", "|---|---|---|---|"]
+        for a in arms:
+            if a not in yes:
+                continue
+            correct, accs, f1s, _ = yes[a]
+            m, s = stats.mean_std(accs)
+            ci = stats.ratio_bootstrap(correct, n_boot=cfg.n_boot)["ci"]
+            L.append(f"| {ARMS[a]['label']} | {100 * m:.1f} ± {100 * s:.1f} | {100 * ci[0]:.1f}–{100 * ci[1]:.1f} | "
+                     f"{100 * np.mean(f1s):.1f} |")
+        L.append(f"| *majority class ('{maj['label']}')* | {100 * maj['accuracy']:.1f} | | {100 * maj['macro_f1']:.1f} |")
+    L += ["", "## Comparisons", "",
+          "Difference A − B; CI and p from a bootstrap that resamples test items with the same indices for "
+          "both arms (paired) and seeds independently per arm; Holm-corrected over all comparisons below. "
+          "`perm p (seeds)` is an exact permutation test on the per-seed values alone (with 3 seeds per arm "
+          "its smallest possible value is 0.1).", "",
+          "| metric | A | B | A − B | 95% CI | p | p (Holm) | perm p (seeds) |", "|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        scale, unit = (100, " pts") if c["metric"] == "yesno_accuracy" else (1, "")
+        L.append(f"| {c['metric']} | {c['a']} | {c['b']} | {scale * c['diff']:+.4f}{unit} | "
+                 f"{scale * c['ci'][0]:+.4f} – {scale * c['ci'][1]:+.4f} | {_fmt_p(c['p'])} | {_fmt_p(c['p_holm'])} | "
+                 f"{_fmt_p(c['perm_p_seeds']) if 'perm_p_seeds' in c else ''} |")
+    L += ["", "## Which differences are significant", ""]
+    sig = [c for c in comps if c["significant"]]
+    if not comps:
+        L.append("No comparisons (fewer than two arms finished).")
+    elif not sig:
+        L.append("None of the differences above is significant at α = 0.05 after Holm correction.")
+    for c in sig:
+        better = (c["diff"] < 0) if c["metric"] == "heldout_mlm_loss" else (c["diff"] > 0)
+        L.append(f"- {c['metric']}: **{c['a']}** is {'better' if better else 'worse'} than **{c['b']}** "
+                 f"({c['diff']:+.4f}, Holm p = {_fmt_p(c['p_holm'])}).")
+    nonsig = [f"{c['a']} vs {c['b']} ({c['metric']})" for c in comps if not c["significant"]]
+    if sig and nonsig:
+        L.append(f"- Not significant: {', '.join(nonsig)}.")
+    plots = _plots(out, arms, cfg.seeds)
+    L += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    L += ["", "Per-run outputs: `runs/<arm>-s<seed>/train` (metrics.jsonl, tensorboard/), evaluations in `evals/`."]
+    path = out / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(L) + "\n")
+    write_json_atomic(out / "report.json", res_json)
+    return path

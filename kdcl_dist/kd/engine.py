@@ -1,0 +1,439 @@
+"""The KD engine: a DeepSpeed ZeRO student beside a frozen teacher, one `step()` per global batch.
+
+Student: `deepspeed.initialize` with a config from `ds_configs/` (ZeRO 0-3; fp32 on CPU with
+DeepSpeed's CPU accelerator and gloo; bf16/fp16 on GPU), AdamW, a warm-up/decay schedule,
+gradient clipping, gradient accumulation through DeepSpeed (`engine.backward` /
+`engine.step` once per micro-batch; DeepSpeed applies the update at the boundary).
+
+Teacher hosting:
+- `replicated`: every rank holds the whole frozen teacher (requires_grad False, `.eval()`,
+  bf16/fp16 on GPU, fp32 on CPU) and runs it under `torch.inference_mode()`.
+- `zero3`: the teacher goes through its own `deepspeed.initialize` with a ZeRO-3 config and no
+  optimizer, so its parameters are partitioned across ranks and gathered module by module for
+  the forward pass (`torch.no_grad()`: ZeRO-3's gather hooks write into parameter storage,
+  which inference-mode tensors forbid). The engine is put back in eval mode after initialize
+  (DeepSpeed leaves modules in train mode, which would keep dropout on).
+The teacher is never given to an optimizer and never saved: checkpoints hold the student only.
+
+Losses only at masked positions: the encoders of both models run on the whole micro-batch,
+the hidden states at the masked positions are gathered, and each LM head runs on those rows
+only (an [M, V] logits matrix instead of [B, T, V]). With `kd_positions="all"` the KL term
+uses every non-padding position (HF DistilBERT distiller style); MLM CE stays on masked ones.
+
+Loss scaling (why the gradient equals the gradient of the global-batch loss):
+let the global batch hold N masked tokens over W data-parallel ranks and G micro-batches per
+rank, and let S_{r,g} = sum over the masked tokens of micro-batch (r, g) of the per-token loss
+l_i. The global-batch loss is L = (1/N) * sum_{r,g} S_{r,g}. DeepSpeed's `backward` divides
+each micro-batch loss by G and its gradient all-reduce averages over W, so the applied
+gradient is (1/(W*G)) * sum_{r,g} grad(loss_{r,g}). Choosing
+    loss_{r,g} = (W * G / N) * S_{r,g}
+gives (1/(W*G)) * sum (W*G/N) grad S_{r,g} = (1/N) * sum grad S_{r,g} = grad L. N is the
+*global* count, obtained with one all-reduce before the first micro-batch (labels are known
+before any forward). `losses.masked_kd_losses` already divides by N, so the engine multiplies
+its result by W*G. The same holds for the KD term under `kd_positions="all"` with N replaced
+by the global count of non-padding tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcl_dist.errors import UserError
+
+log = logging.getLogger("kdcl_dist.engine")
+
+HOSTINGS = ("replicated", "zero3")
+KD_POSITIONS = ("masked", "all")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed configs
+# --------------------------------------------------------------------------------------
+
+def load_ds_config(path_or_dict) -> dict:
+    if isinstance(path_or_dict, dict):
+        return copy.deepcopy(path_or_dict)
+    p = Path(path_or_dict)
+    if not p.exists():
+        repo_rel = Path(__file__).resolve().parents[2] / path_or_dict
+        if repo_rel.exists():
+            p = repo_rel
+        else:
+            raise UserError(f"{path_or_dict}: DeepSpeed config not found; pass a JSON file such as ds_configs/zero2.json")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: not valid JSON ({e}); fix the DeepSpeed config") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"{p}: a DeepSpeed config must be a JSON object")
+    return cfg
+
+
+def grad_accum_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    if global_batch % (micro_batch * world_size) != 0:
+        raise UserError(
+            f"train.global_batch: {global_batch} is not divisible by micro_batch x world_size = "
+            f"{micro_batch} x {world_size}; pick a global batch that is a multiple of {micro_batch * world_size}"
+        )
+    return global_batch // (micro_batch * world_size)
+
+
+def fill_batch_sizes(cfg: dict, global_batch: int, micro_batch: int, world_size: int, name: str = "ds_config") -> dict:
+    """Write the three batch sizes; refuse explicit values that contradict the run."""
+    ga = grad_accum_steps(global_batch, micro_batch, world_size)
+    want = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": ga}
+    for k in _BATCH_KEYS:
+        if k in cfg and cfg[k] not in (None, "auto") and int(cfg[k]) != want[k]:
+            raise UserError(
+                f"{name}: {k}={cfg[k]} contradicts this run (global batch {global_batch}, micro batch "
+                f"{micro_batch}, world size {world_size} -> {k}={want[k]}); remove the batch sizes from the "
+                "DeepSpeed config (kdcl-dist fills them) or change --global-batch/--micro-batch"
+            )
+    cfg.update(want)
+    return cfg
+
+
+def precision(cfg: dict) -> str:
+    if cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if cfg.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def prepare_student_config(path_or_dict, *, global_batch: int, micro_batch: int, world_size: int,
+                           lr: float, warmup_steps: int, total_steps: int, lr_schedule: str = "linear",
+                           min_lr_ratio: float = 0.0, weight_decay: float | None = None,
+                           grad_clip: float | None = None, on_gpu: bool | None = None,
+                           load_universal: bool = False) -> dict:
+    """The student's DeepSpeed config for this run: the file's values plus what the run decides.
+
+    Filled by the code (documented in docs/training.md): batch sizes, optimizer lr, the
+    scheduler's warm-up/total steps and peak lr, and `checkpoint.load_universal` when resuming
+    at another world size. Everything else (ZeRO stage, buckets, offload, precision,
+    optimizer betas) comes from the file.
+    """
+    name = str(path_or_dict) if not isinstance(path_or_dict, dict) else "ds_config"
+    cfg = load_ds_config(path_or_dict)
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    fill_batch_sizes(cfg, global_batch, micro_batch, world_size, name)
+    if not on_gpu and precision(cfg) != "fp32":
+        raise UserError(
+            f"{name}: {precision(cfg)} needs a GPU; on CPU use ds_configs/cpu_fp32.json or zero1/2/3.json (fp32)"
+        )
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    params["lr"] = lr
+    if weight_decay is not None:
+        params["weight_decay"] = weight_decay
+    offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    if not on_gpu and not offload:
+        # FusedAdam is a CUDA kernel; torch's AdamW is DeepSpeed's documented CPU fallback.
+        params["torch_adam"] = True
+    if grad_clip is not None:
+        cfg["gradient_clipping"] = grad_clip
+    if lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"train.lr_schedule: {lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    # The schedule is a torch LambdaLR built by `make_lr_scheduler` (DeepSpeed saves and restores
+    # it with the checkpoint). DeepSpeed's own WarmupLR family gives lr 0 to the first two
+    # optimizer steps; a file's "scheduler" section is therefore replaced, not merged.
+    if "scheduler" in cfg:
+        log.info("%s: 'scheduler' section replaced by train.lr_schedule=%s", name, lr_schedule)
+        cfg.pop("scheduler")
+    if load_universal:
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
+    cfg.setdefault("steps_per_print", 10**9)
+    return cfg
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based).
+
+    warm-up: (step+1)/W for step < W; then linear: 1 -> min_ratio at total_steps, cosine:
+    min_ratio + (1-min_ratio)(1+cos(pi x))/2, constant: 1.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    x = min(1.0, (step - warmup_steps) / span)
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * x))
+    return 1.0 - (1.0 - min_ratio) * x
+
+
+def make_lr_scheduler(*, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
+    """A callable(optimizer) -> LambdaLR, the form deepspeed.initialize accepts."""
+    import functools
+
+    fn = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps,
+                           schedule=schedule, min_ratio=min_ratio)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def prepare_teacher_config(path_or_dict, *, micro_batch: int, world_size: int, on_gpu: bool | None = None) -> dict:
+    """ZeRO-3 inference config for the teacher (no optimizer, no scheduler)."""
+    name = str(path_or_dict) if not isinstance(path_or_dict, dict) else "teacher_ds_config"
+    cfg = load_ds_config(path_or_dict)
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if cfg.get("zero_optimization", {}).get("stage") != 3:
+        raise UserError(f"{name}: teacher hosting zero3 needs zero_optimization.stage 3")
+    for k in ("optimizer", "scheduler"):
+        if k in cfg:
+            raise UserError(f"{name}: the teacher is frozen; remove the '{k}' section")
+    # DeepSpeed requires batch sizes even without an optimizer; the teacher sees micro-batches.
+    for k in _BATCH_KEYS:
+        cfg.pop(k, None)
+    cfg.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                "train_batch_size": micro_batch * world_size})
+    if not on_gpu and precision(cfg) != "fp32":
+        raise UserError(f"{name}: {precision(cfg)} needs a GPU; on CPU use ds_configs/teacher_zero3.json")
+    cfg.setdefault("steps_per_print", 10**9)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# forward at selected positions only
+# --------------------------------------------------------------------------------------
+
+def bind_selected_forward(model) -> None:
+    """Make `model(input_ids, attention_mask, flat_index)` return (hidden[M,H], logits[M,V]).
+
+    The forward is replaced on the *instance* (not wrapped in a new module) so that the
+    DeepSpeed engine still calls it through its own forward (ZeRO-3 hooks, backward hooks)
+    and the checkpoint's parameter names stay the HF names that export and zero_to_fp32 use.
+    The encoder/head pair is kept in a closure, not as a module attribute, so it does not
+    enter `state_dict` or form a module cycle.
+    """
+    from kdcl_dist.kd.models import mlm_parts
+
+    encoder, head = mlm_parts(model)
+    if head is None:
+        raise UserError(f"{type(model).__name__}: unsupported masked-LM architecture (need BERT or DistilBERT style MLM head)")
+
+    def forward(input_ids, attention_mask, flat_index):
+        out = encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+        return selected, head(selected)
+
+    model.forward = forward
+
+
+def hidden_size(model) -> int:
+    c = model.config
+    return int(getattr(c, "hidden_size", None) or c.dim)
+
+
+# --------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class EngineOptions:
+    temperature: float = 2.0
+    kd_positions: str = "masked"
+    cosine_weight: float = 0.0
+    teacher_hosting: str = "replicated"
+
+
+class KDEngine:
+    """Student under DeepSpeed + optional frozen teacher; `step(micro_batches, lam)` per global batch."""
+
+    def __init__(self, student, teacher, ds_config: dict, *, world_size: int, options: EngineOptions,
+                 teacher_ds_config: dict | None = None, lr_scheduler=None):
+        import deepspeed
+
+        self.opts = options
+        self.world_size = world_size
+        if options.kd_positions not in KD_POSITIONS:
+            raise UserError(f"train.kd_positions: {options.kd_positions!r} is not one of {', '.join(KD_POSITIONS)}")
+        if options.teacher_hosting not in HOSTINGS:
+            raise UserError(f"train.teacher_hosting: {options.teacher_hosting!r} is not one of {', '.join(HOSTINGS)}")
+        self.grad_accum = int(ds_config["gradient_accumulation_steps"])
+        self.precision = precision(ds_config)
+        self.on_gpu = torch.cuda.is_available()
+        if options.cosine_weight > 0:
+            if teacher is None:
+                raise UserError("train.cosine_weight: the hidden-state cosine term needs a teacher")
+            if hidden_size(teacher) != hidden_size(student):
+                raise UserError(
+                    f"train.cosine_weight: teacher hidden size {hidden_size(teacher)} != student "
+                    f"{hidden_size(student)}; the cosine term needs equal sizes (set cosine_weight=0)"
+                )
+
+        student.train()
+        bind_selected_forward(student)
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=student, model_parameters=params, config=ds_config, lr_scheduler=lr_scheduler)
+        self.device = self.engine.device
+        self.zero_stage = int(self.engine.zero_optimization_stage())
+
+        self.teacher = None
+        self.teacher_engine = None
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            bind_selected_forward(teacher)
+            if options.teacher_hosting == "replicated":
+                dtype = torch.float32
+                if self.on_gpu:
+                    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                self.teacher = teacher.to(device=self.device, dtype=dtype).eval()
+            else:
+                if teacher_ds_config is None:
+                    raise UserError("train.teacher_ds_config: teacher hosting zero3 needs a ZeRO-3 config")
+                self.teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config)
+                self.teacher_engine.eval()  # initialize leaves train mode on: dropout would be active
+                self.teacher = self.teacher_engine
+
+    # ---- teacher forward --------------------------------------------------------------
+    def _teacher_forward(self, input_ids, attention_mask, flat_index):
+        ctx = torch.inference_mode() if self.teacher_engine is None else torch.no_grad()
+        with ctx:
+            h, logits = self.teacher(input_ids, attention_mask, flat_index)
+        # inference tensors cannot enter autograd graphs; clone() outside inference mode
+        return h.float().clone(), logits.float().clone()
+
+    # ---- one global batch -------------------------------------------------------------
+    def step(self, micro_batches: list[dict], lam_of_position) -> dict:
+        """Forward/backward every micro-batch of this rank, one optimizer step; global scalars.
+
+        `lam_of_position(positions ndarray) -> float | ndarray`: λ of each sample (per-sample
+        schedules) or one λ for the batch. Returns scalars that are identical on every rank.
+        """
+        from kdcl_dist import dist
+        from kdcl_dist.kd import losses
+
+        if len(micro_batches) != self.grad_accum:
+            raise RuntimeError(f"expected {self.grad_accum} micro-batches per rank, got {len(micro_batches)}")
+        t0 = time.perf_counter()
+        all_mode = self.opts.kd_positions == "all" and self.teacher is not None
+        local = torch.zeros(2, dtype=torch.float64)
+        for mb in micro_batches:
+            local[0] += int((mb["labels"] != -100).sum())
+            local[1] += int(mb["attention_mask"].sum())
+        counts = dist.all_reduce_sum(local.clone())
+        n_masked, n_tokens = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
+        scale = float(self.world_size * self.grad_accum)
+
+        # local sums over tokens of this rank (summed across ranks after the step for logging)
+        acc = torch.zeros(5, dtype=torch.float64)  # loss, mlm, kd, top-1 agreements, cosine
+        n_sel_local = 0
+        for mb in micro_batches:
+            input_ids = mb["input_ids"].to(self.device)
+            attn = mb["attention_mask"].to(self.device)
+            labels_full = mb["labels"].reshape(-1)
+            if all_mode:
+                flat_index = torch.nonzero(attn.reshape(-1).cpu() > 0).squeeze(1)
+            else:
+                flat_index = torch.nonzero(labels_full != -100).squeeze(1)
+            labels = labels_full.index_select(0, flat_index).to(self.device)
+            seq_len = input_ids.shape[1]
+            row = (flat_index // seq_len).numpy()
+            positions = np.asarray(mb["positions"])
+            lam = lam_of_position(positions)
+            lam_tok = (torch.as_tensor(np.asarray(lam, dtype=np.float64)[row], dtype=torch.float32, device=self.device)
+                       if np.ndim(lam) else float(lam))
+            fi = flat_index.to(self.device)
+            s_h, s_logits = self.engine(input_ids, attn, fi)
+            s_logits = s_logits.float()
+            if self.teacher is None:
+                mlm = F.cross_entropy(s_logits, labels, ignore_index=-100, reduction="sum") / n_masked
+                loss = mlm
+                res = {"loss": loss, "mlm": mlm, "kd": torch.zeros(())}
+                agree = 0.0
+            else:
+                t_h, t_logits = self._teacher_forward(input_ids, attn, fi)
+                if all_mode:
+                    res = losses.kd_all_positions(s_logits, t_logits, labels, lam_tok, self.opts.temperature,
+                                                  n_masked, n_tokens)
+                else:
+                    res = losses.masked_kd_losses(s_logits, t_logits, labels, lam_tok, self.opts.temperature, n_masked)
+                loss = res["loss"]
+                sel = labels != -100
+                # counted here (not a mean) so that ranks can be summed exactly
+                agree = float((s_logits.detach()[sel].argmax(-1) == t_logits[sel].argmax(-1)).sum())
+                if self.opts.cosine_weight > 0:
+                    cos = losses.hidden_cosine_loss(s_h[sel].float(), t_h[sel], n_masked)
+                    loss = loss + self.opts.cosine_weight * cos
+                    acc[4] += float(cos.detach())
+            self.engine.backward(loss * scale)
+            if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                # DeepSpeed reports no norm for plain fp32 (it clips with torch); gradients are
+                # already averaged over ranks here, before the optimizer step
+                self._fp32_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum())
+                                                for p in self.engine.module.parameters() if p.grad is not None))
+            self.engine.step()
+            acc[0] += float(loss.detach())
+            acc[1] += float(res["mlm"].detach())
+            acc[2] += float(res["kd"].detach())
+            acc[3] += agree
+            n_sel_local += int((labels != -100).sum())
+        self.last_step_time = time.perf_counter() - t0
+        # acc[0..2,4] are already normalized by the global count: summing over ranks gives the
+        # global-batch values; acc[3] / n_masked is the global top-1 agreement.
+        return {"acc": acc, "n_masked": n_masked, "n_tokens": n_tokens, "n_masked_local": n_sel_local}
+
+    # ---- scalars ----------------------------------------------------------------------
+    def lr(self) -> float:
+        lrs = self.engine.get_lr()
+        return float(lrs[0]) if lrs else float("nan")
+
+    def grad_norm(self) -> float:
+        g = self.engine.get_global_grad_norm()
+        if g is None:
+            g = getattr(self, "_fp32_norm", None)
+        if g is None:
+            return float("nan")
+        g = float(g.item() if torch.is_tensor(g) else g)
+        return g if math.isfinite(g) else float("nan")
+
+    @property
+    def global_steps(self) -> int:
+        return int(self.engine.global_steps)
+
+    def memory_bytes(self) -> int:
+        if self.on_gpu:
+            return int(torch.cuda.max_memory_allocated())
+        try:
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        except Exception:  # pragma: no cover - non-POSIX
+            return 0
+
+    # ---- checkpoint passthrough -------------------------------------------------------
+    def save(self, ckpt_dir, tag: str, client_state: dict) -> None:
+        # the teacher is a separate module (or engine) and is never passed here
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+
+    def load(self, ckpt_dir, tag: str) -> dict:
+        path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint; it is incomplete or corrupt")
+        return client or {}
+
+    def student_state_dict(self) -> dict:
+        """Full fp32 student weights on every rank (gathers ZeRO-3 partitions)."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero_stage == 3):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,456 @@
+"""The training loop: init -> data -> models -> engine -> resume -> (step, log, checkpoint)*.
+
+`train(cfg)` reads top to bottom. Every rank runs the same loop over global batches
+t = start_step .. total_steps-1; the sampler gives each rank its micro-batches of batch t
+(a pure function of t), λ comes from the reliance schedule applied to batch t's scores (read
+from `order_scores.npy`: identical on every rank, no communication), and one all-reduce per
+step carries the logged sums and the SIGTERM stop flag, so all ranks stop at the same step.
+
+Steps and epochs: one epoch is `n // global_batch` steps (the last partial batch is left
+out of that epoch). `--epochs E` trains E epochs; `--steps N` trains N steps and wraps into
+further epochs as needed (epoch e uses the order for epoch e and mask draw e); giving both
+is an error when N exceeds what E epochs provide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcl_dist import FORMAT_VERSION, dist
+from kdcl_dist.config import option
+from kdcl_dist.errors import UserError
+
+log = logging.getLogger("kdcl_dist.train")
+
+ORDER_CHOICES = ("sequential", "reverse", "random", "pacing-linear", "pacing-root", "pacing-exp")
+RELIANCE_CHOICES = ("none", "constant", "sr-paper", "sr-minmax", "sr-sample")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    curriculum: str | None = option(None, help="curriculum directory (curriculum.json + shards)")
+    student: str | None = option(None, help="student model directory or hub name")
+    teacher: str | None = option(None, help="teacher model directory or hub name; none: student-only MLM")
+    out: str | None = option(None, help="output directory (checkpoints, metrics, tensorboard)")
+    order: str = option("sequential", help="sample order", choices=ORDER_CHOICES)
+    pacing_f0: float = option(0.2, help="pacing: initial pool fraction", min=0.0, max=1.0)
+    pacing_steps: int = option(0, help="pacing: step at which the pool is the whole data (0: one epoch)", min=0)
+    reliance: str = option("constant", help="λ schedule", choices=RELIANCE_CHOICES)
+    lambda_: float = option(0.5, help="λ for the constant schedule", min=0.0, max=1.0)
+    lambda_max: float = option(1.0, help="λ_max for sr-minmax / sr-sample", min=0.0, max=1.0)
+    q_low: float = option(0.05, help="sr-minmax/sr-sample: lower score quantile", min=0.0, max=1.0)
+    q_high: float = option(0.95, help="sr-minmax/sr-sample: upper score quantile", min=0.0, max=1.0)
+    temperature: float = option(2.0, help="KD temperature τ (loss scaled by τ²)", min=1e-6)
+    kd_positions: str = option("masked", help="KL at masked positions or at all non-padding ones", choices=("masked", "all"))
+    cosine_weight: float = option(0.0, help="weight of the hidden-state cosine term (needs equal hidden sizes)", min=0.0)
+    global_batch: int = option(32, help="samples per optimizer step over all ranks", min=1)
+    micro_batch: int = option(8, help="samples per forward on one rank", min=1)
+    steps: int = option(0, help="optimizer steps (0: from epochs)", min=0)
+    epochs: int = option(0, help="epochs over the curriculum (0: 1 unless steps is set)", min=0)
+    lr: float = option(5e-4, help="peak learning rate", min=0.0)
+    warmup_steps: int = option(10, help="linear warm-up steps", min=0)
+    lr_schedule: str = option("linear", help="decay after warm-up", choices=("linear", "cosine", "constant"))
+    min_lr_ratio: float = option(0.0, help="final lr as a fraction of the peak", min=0.0, max=1.0)
+    weight_decay: float = option(0.01, help="AdamW weight decay", min=0.0)
+    grad_clip: float = option(1.0, help="gradient clipping (global norm)", min=0.0)
+    ds_config: str = option("ds_configs/cpu_fp32.json", help="student DeepSpeed config")
+    teacher_hosting: str = option("replicated", help="teacher placement", choices=("replicated", "zero3"))
+    teacher_ds_config: str = option("", help="teacher ZeRO-3 config ('' = ds_configs/teacher_zero3[_bf16].json)")
+    save_every: int = option(100, help="checkpoint every N steps (0: only at the end)", min=0)
+    keep: int = option(3, help="complete checkpoints to keep", min=1)
+    resume: str = option("auto", help="auto | none | PATH of a checkpoint")
+    seed: int = option(42, help="seed for order, masks, dropout")
+    num_workers: int = option(2, help="DataLoader workers per rank", min=0)
+    max_steps_per_run: int = option(0, help="stop (with a checkpoint) after this many steps in this run (0: off)", min=0)
+
+    def validate(self) -> None:
+        for k in ("curriculum", "student", "out"):
+            if not getattr(self, k):
+                raise UserError(f"train.{k}: required (pass --{k.replace('_', '-')})")
+        if self.teacher is None and self.reliance != "none":
+            raise UserError(
+                f"train.reliance: '{self.reliance}' needs a teacher; pass --teacher or use --reliance none "
+                "(student-only MLM)")
+        if self.teacher is not None and self.teacher.lower() in ("", "none"):
+            self.teacher = None
+        if self.q_low >= self.q_high:
+            raise UserError(f"train.q_low: {self.q_low} must be below q_high {self.q_high}")
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> dist.DistInfo:
+    """Always give DeepSpeed a process group (a single process gets a 1-rank gloo group)."""
+    info = dist.env_info()
+    if info.world_size <= 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    if info.world_size <= 1 and not dist.is_initialized():
+        import datetime
+
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.backend(), auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=30))
+        return dist.DistInfo(0, 1, 0)
+    return dist.init()
+
+
+def resolve_steps(n_samples: int, global_batch: int, steps: int, epochs: int) -> tuple[int, int]:
+    """(total_steps, steps_per_epoch) with the documented epochs semantics."""
+    spe = n_samples // global_batch
+    if spe < 1:
+        raise UserError(f"train.global_batch: {global_batch} exceeds the curriculum's {n_samples} samples; "
+                        "use a smaller global batch")
+    if steps and epochs and steps > epochs * spe:
+        raise UserError(f"train.steps: {steps} steps exceed the {epochs} epoch(s) x {spe} steps per epoch; "
+                        "raise --epochs, lower --steps, or give only --steps (it wraps into further epochs)")
+    if steps:
+        return steps, spe
+    return max(1, epochs) * spe, spe
+
+
+def _tensor_sha(named) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_sha(engine) -> str:
+    """sha256 of every teacher parameter (gathered when partitioned by ZeRO-3)."""
+    if engine.teacher is None:
+        return ""
+    import deepspeed
+
+    module = engine.teacher_engine.module if engine.teacher_engine is not None else engine.teacher
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.teacher_engine is not None):
+        return _tensor_sha(sorted(module.state_dict().items()))
+
+
+def teacher_partition(engine) -> dict:
+    """How much of the teacher this rank holds: ZeRO-3 keeps 1/W of each partitioned tensor."""
+    if engine.teacher is None:
+        return {}
+    module = engine.teacher_engine.module if engine.teacher_engine is not None else engine.teacher
+    full = sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+    local = sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+    return {"teacher_numel": full, "teacher_local_numel": local,
+            "teacher_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop records of steps after the resumed checkpoint (they were trained but lost)."""
+    if not path.exists():
+        return
+    from kdcl_dist.utils import atomic_path
+
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(x + "\n" for x in keep))
+
+
+class _StopFlag:
+    """SIGTERM (preemption): finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def install(self):
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("SIGTERM received: finishing this step, then saving a checkpoint")
+
+    def uninstall(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _worker_init(_):
+    # Workers leave preemption to the main process, which shuts them down after saving.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    from kdcl_dist import checkpoint as ckpt
+    from kdcl_dist.config import write_resolved
+    from kdcl_dist.curriculum.order import OrderSpec, pool_fraction
+    from kdcl_dist.curriculum.sampler import CurriculumDataset, CurriculumSampler, collate
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from kdcl_dist.kd import engine as kde
+    from kdcl_dist.kd.models import check_same_vocabulary, load_mlm
+    from kdcl_dist.kd.reliance import Reliance, RelianceSpec
+    from kdcl_dist.monitor import Monitor
+    from kdcl_dist.utils import setup_logging, write_json_atomic
+
+    # 1. processes
+    info = init_distributed()
+    rank, world = info.rank, info.world_size
+    setup_logging(rank)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    # 2. curriculum
+    cur_dir = Path(cfg.curriculum)
+    if not (cur_dir / "curriculum.json").exists():
+        raise UserError(f"{cur_dir}: no curriculum.json; run `kdcl-dist curriculum` first (or pass its --out)")
+    shards = ShardSet(cur_dir, "curriculum.json")
+    manifest = shards.manifest
+    n = len(shards)
+    scores_path = cur_dir / "order_scores.npy"
+    if not scores_path.exists():
+        raise UserError(f"{scores_path}: missing; re-run `kdcl-dist curriculum`")
+    order_scores = np.load(scores_path, mmap_mode="r")
+    if len(order_scores) != n:
+        raise UserError(f"{scores_path}: {len(order_scores)} scores for {n} samples; re-run `kdcl-dist curriculum`")
+    fingerprint = shards.fingerprint
+    total_steps, spe = resolve_steps(n, cfg.global_batch, cfg.steps, cfg.epochs)
+    pacing_steps = cfg.pacing_steps or None  # None: the pool reaches all data after one epoch
+
+    # 3. tokenizer and vocabularies (before any model is built)
+    tok = load_tokenizer(cfg.student)
+    want_fp = (manifest.get("tokenizer") or {}).get("fingerprint")
+    if want_fp and want_fp != tokenizer_fingerprint(tok):
+        raise UserError(f"{cur_dir / 'curriculum.json'}: curriculum was tokenized with tokenizer {want_fp}, the "
+                        f"student's is {tokenizer_fingerprint(tok)}; use the student that the data was built for")
+    if cfg.teacher:
+        check_same_vocabulary(load_tokenizer(cfg.teacher), tok, cfg.teacher, cfg.student)
+
+    # 4. resume target: decided before the engine, because another world size needs the
+    #    DeepSpeed config flag load_universal at initialize time
+    order_info = {"mode": cfg.order, "seed": cfg.seed, "pacing_f0": cfg.pacing_f0, "pacing_steps": pacing_steps}
+    resume_dir = ckpt.find_resume(out, cfg.resume)
+    marker = None
+    if resume_dir is not None:
+        marker = ckpt.read_marker(resume_dir)
+        ckpt.check_compatible(marker, fingerprint=fingerprint, global_batch=cfg.global_batch,
+                              order=order_info, path=resume_dir)
+    universal = resume_dir is not None and ckpt.needs_universal(marker, world)
+
+    # 5. models and engine
+    ckpt.seed_rng(cfg.seed + rank)
+    student = load_mlm(cfg.student)
+    teacher = load_mlm(cfg.teacher) if cfg.teacher else None
+    on_gpu = torch.cuda.is_available()
+    ds_cfg = kde.prepare_student_config(
+        cfg.ds_config, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, world_size=world,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total_steps, lr_schedule=cfg.lr_schedule,
+        min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        on_gpu=on_gpu, load_universal=universal)
+    t_cfg = None
+    if teacher is not None and cfg.teacher_hosting == "zero3":
+        path = cfg.teacher_ds_config or ("ds_configs/teacher_zero3_bf16.json"
+                                         if on_gpu and kde.precision(ds_cfg) == "bf16" else "ds_configs/teacher_zero3.json")
+        t_cfg = kde.prepare_teacher_config(path, micro_batch=cfg.micro_batch, world_size=world, on_gpu=on_gpu)
+    opts = kde.EngineOptions(temperature=cfg.temperature, kd_positions=cfg.kd_positions,
+                             cosine_weight=cfg.cosine_weight, teacher_hosting=cfg.teacher_hosting)
+    sched = kde.make_lr_scheduler(warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                                  schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio)
+    engine = kde.KDEngine(student, teacher, ds_cfg, world_size=world, options=opts, teacher_ds_config=t_cfg,
+                          lr_scheduler=sched)
+    t_sha_start = teacher_sha(engine)
+
+    if rank == 0:
+        student.config.save_pretrained(out / "student_config")
+        tok.save_pretrained(out / "student_config")
+        write_resolved(cfg, out, "train")
+        write_json_atomic(out / "ds_config.json", ds_cfg)
+
+    # 6. sampler, reliance
+    spec = OrderSpec(mode=cfg.order, seed=cfg.seed, pacing_f0=cfg.pacing_f0, pacing_steps=pacing_steps)
+    sampler = CurriculumSampler(n, cfg.global_batch, cfg.micro_batch, world, rank, spec)
+    rspec = RelianceSpec(schedule=cfg.reliance, lambda_=cfg.lambda_, lambda_max=cfg.lambda_max,
+                         q_low=cfg.q_low, q_high=cfg.q_high)
+    first_scores = np.asarray(order_scores[np.asarray(sampler.global_positions(0))], dtype=np.float64)
+    reliance = Reliance(rspec, manifest.get("score_stats") or {}, first_scores)
+
+    # 7. resume
+    start_step = 0
+    if resume_dir is not None:
+        load_dir, tag, _ = ckpt.prepare_load(resume_dir, world, rank)
+        client = engine.load(load_dir, tag)
+        start_step = int(client["step"])
+        sampler.load_state_dict(client["sampler"])  # refuses another order / seed / manifest size
+        if client.get("reliance"):
+            reliance.load_state_dict(client["reliance"])
+        if int(sampler.consumed_samples) != start_step * cfg.global_batch:
+            raise UserError(f"{resume_dir}: consumed_samples {sampler.consumed_samples} is not step {start_step} x "
+                            f"global batch {cfg.global_batch}; the checkpoint is inconsistent")
+        own = ckpt.restore_rank_rng(client, rank, cfg.seed, start_step)
+        if engine.global_steps != start_step:
+            raise UserError(f"{resume_dir}: DeepSpeed restored step {engine.global_steps}, client_state says "
+                            f"{start_step}; the checkpoint is inconsistent")
+        # record what was loaded, so a resume (also a universal one) can be audited against the files
+        loaded = {k: _tensor_sha([(k, v)])[:16] for k, v in engine.student_state_dict().items()}
+        if rank == 0:
+            with open(out / "resume_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": start_step, "checkpoint": str(resume_dir), "universal": universal,
+                                    "world_size": world, "saved_world_size": marker.get("world_size"),
+                                    "student_sha": loaded}) + "\n")
+        log.info("resumed from %s at step %d (%d samples consumed%s)", resume_dir, start_step,
+                 sampler.consumed_samples, "" if own else "; new ranks reseeded")
+    dist.barrier()
+    if rank == 0:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            _truncate_jsonl(out / name, start_step)
+
+    # 8. data: one DataLoader over this rank's micro-batches of every remaining step
+    dataset = CurriculumDataset(shards, tok, seed=cfg.seed, spec=spec)
+    pad_id = int(tok.pad_token_id)
+
+    def batches():
+        for step in range(start_step, total_steps):
+            # keys epoch*n + position: the dataset draws epoch e's mask (sampler module doc)
+            yield from sampler.rank_micro_batch_keys(step)
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_ListSampler(batches, (total_steps - start_step) * engine.grad_accum),
+        collate_fn=lambda b: collate(b, pad_id), num_workers=cfg.num_workers,
+        worker_init_fn=_worker_init if cfg.num_workers else None,
+        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # never draw from the global RNG (dropout)
+    )
+
+    monitor = Monitor(str(out), rank, total_steps, start_step=start_step)
+    stop = _StopFlag().install()
+    samples_f = open(out / "samples.jsonl", "a") if rank == 0 else None
+    step = start_step
+    stopped_by = None
+    try:
+        it = iter(loader)
+        ran = 0
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            micro = [next(it) for _ in range(engine.grad_accum)]
+            positions = np.asarray(sampler.global_positions(step))
+            scores = np.asarray(order_scores[positions], dtype=np.float64)
+            lam = reliance.batch_lambda(scores)
+            if np.ndim(lam):
+                lam_map = dict(zip(positions.tolist(), np.asarray(lam, dtype=np.float64).tolist()))
+
+                def lam_fn(p, m=lam_map):
+                    return np.array([m[int(x)] for x in p])
+            else:
+                def lam_fn(p, v=float(lam)):
+                    return v
+            lr = engine.lr()  # the lr this step applies (the scheduler advances after the step)
+            res = engine.step(micro, lam_fn)
+            local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            ran += 1
+            want_stop = stop.requested or (cfg.max_steps_per_run and ran >= cfg.max_steps_per_run)
+            sync = torch.cat([res["acc"], torch.tensor([float(want_stop), local_tokens], dtype=torch.float64)])
+            sync = dist.all_reduce_sum(sync)
+            trained = dist.all_gather_object([int(p) for mb in micro for p in np.asarray(mb["positions"])])
+            dt = time.perf_counter() - t0
+            done = step + 1
+            scalars = {
+                "loss": float(sync[0]), "loss_mlm": float(sync[1]), "loss_kd": float(sync[2]),
+                "lambda": float(np.mean(lam)),
+                "score_mean": float(scores.mean()), "score_min": float(scores.min()), "score_max": float(scores.max()),
+                "curriculum_progress": done * cfg.global_batch / n, "epoch": step // spe,
+                "pool_fraction": float(pool_fraction(spec, step, spe)),
+                "agreement": float(sync[3]) / res["n_masked"] if teacher is not None else float("nan"),
+                "lr": lr, "grad_norm": engine.grad_norm(),
+                "samples_per_s": cfg.global_batch / dt, "tokens_per_s": float(sync[6]) / dt,
+                "step_time": dt, "memory_mb": engine.memory_bytes() / 2**20,
+                "masked_tokens": res["n_masked"], "consumed_samples": done * cfg.global_batch,
+            }
+            if cfg.cosine_weight > 0:
+                scalars["loss_cos"] = float(sync[4])
+            if np.ndim(lam):
+                scalars["lambda_min"], scalars["lambda_max"] = float(np.min(lam)), float(np.max(lam))
+            monitor.log(done, scalars)
+            if samples_f is not None:
+                samples_f.write(json.dumps({"step": done, "positions": [p for r in trained for p in r]}) + "\n")
+                samples_f.flush()
+            sampler.consumed_samples = done * cfg.global_batch
+            last = done == total_steps
+            if float(sync[5]) > 0 and not last:
+                stopped_by = "SIGTERM" if stop.requested or not cfg.max_steps_per_run else "max_steps_per_run"
+            if last or stopped_by or (cfg.save_every and done % cfg.save_every == 0):
+                _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, rank, order_info)
+            if stopped_by:
+                log.warning("stopping after step %d (%s); checkpoint saved", done, stopped_by)
+                break
+    finally:
+        stop.uninstall()
+        monitor.close()
+        if samples_f is not None:
+            samples_f.close()
+    t_sha_end = teacher_sha(engine)
+    summary = {"steps_done": step + 1 if total_steps > start_step else start_step, "total_steps": total_steps,
+               "start_step": start_step, "world_size": world, "stopped_by": stopped_by,
+               "teacher_sha_start": t_sha_start, "teacher_sha_end": t_sha_end,
+               "zero_stage": engine.zero_stage, "precision": engine.precision, **teacher_partition(engine)}
+    if rank == 0:
+        write_json_atomic(out / "train_summary.json", summary)
+    dist.barrier()
+    return summary
+
+
+def _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, rank, order_info):
+    client = {
+        "format_version": FORMAT_VERSION, "step": done, "consumed_samples": done * cfg.global_batch,
+        "sampler": sampler.state_dict(),
+        "reliance": reliance.state_dict() if hasattr(reliance, "state_dict") else dataclasses.asdict(reliance.spec),
+        "curriculum_fingerprint": fingerprint, "global_batch": cfg.global_batch,
+        "config": dataclasses.asdict(cfg),
+    }
+    marker = {"consumed_samples": done * cfg.global_batch, "curriculum_fingerprint": fingerprint,
+              "global_batch": cfg.global_batch, "world_size": world, "zero_stage": engine.zero_stage,
+              "order": order_info}
+    ckpt.save(engine, out, done, client, cfg.keep, rank, marker)
+
+
+class _ListSampler:
+    """A batch_sampler from a generator of position lists (the DataLoader needs __iter__/__len__)."""
+
+    def __init__(self, make_iter, length: int):
+        self.make_iter, self.length = make_iter, length
+
+    def __iter__(self):
+        for b in self.make_iter():
+            yield [int(p) for p in np.asarray(b)]
+
+    def __len__(self):
+        return self.length

@@ -1,0 +1,184 @@
+"""Global order (pure), rank-aware sampler, masked dataset through DataLoader workers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kdcl_dist.curriculum.order import (
+    ORDERS,
+    OrderSpec,
+    epoch_of,
+    global_batch_positions,
+    pool_fraction,
+    pool_size,
+)
+from kdcl_dist.curriculum.sampler import CurriculumDataset, CurriculumSampler, collate
+from kdcl_dist.errors import UserError
+
+
+def test_sequential_four_ranks_contiguous_and_epochs():
+    n, B, W, m = 103, 16, 4, 2
+    spec = OrderSpec("sequential")
+    samplers = [CurriculumSampler(n, B, m, W, r, spec) for r in range(W)]
+    assert samplers[0].grad_accum == 2 and samplers[0].steps_per_epoch == 6
+    for step in range(2 * 6):
+        parts = [np.concatenate(s.rank_micro_batches(step)) for s in samplers]
+        glob = np.concatenate(parts)
+        t = step % 6
+        np.testing.assert_array_equal(glob, np.arange(t * B, (t + 1) * B))
+        np.testing.assert_array_equal(glob, samplers[0].global_positions(step))
+        assert all(len(mb) == m for s in samplers for mb in s.rank_micro_batches(step))
+        # rank r holds the r-th contiguous quarter
+        np.testing.assert_array_equal(parts[1], np.arange(t * B + 4, t * B + 8))
+    assert epoch_of(spec, n, B, 6) == 1 and epoch_of(spec, n, B, 5) == 0
+
+
+def test_reverse_and_random():
+    n, B = 50, 10
+    rev = np.concatenate([global_batch_positions(OrderSpec("reverse"), n, B, t) for t in range(5)])
+    np.testing.assert_array_equal(rev, np.arange(49, -1, -1))
+    spec = OrderSpec("random", seed=3)
+    e0 = np.concatenate([global_batch_positions(spec, n, B, t) for t in range(5)])
+    e1 = np.concatenate([global_batch_positions(spec, n, B, t) for t in range(5, 10)])
+    assert sorted(e0.tolist()) == list(range(n)) and sorted(e1.tolist()) == list(range(n))
+    assert not np.array_equal(e0, e1)
+    again = np.concatenate([global_batch_positions(OrderSpec("random", seed=3), n, B, t) for t in range(5)])
+    np.testing.assert_array_equal(e0, again)
+    other = np.concatenate([global_batch_positions(OrderSpec("random", seed=4), n, B, t) for t in range(5)])
+    assert not np.array_equal(e0, other)
+
+
+@pytest.mark.parametrize("mode", ["pacing-linear", "pacing-root", "pacing-exp"])
+def test_pacing_pool(mode):
+    f0, T, n, B = 0.2, 10, 1000, 32
+    spec = OrderSpec(mode, seed=7, pacing_f0=f0, pacing_steps=T)
+    ref = {"pacing-linear": lambda x: f0 + (1 - f0) * x, "pacing-root": lambda x: f0 + (1 - f0) * math.sqrt(x),
+           "pacing-exp": lambda x: f0 * (1 / f0) ** x}[mode]
+    prev = 0
+    for t in range(15):
+        f = pool_fraction(spec, t)
+        assert f == pytest.approx(min(1.0, ref(min(t / T, 1.0))))
+        k = pool_size(spec, n, B, t)
+        assert k == min(n, math.ceil(f * n - 1e-9)) and k >= prev
+        prev = k
+        pos = global_batch_positions(spec, n, B, t)
+        assert pos.dtype == np.int64 and len(pos) == B and len(set(pos.tolist())) == B
+        assert pos.min() >= 0 and pos.max() < k
+        np.testing.assert_array_equal(pos, global_batch_positions(OrderSpec(mode, 7, f0, T), n, B, t))
+    assert pool_fraction(spec, T) == 1.0
+    # uniform inside the pool: late steps reach the hardest samples
+    late = np.concatenate([global_batch_positions(spec, n, B, t) for t in range(10, 40)])
+    assert late.max() > 0.9 * n
+
+
+def test_pacing_default_steps_and_bad_specs():
+    spec = OrderSpec("pacing-linear", pacing_f0=0.5)
+    # default T = one epoch (n // B steps)
+    assert pool_size(spec, 100, 10, 5) == 75
+    assert pool_fraction(OrderSpec("sequential"), 3) == 1.0
+    with pytest.raises(UserError, match="train.order"):
+        OrderSpec("easy-first")
+    with pytest.raises(UserError, match="pacing_f0"):
+        OrderSpec("pacing-exp", pacing_f0=0.0)
+    with pytest.raises(UserError, match="exceeds"):
+        global_batch_positions(OrderSpec("sequential"), 5, 8, 0)
+    assert set(ORDERS) >= {"sequential", "reverse", "random"}
+
+
+def test_sampler_divisibility_error_names_numbers():
+    with pytest.raises(UserError, match=r"train.global_batch: 30 .* micro_batch 4 x world size 2 = 8"):
+        CurriculumSampler(100, 30, 4, 2, 0, OrderSpec("sequential"))
+
+
+def test_state_dict_roundtrip_and_refusals():
+    spec = OrderSpec("random", seed=1)
+    s = CurriculumSampler(100, 8, 2, 2, 1, spec)
+    s.consumed_samples = 24
+    sd = s.state_dict()
+    assert set(sd) == {"consumed_samples", "n_samples", "global_batch", "mode", "seed", "pacing_f0", "pacing_steps"}
+    t = CurriculumSampler(100, 8, 4, 1, 0, OrderSpec("random", seed=1))  # other world size: fine
+    t.load_state_dict(sd)
+    assert t.consumed_samples == 24 and t.step == 3
+    for kw, bad in [({"n_samples": 101}, "n_samples"), ({"seed": 2}, "seed"), ({"mode": "sequential"}, "mode"),
+                    ({"global_batch": 16}, "global_batch")]:
+        with pytest.raises(UserError, match=bad):
+            t.load_state_dict({**sd, **kw})
+    p = CurriculumSampler(100, 8, 4, 1, 0, OrderSpec("pacing-root", pacing_steps=5))
+    with pytest.raises(UserError, match="pacing_steps"):
+        p.load_state_dict({**p.state_dict(), "pacing_steps": 6})
+
+
+def test_world_size_change_keeps_prefix():
+    """2 ranks for 3 steps, then 1 rank, then 4 ranks: consumed = exact prefix of the order."""
+    n, B = 96, 8
+    spec = OrderSpec("random", seed=5)
+    seen = []
+    consumed = 0
+    for world, steps in [(2, 3), (1, 4), (4, 2)]:
+        ss = [CurriculumSampler(n, B, 2 if world < 4 else 1, world, r, spec) for r in range(world)]
+        for s in ss:
+            s.load_state_dict({**s.state_dict(), "consumed_samples": consumed})
+        for _ in range(steps):
+            step = ss[0].step
+            for s in ss:
+                for mb in s.rank_micro_batches(step):
+                    seen.extend(mb.tolist())
+            consumed += B
+            for s in ss:
+                s.consumed_samples = consumed
+    order = np.concatenate([global_batch_positions(spec, n, B, t) for t in range(9)])
+    assert seen == order.tolist()
+    assert len(set(seen)) == len(seen)
+
+
+@pytest.fixture(scope="module")
+def curriculum(tiny_assets, tmp_path_factory):
+    from tests._curriculum_fixture import build_curriculum
+
+    out = tmp_path_factory.mktemp("cur")
+    build_curriculum(tiny_assets["shards"], out)
+    return out
+
+
+def test_dataset_through_workers(curriculum, tiny_assets):
+    from kdcl_dist.data.masking import MaskSpec, mask_sample
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_assets["tokenizer"]))
+    shards = ShardSet(curriculum, "curriculum.json")
+    n = len(shards)
+    spec = OrderSpec("sequential", seed=0)
+    sampler = CurriculumSampler(n, 16, 4, 2, 1, spec)
+    ds = CurriculumDataset(shards, tok, seed=11, spec=spec)
+    steps = [0, sampler.steps_per_epoch]  # epoch 0 and epoch 1 of the same batch
+
+    batches = [mb.tolist() for st in steps for mb in sampler.rank_micro_batch_keys(st)]
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=2,
+                                         collate_fn=lambda b: collate(b, tok.pad_token_id))
+    got = list(loader)
+    assert len(got) == 2 * sampler.grad_accum
+    mspec = MaskSpec.from_tokenizer(tok)
+    expect_pos = [mb for st in steps for mb in sampler.rank_micro_batches(st)]
+    for mb, pos in zip(got, expect_pos):
+        np.testing.assert_array_equal(mb["positions"].numpy(), pos)
+        for i, p in enumerate(pos.tolist()):
+            s = shards.get(p)
+            epoch = int(mb["epochs"][i])
+            ids, labels = mask_sample(s.ids, s.meta["id"], draw=epoch, purpose="train", seed=11, spec=mspec)
+            k = len(ids)
+            assert torch.equal(mb["input_ids"][i, :k], torch.as_tensor(ids))
+            assert torch.equal(mb["labels"][i, :k], torch.as_tensor(labels))
+            assert int(mb["attention_mask"][i].sum()) == k
+            assert (mb["labels"][i, k:] == -100).all() and (mb["input_ids"][i, k:] == tok.pad_token_id).all()
+            assert mb["scores"][i].item() == pytest.approx(s.meta["score"])
+    # same samples, another epoch: a fresh mask draw
+    assert [int(e) for e in got[0]["epochs"]] == [0] * 4 and [int(e) for e in got[2]["epochs"]] == [1] * 4
+    np.testing.assert_array_equal(got[0]["positions"], got[2]["positions"])
+    assert not torch.equal(got[0]["labels"], got[2]["labels"])
+    # scores ascend along the curriculum order
+    assert float(got[0]["scores"].max()) <= float(got[1]["scores"].min())
