@@ -27,14 +27,15 @@ BANNER = "=" * 78
 
 @dataclass
 class DemoConfig:
-    max_docs: int = option(3000, help="documents of the real corpus to use (0: all)", min=0)
+    max_docs: int = option(2000, help="documents of the real corpus to use (0: all)", min=0)
     synthetic_docs: int = option(2000, help="documents generated when no corpus exists", min=100)
     steps: int = option(60, help="KD-CL-SR training steps", min=1)
-    teacher_steps: int = option(60, help="teacher adaptation steps", min=1)
+    teacher_steps: int = option(50, help="teacher adaptation steps", min=1)
     warmup_student_steps: int = option(30, help="student warm-up steps", min=1)
     nproc: int = option(2, help="ranks for scoring and KD-CL-SR training", min=1)
     reliance: str = option("sr-paper", help="λ schedule of the KD-CL-SR run", choices=("sr-paper", "sr-sample", "sr-minmax"))
     heldout_percent: int = option(5, min=1, max=50)
+    max_length: int = option(128, help="tokens per sample (abstracts are truncated; halves the demo's time vs 256)", min=16)
 
 
 def pick_corpus(out: Path, corpus: str | None, cfg: DemoConfig) -> tuple[Path, str]:
@@ -79,7 +80,7 @@ def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
     ecfg = ExperimentConfig(seeds=1, steps=cfg.steps, arms=["kd-cl-sr-paper"], heldout_percent=cfg.heldout_percent,
                             max_docs=0 if synthetic or corpus else cfg.max_docs, teacher_steps=cfg.teacher_steps,
                             warmup_student_steps=cfg.warmup_student_steps, nproc=cfg.nproc, parallel=1,
-                            global_batch=32, micro_batch=8, eval_masks=1)
+                            global_batch=32, micro_batch=8, eval_masks=1, max_length=cfg.max_length)
     exp = Experiment(corpus_path, out, ecfg, preset="tiny")
     prep = exp.prepare()
     # the KD-CL-SR run itself, on nproc local ranks

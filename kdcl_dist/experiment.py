@@ -83,6 +83,7 @@ class ExperimentConfig:
     nproc: int = option(1, help="ranks per training run (torchrun, gloo on CPU)", min=1)
     parallel: int = option(1, help="runs executed at the same time", min=1)
     eval_masks: int = option(2, help="fixed masks per held-out sample", min=1)
+    max_length: int = option(0, help="tokens per sample when sharding (0: the preset's shard.max_length)", min=0)
     yesno: bool = option(False, help="also fine-tune every run on the yes/no task (slow)")
     yesno_data: str = option("", help="BLURB-format task dir (default $KDCL_DATA_DIR/bioasq)")
     yesno_seeds: int = option(3, help="fine-tuning seeds per trained model", min=1)
@@ -111,17 +112,19 @@ class Runner:
     `<root>/steps.jsonl` and kept in `self.records` for the summary.
     """
 
-    def __init__(self, root: Path, threads_per_proc: int = 1, echo: bool = True):
+    def __init__(self, root: Path, concurrent: int = 1, echo: bool = True):
         self.root = Path(root)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
-        self.threads = threads_per_proc
+        self.concurrent = concurrent
         self.echo = echo
         self._lock = threading.Lock()
 
-    def env(self) -> dict:
+    def env(self, nproc: int = 1) -> dict:
+        # one core per process when several share the machine; a lone process may use them all
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.concurrent * nproc))
         e = dict(os.environ)
-        e.setdefault("OMP_NUM_THREADS", str(self.threads))
+        e.setdefault("OMP_NUM_THREADS", str(threads))
         e.setdefault("TOKENIZERS_PARALLELISM", "false")
         e.setdefault("HF_HUB_OFFLINE", "1")
         e.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -145,7 +148,8 @@ class Runner:
             with open(log_path, "w") as log:
                 log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
                 log.flush()
-                p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), text=True)
+                nproc = next((int(c.split("=")[1]) for c in cmd if c.startswith("--nproc_per_node=")), 1)
+                p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(nproc), text=True)
             dt = time.time() - t0
             if p.returncode != 0 or not done.exists():
                 tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-25:])
@@ -270,8 +274,7 @@ class Experiment:
                  command: str | None = None):
         self.corpus, self.out, self.cfg, self.preset = Path(corpus), Path(out), cfg, preset
         self.command = command
-        threads = max(1, (os.cpu_count() or 2) // max(1, cfg.parallel * cfg.nproc))
-        self.r = Runner(self.out, threads_per_proc=threads)
+        self.r = Runner(self.out, concurrent=1)  # preparation runs one step at a time
         self.p = {k: self.out / k for k in ("data", "tokenizer", "models", "shards", "heldout_shards", "scores0",
                                             "cur0", "scores", "cur", "runs", "evals")}
 
@@ -305,12 +308,13 @@ class Experiment:
                              "--out", p["tokenizer"]], p["tokenizer"] / "tokenizer_config.json")
         r.step("init-models", ["init-models", "--preset", self.preset, "--tokenizer", p["tokenizer"], "--out", p["models"]],
                p["models"] / "student" / "config.json")
+        shard_extra = [f"max_length={c.max_length}"] if c.max_length else []
         r.step("shard/train", ["shard", "--preset", self.preset, "--input", p["data"] / "train.jsonl",
-                               "--tokenizer", p["tokenizer"], "--out", p["shards"], "--no-progress"],
+                               "--tokenizer", p["tokenizer"], "--out", p["shards"], "--no-progress", *shard_extra],
                p["shards"] / "dataset.json")
         r.step("shard/heldout", ["shard", "--preset", self.preset, "--input", p["data"] / "heldout.jsonl",
-                                 "--tokenizer", p["tokenizer"], "--out", p["heldout_shards"], "--no-progress"],
-               p["heldout_shards"] / "dataset.json")
+                                 "--tokenizer", p["tokenizer"], "--out", p["heldout_shards"], "--no-progress",
+                                 *shard_extra], p["heldout_shards"] / "dataset.json")
         launcher = torchrun_cli(c.nproc)
         r.step("score/initial-student", ["score", "--preset", self.preset, "--shards", p["shards"], "--model",
                                          p["models"] / "student", "--out", p["scores0"]],
@@ -393,6 +397,7 @@ class Experiment:
             self.eval_mlm(name, model)
             self.eval_yesno(name, model)
         jobs = [(arm, seed) for seed in range(self.cfg.seeds) for arm in self.cfg.arms]
+        self.r.concurrent = self.cfg.parallel
         if self.cfg.parallel > 1:
             with ThreadPoolExecutor(self.cfg.parallel) as ex:
                 for f in [ex.submit(self.run_one, a, s, prep) for a, s in jobs]:

@@ -379,7 +379,7 @@ def train(cfg: TrainConfig) -> dict:
             ran += 1
             want_stop = stop.requested or (cfg.max_steps_per_run and ran >= cfg.max_steps_per_run)
             sync = torch.cat([res["acc"], torch.tensor([float(want_stop), local_tokens], dtype=torch.float64)])
-            sync = dist.all_reduce_sum(sync)
+            sync = dist.all_reduce_sum(sync.to(engine.device)).cpu()  # NCCL: device tensors only
             trained = dist.all_gather_object([int(p) for mb in micro for p in np.asarray(mb["positions"])])
             dt = time.perf_counter() - t0
             done = step + 1

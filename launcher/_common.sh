@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the launcher scripts (sourced, not run).
 #
 # Every launcher runs `python -m kdcl_dist <stage> ...` (or $KDCL_MODULE) on every rank with

@@ -2,6 +2,7 @@
 # Multi-node launch from one machine through a hostfile: DeepSpeed's default pdsh/ssh runner
 # starts `deepspeed.launcher.launch` on every host, which starts one process per slot.
 set -euo pipefail
+# shellcheck source=launcher/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 usage() {
@@ -12,9 +13,10 @@ Runs `deepspeed --hostfile FILE --module kdcl_dist <stage> ...`: DeepSpeed ssh-e
 pdsh) into every host of FILE and starts `slots` processes there. Needs passwordless ssh
 from this machine to every host, pdsh on this machine, the same Python environment at the
 same path on every host, and the current directory on a filesystem every host sees (the
-remote processes `cd` to it). Environment: variables named NCCL*, PYTHON*, UCX*, MV2*
-are forwarded, plus every KEY=VALUE line of ./.deepspeed_env and ~/.deepspeed_env (or the
-file named by DS_ENV_FILE). See docs/cluster.md.
+remote processes `cd` to it). Remote shells start with the login environment: variables
+named NCCL*, PYTHON*, UCX*, MV2* are forwarded, plus every KEY=VALUE line of
+./.deepspeed_env and ~/.deepspeed_env (or the file named by DS_ENV_FILE); put PATH there
+too, or use --venv-script. See docs/cluster.md.
 
 options (environment variable in brackets):
   --hostfile FILE        lines `<host> slots=<gpus>` (see launcher/hostfile.example) [HOSTFILE]
@@ -25,6 +27,8 @@ options (environment variable in brackets):
   --master-port P        rendezvous port (default 29500) [MASTER_PORT]
   --ssh-port S           sshd port on the hosts (default 22) [SSH_PORT]
   --no-ssh-check         skip DeepSpeed's `ssh <first host> hostname` probe
+  --venv-script FILE     a script every host sources before starting its ranks, e.g.
+                         /shared/kdcl/.venv/bin/activate [DS_VENV_SCRIPT]
   --launcher-args ARGS   extra arguments for pdsh, one string [DS_LAUNCHER_ARGS]
   -h, --help             this help
 
@@ -41,6 +45,7 @@ master_addr="${MASTER_ADDR:-}"
 master_port="${MASTER_PORT:-29500}"
 ssh_port="${SSH_PORT:-}"
 launcher_args="${DS_LAUNCHER_ARGS:-}"
+venv_script="${DS_VENV_SCRIPT:-}"
 ssh_check=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -52,6 +57,7 @@ while [[ $# -gt 0 ]]; do
         --master-port) master_port="${2:?--master-port needs a value}"; shift 2 ;;
         --ssh-port) ssh_port="${2:?--ssh-port needs a value}"; shift 2 ;;
         --no-ssh-check) ssh_check=0; shift ;;
+        --venv-script) venv_script="${2:?--venv-script needs a value}"; shift 2 ;;
         --launcher-args) launcher_args="${2:?--launcher-args needs a value}"; shift 2 ;;
         --) shift; break ;;
         -*) kdcl_die "unknown option $1 (options go before the stage name; try --help)" ;;
@@ -75,5 +81,6 @@ args=(--hostfile "$hostfile" --master_port "$master_port")
 [[ -n "$ssh_port" ]] && args+=(--ssh_port "$ssh_port")
 [[ "$ssh_check" == 1 ]] || args+=(--no_ssh_check)
 [[ -n "$launcher_args" ]] && args+=(--launcher_args "$launcher_args")
+[[ -n "$venv_script" ]] && args+=(--venv_script "$venv_script")
 
 exec "$py" -m deepspeed.launcher.runner "${args[@]}" --module "${KDCL_MODULE:-kdcl_dist}" "$@"

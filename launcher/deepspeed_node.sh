@@ -2,6 +2,7 @@
 # Multi-node launch without ssh: run this once on every node (by hand, by a scheduler, or by
 # launcher/slurm.sbatch) with that node's rank; DeepSpeed starts the node's local ranks.
 set -euo pipefail
+# shellcheck source=launcher/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 usage() {

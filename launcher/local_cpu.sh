@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One machine, N processes, torch.distributed with gloo on the CPU.
 set -euo pipefail
+# shellcheck source=launcher/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 usage() {
@@ -41,7 +42,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 kdcl_need_stage "$@"
-kdcl_is_int "$nproc" && [[ "$nproc" -ge 1 ]] || kdcl_die "--nproc: '$nproc' is not a positive integer"
+{ kdcl_is_int "$nproc" && [[ "$nproc" -ge 1 ]]; } || kdcl_die "--nproc: '$nproc' is not a positive integer"
 
 py="$(kdcl_python)"
 module="${KDCL_MODULE:-kdcl_dist}"

@@ -2,6 +2,7 @@
 # Ranks started by mpirun; each rank finds its rank, world size and the rendezvous address
 # through mpi4py (DeepSpeed's MPI discovery, called by kdcl_dist.dist.init()).
 set -euo pipefail
+# shellcheck source=launcher/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 usage() {
@@ -52,7 +53,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 kdcl_need_stage "$@"
-kdcl_is_int "$np" && [[ "$np" -ge 1 ]] || kdcl_die "-np: '$np' is not a positive integer"
+{ kdcl_is_int "$np" && [[ "$np" -ge 1 ]]; } || kdcl_die "-np: '$np' is not a positive integer"
 
 py="$(kdcl_python)"
 mpirun_bin="$(dirname "$py")/mpirun"

@@ -122,14 +122,15 @@ def test_jsonl_txt_parquet_hf_readers(tmp_path):
     docs, _ = _read([tmp_path / "hf"])
     assert [(d.id, d.text) for d in docs] == [("h1", "From a datasets dir.")]
 
-    # a directory input walks its readable files in sorted order
+    # a directory input walks its readable files in sorted order (a saved HF dataset inside is one input)
     sub = tmp_path / "dir"
     sub.mkdir()
+    datasets.Dataset.from_dict({"id": ["h2"], "text": ["Nested datasets dir."]}).save_to_disk(str(sub / "0hf"))
     (sub / "2.txt").write_text("second file\n")
     (sub / "1.txt").write_text("first file\n")
     (sub / "notes.md").write_text("ignored")
     docs, _ = _read([sub])
-    assert [d.text for d in docs] == ["first file", "second file"]
+    assert [d.text for d in docs] == ["Nested datasets dir.", "first file", "second file"]
 
 
 def test_cleaning_counters_add_up(tmp_path, tok):
@@ -171,6 +172,12 @@ def test_shards_hold_exact_token_ids_and_metadata(tmp_path, tok):
         got = s.get(pos)
         assert got.key == seq[pos].key and np.array_equal(got.ids, seq[pos].ids)
     assert m["totals"]["tokens"] == sum(len(e) for e in expect)
+    # an earlier tok(..., truncation=True) call must not leak truncation into the stage
+    from kdcl_dist.data.build import _Encoder
+
+    long_text = corpus_docs(1)[0][1]
+    tok([long_text], truncation=True, max_length=8)
+    assert _Encoder(tok, cfg).encode([long_text])[0] == tok(long_text, add_special_tokens=False)["input_ids"]
     cfg_file = (tmp_path / "out" / "config.yaml").read_text()
     assert "shard:" in cfg_file and "max_length: 64" in cfg_file
 
@@ -317,3 +324,25 @@ def test_tokenizer_and_init_models_commands(tmp_path, tok_dir, capsys):
     # the paper preset names pretrained models: init-models explains what to do instead
     assert main(["init-models", "--preset", "paper", "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m3")]) == 2
     assert "names a pretrained model" in capsys.readouterr().err
+
+
+@pytest.mark.mpi
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_under_mpirun(tmp_path, tok_dir):
+    import shutil
+
+    mpirun = shutil.which("mpirun") or (str(Path(sys.executable).parent / "mpirun")
+                                        if (Path(sys.executable).parent / "mpirun").exists() else None)
+    if mpirun is None:
+        pytest.skip("mpirun not installed (pip install -e .[mpi])")
+    src = corpus_jsonl(tmp_path / "c.jsonl", 60)
+    common = ["--input", str(src), "--tokenizer", str(tok_dir), "--shard-size", "10", "--no-progress"]
+    run_cli("shard", *common, "--out", tmp_path / "w1", env={"OMP_NUM_THREADS": "1"})
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-m",
+                        "kdcl_dist", "shard", *common, "--out", str(tmp_path / "w2")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "on 2 rank(s)" in p.stderr
+    assert read_all(tmp_path / "w1") == read_all(tmp_path / "w2")

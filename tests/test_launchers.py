@@ -399,7 +399,10 @@ def test_pdsh_ssh_two_namespaces(reference, tiny_assets, tmp_path):
         # Environment propagation as on a cluster: a .deepspeed_env file (DS_ENV_FILE names it)
         # whose lines DeepSpeed exports on every host before starting the ranks.
         ds_env = tmp_path / "deepspeed_env"
+        # PATH too: an ssh session starts with the login PATH, where another `ninja` would make
+        # DeepSpeed rebuild its JIT comm op (ninja versions disagree about the build log).
         ds_env.write_text("\n".join([
+            f"PATH={Path(sys.executable).parent}:{os.environ['PATH']}",
             f"GLOO_SOCKET_IFNAME={hosts.ifname}", "OMP_NUM_THREADS=1", "TOKENIZERS_PARALLELISM=false",
             "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "KDCL_PROBE_ENV=propagated",
         ]) + "\n")

@@ -365,10 +365,9 @@ def run(args) -> int:
     print(f"  masked-only head speed-up over full-vocabulary logits (KD step): {speedup:.2f}x")
     if mem:
         mk, mf = mem["kd"]["peak_delta_mb"], mem["kd_full"]["peak_delta_mb"]
-        logits_mb = (B * L * V * 4 * 2, M * V * 4 * 2)
         print(f"  peak memory of one KD step ({mem['kd']['method']}): masked-only {mk:.1f} MB   "
               f"full-vocabulary {mf:.1f} MB   ratio {mf / max(mk, 1e-9):.2f}x   "
-              f"(fp32 logits of both models alone: {logits_mb[1] / 2**20:.1f} vs {logits_mb[0] / 2**20:.1f} MB)")
+              f"(one fp32 logits tensor: [M, V] {M * V * 4 / 2**20:.1f} MB vs [B*T, V] {T * V * 4 / 2**20:.1f} MB)")
     result = {"preset": args.preset, "device": device.type, "dtype": dtype_name, "batch": B, "seq_len": L,
               "masked": M, "vocab": V, "threads": threads, "repeats": args.repeats,
               "median_s": med, "times_s": times, "kd_over_student": measured, "predicted": predicted,

@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from kdcl_dist import FORMAT_VERSION
 from kdcl_dist.config import option
 from kdcl_dist.curriculum.sort import NONFINITE, apply_nonfinite, check_unique, sort_order
 from kdcl_dist.data.reader import ShardSet
-from kdcl_dist.data.shards import Sample, ids_dtype, manifest_fingerprint, shard_name, write_shard
+from kdcl_dist.data.shards import Sample, ids_dtype, manifest_fingerprint, npy_bytes, shard_name, write_shard
 from kdcl_dist.errors import UserError
 from kdcl_dist.utils import fingerprint, read_json, write_json_atomic
 
@@ -110,15 +111,19 @@ class _Fetcher:
     def __init__(self, src: ShardSet):
         self.src = src
         self.fds: dict[int, int] = {}
+        self.cols: dict[int, tuple] = {}
 
-    def fetch(self, shard: int, local: int) -> tuple[str, bytes, dict]:
-        from kdcl_dist.curriculum.scoring import _ids_from_npy
-
-        idx = self.src.index(shard)
-        io_, is_ = int(idx["ids_offset"][local]), int(idx["ids_size"][local])
-        mo, ms = int(idx["meta_offset"][local]), int(idx["meta_size"][local])
+    def fetch(self, shard: int, local: int) -> tuple[str, bytes, bytes]:
+        """(key, `.npy` bytes of the token ids, `.json` bytes of the metadata), undecoded."""
+        cols = self.cols.get(shard)
+        if cols is None:   # plain lists: indexing numpy arrays per sample costs more than the read
+            idx = self.src.index(shard)
+            cols = self.cols[shard] = (idx["keys"], *(np.asarray(idx[k]).tolist() for k in
+                                                       ("ids_offset", "ids_size", "meta_offset", "meta_size")))
+        keys, i_off, i_size, m_off, m_size = cols
+        io_, is_, mo, ms = i_off[local], i_size[local], m_off[local], m_size[local]
         if io_ < 0 or mo < 0:
-            raise UserError(f"{self.src.dir / self.src.shards[shard]['name']}: sample {idx['keys'][local]} lacks ids or json")
+            raise UserError(f"{self.src.dir / self.src.shards[shard]['name']}: sample {keys[local]} lacks ids or json")
         fd = self.fds.get(shard)
         if fd is None:
             fd = self.fds[shard] = os.open(self.src.dir / self.src.shards[shard]["name"], os.O_RDONLY)
@@ -126,9 +131,7 @@ class _Fetcher:
         blob = os.pread(fd, hi - lo, lo)   # the members are adjacent in the tar: one read for both
         if len(blob) != hi - lo:
             raise UserError(f"{self.src.dir / self.src.shards[shard]['name']}: truncated shard; re-create it")
-        ids = _ids_from_npy(blob[io_ - lo: io_ - lo + is_])
-        meta = json.loads(blob[mo - lo: mo - lo + ms])
-        return idx["keys"][local], ids, meta
+        return keys[local], blob[io_ - lo: io_ - lo + is_], blob[mo - lo: mo - lo + ms]
 
     def close(self):
         for fd in self.fds.values():
@@ -139,25 +142,146 @@ class _Fetcher:
 def write_output_shard(out: Path, j: int, src: ShardSet, fetcher: _Fetcher, source: np.ndarray,
                        scores64: np.ndarray, start: int, stop: int, dtype) -> dict:
     loc = np.asarray(source[start:stop])
-    read_order = np.lexsort((loc[:, 1], loc[:, 0]))   # file order within each source shard
+    read_order = np.lexsort((loc[:, 1], loc[:, 0])).tolist()   # file order within each source shard
     got: list = [None] * (stop - start)
+    sh, lo = loc[:, 0].tolist(), loc[:, 1].tolist()
     for r in read_order:
-        got[r] = fetcher.fetch(int(loc[r, 0]), int(loc[r, 1]))
+        got[r] = fetcher.fetch(sh[r], lo[r])
     samples = []
-    for k, (key, ids, meta) in enumerate(got):
-        p = start + k
-        meta = dict(meta)
-        meta.update({"score": float(scores64[p]), "position": p,
-                     "source_shard": src.shards[int(loc[k, 0])]["name"]})
-        meta.setdefault("n_tokens", int(len(ids)))
-        samples.append(Sample(key, ids, meta))
-    entry = write_shard(out / shard_name(j), samples, dtype=dtype)
-    sc = scores64[start:stop]
+    sc_list = np.asarray(scores64[start:stop]).tolist()   # one memmap read, not one per sample
+    src_names = [e["name"] for e in src.shards]
+    src_of = loc[:, 0].tolist()
+    for k, (key, npy, meta) in enumerate(got):
+        extra = {"score": sc_list[k], "position": start + k, "source_shard": src_names[src_of[k]]}
+        samples.append(_Encoded(key, npy, _meta_json(meta, extra)))
+    entry = fast_write_shard(out / shard_name(j), samples, dtype=dtype)
+    sc = np.asarray(scores64[start:stop])
     fin = sc[np.isfinite(sc)]
     stats = {"name": entry["name"], "count": int(stop - start),
              "min": float(sc.min()), "max": float(sc.max()),
              "mean": float(fin.mean()) if len(fin) else math.nan}
     return {"entry": entry, "stats": stats}
+
+
+class _Encoded(NamedTuple):
+    """A curriculum sample whose members are already encoded (`.npy` and `.json` bytes)."""
+
+    key: str
+    npy: bytes
+    meta_json: bytes
+    text: None = None
+
+
+_STAGE_KEYS = (b'"score"', b'"position"', b'"source_shard"')
+
+
+def _meta_json(src_json: bytes, extra: dict) -> bytes:
+    """The source metadata plus `extra`, as `json.dumps(merged)` would encode it.
+
+    Appending the new keys to the source object's bytes skips a decode/encode per sample;
+    when the source already has one of them (or is not a plain object) it falls back to
+    decode + merge + encode.
+    """
+    s = src_json.rstrip()
+    if s.endswith(b"}") and b'"n_tokens"' in s and not any(k in s for k in _STAGE_KEYS):
+        tail = json.dumps(extra).encode("utf-8")
+        return s[:-1] + b", " + tail[1:] if len(s) > 2 else tail
+    meta = json.loads(src_json)
+    meta.update(extra)
+    return json.dumps(meta).encode("utf-8")
+
+
+def _npy_of(s, dtype) -> bytes:
+    if isinstance(s, _Encoded):
+        from kdcl_dist.curriculum.scoring import _ids_from_npy
+
+        if s.npy[6] == 1 and _ids_from_npy(s.npy).dtype == np.dtype(dtype):
+            return s.npy   # the source's bytes already are np.save(ids.astype(dtype))
+        return npy_bytes(np.asarray(_ids_from_npy(s.npy), dtype=dtype))
+    return npy_bytes(np.asarray(s.ids, dtype=dtype))
+
+
+# ---- a faster, byte-identical write_shard ----------------------------------------------------
+
+class _HeaderTemplate:
+    """The tar header `write_shard` (webdataset TarWriter, GNU format, mtime 0) gives a member,
+    built by patching name, size and checksum into one header made by `tarfile` itself.
+
+    Re-sharding 1.8M samples spends ~80% of its time building headers through tarfile
+    objects; patching three fields is ~10x cheaper. `fast_write_shard` output is tested to
+    be byte-identical to `write_shard` (same bytes, same sha256, same offset index).
+    """
+
+    def __init__(self):
+        import tarfile
+
+        ti = tarfile.TarInfo("x")
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = 0, 0, 0o0444, "bigdata", "bigdata"
+        self.template = bytearray(ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        assert len(self.template) == 512
+        t = self.template
+        self.template = bytes(t)
+        self.base = sum(t[100:124]) + sum(t[136:148]) + 8 * 32 + sum(t[156:])
+
+    def header(self, name: bytes, size: int) -> bytes:
+        size_field = b"%011o\0" % size
+        # checksum = byte sum with the checksum field read as spaces: the template's fixed
+        # part plus the two patched fields (summing 40 bytes instead of 512)
+        chk = self.base + sum(name) + sum(size_field)
+        return b"".join((name.ljust(100, b"\0"), self.template[100:124], size_field, self.template[136:148],
+                         b"%06o\0 " % chk, self.template[156:]))
+
+
+_HDR: _HeaderTemplate | None = None
+
+
+def fast_write_shard(path: Path, samples: list, dtype) -> dict:
+    """`write_shard` for samples without text and with keys of <= 90 bytes; else it calls write_shard."""
+    import hashlib
+
+    from kdcl_dist.curriculum.scoring import _ids_from_npy
+    from kdcl_dist.data.shards import INDEX_FORMAT, index_name
+    from kdcl_dist.utils import atomic_path
+
+    global _HDR
+    if any(s.text is not None or len(s.key.encode()) > 90 for s in samples):
+        samples = [s if not isinstance(s, _Encoded) else
+                   Sample(s.key, _ids_from_npy(s.npy), json.loads(s.meta_json)) for s in samples]
+        return write_shard(path, samples, dtype=dtype)
+    if _HDR is None:
+        _HDR = _HeaderTemplate()
+    parts = []
+    keys, ids_off, ids_size, meta_off, meta_size = [], [], [], [], []
+    at = 0
+    for s in samples:
+        key = s.key.encode()
+        keys.append(s.key)
+        meta = s.meta_json if isinstance(s, _Encoded) else json.dumps(s.meta).encode("utf-8")
+        for ext, data, offs, sizes in ((b".ids.npy", _npy_of(s, dtype), ids_off, ids_size),
+                                       (b".json", meta, meta_off, meta_size)):
+            # members in the order TarWriter writes them (sorted extensions); the offset index
+            # is known while writing, no second scan of the tar
+            parts.append(_HDR.header(key + ext, len(data)))
+            parts.append(data)
+            offs.append(at + 512)
+            sizes.append(len(data))
+            pad = -len(data) % 512
+            if pad:
+                parts.append(b"\0" * pad)
+            at += 512 + len(data) + pad
+    parts.append(b"\0" * 1024)   # end-of-archive blocks, then pad to tarfile's 10240-byte record
+    at += 1024
+    if at % 10240:
+        parts.append(b"\0" * (10240 - at % 10240))
+    blob = b"".join(parts)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+    index = {"format": INDEX_FORMAT, "count": len(keys), "keys": keys, "ids_offset": ids_off,
+             "ids_size": ids_size, "meta_offset": meta_off, "meta_size": meta_size}
+    with atomic_path(Path(path.parent) / index_name(path.name)) as tmp:
+        tmp.write_text(json.dumps(index))   # compact: the C encoder, ~10x faster than indent=2
+    return {"name": path.name, "index": index_name(path.name), "count": len(keys), "bytes": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest()}
 
 
 # ---- step 3: manifest and plots ----------------------------------------------------------------
@@ -276,7 +400,12 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
         bar.close()
     if skipped:
         log.warning("rank %d: %d curriculum shards already written for these inputs; kept them", rank, skipped)
-    gathered = dist.all_gather_object(results)
+    import resource
+
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+    gathered = dist.all_gather_object({"results": results, "peak_rss_mib": rss_mib})
+    peak_rss = [g["peak_rss_mib"] for g in gathered]
+    gathered = [g["results"] for g in gathered]
     if rank != 0:
         return None
     res_all = sorted((r for rs in gathered for r in rs), key=lambda r: r["entry"]["name"])
@@ -285,7 +414,7 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
         raise UserError(f"{out}: curriculum shards hold {sum(e['count'] for e in entries)} samples, expected {n}")
     _remove_stale_shards(out, n_out)
     order_scores = np.load(out / "order_scores.npy")
-    stats = score_stats(order_scores)
+    stats = score_stats(np.load(out / "order_scores_f64.npy"))
     tok = src.manifest.get("tokenizer")
     manifest = {
         "format_version": FORMAT_VERSION, "kind": "curriculum",
@@ -299,7 +428,7 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
         "per_shard": [r["stats"] for r in res_all],
         "order_files": {"scores": "order_scores.npy", "scores_f64": "order_scores_f64.npy",
                         "source": "order_source.npy"},
-        "build": {"world_size": world, "shard_size": S, "sort_s": state["sort_s"],
+        "build": {"world_size": world, "shard_size": S, "sort_s": state["sort_s"], "peak_rss_mib": peak_rss,
                   "elapsed_s": time.perf_counter() - t0},
     }
     manifest["fingerprint"] = fingerprint({"m": manifest_fingerprint(entries, tok), "kind": "curriculum",

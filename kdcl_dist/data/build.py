@@ -124,9 +124,23 @@ class _Encoder:
         self.dtype = ids_dtype(len(tok))
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tok(texts, add_special_tokens=False, truncation=False, padding=False,
-                        return_attention_mask=False, return_token_type_ids=False,
-                        verbose=False)["input_ids"]
+        """Token ids of each text, no special tokens, no truncation (ids equal to `tok(texts)`'s).
+
+        Calls the Rust tokenizer behind the HF fast tokenizer directly: `encode_batch_fast`
+        skips the character offsets that the stage never uses (about 25% of the
+        tokenizer's time) and the Python BatchEncoding wrapping.
+        """
+        bk = getattr(self.tok, "backend_tokenizer", None)
+        if bk is None:
+            return self.tok(texts, add_special_tokens=False, truncation=False, padding=False,
+                            return_attention_mask=False, return_token_type_ids=False,
+                            verbose=False)["input_ids"]
+        if bk.truncation is not None:   # an earlier tok(..., truncation=True) call leaves it set
+            bk.no_truncation()
+        if bk.padding is not None:
+            bk.no_padding()
+        fn = getattr(bk, "encode_batch_fast", bk.encode_batch)
+        return [e.ids for e in fn(texts, add_special_tokens=False)]
 
     def pieces(self, ids: list[int]) -> tuple[list[np.ndarray], bool]:
         """Samples for one document and whether it was too long."""

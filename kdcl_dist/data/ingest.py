@@ -138,9 +138,17 @@ def resolve_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputSpec]:
             raise UserError(f"{p}: input not found; check the path given to --input")
         if p.is_dir():
             found = []
-            for f in sorted(p.rglob("*")):
+            all_files = sorted(p.rglob("*"))
+            hf_dirs = [d for d in all_files if fmt == "auto" and _is_hf_dir(d)]
+            for d in hf_dirs:   # a saved HF dataset inside the directory is one input, not JSON files
+                out.append(InputSpec(str(d), "hf", str(d.relative_to(p.parent))))
+            for f in all_files:
+                if any(h in f.parents for h in hf_dirs):
+                    continue
                 if f.is_file() and not f.name.startswith(".") and (fmt != "auto" or _suffix_format(f)):
                     found.append(f)
+            if hf_dirs and not found:
+                continue
             if not found:
                 raise UserError(
                     f"{p}: directory has no readable input (looked for "

@@ -327,7 +327,8 @@ class KDEngine:
         for mb in micro_batches:
             local[0] += int((mb["labels"] != -100).sum())
             local[1] += int(mb["attention_mask"].sum())
-        counts = dist.all_reduce_sum(local.clone())
+        # collectives run on the engine's device: NCCL has no CPU tensors
+        counts = dist.all_reduce_sum(local.to(self.device)).cpu()
         n_masked, n_tokens = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
         scale = float(self.world_size * self.grad_accum)
 
