@@ -385,7 +385,7 @@ class Experiment:
                run / "train" / "train_summary.json", torchrun_cli(self.cfg.nproc))
         r.step(f"export/{arm}-s{seed}", ["export", "--checkpoint", run / "train", "--out", run / "model"],
                run / "model" / "config.json")
-        self.eval_mlm(f"{arm}-s{seed}", run / "model")
+        self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=True)
         self.eval_yesno(f"{arm}-s{seed}", run / "model")
 
     def run(self) -> Path:
@@ -393,8 +393,11 @@ class Experiment:
         prep = self.prepare()
         print(f"budget: {prep['steps']} steps x global batch {self.cfg.global_batch} = "
               f"{prep['steps'] * self.cfg.global_batch} samples per arm and seed")
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.parallel))  # in-process evaluations
         for name, model in (("reference-teacher", prep["teacher"]), ("reference-student", prep["student"])):
-            self.eval_mlm(name, model)
+            self.eval_mlm(name, model, in_process=True)
             self.eval_yesno(name, model)
         jobs = [(arm, seed) for seed in range(self.cfg.seeds) for arm in self.cfg.arms]
         self.r.concurrent = self.cfg.parallel

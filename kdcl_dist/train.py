@@ -288,6 +288,9 @@ def train(cfg: TrainConfig) -> dict:
                                   schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio)
     engine = kde.KDEngine(student, teacher, ds_cfg, world_size=world, options=opts, teacher_ds_config=t_cfg,
                           lr_scheduler=sched)
+    if marker is not None and int(marker.get("zero_stage", engine.zero_stage)) != engine.zero_stage:
+        raise UserError(f"{resume_dir}: checkpoint was saved with ZeRO stage {marker.get('zero_stage')}, --ds-config "
+                        f"{cfg.ds_config} uses stage {engine.zero_stage}; resume with a config of the same stage")
     t_sha_start = teacher_sha(engine)
 
     if rank == 0:

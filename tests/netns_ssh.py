@@ -219,3 +219,5 @@ def two_hosts(workdir: Path, startup_timeout: float = 20.0):
         _run("ip", "link", "del", veth[0], check=False)
         for d in etc:
             shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path("/etc/netns").rmdir()  # only if empty: other namespaces' files stay

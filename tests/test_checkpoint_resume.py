@@ -217,6 +217,14 @@ def test_world_size_2_1_2(tiny_assets, cur, tmp_path):
     assert all(math.isfinite(x["loss"]) for x in m)
     assert np.mean([x["loss"] for x in m[-3:]]) < np.mean([x["loss"] for x in m[:3]])
 
+    # the same conversion by hand, and the listing
+    from conftest import run_cli
+
+    p = run_cli("checkpoint", "universal", "--checkpoint", out, "--tag", "global_step9")
+    assert (out / "checkpoints" / "global_step9_universal" / "zero").is_dir(), p.stdout
+    listing = run_cli("checkpoint", "list", "--out", out).stdout
+    assert "global_step9" in listing and "world=2" in listing and "complete" in listing
+
 
 @pytest.mark.distributed
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_cli
 
 
@@ -265,3 +264,32 @@ def test_real_corpus_score_and_curriculum_two_ranks(data_dir, tmp_path):
     assert man["num_samples"] == 12073 and len(man["shards"]) == 7
     scores_man = json.loads((tmp_path / "scores" / "scores.json").read_text())
     assert scores_man["run"]["world_size"] == 2 and scores_man["totals"]["samples"] == 12073
+
+
+def test_fast_writer_is_byte_identical_to_write_shard(tmp_path):
+    """The re-shard writer produces exactly write_shard's bytes (tar and offset index)."""
+    from kdcl_dist.curriculum.build import _Encoded, _meta_json, fast_write_shard
+    from kdcl_dist.data.shards import Sample, npy_bytes, write_shard
+
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"pmid-{i:06d}" + "x" * (i % 80), rng.integers(0, 4000, size=i % 300 + 1).astype(np.uint16),
+                      {"id": f"pmid {i}", "n_tokens": i % 300 + 1, "note": "é\"q", "score": float(rng.random()) * 10,
+                       "position": i, "source_shard": "shard-000001.tar"})
+               for i in range(700)]
+    a = write_shard(tmp_path / "a.tar", samples, dtype=np.uint16)
+    b = fast_write_shard(tmp_path / "b.tar", samples, dtype=np.uint16)
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert (a["sha256"], a["bytes"], a["count"]) == (b["sha256"], b["bytes"], b["count"])
+    assert json.loads((tmp_path / "a.idx.json").read_text()) == json.loads((tmp_path / "b.idx.json").read_text())
+    # pre-encoded members (the re-shard path) give the same bytes too
+    enc = []
+    for s in samples:
+        src = {k: s.meta[k] for k in ("id", "n_tokens", "note")}
+        extra = {k: s.meta[k] for k in ("score", "position", "source_shard")}
+        enc.append(_Encoded(s.key, npy_bytes(s.ids), _meta_json(json.dumps(src).encode(), extra)))
+    c = fast_write_shard(tmp_path / "c.tar", enc, dtype=np.uint16)
+    assert c["sha256"] == a["sha256"]
+    # keys too long for the fast path fall back to write_shard itself
+    long = [Sample("k" * 120, np.arange(5), {"id": "k", "n_tokens": 5})]
+    assert fast_write_shard(tmp_path / "d.tar", long, np.uint16)["sha256"] == \
+        write_shard(tmp_path / "e.tar", long, np.uint16)["sha256"]

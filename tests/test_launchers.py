@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,9 +59,25 @@ def base_env(**extra) -> dict:
     return e
 
 
+def _kill_group(p: subprocess.Popen) -> None:
+    """Kill a launcher and everything it started (its own session: ranks, launch.py, pdsh),
+    also ranks left behind by a launcher that already exited."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def run(cmd, env=None, cwd=None, timeout=TIMEOUT, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(c) for c in cmd], env=env or base_env(), cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout)
+    proc = subprocess.Popen([str(c) for c in cmd], env=env or base_env(), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n"
                              f"--- stdout\n{p.stdout[-6000:]}\n--- stderr\n{p.stderr[-6000:]}")
@@ -80,17 +97,17 @@ def run_two_nodes(stage_args, workdir: Path, env=None, timeout=TIMEOUT) -> list[
                *stage_args]
         log = open(workdir / f"node{node}.log", "w")
         procs.append((subprocess.Popen([str(c) for c in cmd], env=env, cwd=workdir, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+                                       stderr=subprocess.STDOUT, start_new_session=True), log))
     deadline = time.time() + timeout
     rcs = []
     try:
         for p, _ in procs:
             rcs.append(p.wait(timeout=max(1, deadline - time.time())))
     finally:
+        failed = len(rcs) < len(procs) or any(rcs)
         for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            if failed:  # a node whose peer failed would otherwise wait for the rendezvous timeout
+                _kill_group(p)
             log.close()
     logs = [(workdir / f"node{n}.log").read_text() for n in (0, 1)]
     if any(rcs):

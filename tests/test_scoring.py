@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, run_cli
 
 
@@ -192,10 +191,10 @@ def test_sigkill_one_rank_then_rerun(tiny_assets, tmp_path, world2_scores):
 
 def test_stale_tokenizer_refused(tiny_assets, tmp_path):
     """A model whose tokenizer differs from the shards' is refused before scoring."""
+    from conftest import TINY_STUDENT
+
     from kdcl_dist.data.tokenizer import train_wordpiece
     from kdcl_dist.kd.models import init_model_dir
-
-    from conftest import TINY_STUDENT
 
     tok = train_wordpiece(["alpha beta gamma delta"] * 50, tmp_path / "tok", vocab_size=200)
     init_model_dir(TINY_STUDENT, tok, tmp_path / "m", seed=0, max_positions=256)

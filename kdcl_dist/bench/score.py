@@ -103,9 +103,13 @@ def _pipeline(shards, model_dir, cfg, device, repeats, root: Path) -> tuple[floa
 
 def _tight(shards, model_dir, cfg, device, repeats, full_head=False) -> float:
     """The same encoder + masked-only head + CE on pre-built, pre-collated tensors."""
-    import torch
 
-    from kdcl_dist.curriculum.scoring import Scorer, batches_for_shard, load_scoring_model, read_shard
+    from kdcl_dist.curriculum.scoring import (
+        Scorer,
+        batches_for_shard,
+        load_scoring_model,
+        read_shard,
+    )
     from kdcl_dist.data.masking import MaskSpec
     from kdcl_dist.data.reader import ShardSet
     from kdcl_dist.data.tokenizer import load_tokenizer
@@ -186,8 +190,8 @@ def _naive(model_dir, docs_ids, cfg, device, repeats) -> float:
 
 def head_share(spec: dict, vocab: int, seq: float, mask_prob: float) -> dict:
     """Forward FLOPs per token (2 x MACs) of encoder and LM head; ceilings of masked-only heads."""
-    H, L, I = spec["hidden_size"], spec["num_layers"], spec["intermediate_size"]
-    enc = L * 2 * (4 * H * H + 2 * H * I + 2 * seq * H)   # projections, FFN, QK^T and AV
+    H, L, F = spec["hidden_size"], spec["num_layers"], spec["intermediate_size"]
+    enc = L * 2 * (4 * H * H + 2 * H * F + 2 * seq * H)   # projections, FFN, QK^T and AV
     head = 2 * (H * H + H * vocab)
     share = head / (enc + head)
     return {"encoder_flops": enc, "head_flops": head, "head_share": share,
@@ -221,11 +225,11 @@ def run(args) -> int:
     import numpy as np
     import torch
 
+    from kdcl_dist.config import load_preset
     from kdcl_dist.curriculum.scoring import ScoreConfig, read_shard
     from kdcl_dist.data.reader import ShardSet
     from kdcl_dist.data.shards import write_documents
     from kdcl_dist.data.tokenizer import train_wordpiece
-    from kdcl_dist.config import load_preset
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, args.threads))

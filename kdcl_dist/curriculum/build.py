@@ -35,7 +35,14 @@ from kdcl_dist import FORMAT_VERSION
 from kdcl_dist.config import option
 from kdcl_dist.curriculum.sort import NONFINITE, apply_nonfinite, check_unique, sort_order
 from kdcl_dist.data.reader import ShardSet
-from kdcl_dist.data.shards import Sample, ids_dtype, manifest_fingerprint, npy_bytes, shard_name, write_shard
+from kdcl_dist.data.shards import (
+    Sample,
+    ids_dtype,
+    manifest_fingerprint,
+    npy_bytes,
+    shard_name,
+    write_shard,
+)
 from kdcl_dist.errors import UserError
 from kdcl_dist.utils import fingerprint, read_json, write_json_atomic
 
@@ -183,19 +190,27 @@ def _meta_json(src_json: bytes, extra: dict) -> bytes:
     decode + merge + encode.
     """
     s = src_json.rstrip()
-    if s.endswith(b"}") and b'"n_tokens"' in s and not any(k in s for k in _STAGE_KEYS):
-        tail = json.dumps(extra).encode("utf-8")
-        return s[:-1] + b", " + tail[1:] if len(s) > 2 else tail
+    if s.endswith(b"}") and len(s) > 2 and b'"n_tokens"' in s and not any(k in s for k in _STAGE_KEYS):
+        sc, name = extra["score"], extra["source_shard"]
+        if math.isfinite(sc) and name.isascii() and '"' not in name and "\\" not in name:
+            # what json.dumps writes for these three keys (float repr == JSON repr when finite)
+            return b'%s, "score": %s, "position": %d, "source_shard": "%s"}' % (
+                s[:-1], repr(sc).encode(), extra["position"], name.encode())
+        return s[:-1] + b", " + json.dumps(extra).encode("utf-8")[1:]
     meta = json.loads(src_json)
     meta.update(extra)
     return json.dumps(meta).encode("utf-8")
+
+
+def _descr_token(dtype) -> bytes:
+    return b"'descr': '%s'" % np.dtype(dtype).str.encode()
 
 
 def _npy_of(s, dtype) -> bytes:
     if isinstance(s, _Encoded):
         from kdcl_dist.curriculum.scoring import _ids_from_npy
 
-        if s.npy[6] == 1 and _ids_from_npy(s.npy).dtype == np.dtype(dtype):
+        if s.npy[6] == 1 and _descr_token(dtype) in s.npy[10:64]:
             return s.npy   # the source's bytes already are np.save(ids.astype(dtype))
         return npy_bytes(np.asarray(_ids_from_npy(s.npy), dtype=dtype))
     return npy_bytes(np.asarray(s.ids, dtype=dtype))

@@ -387,13 +387,20 @@ def build_dataset(inputs: Iterable[str], tok, out_dir: str | os.PathLike, cfg: S
         r, e = bad[0]
         kind, _, msg = e.partition(":")
         raise UserError(msg if kind == "UserError" or world == 1 else f"rank {r} failed: {kind}: {msg}")
-    manifest = None
+    manifest: dict | None = None
     if rank == 0:
         result["written"] = sum(c[0] for _, c in gathered)
         result["skipped"] = sum(c[1] for _, c in gathered)
-        manifest = _merge(out, cfg, result, time.perf_counter() - t0, world)
+        try:
+            manifest = _merge(out, cfg, result, time.perf_counter() - t0, world)
+        except UserError as e:
+            if world == 1:
+                raise
+            manifest = {"__error__": str(e)}   # every rank raises it, none waits
     if world > 1:
         manifest = dist.broadcast_object(manifest)
+        if manifest is not None and "__error__" in manifest:
+            raise UserError(manifest["__error__"])
     return manifest
 
 

@@ -1,0 +1,233 @@
+"""Shard stage faults: SIGKILL of one rank, ENOSPC, truncated/corrupt tar, index and manifest,
+and the security checks on reading tars (members never extracted to disk by name)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import (
+    fork_run,
+    ids_multiset,
+    kill_point,
+    must,
+    one_line_error,
+    score_argv,
+    shard_argv,
+    shard_entries,
+    small_fs,
+)
+
+pytestmark = pytest.mark.faults
+
+
+def _same_as_ref(out: Path, ref) -> None:
+    assert shard_entries(out / "dataset.json") == shard_entries(ref["shards"] / "dataset.json")
+    a, b = (json.loads((d / "dataset.json").read_text()) for d in (out, ref["shards"]))
+    assert a["fingerprint"] == b["fingerprint"] and a["totals"] == b["totals"]
+    assert ids_multiset(out) == ids_multiset(ref["shards"])
+    assert not list(out.glob(".tmp-*")), "temporary files left behind"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("seed", range(5))
+def test_shard_sigkill_one_rank_then_rerun(base, ref, tmp_path, seed):
+    victim = seed % 2
+    n = kill_point(seed, ref["shard_run"].events[victim])
+    out = tmp_path / "shards"
+    killed = fork_run(shard_argv(base, out), world=2, kill=(victim, n), logdir=tmp_path / "k")
+    assert killed.rcs[victim] == -9, killed.text()
+    # what survived the kill is either absent or complete: every finished shard equals the reference
+    for st in out.glob("shard-*.stats.json"):
+        tar = out / st.name.replace(".stats.json", ".tar")
+        ref_tar = ref["shards"] / tar.name
+        assert tar.read_bytes() == ref_tar.read_bytes(), f"{tar.name} differs after a kill at event {n}"
+    orphans = [t.name for t in out.glob("shard-*.tar") if not (out / t.name.replace(".tar", ".stats.json")).exists()]
+    rerun = fork_run(shard_argv(base, out), world=2, logdir=tmp_path / "r")
+    if orphans and not rerun.ok and "unknown origin" in rerun.text():
+        pytest.xfail(f"bug ORPHAN-TAR: killed between the tar rename and its stats file ({orphans}); the re-run "
+                     "refuses the directory as 'unknown origin' (see test_shard_orphan_tar_rerun)")
+    must(rerun, "re-run")
+    _same_as_ref(out, ref)
+
+
+@pytest.mark.xfail(strict=True, reason="bug ORPHAN-TAR: a kill between a shard's tar rename and its stats file "
+                   "leaves a tar without stats; the re-run refuses the directory as 'unknown origin' "
+                   "(kdcl_dist/data/build.py _prepare_out) instead of rebuilding that shard")
+def test_shard_orphan_tar_rerun(base, ref, tmp_path):
+    out = shutil.copytree(ref["shards"], tmp_path / "shards")
+    # the state a kill leaves right after shard 3's tar (and index) were renamed into place
+    (out / "dataset.json").unlink()
+    for j in (3, 4, 5):
+        (out / f"shard-00000{j}.stats.json").unlink()
+    for j in (4, 5):
+        (out / f"shard-00000{j}.tar").unlink()
+        (out / f"shard-00000{j}.idx.json").unlink()
+    must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run")
+    _same_as_ref(out, ref)
+
+
+def test_shard_enospc_then_rerun(base, ref, tmp_path):
+    out = tmp_path / "fs"
+    total = sum(p.stat().st_size for p in ref["shards"].iterdir())
+    with small_fs(out, str(max(8192, total // 3))) as remount:
+        if remount is None:  # not root: the 3rd atomic rename fails instead
+            run = fork_run(shard_argv(base, out), enospc_at=3, logdir=tmp_path / "k")
+        else:
+            run = fork_run(shard_argv(base, out), logdir=tmp_path / "k")
+        assert run.rc != 0, run.text()
+        assert "No space left on device" in run.text()
+        assert not (out / "dataset.json").exists()
+        for st in out.glob("shard-*.stats.json"):  # finished shards are whole
+            assert (out / st.name.replace(".stats.json", ".tar")).read_bytes() == \
+                (ref["shards"] / st.name.replace(".stats.json", ".tar")).read_bytes()
+        if remount is not None:
+            remount("64m")
+        must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run after freeing space")
+        _same_as_ref(out, ref)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: ENOSPC (OSError) is not a UserError: the CLI prints a traceback "
+                   "instead of one line naming the file and the fix (kdcl_dist/cli.py main)")
+def test_shard_enospc_one_line_error(base, tmp_path):
+    run = fork_run(shard_argv(base, tmp_path / "s"), enospc_at=3, logdir=tmp_path / "k")
+    one_line_error(run, "No space left on device")
+
+
+def test_shard_truncated_tar_is_rebuilt(base, ref, tmp_path):
+    out = shutil.copytree(ref["shards"], tmp_path / "shards")
+    tar = out / "shard-000002.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    # reading it is refused with one line naming the file ...
+    run = fork_run(score_argv(base, out, tmp_path / "scores"), logdir=tmp_path / "s")
+    one_line_error(run, "shard-000002.tar")
+    # ... and a re-run of the shard stage rebuilds exactly that shard
+    must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run")
+    _same_as_ref(out, ref)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a shard corrupted in place (same size) is neither detected by a "
+                   "shard re-run (_finished checks only the size) nor by readers (sha256 in dataset.json never "
+                   "verified): scores are silently computed on corrupt tokens")
+def test_shard_bitflip_detected(base, ref, tmp_path):
+    out = shutil.copytree(ref["shards"], tmp_path / "shards")
+    tar = out / "shard-000001.tar"
+    idx = json.loads((out / "shard-000001.idx.json").read_text())
+    blob = bytearray(tar.read_bytes())
+    off = int(idx["ids_offset"][3]) + int(idx["ids_size"][3]) - 2   # last token id of sample 3
+    blob[off] ^= 0x01
+    tar.write_bytes(bytes(blob))
+    run = fork_run(score_argv(base, out, tmp_path / "scores"), logdir=tmp_path / "s")
+    one_line_error(run, "shard-000001.tar")
+
+
+def test_shard_corrupt_offset_index(base, ref, tmp_path):
+    out = shutil.copytree(ref["shards"], tmp_path / "shards")
+    (out / "shard-000001.idx.json").write_text('{"keys": ["a", ')
+    run = fork_run(score_argv(base, out, tmp_path / "scores"), logdir=tmp_path / "s")
+    line = one_line_error(run, "shard-000001.idx.json", "corrupt")
+    assert "re-run" in line
+    # following the message (delete it, re-run the shard stage) restores the reference
+    (out / "shard-000001.idx.json").unlink()
+    must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run")
+    _same_as_ref(out, ref)
+
+
+def test_shard_index_count_mismatch(base, ref, tmp_path):
+    out = shutil.copytree(ref["shards"], tmp_path / "shards")
+    p = out / "shard-000003.idx.json"
+    idx = json.loads(p.read_text())
+    idx["count"] -= 1
+    p.write_text(json.dumps(idx))
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.errors import UserError
+
+    with pytest.raises(UserError, match="shard-000003.idx.json: offset index holds"):
+        ShardSet(out).get(3 * 40)
+
+
+def test_shard_corrupt_manifest(base, ref, tmp_path):
+    out = shutil.copytree(ref["shards"], tmp_path / "shards")
+    m = out / "dataset.json"
+    m.write_text(m.read_text()[:200])
+    run = fork_run(score_argv(base, out, tmp_path / "scores"), logdir=tmp_path / "s")
+    one_line_error(run, "dataset.json", "corrupt")
+    # the shard stage refuses to guess where the shards came from ...
+    run = fork_run(shard_argv(base, out), logdir=tmp_path / "r")
+    one_line_error(run, "--overwrite")
+    # ... and with --overwrite rebuilds the reference exactly
+    must(fork_run([*shard_argv(base, out), "--overwrite"], logdir=tmp_path / "o"), "overwrite")
+    _same_as_ref(out, ref)
+
+
+def _evil_shard(d: Path) -> None:
+    """A shard whose member names climb out of the directory (`../../evil.*`)."""
+    from kdcl_dist.data.shards import npy_bytes
+
+    d.mkdir(parents=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in (("../../evil.ids.npy", npy_bytes(np.array([2, 5, 6, 3], dtype=np.uint16))),
+                           ("../../evil.json", json.dumps({"id": "evil", "n_tokens": 4}).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    (d / "shard-000000.tar").write_bytes(buf.getvalue())
+
+
+def test_tar_members_never_extracted(tmp_path, monkeypatch):
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.data.shards import build_index
+    from kdcl_dist.errors import UserError
+
+    work = tmp_path / "a" / "b" / "c"
+    d = work / "evil"
+    _evil_shard(d)
+    idx = build_index(d / "shard-000000.tar")
+    (d / "shard-000000.idx.json").write_text(json.dumps({**idx, "count": 1}))
+    (d / "dataset.json").write_text(json.dumps({"shards": [{"name": "shard-000000.tar", "index": "shard-000000.idx.json",
+                                                              "count": 1, "bytes": 0, "sha256": ""}]}))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(d)
+    ss = ShardSet(d)
+    try:
+        got = [s for s in ss]
+        assert [list(s.ids) for s in got] == [[2, 5, 6, 3]]
+        assert list(ss.get(0).ids) == [2, 5, 6, 3]
+    except UserError:
+        pass  # refusing the names is fine too; writing them is not
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert not (tmp_path / "a" / "evil.ids.npy").exists()
+    # no code path extracts tar members to disk
+    src = Path(__file__).resolve().parents[2] / "kdcl_dist"
+    offenders = [str(p) for p in src.rglob("*.py") if ".extractall(" in p.read_text() or "tf.extract(" in p.read_text()]
+    assert offenders == []
+
+
+def test_trust_remote_code_off_by_default():
+    import inspect
+    import re
+
+    from kdcl_dist import export
+    from kdcl_dist.kd import models
+
+    assert inspect.signature(models.load_mlm).parameters["trust_remote_code"].default is False
+    assert inspect.signature(export.build_student).parameters["trust_remote_code"].default is False
+    src = Path(__file__).resolve().parents[2] / "kdcl_dist"
+    bad = []
+    for p in src.rglob("*.py"):
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if re.search(r"trust_remote_code\s*=\s*True", line):
+                bad.append(f"{p}:{i}")
+            if "from_pretrained(" in line and "trust_remote_code" not in line and "Auto" in line:
+                # an Auto* loader without the flag defaults to False in transformers; record only
+                pass
+    assert bad == []
+    os.environ.pop("KDCL_TRUST_REMOTE_CODE", None)
