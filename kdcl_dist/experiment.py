@@ -342,6 +342,18 @@ class Experiment:
         return {"steps": steps, "teacher_steps": t_steps, "warmup_steps": w_steps, "split": split,
                 "teacher": prep / "teacher", "student": prep / "student"}
 
+    def export(self, name: str, train_dir: Path, out: Path) -> None:
+        """`kdcl-dist export` through its Python entry point (no subprocess start-up per run)."""
+        def fn():
+            from kdcl_dist.export import export_checkpoint, verify_export
+
+            export_checkpoint(str(train_dir), str(out))
+            diff = verify_export(out)
+            if diff > 1e-4:
+                raise UserError(f"{out}: exported model's logits differ from the checkpoint's by {diff:.2e}")
+
+        self.r.call(name, fn, out / "config.json")
+
     # -- evaluation helpers --------------------------------------------------------------
     def eval_mlm(self, name: str, model: Path, in_process: bool = False) -> Path:
         out = self.p["evals"] / f"{name}.mlm.json"
@@ -383,8 +395,7 @@ class Experiment:
                                                         prep["teacher"] if spec["teacher"] else None, run / "train",
                                                         spec["order"], spec["reliance"], prep["steps"], seed),
                run / "train" / "train_summary.json", torchrun_cli(self.cfg.nproc))
-        r.step(f"export/{arm}-s{seed}", ["export", "--checkpoint", run / "train", "--out", run / "model"],
-               run / "model" / "config.json")
+        self.export(f"export/{arm}-s{seed}", run / "train", run / "model")
         self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=True)
         self.eval_yesno(f"{arm}-s{seed}", run / "model")
 

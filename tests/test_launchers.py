@@ -181,7 +181,7 @@ def read_probe(out: Path, world: int) -> list[dict]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_local_cpu_probe(launcher, tmp_path):
     run([LAUNCHER / "local_cpu.sh", "--launcher", launcher, "-n", 2, tmp_path / "out"],
         env=probe_env(), cwd=tmp_path)
@@ -409,7 +409,8 @@ def netns_hosts_or_skip(tmp_path: Path):
 @pytest.mark.slow
 def test_pdsh_ssh_two_namespaces(reference, tiny_assets, tmp_path):
     """`deepspeed --hostfile` over pdsh/ssh into two sshd's on two network-namespace hosts."""
-    sys.path.insert(0, str(TESTS))
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
     with netns_hosts_or_skip(tmp_path) as hosts:
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("".join(f"{a} slots=1\n" for a in hosts.addrs))

@@ -238,11 +238,25 @@ def test_student_only_mlm_and_all_positions(tiny_assets, cur, tmp_path):
     assert m[-1]["loss"] < m[0]["loss"]
     assert (a / "student_config" / "config.json").exists() and (a / "student_config" / "tokenizer.json").exists()
     assert "train:" in (a / "config.yaml").read_text()
+    # KL at every position plus the hidden-state cosine term (self-distillation: equal hidden sizes)
     b = tmp_path / "all"
-    run_train(1, cur, tiny_assets, b, "--teacher", tiny_assets["teacher"], "--kd-positions", "all",
-              "--global-batch", 8, "--micro-batch", 4, "--steps", 4, "--ds-config", "ds_configs/cpu_fp32.json")
+    run_train(1, cur, tiny_assets, b, "--teacher", tiny_assets["student"], "--kd-positions", "all",
+              "--global-batch", 8, "--micro-batch", 4, "--steps", 4, "--ds-config", "ds_configs/cpu_fp32.json",
+              overrides=["cosine_weight=0.1"])
     mb = read_jsonl(b / "metrics.jsonl")
-    assert len(mb) == 4 and all(math.isfinite(x["loss_kd"]) and x["loss_kd"] > 0 for x in mb)
+    assert len(mb) == 4 and all(math.isfinite(x["loss_kd"]) and x["loss_kd"] >= 0 for x in mb)
+    assert all(x["loss_cos"] is not None and 0 <= x["loss_cos"] < 1 for x in mb)
+    # identical weights at step 1: student and teacher agree on every masked token
+    assert mb[0]["agreement"] > 0.5
+
+
+def test_cosine_term_needs_equal_hidden_sizes(tiny_assets):
+    from kdcl_dist.kd.engine import EngineOptions, KDEngine
+    from kdcl_dist.kd.models import load_mlm
+
+    s, t = load_mlm(str(tiny_assets["student"])), load_mlm(str(tiny_assets["teacher"]))
+    with pytest.raises(UserError, match="cosine term needs equal sizes"):
+        KDEngine(s, t, {"gradient_accumulation_steps": 1}, world_size=1, options=EngineOptions(cosine_weight=0.1))
 
 
 def test_bad_inputs_fail_with_one_line(tiny_assets, cur, tmp_path):

@@ -89,56 +89,53 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def _pipeline(shards, model_dir, cfg, device, repeats, root: Path) -> tuple[float, dict]:
-    """Median tokens/s of `score_shards` (everything but model loading), fresh output each time."""
+def _pipeline_once(shards, model_dir, cfg, device, out: Path) -> float:
+    """Tokens/s of one `score_shards` run (everything but model loading) into a fresh folder."""
     from kdcl_dist.curriculum.scoring import score_shards
 
-    rates, man = [], None
-    for r in range(repeats):
-        out = root / f"pipe-{model_dir.name}-{r}"
-        man = score_shards(shards, model_dir, out, cfg, device=device)
-        rates.append(man["run"]["scored_tokens"] / man["run"]["elapsed_s"])
-    return _median(rates), man
+    man = score_shards(shards, model_dir, out, cfg, device=device)
+    return man["run"]["scored_tokens"] / man["run"]["elapsed_s"]
 
 
-def _tight(shards, model_dir, cfg, device, repeats, full_head=False) -> float:
+class _Tight:
     """The same encoder + masked-only head + CE on pre-built, pre-collated tensors."""
 
-    from kdcl_dist.curriculum.scoring import (
-        Scorer,
-        batches_for_shard,
-        load_scoring_model,
-        read_shard,
-    )
-    from kdcl_dist.data.masking import MaskSpec
-    from kdcl_dist.data.reader import ShardSet
-    from kdcl_dist.data.tokenizer import load_tokenizer
+    def __init__(self, shards, model_dir, cfg, device):
+        from kdcl_dist.curriculum.scoring import (
+            Scorer,
+            batches_for_shard,
+            load_scoring_model,
+            read_shard,
+        )
+        from kdcl_dist.data.masking import MaskSpec
+        from kdcl_dist.data.reader import ShardSet
+        from kdcl_dist.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(str(model_dir))
-    spec = MaskSpec.from_tokenizer(tok, cfg.mask_prob)
-    ss = ShardSet(shards)
-    batches = []
-    for i in range(ss.num_shards):
-        sids, toks = read_shard(ss, i)
-        batches.extend(batches_for_shard(sids, toks, cfg, spec, tok.pad_token_id))
-    scorer = Scorer(load_scoring_model(str(model_dir), cfg, device), device)
-    if device.type == "cuda":
-        for b in batches:
-            b.input_ids, b.attention_mask = b.input_ids.to(device), b.attention_mask.to(device)
-            b.rows, b.cols, b.targets = b.rows.to(device), b.cols.to(device), b.targets.to(device)
-    ntok = sum(b.n_tokens for b in batches)
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
+        tok = load_tokenizer(str(model_dir))
+        spec = MaskSpec.from_tokenizer(tok, cfg.mask_prob)
+        ss = ShardSet(shards)
+        self.batches = []
+        for i in range(ss.num_shards):
+            sids, toks = read_shard(ss, i)
+            self.batches.extend(batches_for_shard(sids, toks, cfg, spec, tok.pad_token_id))
+        self.scorer = Scorer(load_scoring_model(str(model_dir), cfg, device), device)
+        self.device = device
+        if device.type == "cuda":
+            for b in self.batches:
+                b.input_ids, b.attention_mask = b.input_ids.to(device), b.attention_mask.to(device)
+                b.rows, b.cols, b.targets = b.rows.to(device), b.cols.to(device), b.targets.to(device)
+        self.ntok = sum(b.n_tokens for b in self.batches)
+
+    def once(self, full_head: bool = False) -> float:
+        _sync(self.device)
         t = time.perf_counter()
-        for b in batches:
+        for b in self.batches:
             if full_head:
-                _full_head(scorer, b)
+                _full_head(self.scorer, b)
             else:
-                scorer.losses(b)
-        _sync(device)
-        rates.append(ntok / (time.perf_counter() - t))
-    return _median(rates)
+                self.scorer.losses(b)
+        _sync(self.device)
+        return self.ntok / (time.perf_counter() - t)
 
 
 def _full_head(scorer, b):
@@ -160,32 +157,57 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _naive(model_dir, docs_ids, cfg, device, repeats) -> float:
+class _Naive:
     """Batch 1, full-vocabulary logits, HF `labels=` loss, one forward per (abstract, mask)."""
-    import torch
 
-    from kdcl_dist.curriculum.scoring import load_scoring_model
-    from kdcl_dist.data.masking import MaskSpec, mask_sample
-    from kdcl_dist.data.tokenizer import load_tokenizer
+    def __init__(self, model_dir, docs_ids, cfg, device):
+        from kdcl_dist.curriculum.scoring import load_scoring_model
+        from kdcl_dist.data.masking import MaskSpec
+        from kdcl_dist.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(str(model_dir))
-    spec = MaskSpec.from_tokenizer(tok, cfg.mask_prob)
-    model = load_scoring_model(str(model_dir), cfg, device).eval().to(device)
-    rates = []
-    for _ in range(repeats):
+        tok = load_tokenizer(str(model_dir))
+        self.spec = MaskSpec.from_tokenizer(tok, cfg.mask_prob)
+        self.model = load_scoring_model(str(model_dir), cfg, device).eval().to(device)
+        self.docs, self.cfg, self.device = docs_ids, cfg, device
+
+    def once(self) -> float:
+        import torch
+
+        from kdcl_dist.data.masking import mask_sample
+
         ntok = 0
-        _sync(device)
+        _sync(self.device)
         t = time.perf_counter()
         with torch.inference_mode():
-            for sid, ids in docs_ids:
-                for k in range(cfg.masks):
-                    inp, lab = mask_sample(ids, sid, k, "score", cfg.seed, spec)
-                    out = model(input_ids=torch.from_numpy(inp)[None].to(device),
-                                labels=torch.from_numpy(lab)[None].to(device))
+            for sid, ids in self.docs:
+                for k in range(self.cfg.masks):
+                    inp, lab = mask_sample(ids, sid, k, "score", self.cfg.seed, self.spec)
+                    out = self.model(input_ids=torch.from_numpy(inp)[None].to(self.device),
+                                     labels=torch.from_numpy(lab)[None].to(self.device))
                     float(out.loss)
                     ntok += len(ids)
-        rates.append(ntok / (time.perf_counter() - t))
-    return _median(rates)
+        return ntok / (time.perf_counter() - t)
+
+
+def _measure(name, shards, model_dir, naive_docs, cfg, device, repeats, root: Path, full_head: bool):
+    """Interleave the variants round by round (pipeline, tight, naive, ...) so that a shared,
+    fluctuating machine slows all of them alike; report medians of the rounds."""
+    tight = _Tight(shards, model_dir, cfg, device)
+    naive = _Naive(model_dir, naive_docs, cfg, device)
+    tight.once()   # warm-up (kernel selection, allocator) outside the measurement
+    res = {"pipeline": [], "tight": [], "naive": [], "full": []}
+    for r in range(repeats):
+        res["pipeline"].append(_pipeline_once(shards, model_dir, cfg, device, root / f"pipe-{name}-{r}"))
+        res["tight"].append(tight.once())
+        res["naive"].append(naive.once())
+        if full_head:
+            res["full"].append(tight.once(full_head=True))
+        ratios = (res["pipeline"][-1] / res["tight"][-1], res["pipeline"][-1] / res["naive"][-1])
+        print(f"  {name} round {r + 1}: pipeline {res['pipeline'][-1]:,.0f}  tight {res['tight'][-1]:,.0f}  "
+              f"naive {res['naive'][-1]:,.0f} tokens/s  (a) {ratios[0]:.3f}  (b) {ratios[1]:.2f}x", flush=True)
+    return {k: _median(v) if v else None for k, v in res.items()} | {
+        "a": _median([p / t for p, t in zip(res["pipeline"], res["tight"])]),
+        "b": _median([p / n for p, n in zip(res["pipeline"], res["naive"])])}
 
 
 def head_share(spec: dict, vocab: int, seq: float, mask_prob: float) -> dict:
@@ -259,13 +281,10 @@ def run(args) -> int:
     rows = []
 
     # (a) + (b) tiny preset student
-    pipe, _ = _pipeline(shards, tiny, cfg, device, args.repeats, root)
-    tight = _tight(shards, tiny, cfg, device, args.repeats)
-    full = _tight(shards, tiny, cfg, device, max(1, args.repeats // 2), full_head=True) if device.type == "cpu" else None
     sample = [(s.meta["id"], s.ids) for s, _ in zip(ss, range(args.naive_docs))]
-    naive = _naive(tiny, sample, cfg, device, max(1, args.repeats // 2))
+    m = _measure("tiny", shards, tiny, sample, cfg, device, args.repeats, root, full_head=device.type == "cpu")
     fl = head_share(_tiny_spec(), len(tok), float(np.mean(lens)), cfg.mask_prob)
-    rows.append(("tiny preset student", pipe, tight, naive, full, fl))
+    rows.append(("tiny preset student", m, fl))
 
     # (b) DistilBERT-size
     if args.distilbert:
@@ -274,35 +293,39 @@ def run(args) -> int:
             write_documents(docs[: args.distilbert_docs], tok, dshards, max_length=args.max_length,
                             shard_size=max(1, args.distilbert_docs // 2))
         dmodel = _make_model(DISTILBERT, tok, root / "distilbert-size", vocab=DISTILBERT_VOCAB)
-        r = max(1, args.repeats // 2)
-        dpipe, _ = _pipeline(dshards, dmodel, cfg, device, r, root)
-        dtight = _tight(dshards, dmodel, cfg, device, r)
         dss = ShardSet(dshards)
         dsample = [(s.meta["id"], s.ids) for s, _ in zip(dss, range(max(4, args.distilbert_docs // 2)))]
-        dnaive = _naive(dmodel, dsample, cfg, device, 1)
+        dm = _measure("distilbert", dshards, dmodel, dsample, cfg, device, max(1, args.repeats), root, False)
         dfl = head_share(DISTILBERT, DISTILBERT_VOCAB, float(np.mean(lens)), cfg.mask_prob)
-        rows.append(("DistilBERT-size (6x768, V=28996)", dpipe, dtight, dnaive, None, dfl))
+        rows.append(("DistilBERT-size (6x768, V=28996)", dm, dfl))
 
     print()
     print(f"{'model':<34} {'pipeline':>10} {'tight loop':>11} {'(a) ratio':>9} {'naive b=1':>10} "
           f"{'(b) speedup':>11} {'head share':>10} {'ceiling':>8} {'of ceiling':>10}")
-    for name, p, t, nv, _, f in rows:
-        print(f"{name:<34} {p:>10,.0f} {t:>11,.0f} {p / t:>9.3f} {nv:>10,.0f} {p / nv:>10.2f}x "
-              f"{f['head_share']:>10.1%} {f['ceiling_simple']:>7.2f}x {p / nv / f['ceiling_simple']:>10.0%}")
-    print("  (tokens/s; (a) target >= 0.90, (b) target >= 3x for the tiny preset)")
+    for name, m, f in rows:
+        print(f"{name:<34} {m['pipeline']:>10,.0f} {m['tight']:>11,.0f} {m['a']:>9.3f} {m['naive']:>10,.0f} "
+              f"{m['b']:>10.2f}x {f['head_share']:>10.1%} {f['ceiling_simple']:>7.2f}x {m['b'] / f['ceiling_simple']:>10.0%}")
+    print("  (tokens/s, medians of interleaved rounds; ratios are medians of per-round ratios)")
+    print("  ((a) target >= 0.90, (b) target >= 3x for the tiny preset)")
     print("  ceiling = 1/(1 - LM-head share of forward FLOPs at batch 1): what skipping the head at unmasked")
     print("  positions can give when batching itself gains nothing (a CPU already runs batch-1 matmuls near peak);")
     print("  with the head still run on the 15% masked positions the bound is "
           + ", ".join(f"{f['ceiling_masked']:.2f}x ({n.split(' ')[0]})" for n, *_, f in rows) + ".")
+    full, naive = rows[0][1]["full"], rows[0][1]["naive"]
     if full is not None:
         print(f"  reference, tiny: batched encoder + full-vocabulary head on every position: {full:,.0f} tokens/s "
               f"({full / naive:.2f}x naive): full-vocab logits of a large batch are memory-bound on a CPU,")
         print("  which is why the scoring pass runs the head on masked positions only.")
     if args.ranks:
         print("\n(c) ranks (torchrun, gloo, 1 thread each, tiny student; scored tokens / scoring wall time from scores.json)")
-        r1 = _median([_ranks(shards, tiny, cfg, 1, root, f"r{i}") for i in range(args.repeats)])
-        r2 = _median([_ranks(shards, tiny, cfg, 2, root, f"r{i}") for i in range(args.repeats)])
-        print(f"  1 rank: {r1:,.0f} tokens/s   2 ranks: {r2:,.0f} tokens/s   speedup {r2 / r1:.2f}x (target >= 1.7x)")
+        r1, r2 = [], []
+        for i in range(args.repeats):   # interleaved, as above
+            r1.append(_ranks(shards, tiny, cfg, 1, root, f"r{i}"))
+            r2.append(_ranks(shards, tiny, cfg, 2, root, f"r{i}"))
+            print(f"  round {i + 1}: 1 rank {r1[-1]:,.0f}  2 ranks {r2[-1]:,.0f} tokens/s  {r2[-1] / r1[-1]:.2f}x", flush=True)
+        print(f"  1 rank: {_median(r1):,.0f} tokens/s   2 ranks: {_median(r2):,.0f} tokens/s   speedup "
+              f"{_median([b / a for a, b in zip(r1, r2)]):.2f}x (target >= 1.7x)")
+    print(f"  machine load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -30,8 +30,9 @@ def add_arguments(p):
 
 
 def _write_source_shard(args):
+    # fast_write_shard is byte-identical to write_shard (tested) and ~3x faster
+    from kdcl_dist.curriculum.build import fast_write_shard
     from kdcl_dist.curriculum.scoring import score_file_name, write_score_file
-    from kdcl_dist.curriculum.build import fast_write_shard   # byte-identical to write_shard (tested)
     from kdcl_dist.data.shards import Sample, shard_name
 
     root, i, start, stop, ident = args
