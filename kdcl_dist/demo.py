@@ -30,7 +30,7 @@ class DemoConfig:
     max_docs: int = option(2000, help="documents of the real corpus to use (0: all)", min=0)
     synthetic_docs: int = option(2000, help="documents generated when no corpus exists", min=100)
     steps: int = option(60, help="KD-CL-SR training steps", min=1)
-    teacher_steps: int = option(50, help="teacher adaptation steps", min=1)
+    teacher_steps: int = option(100, help="teacher adaptation steps", min=1)
     warmup_student_steps: int = option(30, help="student warm-up steps", min=1)
     nproc: int = option(2, help="ranks for scoring and KD-CL-SR training", min=1)
     reliance: str = option("sr-paper", help="λ schedule of the KD-CL-SR run", choices=("sr-paper", "sr-sample", "sr-minmax"))
@@ -145,9 +145,11 @@ def write_demo_report(out: Path, desc: str, prep: dict, results: dict, cfg: Demo
         L.append(f"| {label} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['masked_tokens']} |")
     if m:
         first, last = m[0], m[-1]
+        lams = [r.get("lambda") or 0.0 for r in m]
         L += ["", f"Training loss {first.get('loss', float('nan')):.3f} (step {first['step']}) → "
-              f"{last.get('loss', float('nan')):.3f} (step {last['step']}); λ {first.get('lambda', 0):.3f} → "
-              f"{last.get('lambda', 0):.3f}.", ""]
+              f"{last.get('loss', float('nan')):.3f} (step {last['step']}); λ per step: first {lams[0]:.3f}, "
+              f"mean {sum(lams) / len(lams):.3f}, max {max(lams):.3f}, last {lams[-1]:.3f} "
+              "(a run longer than one epoch starts again at the easiest batches, where λ is 0).", ""]
     L += ["Outputs: `kd-cl-sr/tensorboard/` (TensorBoard), `kd-cl-sr/metrics.jsonl`, `cur/curriculum.png`, "
           "`student-kd-cl-sr/` (HF model), `evals/*.mlm.json`, `logs/` (one log per step)."]
     path = out / "report.md"

@@ -342,18 +342,6 @@ class Experiment:
         return {"steps": steps, "teacher_steps": t_steps, "warmup_steps": w_steps, "split": split,
                 "teacher": prep / "teacher", "student": prep / "student"}
 
-    def export(self, name: str, train_dir: Path, out: Path) -> None:
-        """`kdcl-dist export` through its Python entry point (no subprocess start-up per run)."""
-        def fn():
-            from kdcl_dist.export import export_checkpoint, verify_export
-
-            export_checkpoint(str(train_dir), str(out))
-            diff = verify_export(out)
-            if diff > 1e-4:
-                raise UserError(f"{out}: exported model's logits differ from the checkpoint's by {diff:.2e}")
-
-        self.r.call(name, fn, out / "config.json")
-
     # -- evaluation helpers --------------------------------------------------------------
     def eval_mlm(self, name: str, model: Path, in_process: bool = False) -> Path:
         out = self.p["evals"] / f"{name}.mlm.json"
@@ -395,7 +383,8 @@ class Experiment:
                                                         prep["teacher"] if spec["teacher"] else None, run / "train",
                                                         spec["order"], spec["reliance"], prep["steps"], seed),
                run / "train" / "train_summary.json", torchrun_cli(self.cfg.nproc))
-        self.export(f"export/{arm}-s{seed}", run / "train", run / "model")
+        r.step(f"export/{arm}-s{seed}", ["export", "--checkpoint", run / "train", "--out", run / "model"],
+               run / "model" / "config.json")
         self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=True)
         self.eval_yesno(f"{arm}-s{seed}", run / "model")
 
@@ -553,6 +542,11 @@ def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, co
         c["p_holm"] = adj
         c["significant"] = adj < 0.05
 
+    steps_log = out / "steps.jsonl"
+    if steps_log.exists():  # an experiment resumed after a kill: report the span since its first step
+        first = json.loads(steps_log.open().readline())["time"]
+        span = time.time() - time.mktime(time.strptime(first, "%Y-%m-%dT%H:%M:%S"))
+        wall_s = max(wall_s, span)
     L = [f"# KD / KD-CL / KD-CL-SR experiment ({out})", ""]
     split = prep.get("split", {})
     L.append(f"Corpus: `{split.get('corpus', '?')}`: {split.get('train', '?')} training documents, "
@@ -560,7 +554,8 @@ def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, co
              f"Budget per run: {prep['steps']} steps × global batch {cfg.global_batch} = "
              f"{prep['steps'] * cfg.global_batch} samples (equal for every arm). Teacher adapted for "
              f"{prep.get('teacher_steps')} steps, student warmed up for {prep.get('warmup_steps')} steps. "
-             f"{cfg.seeds} seeds per arm. Wall time {wall_s / 60:.1f} min.")
+             f"{cfg.seeds} seeds per arm. Wall time {wall_s / 60:.1f} min (since the first step, "
+             "including any interruption).")
     if command:
         L += ["", f"Command: `{command}`"]
     L += ["", "## Table 1: held-out masked-LM loss (lower is better)", "",

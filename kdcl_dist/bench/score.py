@@ -91,8 +91,11 @@ def _median(xs):
 
 def _pipeline_once(shards, model_dir, cfg, device, out: Path) -> float:
     """Tokens/s of one `score_shards` run (everything but model loading) into a fresh folder."""
+    import shutil
+
     from kdcl_dist.curriculum.scoring import score_shards
 
+    shutil.rmtree(out, ignore_errors=True)   # a re-used --workdir must not skip the work
     man = score_shards(shards, model_dir, out, cfg, device=device)
     return man["run"]["scored_tokens"] / man["run"]["elapsed_s"]
 
@@ -221,7 +224,10 @@ def head_share(spec: dict, vocab: int, seq: float, mask_prob: float) -> dict:
 
 
 def _ranks(shards, model_dir, cfg, nproc: int, root: Path, tag: str) -> float:
+    import shutil
+
     out = root / f"ranks{nproc}-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
     port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            "-m", "kdcl_dist", "score", "--shards", str(shards), "--model", str(model_dir), "--out", str(out),

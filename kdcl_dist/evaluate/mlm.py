@@ -163,9 +163,9 @@ def evaluate_mlm(model: str, shards: str, cfg: EvalMLMConfig | None = None, toke
 
     cfg = cfg or EvalMLMConfig()
     t0 = time.time()
+    ss, samples = select_samples(shards, cfg.split, cfg.heldout_percent, cfg.max_samples)  # fails fast on a bad dir
     tok_name = tokenizer or str(model)
     tok = load_tokenizer(tok_name)
-    ss, samples = select_samples(shards, cfg.split, cfg.heldout_percent, cfg.max_samples)
     _check_tokenizer(ss, tok, tok_name)
     if not samples:
         raise UserError(

@@ -38,6 +38,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # settings of the tiny pipeline every fault test shares
 N_DOCS = 240
@@ -60,6 +62,7 @@ class Run:
     rcs: list[int]                       # exit status per rank (negative: killed by that signal)
     logs: list[str]                      # stdout+stderr per rank
     events: list[int | None] = field(default_factory=list)  # fault events seen per rank (clean exits)
+    wall: float = 0.0                    # seconds from fork to the last exit
 
     @property
     def rc(self) -> int:
@@ -142,6 +145,11 @@ def _child(argv, rank, world, port, env, kill, enospc_at, log_path, events_path,
         root = logging.getLogger()
         for h in list(root.handlers):
             root.removeHandler(h)
+        # handlers created at import time (deepspeed's) still hold the parent's streams
+        for lg in list(logging.Logger.manager.loggerDict.values()):
+            for h in getattr(lg, "handlers", []):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    h.setStream(sys.stderr)
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                   "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
             os.environ.pop(k, None)
@@ -178,6 +186,28 @@ def _child(argv, rank, world, port, env, kill, enospc_at, log_path, events_path,
         os._exit(rc)
 
 
+def _quiesce_threads() -> None:
+    """fork() copies only the calling thread: a lock held by another thread stays locked in the
+    child forever. tqdm's monitor thread holds tqdm's lock periodically (and zero_to_fp32, the
+    exporter and the stages use tqdm), so stop it and never start it again."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
+    for t in threading.enumerate():
+        if t.name == "tqdm_monitor" and hasattr(t, "exit"):
+            t.exit()
+    stack = [tqdm]
+    while stack:  # the monitor is stored on the subclass that started it (tqdm.auto, ...)
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if "monitor" in cls.__dict__:
+            cls.monitor = None
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    assert not others, f"threads alive in the test process would make forked ranks unsafe: {others}"
+
+
 def fork_run(argv, *, world: int = 1, env: dict | None = None, kill: tuple | None = None,
              enospc_at: int | None = None, timeout: float = 300, sigterm: tuple | None = None,
              pre=None, logdir: Path | None = None, kill_after: tuple | None = None) -> Run:
@@ -188,6 +218,7 @@ def fork_run(argv, *, world: int = 1, env: dict | None = None, kill: tuple | Non
     """
     import tempfile
 
+    _quiesce_threads()
     logdir = Path(logdir or tempfile.mkdtemp(prefix="kdcl-faults-"))
     logdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -239,7 +270,7 @@ def fork_run(argv, *, world: int = 1, env: dict | None = None, kill: tuple | Non
         logs.append((logdir / f"rank{r}.log").read_text(errors="replace"))
         ev = logdir / f"rank{r}.events"
         events.append(int(ev.read_text()) if ev.exists() else None)
-    return Run([rcs[r] for r in range(world)], logs, events)
+    return Run([rcs[r] for r in range(world)], logs, events, time.time() - t0)
 
 
 def must(run: Run, what: str = "") -> Run:

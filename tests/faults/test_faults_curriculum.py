@@ -40,6 +40,7 @@ def _same_as_ref(out, ref) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_curriculum_sigkill_one_rank_then_rerun(base, ref, tmp_path, seed):
     victim = seed % 2

@@ -137,7 +137,7 @@ def test_train_enospc_during_checkpoint_then_resume(base, ref, tmp_path):
             pytest.skip("needs root for a real tmpfs (torch.save writes without the atomic writer)")
         run = fork_run(train_argv(base, ref["cur"], out), world=2, logdir=tmp_path / "k")
         assert run.rc != 0, run.text()
-        assert "No space left on device" in run.text() or "ENOSPC" in run.text() or "write" in run.text()
+        assert "No space left on device" in run.text() or "unexpected pos" in run.text(), run.text()
         from kdcl_dist import checkpoint as ckpt
 
         done = [s for s, _, ok in ckpt.list_checkpoints(out / "checkpoints") if ok]
@@ -148,7 +148,10 @@ def test_train_enospc_during_checkpoint_then_resume(base, ref, tmp_path):
 
 
 def _nan_at(calls: set[int]):
-    """A `pre` hook for fork_run: the KD loss is NaN at the given (1-based) loss calls."""
+    """A `pre` hook for fork_run: the KD loss is NaN at the given (1-based) loss calls.
+
+    One rank, global batch 8, micro batch 4: two calls per step, so call 5 is step 3.
+    """
 
     def pre(_rank):
         import torch
@@ -169,18 +172,43 @@ def _nan_at(calls: set[int]):
     return pre
 
 
-@pytest.mark.xfail(strict=True, reason="missing: the engine does not skip non-finite steps (no NaN/Inf check in "
-                   "kd/engine.py or train.py); a NaN loss reaches the optimizer and poisons the weights")
-def test_train_nan_loss_step_skipped_and_counted(base, ref, tmp_path):
-    out = tmp_path / "train"
-    must(fork_run(train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4), pre=_nan_at({3}),
-                  logdir=tmp_path / "t"), "train with one NaN step")
+def _finite(tag_dir) -> bool:
     import torch
 
-    w = student_weights(out / "checkpoints" / "global_step4")
-    assert all(torch.isfinite(v).all() for v in w.values()), "NaN reached the weights"
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary.get("nonfinite_steps") == 1
+    return all(bool(torch.isfinite(v).all()) for v in student_weights(tag_dir).values())
+
+
+def test_train_nan_loss_step_skipped_zero2(base, ref, tmp_path):
+    """ZeRO-1/2: DeepSpeed's overflow check skips the optimizer step; training goes on."""
+    out = tmp_path / "train"
+    run = must(fork_run(train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4), pre=_nan_at({5}),
+                        logdir=tmp_path / "t"), "train with one NaN step")
+    assert "Skipping step" in run.text()
+    m = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in m] == [1, 2, 3, 4]
+    def nan(x):  # metrics.jsonl writes NaN as null
+        return x is None or x != x
+
+    assert nan(m[2]["loss"]) and not any(nan(r["loss"]) for i, r in enumerate(m) if i != 2)
+    assert _finite(out / "checkpoints" / "global_step4"), "NaN reached the weights"
+
+
+@pytest.mark.xfail(strict=True, reason="missing: with ZeRO-0 (ds_configs/cpu_fp32.json, the default) nothing "
+                   "checks the loss/gradients: one NaN loss reaches AdamW and every weight becomes NaN")
+def test_train_nan_loss_step_skipped_zero0(base, ref, tmp_path):
+    out = tmp_path / "train"
+    must(fork_run(train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4, "--ds-config",
+                             "ds_configs/cpu_fp32.json"), pre=_nan_at({5}), logdir=tmp_path / "t"), "train")
+    assert _finite(out / "checkpoints" / "global_step4"), "NaN reached the weights"
+
+
+@pytest.mark.xfail(strict=True, reason="missing: skipped non-finite steps are not counted (no nonfinite_steps in "
+                   "train_summary.json / metrics)")
+def test_train_nan_loss_step_counted(base, ref, tmp_path):
+    out = tmp_path / "train"
+    must(fork_run(train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4), pre=_nan_at({5}),
+                  logdir=tmp_path / "t"), "train with one NaN step")
+    assert json.loads((out / "train_summary.json").read_text()).get("nonfinite_steps") == 1
 
 
 @pytest.mark.xfail(strict=True, reason="missing: no abort after N non-finite steps in a row")

@@ -1,0 +1,147 @@
+"""Export and eval faults: SIGKILL at seeded times then a re-run, ENOSPC, incomplete or missing
+checkpoints, missing models, shards of another tokenizer; exported models are safetensors only."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+from .conftest import (
+    STEPS,
+    eval_argv,
+    export_argv,
+    fork_run,
+    must,
+    one_line_error,
+    same_weights,
+    shard_argv,
+    small_fs,
+    student_weights,
+)
+
+pytestmark = pytest.mark.faults
+
+
+def _tensors(d) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def _same_export(out, ref) -> None:
+    a, b = _tensors(out), _tensors(ref["export"])
+    assert not same_weights(a, b)
+    ea, eb = (json.loads((d / "export.json").read_text()) for d in (out, ref["export"]))
+    assert (ea["tag"], ea["step"], ea["model_sha256"]) == (eb["tag"], eb["step"], eb["model_sha256"])
+
+
+def _delay(seed: int, wall: float) -> float:
+    return random.Random(2000 + seed).uniform(0.05, 0.95) * wall
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_export_sigkill_then_rerun(ref, tmp_path, seed):
+    out = tmp_path / "hf"
+    killed = fork_run(export_argv(ref["train"], out), kill_after=(0, _delay(seed, ref["export_run"].wall)),
+                      logdir=tmp_path / "k")
+    assert killed.rcs[0] in (-9, 0), killed.text()
+    if out.exists():  # the directory appears only complete (renamed from a temporary one)
+        _same_export(out, ref)
+    must(fork_run(export_argv(ref["train"], out), logdir=tmp_path / "r"), "re-run")
+    _same_export(out, ref)
+
+
+def test_export_is_safetensors_only(ref):
+    files = sorted(p.name for p in ref["export"].iterdir())
+    assert "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))], files
+    # and it equals the consolidated checkpoint it came from
+    w = student_weights(ref["train"] / "checkpoints" / f"global_step{STEPS}")
+    t = _tensors(ref["export"])
+    common = set(w) & set(t)
+    assert len(common) >= len(t) - 1 and all(bool((w[k] == t[k]).all()) for k in common)
+
+
+def test_export_skips_incomplete_latest_checkpoint(ref, tmp_path):
+    train = shutil.copytree(ref["train"], tmp_path / "train")
+    (train / "checkpoints" / f"global_step{STEPS}" / "kdcl_complete.json").unlink()
+    must(fork_run(export_argv(train, tmp_path / "hf"), logdir=tmp_path / "e"), "export")
+    info = json.loads((tmp_path / "hf" / "export.json").read_text())
+    assert info["tag"] == f"global_step{STEPS - 2}"
+    w = student_weights(train / "checkpoints" / f"global_step{STEPS - 2}")
+    t = _tensors(tmp_path / "hf")
+    assert all(bool((w[k] == t[k]).all()) for k in set(w) & set(t))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: export --tag of an interrupted checkpoint (no kdcl_complete.json, a "
+                   "cut file) is not refused up front (export.resolve_checkpoint checks only that the dir exists)")
+def test_export_refuses_incomplete_tag(ref, tmp_path):
+    train = shutil.copytree(ref["train"], tmp_path / "train")
+    tag = train / "checkpoints" / f"global_step{STEPS}"
+    (tag / "kdcl_complete.json").unlink()
+    f = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[:1000])
+    run = fork_run(export_argv(train, tmp_path / "hf", "--tag", tag.name), logdir=tmp_path / "e")
+    one_line_error(run, "global_step", "incomplete")
+
+
+def test_export_enospc_then_rerun(ref, tmp_path):
+    out = tmp_path / "fs"
+    with small_fs(out, "128k") as remount:
+        target = out / "hf"
+        run = fork_run(export_argv(ref["train"], target), enospc_at=None if remount else 1, logdir=tmp_path / "k")
+        assert run.rc != 0 and "No space left on device" in run.text(), run.text()
+        assert not (target / "model.safetensors").exists()
+        if remount is not None:
+            remount("64m")
+        must(fork_run(export_argv(ref["train"], target), logdir=tmp_path / "r"), "re-run")
+        _same_export(target, ref)
+
+
+def test_export_missing_checkpoint_path(tmp_path):
+    one_line_error(fork_run(export_argv(tmp_path / "nowhere", tmp_path / "hf"), logdir=tmp_path / "e"),
+                   "nowhere", "not found")
+
+
+# ---- eval ---------------------------------------------------------------------------------
+
+def _eval_result(p) -> dict:
+    d = json.loads(p.read_text())
+    d.pop("seconds", None)
+    return d
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_eval_sigkill_then_rerun(ref, tmp_path, seed):
+    out = tmp_path / "eval.json"
+    killed = fork_run(eval_argv(ref["export"], ref["shards"], out),
+                      kill_after=(0, _delay(seed, ref["eval_run"].wall)), logdir=tmp_path / "k")
+    assert killed.rcs[0] in (-9, 0), killed.text()
+    if out.exists():
+        assert _eval_result(out) == _eval_result(ref["eval"])
+    must(fork_run(eval_argv(ref["export"], ref["shards"], out), logdir=tmp_path / "r"), "re-run")
+    assert _eval_result(out) == _eval_result(ref["eval"])
+
+
+def test_eval_missing_model_path(ref, tmp_path):
+    one_line_error(fork_run(eval_argv(tmp_path / "no-model", ref["shards"], tmp_path / "e.json"),
+                            logdir=tmp_path / "e"), "no-model")
+
+
+def test_eval_shards_of_other_tokenizer_refused(base, ref, tmp_path):
+    argv = shard_argv(base, tmp_path / "shards2")
+    argv[argv.index("--tokenizer") + 1] = base["tokenizer2"]
+    must(fork_run(argv, logdir=tmp_path / "s"), "shards with tokenizer2")
+    run = fork_run(eval_argv(ref["export"], tmp_path / "shards2", tmp_path / "e.json"), logdir=tmp_path / "e")
+    one_line_error(run, "tokenizer")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_eval_corrupt_manifest(ref, tmp_path):
+    shards = shutil.copytree(ref["shards"], tmp_path / "shards")
+    (shards / "dataset.json").write_text("[")
+    run = fork_run(eval_argv(ref["export"], shards, tmp_path / "e.json"), logdir=tmp_path / "e")
+    one_line_error(run, "dataset.json")
