@@ -7,14 +7,22 @@ does not break the others.
 
 The deepspeed launcher passes `--local_rank=N` before the subcommand; it is accepted
 anywhere on the line and exported as LOCAL_RANK.
+
+Errors: a `UserError` is printed on one line (exit 2). A full disk or exceeded quota (an
+OSError ENOSPC/EDQUOT anywhere in the exception's cause/context chain, or a library error
+whose message carries it) is also printed on one line naming the path, the file system and
+the fix (exit 2); every stage writes through temp files and renames, so nothing partial is
+left under a final name. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from kdcl_dist import __version__
 from kdcl_dist.errors import UserError
@@ -52,6 +60,71 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+# library errors that wrap a full disk without an errno (safetensors' Rust IO error, torch's writer)
+_DISK_FULL_TEXT = {
+    errno.ENOSPC: ("No space left on device", "os error 28", "StorageFull"),
+    errno.EDQUOT: ("Disk quota exceeded", "os error 122", "FilesystemQuotaExceeded"),
+}
+
+
+def disk_full(exc: BaseException) -> tuple[int, str | None] | None:
+    """(errno, filename or None) when `exc` or anything in its cause/context chain is a full disk."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_TEXT:
+            name = e.filename if isinstance(e.filename, str) else None
+            return e.errno, name
+        text = str(e)
+        for code, needles in _DISK_FULL_TEXT.items():
+            if any(n in text for n in needles):
+                return code, None
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """(mount point, file system type) holding `path` (or its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    fstype = "?"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[1] == str(p):
+                fstype = parts[2]  # the last entry wins: a later mount hides earlier ones
+    except OSError:
+        pass
+    return str(p), fstype
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def disk_full_message(code: int, filename: str | None, args) -> str:
+    path = filename or getattr(args, "out", None) or os.getcwd()
+    mount, fstype = _mount_of(Path(path))
+    try:
+        st = os.statvfs(mount)
+        free = f", {_size(st.f_bavail * st.f_frsize)} free now"
+    except OSError:
+        free = ""
+    what = "free space" if code == errno.ENOSPC else "free space or raise your quota"
+    return (f"{path}: {os.strerror(code)}; {what} on {mount} ({fstype}{free}) or point --out elsewhere, "
+            "then re-run the same command (finished work is kept)")
+
+
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kdcl-dist",
@@ -86,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except UserError as e:
         print(f"kdcl-dist {name}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        full = disk_full(e)
+        if full is None:
+            raise
+        print(f"kdcl-dist {name}: error: {disk_full_message(*full, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kdcl-dist {name}: interrupted", file=sys.stderr)

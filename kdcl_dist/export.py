@@ -12,30 +12,38 @@ HF config that training saved in `<train out>/student_config/` (or from `--stude
 saved with `save_pretrained` (safetensors). The teacher is never in a training checkpoint.
 
 `checkpoint` may be the training output dir, its `checkpoints/` dir, or one `global_stepN` dir.
-Without a tag the newest complete checkpoint (with `kdcl_complete.json`) is used.
+Without a tag the newest complete and intact checkpoint is used (`resolve_checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from kdcl_dist import checkpoint as ckpt
 from kdcl_dist.errors import UserError
 
 log = logging.getLogger("kdcl_dist.export")
 
-TAG_RE = re.compile(r"^global_step(\d+)$")
-MARKER = "kdcl_complete.json"  # written by kdcl_dist.checkpoint after every rank saved
+TAG_RE = ckpt.TAG_RE
+MARKER = ckpt.MARKER  # written by kdcl_dist.checkpoint after every rank saved
 CONFIG_SUBDIR = "student_config"
 
 
 def resolve_checkpoint(path, tag: str | None = None) -> tuple[Path, str]:
-    """(directory holding the tag dirs, tag) from a training out dir, checkpoints dir or tag dir."""
+    """(directory holding the tag dirs, tag) from a training out dir, checkpoints dir or tag dir.
+
+    A checkpoint written by `kdcl-dist train` is exported only when it is complete (its
+    kdcl_complete.json exists) and intact (every file has the size and sha256 recorded there).
+    Without --tag the newest such one is taken: newer interrupted or damaged ones are skipped
+    with a warning, and DeepSpeed's `latest` file is not trusted (it can name an interrupted
+    save). An explicit --tag (or global_stepN directory) that is incomplete or damaged is an
+    error. A plain DeepSpeed directory (no kdcl-dist markers at all) falls back to its `latest`.
+    """
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: checkpoint path not found; pass the training --out, its checkpoints/ or a "
@@ -43,24 +51,69 @@ def resolve_checkpoint(path, tag: str | None = None) -> tuple[Path, str]:
     if TAG_RE.match(p.name) and p.is_dir():
         if tag is not None and tag != p.name:
             raise UserError(f"{p}: is checkpoint {p.name} but --tag {tag} was given; pass one of them")
+        _check_tag(p.parent, p.name)
         return p.parent, p.name
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if tag is not None:
-        if not (root / tag).is_dir():
+        if not _plain_name(tag) or not (root / tag).is_dir():
             raise UserError(f"{root / tag}: no checkpoint with tag {tag}; available: {', '.join(_tags(root)) or 'none'}")
+        _check_tag(root, tag)
         return root, tag
     tags = _tags(root)
     complete = [t for t in tags if (root / t / MARKER).exists()]
     if complete:
-        return root, complete[-1]
-    if (root / "latest").exists():  # a plain DeepSpeed checkpoint directory (not written by kdcl-dist train)
-        t = (root / "latest").read_text().strip()
-        if (root / t).is_dir():
-            return root, t
-    if tags:
+        # warns about damaged ones; refuses when all are damaged
+        found = ckpt.newest_intact(root, fix="restore the files (the warnings above name them) or export another run")
+        newer = [t for t in tags if _step(t) > _step(found.name) and t not in complete]
+        if newer:
+            log.warning("skipping interrupted checkpoint(s) %s (no %s); exporting %s", ", ".join(newer), MARKER,
+                        found.name)
+        return root, found.name
+    if tags and _kdcl_run(root):
         raise UserError(f"{root}: no complete checkpoint (no {MARKER} in {', '.join(tags)}: saves were "
-                        "interrupted); pass --tag to export one anyway")
+                        "interrupted); finish one with `kdcl-dist train ... --resume auto`")
+    if (root / "latest").is_file():  # a plain DeepSpeed checkpoint directory (not written by kdcl-dist train)
+        t = (root / "latest").read_text(errors="replace").strip()
+        if not _plain_name(t) or not (root / t).is_dir():
+            raise UserError(f"{root / 'latest'}: names {t!r}, which is not a checkpoint directory inside {root}; "
+                            "pass --tag")
+        log.warning("%s: no %s markers (not written by kdcl-dist train): exporting DeepSpeed's latest tag %s "
+                    "unverified", root, MARKER, t)
+        return root, t
+    if tags:
+        raise UserError(f"{root}: no complete checkpoint (no {MARKER} in {', '.join(tags)}); pass --tag")
     raise UserError(f"{root}: no global_stepN checkpoint found; pass the training --out or a checkpoint dir")
+
+
+def _plain_name(tag: str) -> bool:
+    """A tag is one directory name inside the checkpoint root (never a path that leaves it)."""
+    return bool(tag) and tag not in (".", "..") and "/" not in tag and "\\" not in tag and "\0" not in tag
+
+
+def _step(tag: str) -> int:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else -1
+
+
+def _kdcl_run(root: Path) -> bool:
+    """Written by `kdcl-dist train`: some tag has a marker, or the run's student_config is beside it."""
+    return any((root / t / MARKER).exists() for t in _tags(root)) or (root.parent / CONFIG_SUBDIR).is_dir()
+
+
+def _check_tag(root: Path, tag: str) -> None:
+    """Refuse an explicitly chosen checkpoint that is interrupted or damaged."""
+    tag_dir = root / tag
+    others = [t for t in _tags(root) if t != tag and (root / t / MARKER).exists()]
+    hint = (f"export a complete one ({', '.join(others)}) or omit --tag for the newest intact one" if others
+            else "finish a checkpoint with `kdcl-dist train ... --resume auto`")
+    if not (tag_dir / MARKER).exists():
+        if _kdcl_run(root):
+            raise UserError(f"{tag_dir}: incomplete checkpoint (no {MARKER}: its save was interrupted); {hint}")
+        log.warning("%s: no %s (not written by kdcl-dist train): exporting it unverified", tag_dir, MARKER)
+        return
+    problem = ckpt.damage(tag_dir)
+    if problem:
+        raise UserError(f"{problem}; checkpoint {tag} is damaged: {hint}")
 
 
 def _tags(root: Path) -> list[str]:
@@ -155,25 +208,50 @@ def export_checkpoint(checkpoint, out, tag: str | None = None, student: str | No
 
     # write into a sibling temp dir and swap it in, so a kill never leaves a half export
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
+    _remove_stale_temps(out)
+    tmp = out.parent / f"{_TMP_PREFIX}{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    marker = {}
-    if (root / tag / MARKER).exists():
-        marker = read_json(root / tag / MARKER, "checkpoint marker")
-    m = TAG_RE.match(tag)
-    weights = tmp / "model.safetensors"
-    write_json_atomic(tmp / "export.json", {
-        "checkpoint": str((root / tag).resolve()), "tag": tag,
-        "step": int(m.group(1)) if m else marker.get("step"),
-        "zero_stage": marker.get("zero_stage"), "student_config": str(config_src),
-        "dtype": "float32", "model_sha256": sha256_file(weights) if weights.exists() else None,
-    })
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        marker = {}
+        if (root / tag / MARKER).exists():
+            marker = read_json(root / tag / MARKER, "checkpoint marker")
+        m = TAG_RE.match(tag)
+        weights = tmp / "model.safetensors"
+        write_json_atomic(tmp / "export.json", {
+            "checkpoint": str((root / tag).resolve()), "tag": tag,
+            "step": int(m.group(1)) if m else marker.get("step"),
+            "zero_stage": marker.get("zero_stage"), "student_config": str(config_src),
+            "dtype": "float32", "model_sha256": sha256_file(weights) if weights.exists() else None,
+        })
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back, leave no half export
+        raise
     return out
+
+
+_TMP_PREFIX = ".tmp-export-"
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temp dirs of earlier exports to the same --out whose process is gone (killed runs)."""
+    for d in out.parent.glob(f"{_TMP_PREFIX}{out.name}-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            alive = int(pid) != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True  # another user's live process
+        if not alive:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def verify_export(out, checkpoint: str | None = None, seq_len: int = 32, tol: float = 1e-5) -> float:

@@ -1,7 +1,8 @@
 """Checkpoint tools.
 
   kdcl-dist checkpoint list --out RUN_DIR
-      the checkpoints of a run: step, complete or not, world size, ZeRO stage, consumed samples
+      the checkpoints of a run: step, complete / INCOMPLETE (interrupted save) / DAMAGED (a file
+      no longer has the size or sha256 recorded at save time), world size, ZeRO stage, consumed samples
   kdcl-dist checkpoint universal --checkpoint DIR [--tag global_stepN]
       convert a DeepSpeed checkpoint to a universal one (DIR/<tag>_universal) so that it can be
       resumed at another world size; `train --resume` does this automatically when needed
@@ -32,7 +33,8 @@ def _resolve(path: str, tag: str | None) -> Path:
     p = Path(path)
     if tag:
         for base in (p, p / ckpt.SUBDIR):
-            if (base / tag).is_dir():
+            if ckpt.TAG_RE.match(tag) and (base / tag).is_dir():
+                ckpt.check_intact(base / tag)
                 return base / tag
         raise UserError(f"{path}: no checkpoint tag {tag}")
     found = ckpt.find_resume(p.parent if p.name == ckpt.SUBDIR else p, str(p)) if p.exists() else None
@@ -51,9 +53,15 @@ def run(args) -> int:
         if not items:
             raise UserError(f"{root}: no checkpoints")
         for _step, d, ok in items:
-            m = json.loads((d / ckpt.MARKER).read_text()) if ok else {}
-            print(f"{d.name:<22} {'complete' if ok else 'INCOMPLETE':<10} world={m.get('world_size', '?')} "
-                  f"zero={m.get('zero_stage', '?')} consumed={m.get('consumed_samples', '?')}")
+            problem = ckpt.damage(d) if ok else None
+            try:
+                m = json.loads((d / ckpt.MARKER).read_text()) if ok and not problem else {}
+            except (OSError, ValueError):
+                m = {}
+            state = "INCOMPLETE" if not ok else "DAMAGED" if problem else "complete"
+            line = (f"{d.name:<22} {state:<10} world={m.get('world_size', '?')} "
+                    f"zero={m.get('zero_stage', '?')} consumed={m.get('consumed_samples', '?')}")
+            print(line + (f"  ({problem})" if problem else ""))
         return 0
     tag_dir = _resolve(args.checkpoint, args.tag)
     out = ckpt.convert_to_universal(tag_dir, workers=args.workers)

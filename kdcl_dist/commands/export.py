@@ -6,6 +6,10 @@
 --checkpoint: the training --out, its checkpoints/ directory, or one global_stepN directory
 (any ZeRO stage; ZeRO partitions are consolidated to fp32). The student's config and
 tokenizer come from <train out>/student_config/, or from --student when that is absent.
+Only a complete and intact checkpoint is exported (kdcl_complete.json present, every file
+with the size and sha256 recorded there): without --tag the newest such one (newer
+interrupted or damaged ones are skipped with a warning); an explicit --tag that is
+interrupted or damaged is refused.
 After writing, the directory is reloaded with AutoModelForMaskedLM and its logits are
 compared with the consolidated weights' (skip with --no-verify).
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="training out dir, checkpoints/ dir or global_stepN dir")
     p.add_argument("--out", required=True, help="HF model directory to write")
-    p.add_argument("--tag", help="checkpoint tag (global_stepN); default: newest complete checkpoint")
+    p.add_argument("--tag", help="checkpoint tag (global_stepN); default: newest complete and intact checkpoint")
     p.add_argument("--student", help="student model dir or name for config+tokenizer (default: <train out>/student_config)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out that is not an earlier export")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload-and-compare check")

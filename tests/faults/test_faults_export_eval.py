@@ -52,6 +52,7 @@ def test_export_sigkill_then_rerun(ref, tmp_path, seed):
         _same_export(out, ref)
     must(fork_run(export_argv(ref["train"], out), logdir=tmp_path / "r"), "re-run")
     _same_export(out, ref)
+    assert not list(tmp_path.glob(".tmp-export-*")), "the killed export's temp dir was not cleaned"
 
 
 def test_export_is_safetensors_only(ref):
@@ -76,8 +77,6 @@ def test_export_skips_incomplete_latest_checkpoint(ref, tmp_path):
     assert all(bool((w[k] == t[k]).all()) for k in set(w) & set(t))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: export --tag of an interrupted checkpoint (no kdcl_complete.json, a "
-                   "cut file) is not refused up front (export.resolve_checkpoint checks only that the dir exists)")
 def test_export_refuses_incomplete_tag(ref, tmp_path):
     train = shutil.copytree(ref["train"], tmp_path / "train")
     tag = train / "checkpoints" / f"global_step{STEPS}"
@@ -86,6 +85,87 @@ def test_export_refuses_incomplete_tag(ref, tmp_path):
     f.write_bytes(f.read_bytes()[:1000])
     run = fork_run(export_argv(train, tmp_path / "hf", "--tag", tag.name), logdir=tmp_path / "e")
     one_line_error(run, "global_step", "incomplete")
+    # the same checkpoint named by its directory
+    run = fork_run(export_argv(tag, tmp_path / "hf"), logdir=tmp_path / "e2")
+    one_line_error(run, f"global_step{STEPS}", "incomplete")
+    assert not (tmp_path / "hf").exists()
+
+
+def _cut_after_marker(tag_dir, name="mp_rank_00_model_states.pt"):
+    f = tag_dir / name
+    f.write_bytes(f.read_bytes()[:5000])
+    return f
+
+
+def test_export_refuses_damaged_tag(ref, tmp_path):
+    """Complete (marker written) but a file was cut afterwards: --tag is refused, naming the file."""
+    train = shutil.copytree(ref["train"], tmp_path / "train")
+    tag = train / "checkpoints" / f"global_step{STEPS}"
+    _cut_after_marker(tag)
+    run = fork_run(export_argv(train, tmp_path / "hf", "--tag", tag.name), logdir=tmp_path / "e")
+    one_line_error(run, "mp_rank_00_model_states.pt", "damaged", f"global_step{STEPS - 2}")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_skips_damaged_newest_checkpoint(ref, tmp_path):
+    """Without --tag the newest *intact* checkpoint is exported, with a warning naming the damage."""
+    train = shutil.copytree(ref["train"], tmp_path / "train")
+    _cut_after_marker(train / "checkpoints" / f"global_step{STEPS}")
+    run = must(fork_run(export_argv(train, tmp_path / "hf"), logdir=tmp_path / "e"), "export")
+    assert "skipping the damaged checkpoint" in run.text() and "mp_rank_00_model_states.pt" in run.text()
+    info = json.loads((tmp_path / "hf" / "export.json").read_text())
+    assert info["tag"] == f"global_step{STEPS - 2}"
+    w = student_weights(train / "checkpoints" / f"global_step{STEPS - 2}")
+    t = _tensors(tmp_path / "hf")
+    assert all(bool((w[k] == t[k]).all()) for k in set(w) & set(t))
+
+
+def test_export_plain_deepspeed_latest_stays_inside_the_checkpoint_dir(ref, tmp_path):
+    """Security: a plain DeepSpeed directory (no kdcl markers) falls back to its `latest` tag, but
+    only to a directory inside it: a `latest` naming another path is refused, nothing is read there."""
+    plain = tmp_path / "plain"
+    src = ref["train"] / "checkpoints" / f"global_step{STEPS}"
+    shutil.copytree(src, plain / "global_step5", ignore=shutil.ignore_patterns("kdcl_complete.json"))
+    elsewhere = shutil.copytree(src, tmp_path / "elsewhere" / f"global_step{STEPS}")
+    student = ref["train"] / "student_config"
+    (plain / "latest").write_text(f"../elsewhere/global_step{STEPS}")
+    run = fork_run(export_argv(plain, tmp_path / "hf", "--student", student), logdir=tmp_path / "e")
+    one_line_error(run, "latest", "not a checkpoint directory inside")
+    assert not (tmp_path / "hf").exists()
+    run = fork_run(export_argv(plain, tmp_path / "hf", "--student", student, "--tag", "../elsewhere"),
+                   logdir=tmp_path / "e2")
+    one_line_error(run, "no checkpoint with tag")
+    assert (elsewhere / "kdcl_complete.json").exists()
+    # a `latest` that names a tag inside is used (with a warning: nothing to verify it against)
+    (plain / "latest").write_text("global_step5")
+    run = must(fork_run(export_argv(plain, tmp_path / "hf", "--student", student, "--no-verify"),
+                        logdir=tmp_path / "e3"), "export of a plain DeepSpeed dir")
+    assert "unverified" in run.text()
+    assert json.loads((tmp_path / "hf" / "export.json").read_text())["tag"] == "global_step5"
+    assert not same_weights(_tensors(tmp_path / "hf"), _tensors(ref["export"]))
+
+
+def test_trust_remote_code_never_runs_model_code(ref, tmp_path):
+    """Security: a model directory that asks for custom code (auto_map) is refused by the loaders;
+    its Python file is never imported."""
+    from kdcl_dist.errors import UserError
+    from kdcl_dist.export import build_student
+    from kdcl_dist.kd.models import load_mlm
+
+    evil = tmp_path / "evil"
+    shutil.copytree(ref["export"], evil)
+    sentinel = tmp_path / "code-ran"
+    (evil / "modeling_evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\n")
+    (evil / "configuration_evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\n")
+    cfg = json.loads((evil / "config.json").read_text())
+    cfg.update({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                                                   "AutoModelForMaskedLM": "modeling_evil.EvilModel"}})
+    (evil / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="evil"):
+        load_mlm(str(evil))
+    with pytest.raises(UserError, match="evil"):
+        build_student(str(evil), {})
+    assert not sentinel.exists()
 
 
 def test_export_enospc_then_rerun(ref, tmp_path):
@@ -93,8 +173,9 @@ def test_export_enospc_then_rerun(ref, tmp_path):
     with small_fs(out, "128k") as remount:
         target = out / "hf"
         run = fork_run(export_argv(ref["train"], target), enospc_at=None if remount else 1, logdir=tmp_path / "k")
-        assert run.rc != 0 and "No space left on device" in run.text(), run.text()
+        one_line_error(run, "No space left on device", "point --out elsewhere")
         assert not (target / "model.safetensors").exists()
+        assert not list(out.glob(".tmp-*")), "the failed export's temp dir holds the space a re-run needs"
         if remount is not None:
             remount("64m")
         must(fork_run(export_argv(ref["train"], target), logdir=tmp_path / "r"), "re-run")
