@@ -29,6 +29,7 @@ import torch
 from kdcl_dist import FORMAT_VERSION, dist
 from kdcl_dist.config import option
 from kdcl_dist.errors import UserError
+from kdcl_dist.kd.nonfinite import NonFiniteGuard
 
 log = logging.getLogger("kdcl_dist.train")
 
@@ -72,6 +73,8 @@ class TrainConfig:
     seed: int = option(42, help="seed for order, masks, dropout")
     num_workers: int = option(2, help="DataLoader workers per rank", min=0)
     max_steps_per_run: int = option(0, help="stop (with a checkpoint) after this many steps in this run (0: off)", min=0)
+    max_nonfinite_steps: int = option(5, help="abort after this many non-finite (skipped) steps in a row (0: never)",
+                                      min=0)
 
     def validate(self) -> None:
         for k in ("curriculum", "student", "out"):
@@ -240,7 +243,14 @@ def train(cfg: TrainConfig) -> dict:
     scores_path = cur_dir / "order_scores.npy"
     if not scores_path.exists():
         raise UserError(f"{scores_path}: missing; re-run `kdcl-dist curriculum`")
-    order_scores = np.load(scores_path, mmap_mode="r")
+    try:
+        order_scores = np.load(scores_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # a cut header or body: mmap/parse fails
+        raise UserError(f"{scores_path}: cannot read it ({str(e).splitlines()[0][:160]}); the file is cut or "
+                        "corrupt: re-run `kdcl-dist curriculum`") from e
+    if order_scores.ndim != 1 or order_scores.dtype.kind != "f":
+        raise UserError(f"{scores_path}: expected a 1-D float array, found {order_scores.dtype} of shape "
+                        f"{order_scores.shape}; re-run `kdcl-dist curriculum`")
     if len(order_scores) != n:
         raise UserError(f"{scores_path}: {len(order_scores)} scores for {n} samples; re-run `kdcl-dist curriculum`")
     fingerprint = shards.fingerprint
@@ -259,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
     # 4. resume target: decided before the engine, because another world size needs the
     #    DeepSpeed config flag load_universal at initialize time
     order_info = {"mode": cfg.order, "seed": cfg.seed, "pacing_f0": cfg.pacing_f0, "pacing_steps": pacing_steps}
-    resume_dir = ckpt.find_resume(out, cfg.resume)
+    resume_dir = ckpt.find_resume_all_ranks(out, cfg.resume, rank)  # skips damaged checkpoints under auto
     marker = None
     if resume_dir is not None:
         marker = ckpt.read_marker(resume_dir)
@@ -309,13 +319,14 @@ def train(cfg: TrainConfig) -> dict:
 
     # 7. resume
     start_step = 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, rank)
     if resume_dir is not None:
-        load_dir, tag, _ = ckpt.prepare_load(resume_dir, world, rank)
-        client = engine.load(load_dir, tag)
+        client = _load_checkpoint(ckpt, engine, resume_dir, world, rank)
         start_step = int(client["step"])
         sampler.load_state_dict(client["sampler"])  # refuses another order / seed / manifest size
         if client.get("reliance"):
             reliance.load_state_dict(client["reliance"])
+        guard.load_state_dict(client.get("nonfinite"))  # continue the count of skipped steps
         if int(sampler.consumed_samples) != start_step * cfg.global_batch:
             raise UserError(f"{resume_dir}: consumed_samples {sampler.consumed_samples} is not step {start_step} x "
                             f"global batch {cfg.global_batch}; the checkpoint is inconsistent")
@@ -378,6 +389,7 @@ def train(cfg: TrainConfig) -> dict:
                     return v
             lr = engine.lr()  # the lr this step applies (the scheduler advances after the step)
             res = engine.step(micro, lam_fn)
+            guard.update(step + 1, res["nonfinite"])  # counts and warns; the weights were left as they were
             local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
             ran += 1
             want_stop = stop.requested or (cfg.max_steps_per_run and ran >= cfg.max_steps_per_run)
@@ -397,6 +409,7 @@ def train(cfg: TrainConfig) -> dict:
                 "samples_per_s": cfg.global_batch / dt, "tokens_per_s": float(sync[6]) / dt,
                 "step_time": dt, "memory_mb": engine.memory_bytes() / 2**20,
                 "masked_tokens": res["n_masked"], "consumed_samples": done * cfg.global_batch,
+                "nonfinite_steps": guard.total,
             }
             if cfg.cosine_weight > 0:
                 scalars["loss_cos"] = float(sync[4])
@@ -406,12 +419,14 @@ def train(cfg: TrainConfig) -> dict:
             if samples_f is not None:
                 samples_f.write(json.dumps({"step": done, "positions": [p for r in trained for p in r]}) + "\n")
                 samples_f.flush()
-            sampler.consumed_samples = done * cfg.global_batch
+            sampler.consumed_samples = done * cfg.global_batch  # a skipped step's samples count as consumed
+            guard.check()  # max_nonfinite_steps in a row: a one-line abort on every rank
             last = done == total_steps
             if float(sync[5]) > 0 and not last:
                 stopped_by = "SIGTERM" if stop.requested or not cfg.max_steps_per_run else "max_steps_per_run"
             if last or stopped_by or (cfg.save_every and done % cfg.save_every == 0):
-                _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, rank, order_info)
+                _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, rank, order_info,
+                      nonfinite=guard.state_dict())
             if stopped_by:
                 log.warning("stopping after step %d (%s); checkpoint saved", done, stopped_by)
                 break
@@ -424,20 +439,46 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"steps_done": step + 1 if total_steps > start_step else start_step, "total_steps": total_steps,
                "start_step": start_step, "world_size": world, "stopped_by": stopped_by,
                "teacher_sha_start": t_sha_start, "teacher_sha_end": t_sha_end,
-               "zero_stage": engine.zero_stage, "precision": engine.precision, **teacher_partition(engine)}
+               "zero_stage": engine.zero_stage, "precision": engine.precision, **teacher_partition(engine),
+               **guard.summary()}
     if rank == 0:
         write_json_atomic(out / "train_summary.json", summary)
     dist.barrier()
     return summary
 
 
-def _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, rank, order_info):
+def _load_checkpoint(ckpt, engine, resume_dir, world, rank) -> dict:
+    """engine.load with a one-line error when a file cannot be read.
+
+    The marker's sizes and sha256s were checked already; this catches what they cannot (a
+    marker written before files were recorded, a file damaged between the check and the load).
+    """
+    import errno
+    import pickle
+    import zipfile
+
+    try:
+        load_dir, tag, _ = ckpt.prepare_load(resume_dir, world, rank)
+        return engine.load(load_dir, tag)
+    except UserError:
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk during a universal conversion: the CLI names it
+        log.debug("loading %s failed", resume_dir, exc_info=True)
+        raise UserError(f"{resume_dir}: cannot load this checkpoint ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]}); a file is cut or corrupt: resume from an earlier "
+                        "checkpoint (--resume PATH) or start over with --resume none") from e
+
+
+def _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, rank, order_info, nonfinite=None):
     client = {
         "format_version": FORMAT_VERSION, "step": done, "consumed_samples": done * cfg.global_batch,
         "sampler": sampler.state_dict(),
         "reliance": reliance.state_dict() if hasattr(reliance, "state_dict") else dataclasses.asdict(reliance.spec),
         "curriculum_fingerprint": fingerprint, "global_batch": cfg.global_batch,
         "config": dataclasses.asdict(cfg),
+        "nonfinite": nonfinite or {},  # skipped-step record (kd/nonfinite.py), continued on resume
     }
     marker = {"consumed_samples": done * cfg.global_batch, "curriculum_fingerprint": fingerprint,
               "global_batch": cfg.global_batch, "world_size": world, "zero_stage": engine.zero_stage,

@@ -32,15 +32,23 @@ gives (1/(W*G)) * sum (W*G/N) grad S_{r,g} = (1/N) * sum grad S_{r,g} = grad L. 
 before any forward). `losses.masked_kd_losses` already divides by N, so the engine multiplies
 its result by W*G. The same holds for the KD term under `kd_positions="all"` with N replaced
 by the global count of non-padding tokens.
+
+Non-finite steps: every rank flags which value of its micro-batches was inf/NaN (teacher logits,
+mlm / kd / cosine loss, the total, ZeRO-0's gradient norm); one all-reduce before the optimizer
+step makes every rank skip the same steps (`_boundary_step`). A skipped step leaves weights and
+optimizer state untouched; the global step, the lr schedule and the data move on. Counting,
+the warning and the abort after N in a row are `kd/nonfinite.py` + `train.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +64,8 @@ HOSTINGS = ("replicated", "zero3")
 KD_POSITIONS = ("masked", "all")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# finiteness flags of one step, in the order of the all-reduced vector (see KDEngine.step)
+NONFINITE_TERMS = ("teacher logits", "mlm loss", "kd loss", "cosine loss", "loss", "gradients")
 
 
 # --------------------------------------------------------------------------------------
@@ -283,6 +293,13 @@ class KDEngine:
             model=student, model_parameters=params, config=ds_config, lr_scheduler=lr_scheduler)
         self.device = self.engine.device
         self.zero_stage = int(self.engine.zero_optimization_stage())
+        import torch.distributed as tdist
+
+        self.rank = tdist.get_rank() if tdist.is_initialized() else 0
+        # ZeRO-0 in fp32 hands us torch's own optimizer: nothing in DeepSpeed checks its gradients
+        # for inf/NaN, so a non-finite step has to be kept from it here. Every other optimizer
+        # (ZeRO 1-3, DeepSpeed's fp16/bf16 ones) has an overflow check that skips the step.
+        self._plain_optimizer = self.zero_stage == 0 and not hasattr(self.optimizer, "overflow")
 
         self.teacher = None
         self.teacher_engine = None
@@ -334,6 +351,8 @@ class KDEngine:
 
         # local sums over tokens of this rank (summed across ranks after the step for logging)
         acc = torch.zeros(5, dtype=torch.float64)  # loss, mlm, kd, top-1 agreements, cosine
+        bad = torch.zeros(len(NONFINITE_TERMS), dtype=torch.float64)  # this rank's non-finite terms
+        nonfinite = {"skipped": False}
         n_sel_local = 0
         for mb in micro_batches:
             input_ids = mb["input_ids"].to(self.device)
@@ -373,13 +392,37 @@ class KDEngine:
                     cos = losses.hidden_cosine_loss(s_h[sel].float(), t_h[sel], n_masked)
                     loss = loss + self.opts.cosine_weight * cos
                     acc[4] += float(cos.detach())
-            self.engine.backward(loss * scale)
-            if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # which values are non-finite, in the order of NONFINITE_TERMS[:5] (one device sync)
+            one = torch.ones((), dtype=torch.bool, device=self.device)
+            finite = torch.stack([
+                torch.isfinite(t_logits).all() if self.teacher is not None else one,
+                torch.isfinite(res["mlm"].detach()).to(self.device),
+                torch.isfinite(res["kd"].detach()).to(self.device),
+                torch.isfinite(cos.detach()) if self.teacher is not None and self.opts.cosine_weight > 0 else one,
+                torch.isfinite(loss.detach()),
+            ]).cpu()
+            bad[:5] = torch.maximum(bad[:5], (~finite).double())
+            bwd = loss * scale
+            if not bool(finite[4]):
+                # An inf loss can have finite gradients (CE of a -inf log-probability): make them
+                # NaN, so that DeepSpeed's overflow check (ZeRO 1-3, fp16/bf16) certainly skips
+                # the step that every rank is about to decide to skip. The term adds no module to
+                # the loss's graph: ZeRO-3 ranks must run the same backward hooks (gathers and
+                # reduce-scatters) in the same order, or they deadlock.
+                bwd = bwd + s_logits.sum() * float("nan")
+            self.engine.backward(bwd)
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            if self.zero_stage == 0 and boundary:
                 # DeepSpeed reports no norm for plain fp32 (it clips with torch); gradients are
                 # already averaged over ranks here, before the optimizer step
                 self._fp32_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum())
                                                 for p in self.engine.module.parameters() if p.grad is not None))
-            self.engine.step()
+                if not math.isfinite(self._fp32_norm):
+                    bad[5] = 1
+            if boundary:
+                nonfinite = self._boundary_step(bad)
+            else:
+                self.engine.step()
             acc[0] += float(loss.detach())
             acc[1] += float(res["mlm"].detach())
             acc[2] += float(res["kd"].detach())
@@ -388,7 +431,84 @@ class KDEngine:
         self.last_step_time = time.perf_counter() - t0
         # acc[0..2,4] are already normalized by the global count: summing over ranks gives the
         # global-batch values; acc[3] / n_masked is the global top-1 agreement.
-        return {"acc": acc, "n_masked": n_masked, "n_tokens": n_tokens, "n_masked_local": n_sel_local}
+        return {"acc": acc, "n_masked": n_masked, "n_tokens": n_tokens, "n_masked_local": n_sel_local,
+                "nonfinite": nonfinite}
+
+    # ---- non-finite steps -------------------------------------------------------------
+    def _boundary_step(self, bad: torch.Tensor) -> dict:
+        """The optimizer step of a global batch, skipped on every rank if any rank saw inf/NaN.
+
+        One all-reduce of this rank's flags (and a one-hot of the rank) makes the decision
+        identical everywhere, which it must be: a rank that stepped while another skipped would
+        diverge, and DeepSpeed's collectives would pair up wrongly. A skipped step changes
+        neither the weights nor the optimizer state; DeepSpeed's global step and sample counters
+        advance (the samples count as consumed), and so does the lr schedule, which is a function
+        of the global step whether or not earlier steps were skipped.
+        Returns {"skipped", "terms", "ranks"} (+ "loss_scale_overflow" for fp16), equal on all ranks.
+        """
+        from kdcl_dist import dist
+
+        k, w = len(NONFINITE_TERMS), self.world_size
+        # [flags | ranks whose loss side was non-finite | ranks whose gradients were]
+        vec = torch.zeros(k + 2 * w, dtype=torch.float64)
+        vec[:k] = bad
+        vec[k + self.rank] = float(bad[:k - 1].any())
+        vec[k + w + self.rank] = float(bad[k - 1])
+        g = dist.all_reduce_sum(vec.to(self.device)).cpu()
+        seen = [t for t, v in zip(NONFINITE_TERMS, g[:k].tolist()) if v > 0]
+        # name the most upstream culprit: the parts of the loss if any, else the total, else grads
+        # (a NaN loss on one rank reaches every rank's gradients through the all-reduce)
+        parts = [t for t in seen if t not in ("loss", "gradients")]
+        terms = parts or [t for t in seen if t == "loss"] or seen
+        ranks = [r for r in range(w) if g[k + r] > 0] or [r for r in range(w) if g[k + w + r] > 0]
+        info = {"skipped": bool(seen), "terms": terms, "ranks": ranks}
+
+        before = int(self.engine.skipped_steps)
+        with warnings.catch_warnings():
+            # torch's LambdaLR warns when its first step() is not preceded by an optimizer step
+            warnings.filterwarnings("ignore", module=r"torch\.optim\.lr_scheduler")
+            if info["skipped"] and self._plain_optimizer:
+                with self._no_optimizer_update():
+                    self.engine.step()
+            else:
+                self.engine.step()
+            ds_skipped = int(self.engine.skipped_steps) > before
+            if ds_skipped and self.engine.lr_scheduler is not None:
+                # DeepSpeed's overflow path leaves the scheduler where it was; keep lr = f(global step)
+                self.engine.lr_scheduler.step()
+        if ds_skipped and not info["skipped"]:
+            info["skipped"] = True
+            if self.precision == "fp16":
+                info["loss_scale_overflow"] = True  # the dynamic loss scaler's normal search
+            else:
+                info["terms"] = ["gradients"]
+        elif info["skipped"] and not ds_skipped and not self._plain_optimizer:
+            raise UserError(
+                "ds_config: DeepSpeed applied a step whose loss was non-finite (its overflow check is off: "
+                "zero_optimization.compute_grad_norm=false or bf16.check_grad_overflow=false); enable it")
+        return info
+
+    @contextlib.contextmanager
+    def _no_optimizer_update(self):
+        """Around one `engine.step()`: DeepSpeed does its bookkeeping (global step and sample
+        counters, lr scheduler, zero_grad) but torch's optimizer applies nothing. Its `step`
+        is replaced on the instance for that call, and the gradients are zeroed so the
+        gradient clipping before it stays finite. (Setting them to None instead would make
+        AdamW skip too, but DeepSpeed's fp32 clipping fails on a parameter list without grads.)
+        """
+        opt = self.engine.optimizer
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        own = vars(opt).get("step")  # torch's LR scheduler wraps step on the instance
+        opt.step = lambda *a, **k: None
+        try:
+            yield
+        finally:
+            if own is not None:
+                opt.step = own
+            else:
+                del opt.step
 
     # ---- scalars ----------------------------------------------------------------------
     def lr(self) -> float:
