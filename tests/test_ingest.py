@@ -152,6 +152,22 @@ def test_cleaning_counters_add_up(tmp_path, tok):
     assert [k for k, _ in read_all(tmp_path / "out")] == ["a", "e"]
 
 
+def test_content_hash_fast_path_equals_whitespace_normalisation():
+    import hashlib
+    import random
+    import sys
+
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    assert len(spaces) == 29
+    alphabet = spaces + list("ab .,é") + ["\u00ad", "\u200b", "\ufeff", "\x00"]
+    rng = random.Random(0)
+    for _ in range(30000):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7)))
+        slow = hashlib.blake2b(" ".join(t.split()).encode("utf-8"), digest_size=16).digest()
+        assert ingest.content_hash(t) == slow, repr(t)
+    assert ingest.content_hash("a  b") == ingest.content_hash("a\u3000b\n") == ingest.content_hash(" a b")
+
+
 # ----------------------------------------------------------------------------- the stage
 
 def test_shards_hold_exact_token_ids_and_metadata(tmp_path, tok):
@@ -215,6 +231,125 @@ def test_rerun_skips_finished_shards(tmp_path, tok):
     assert [s["name"] for s in m4["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     assert max(len(x[1]) for x in read_all(out)) == 32
+
+
+def test_rerun_rewrites_orphan_and_corrupt_shards(tmp_path, tok):
+    """A kill's leftovers (tar without stats) and a shard corrupted in place are rewritten."""
+    src = corpus_jsonl(tmp_path / "c.jsonl", 100)
+    cfg = ShardConfig(max_length=48, shard_size=30)
+    out = tmp_path / "out"
+    m1 = build_dataset([str(src)], tok, out, cfg, progress=False)
+    assert not (out / ".shard-run.json").exists()
+    ref = {p.name: p.read_bytes() for p in out.glob("shard-*")}
+    (out / "dataset.json").unlink()
+    (out / "shard-000001.stats.json").unlink()                       # orphan: killed before its stats
+    (out / "shard-000001.tar").write_bytes(b"\0" * 1024)
+    blob = bytearray((out / "shard-000002.tar").read_bytes())         # bit flip, same size
+    blob[-2000] ^= 0x10
+    (out / "shard-000002.tar").write_bytes(bytes(blob))
+    idx = json.loads((out / "shard-000003.idx.json").read_text())      # index still valid JSON, wrong offset
+    idx["ids_offset"][0] += 512
+    (out / "shard-000003.idx.json").write_text(json.dumps(idx, indent=2) + "\n")
+    stamp = (out / "shard-000000.tar").stat().st_mtime_ns
+    m2 = build_dataset([str(src)], tok, out, cfg, progress=False)
+    assert m2["shards"] == m1["shards"] and m2["fingerprint"] == m1["fingerprint"]
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == ref
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == stamp   # the intact shard was reused
+    ShardSet(out, verify=True).verify()
+
+
+def test_orphan_tar_needs_evidence_of_origin(tmp_path, tok):
+    from kdcl_dist.errors import UserError
+
+    src = corpus_jsonl(tmp_path / "c.jsonl", 40)
+    cfg = ShardConfig(max_length=48, shard_size=30)
+    out = tmp_path / "out"
+    build_dataset([str(src)], tok, out, cfg, progress=False)
+    (out / "dataset.json").unlink()
+    for st in out.glob("shard-*.stats.json"):
+        st.unlink()
+    with pytest.raises(UserError, match="shard-000000.tar has no stats file .unknown origin.*--overwrite"):
+        build_dataset([str(src)], tok, out, cfg, progress=False)
+    (out / ".shard-run.json").write_text(json.dumps({"tokenizer_fingerprint": "feedfacefeedface"}))
+    with pytest.raises(UserError, match="interrupted run with tokenizer fingerprint feedfacefeedface"):
+        build_dataset([str(src)], tok, out, cfg, progress=False)
+    from kdcl_dist.data.tokenizer import tokenizer_info
+
+    (out / ".shard-run.json").write_text(json.dumps({"tokenizer_fingerprint": tokenizer_info(tok, "")["fingerprint"]}))
+    m = build_dataset([str(src)], tok, out, cfg, progress=False)      # this tokenizer's interrupted run: resumed
+    assert m["num_samples"] == 40 and not (out / ".shard-run.json").exists()
+
+
+def test_shardset_verify(tmp_path, tok):
+    from kdcl_dist.errors import UserError
+
+    src = corpus_jsonl(tmp_path / "c.jsonl", 60)
+    out = tmp_path / "out"
+    build_dataset([str(src)], tok, out, ShardConfig(max_length=48, shard_size=30), progress=False)
+    ShardSet(out).verify()
+    ss = ShardSet(out, verify=True)
+    assert ss.shard_bytes(1) == (out / "shard-000001.tar").read_bytes()
+    before = ss.get(35).ids.tolist()
+    tar = out / "shard-000001.tar"
+    blob = bytearray(tar.read_bytes())
+    idx = json.loads((out / "shard-000001.idx.json").read_text())
+    blob[idx["ids_offset"][5] + idx["ids_size"][5] - 1] ^= 0x01         # a token id of position 35
+    tar.write_bytes(bytes(blob))
+    fix = "re-run `kdcl-dist shard` with the same arguments to rewrite it"
+    with pytest.raises(UserError, match=rf"shard-000001\.tar: sha256 .* the shard is corrupt, {fix}"):
+        ShardSet(out).verify()
+    with pytest.raises(UserError, match=r"shard-000001\.tar: sha256"):
+        ShardSet(out, verify=True).get(35)
+    with pytest.raises(UserError, match=r"shard-000001\.tar: sha256"):
+        list(ShardSet(out, verify=True).iter_shard(1))
+    with pytest.raises(UserError, match=r"shard-000001\.tar: sha256"):
+        ShardSet(out).shard_bytes(1, verify=True)
+    assert ShardSet(out).get(35).ids.tolist() != before              # without verify: read as is
+    ShardSet(out, verify=True).get(3)                                 # other shards are fine
+    ShardSet(out).verify([0])
+    tar.write_bytes(bytes(blob[:-512]))
+    with pytest.raises(UserError, match=r"shard-000001\.tar: \d+ bytes, dataset\.json records \d+; the shard is truncated"):
+        ShardSet(out).verify_shard(1)
+
+
+def test_tar_writer_fast_headers_are_tarfiles_bytes(tmp_path):
+    """write_shard's template headers and in-flight index equal webdataset + tarfile's own output."""
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    from kdcl_dist.data.shards import (
+        SHARD_MTIME,
+        Sample,
+        build_index,
+        index_tar_bytes,
+        npy_bytes,
+        write_shard,
+    )
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(60):
+        n = int(rng.integers(0, 300)) if i else 0
+        key = ("k" * int(rng.integers(90, 130)) + str(i)) if i % 7 == 3 else f"doc-{i}_x"   # some GNU long names
+        text = None if i % 3 else "é" * int(rng.integers(0, 700))
+        samples.append(Sample(key, rng.integers(0, 60000, n).astype(np.uint16), {"id": key, "n_tokens": n}, text))
+    entry = write_shard(tmp_path / "shard-000000.tar", samples, dtype=np.uint16)
+    buf = io.BytesIO()
+    w = wds.TarWriter(buf, mtime=SHARD_MTIME, format="GNU_FORMAT", encoder=False)
+    w.tarstream.format = tarfile.GNU_FORMAT
+    for s in samples:
+        rec = {"__key__": s.key, "ids.npy": npy_bytes(s.ids), "json": json.dumps(s.meta).encode()}
+        if s.text is not None:
+            rec["txt"] = s.text.encode()
+        w.write(rec)
+    w.close()
+    blob = (tmp_path / "shard-000000.tar").read_bytes()
+    assert blob == buf.getvalue()
+    idx = json.loads((tmp_path / "shard-000000.idx.json").read_text())
+    assert idx == index_tar_bytes(blob) == build_index(tmp_path / "shard-000000.tar")
+    assert entry["count"] == 60 and entry["bytes"] == len(blob)
 
 
 def test_shard_cli_flags_and_overrides(tmp_path, tok_dir):
@@ -346,3 +481,25 @@ def test_two_ranks_under_mpirun(tmp_path, tok_dir):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "on 2 rank(s)" in p.stderr
     assert read_all(tmp_path / "w1") == read_all(tmp_path / "w2")
+
+
+def test_bench_ingest_runs_and_prints_ratios(tmp_path, tok_dir, capsys):
+    """`kdcl-dist bench ingest` on a small corpus: all sides, both ratios, the breakdown."""
+    import argparse
+    import re
+
+    from kdcl_dist.bench import ingest as bench
+
+    src = corpus_jsonl(tmp_path / "c.jsonl", 150)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--input", str(src), "--tokenizer", str(tok_dir), "--repeats", "3", "--shard-size", "50",
+                         "--batch-size", "40", "--max-length", "64"])
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert "150 documents" in out and "stage output: 150 samples in 3 shards" in out
+    ratios = re.findall(r"ratio stage / tokenizer alone \((HF call|stage's call)\):\s+([0-9.]+)", out)
+    assert [k for k, _ in ratios] == ["HF call", "stage's call"] and all(float(v) > 0 for _, v in ratios)
+    assert "median of per-repeat ratios" in out
+    parts = re.findall(r"^  (read|tokenize|token ids|samples|write).*?\s([0-9.]+)\s+([0-9.]+)%$", out, re.M)
+    assert len(parts) == 5 and abs(sum(float(pc) for *_, pc in parts) - 100) < 0.5

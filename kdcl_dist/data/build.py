@@ -24,13 +24,16 @@ most max_length tokens each (`too_long=split`); it still counts as one kept docu
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import gc
 import hashlib
 import logging
 import os
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -48,7 +51,7 @@ from kdcl_dist.data.shards import (
     write_shard,
 )
 from kdcl_dist.errors import UserError
-from kdcl_dist.utils import read_json, write_json_atomic
+from kdcl_dist.utils import read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger("kdcl_dist.shard")
 
@@ -130,6 +133,19 @@ class _Encoder:
         skips the character offsets that the stage never uses (about 25% of the
         tokenizer's time) and the Python BatchEncoding wrapping.
         """
+        return self.ids(self.encode_raw(texts))
+
+    @staticmethod
+    def ids(raw: list) -> list[list[int]]:
+        """Token id lists from `encode_raw`'s result."""
+        return [e.ids for e in raw] if raw and not isinstance(raw[0], list) else raw
+
+    def encode_raw(self, texts: list[str]) -> list:
+        """`encode` without building the Python id lists: the Rust tokenizer's Encodings.
+
+        The stage's tokenizer thread runs only this (the GIL is released throughout), so it
+        can start the next batch at once; the id lists are built on the main thread.
+        """
         bk = getattr(self.tok, "backend_tokenizer", None)
         if bk is None:
             return self.tok(texts, add_special_tokens=False, truncation=False, padding=False,
@@ -140,7 +156,7 @@ class _Encoder:
         if bk.padding is not None:
             bk.no_padding()
         fn = getattr(bk, "encode_batch_fast", bk.encode_batch)
-        return [e.ids for e in fn(texts, add_special_tokens=False)]
+        return fn(texts, add_special_tokens=False)
 
     def pieces(self, ids: list[int]) -> tuple[list[np.ndarray], bool]:
         """Samples for one document and whether it was too long."""
@@ -158,36 +174,33 @@ def _new_counts() -> dict:
             "kept_documents": 0}
 
 
-def _shard_batches(docs: list[tuple[int, ingest.Document]], enc: _Encoder, cfg: ShardConfig, c: dict):
-    """Yield the shard's samples one tokenizer batch at a time, updating the counters `c`."""
-    bs = cfg.batch_size
-    for start in range(0, len(docs), bs):
-        chunk = docs[start:start + bs]
-        samples: list[Sample] = []
-        all_ids = enc.encode([d.text for _, d in chunk])
-        for (g, doc), ids in zip(chunk, all_ids):
-            if len(ids) < cfg.min_tokens:
-                c["too_short"] += 1
-                continue
-            parts, too_long = enc.pieces(ids)
-            c["kept_documents"] += 1
-            c["text_bytes"] += len(doc.text.encode("utf-8"))
-            key = sanitize_key(doc.id)
-            if len(parts) == 1:
-                meta = {"id": doc.id, "source": doc.source, "n_tokens": int(parts[0].size),
-                        "truncated": too_long, "doc_index": g}
-                c["truncated"] += int(too_long)
-                samples.append(Sample(key, parts[0], meta, doc.text if cfg.keep_text else None))
-                c["tokens"] += int(parts[0].size)
-                continue
-            c["split"] += 1
-            c["split_parts"] += len(parts)
-            for k, arr in enumerate(parts):
-                meta = {"id": f"{doc.id}_part{k}", "source": doc.source, "n_tokens": int(arr.size),
-                        "truncated": False, "doc_index": g, "doc_id": doc.id, "part": k, "parts": len(parts)}
-                samples.append(Sample(f"{key}_part{k}", arr, meta, None))
-                c["tokens"] += int(arr.size)
-        yield samples
+def _batch_samples(chunk: list[tuple[int, ingest.Document]], all_ids: list[list[int]], enc: _Encoder,
+                   cfg: ShardConfig, c: dict) -> list[Sample]:
+    """The samples of one tokenized batch of a shard's documents, updating the counters `c`."""
+    samples: list[Sample] = []
+    for (g, doc), ids in zip(chunk, all_ids):
+        if len(ids) < cfg.min_tokens:
+            c["too_short"] += 1
+            continue
+        parts, too_long = enc.pieces(ids)
+        c["kept_documents"] += 1
+        c["text_bytes"] += len(doc.text.encode("utf-8"))
+        key = sanitize_key(doc.id)
+        if len(parts) == 1:
+            meta = {"id": doc.id, "source": doc.source, "n_tokens": int(parts[0].size),
+                    "truncated": too_long, "doc_index": g}
+            c["truncated"] += int(too_long)
+            samples.append(Sample(key, parts[0], meta, doc.text if cfg.keep_text else None))
+            c["tokens"] += int(parts[0].size)
+            continue
+        c["split"] += 1
+        c["split_parts"] += len(parts)
+        for k, arr in enumerate(parts):
+            meta = {"id": f"{doc.id}_part{k}", "source": doc.source, "n_tokens": int(arr.size),
+                    "truncated": False, "doc_index": g, "doc_id": doc.id, "part": k, "parts": len(parts)}
+            samples.append(Sample(f"{key}_part{k}", arr, meta, None))
+            c["tokens"] += int(arr.size)
+    return samples
 
 
 class _Aborted(Exception):
@@ -199,7 +212,8 @@ class _BackgroundWriter:
 
     The fast tokenizer releases the GIL while it encodes a batch, so the Python work of
     webdataset's TarWriter (headers, npy/json members) and of indexing runs meanwhile.
-    Shards are still written one after another, each atomically by `write_shard`.
+    Shards are still written one after another, each atomically by `write_shard`:
+    `start(path, ...)`, then `add(samples)` per batch, then `end()`.
     """
 
     _END = object()
@@ -208,6 +222,7 @@ class _BackgroundWriter:
     def __init__(self):
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self.feed: queue.Queue | None = None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -246,20 +261,22 @@ class _BackgroundWriter:
                 if not self.thread.is_alive():
                     raise RuntimeError("shard writer thread stopped unexpectedly") from None
 
-    def write(self, path: Path, dtype, batches, done) -> None:
-        """Feed one shard's sample batches to the writer; `done(entry)` runs there when it is complete."""
-        feed: queue.Queue = queue.Queue(maxsize=4)
-        self._put(self.jobs, (path, dtype, feed, done))
-        try:
-            for batch in batches:
-                self._put(feed, batch)
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                feed.put(self._ABORT, timeout=5)
-            raise
-        self._put(feed, self._END)
+    def start(self, path: Path, dtype, done) -> None:
+        """Begin shard `path`; `done(entry)` runs on the writer thread once tar and index exist."""
+        self.feed = queue.Queue(maxsize=4)
+        self._put(self.jobs, (path, dtype, self.feed, done))
+
+    def add(self, samples: list[Sample]) -> None:
+        self._put(self.feed, samples)
+
+    def end(self) -> None:
+        self._put(self.feed, self._END)
+        self.feed = None
 
     def close(self, abort: bool = False) -> None:
+        if abort and self.feed is not None:   # a shard half fed: its temporary file is dropped
+            with contextlib.suppress(BaseException):
+                self.feed.put(self._ABORT, timeout=5)
         with contextlib.suppress(BaseException):
             self.jobs.put(None, timeout=30 if not abort else 5)
         self.thread.join(timeout=None if not abort else 30)
@@ -267,13 +284,43 @@ class _BackgroundWriter:
             raise self.error
 
 
+@dataclass
+class _Batch:
+    """One tokenizer batch of a shard on its way through the pipeline."""
+
+    shard: int
+    chunk: list          # [(global document index, Document)]
+    ids: Future          # the tokenizer's Encodings, computed on the tokenizer thread
+    counts: dict         # the shard's counters (shared by its batches)
+    first: bool
+    last: bool
+    done: object         # the shard's completion callback (writes its stats file)
+
+
 # --------------------------------------------------------------------------- output dir
 
-_OUR_PATTERNS = ("shard-*.tar", "shard-*.idx.json", "shard-*.stats.json", "dataset.json", "config.yaml", ".tmp-*")
+# Written by rank 0 before any shard: names the tokenizer of the run in progress, so that a
+# tar left without its stats file by a kill (between the tar's rename and the stats file's)
+# is known to be this stage's own unfinished work, not a stranger's file.
+RUN_MARKER = ".shard-run.json"
+_OUR_PATTERNS = ("shard-*.tar", "shard-*.idx.json", "shard-*.stats.json", "dataset.json", "config.yaml", ".tmp-*",
+                 RUN_MARKER)
+
+
+def _marker_fingerprint(out: Path) -> str | None:
+    try:
+        return read_json(out / RUN_MARKER, "shard run marker").get("tokenizer_fingerprint")
+    except UserError:
+        return None
 
 
 def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
-    """Rank 0: refuse a directory holding another tokenizer's shards unless overwrite; tidy temps."""
+    """Rank 0: refuse a directory holding another tokenizer's shards unless overwrite; tidy temps.
+
+    A tar without a stats file is an unfinished shard of an interrupted run (rewritten by
+    this one) when that run's marker, or the stats of the shards it did finish, name this
+    tokenizer; with no such evidence its origin is unknown and it is refused.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -296,10 +343,16 @@ def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
                 foreign = f"{st.name} was made with tokenizer fingerprint {fp}"
                 break
     if foreign is None:
-        for tar in sorted(out.glob("shard-*.tar")):
-            if not (out / stats_name(tar.name)).exists() and not manifest.exists():
-                foreign = f"{tar.name} has no stats file (unknown origin)"
-                break
+        orphans = [t.name for t in sorted(out.glob("shard-*.tar")) if not (out / stats_name(t.name)).exists()]
+        if orphans and not manifest.exists():
+            marker = _marker_fingerprint(out)
+            if marker is not None and marker != tinfo["fingerprint"]:
+                foreign = f"{orphans[0]} was left by an interrupted run with tokenizer fingerprint {marker}"
+            elif marker is None and not any(out.glob("shard-*.stats.json")):
+                foreign = f"{orphans[0]} has no stats file (unknown origin)"
+            else:
+                log.info("%s: %d shard(s) without a stats file (%s) are unfinished work of an interrupted "
+                         "run; they will be rewritten", out, len(orphans), ", ".join(orphans[:4]))
     if foreign is not None and not overwrite:
         raise UserError(
             f"{out}: holds shards made with another tokenizer ({foreign}; this run uses "
@@ -307,7 +360,11 @@ def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
         )
     # The old manifest goes first: a run that fails half-way must not leave a dataset.json
     # that describes shards this run has since replaced. Finished shards stay for reuse.
-    patterns = _OUR_PATTERNS if (foreign is not None and overwrite) else (".tmp-*", "dataset.json")
+    # The marker is written first, so at no moment can a kill leave shards without evidence
+    # of their origin.
+    write_json_atomic(out / RUN_MARKER, {"tokenizer_fingerprint": tinfo["fingerprint"], "tokenizer": tinfo["name"]})
+    patterns = ([pat for pat in _OUR_PATTERNS if pat != RUN_MARKER] if (foreign is not None and overwrite)
+                else (".tmp-*", "dataset.json"))
     for pat in patterns:
         for p in out.glob(pat):
             if p.is_file():
@@ -336,6 +393,12 @@ def _settings_key(cfg: ShardConfig, tinfo: dict, dtype) -> dict:
 
 
 def _finished(out: Path, j: int, key: str) -> dict | None:
+    """The stats of shard j when it is complete and intact, else None (the shard is rewritten).
+
+    Complete and intact: its stats file (written last) matches this run's key, and the tar
+    and offset index hash to the sha256 recorded there, so a shard corrupted in place (same
+    size) or a tar/index pair from different runs is never reused.
+    """
     st_path = out / stats_name(shard_name(j))
     if not st_path.exists():
         return None
@@ -344,9 +407,23 @@ def _finished(out: Path, j: int, key: str) -> dict | None:
     except UserError:
         return None
     tar = out / shard_name(j)
-    if (st.get("key") != key or not tar.exists() or tar.stat().st_size != st["entry"]["bytes"]
-            or not (out / index_name(tar.name)).exists()):
+    idx = out / index_name(tar.name)
+    entry = st.get("entry") or {}
+    if (st.get("key") != key or not tar.exists() or not idx.exists() or tar.stat().st_size != entry.get("bytes")):
         return None
+    if sha256_file(tar) != entry.get("sha256"):
+        log.warning("%s: sha256 differs from %s (corrupt); rewriting the shard", tar, st_path.name)
+        return None
+    if st.get("index_sha256") is not None:
+        if sha256_file(idx) != st["index_sha256"]:
+            log.warning("%s: sha256 differs from %s (corrupt); rewriting the shard", idx, st_path.name)
+            return None
+    else:   # stats written before the index checksum was recorded: check that the index parses
+        try:
+            if read_json(idx, "shard offset index").get("count") != entry.get("count"):
+                return None
+        except UserError:
+            return None
     return st
 
 
@@ -362,6 +439,25 @@ def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
     return 0, 1
 
 
+@contextlib.contextmanager
+def _gc_frozen():
+    """Keep the objects that exist before the stage out of the cyclic GC while it runs.
+
+    The stage allocates millions of short-lived objects (token id lists, sample dicts), which
+    triggers collections that each traverse the whole heap of the process (torch,
+    transformers, ...: ~200k objects in the CLI): ~5% of the stage's CPU time. None of those
+    objects becomes garbage during the stage, so they are frozen (`gc.freeze`) until it ends.
+    """
+    if gc.get_freeze_count():   # the caller froze the heap itself: leave its choice alone
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def build_dataset(inputs: Iterable[str], tok, out_dir: str | os.PathLike, cfg: ShardConfig, *,
                   tokenizer_name: str = "", rank: int | None = None, world: int | None = None,
                   progress: bool = True) -> dict:
@@ -373,7 +469,8 @@ def build_dataset(inputs: Iterable[str], tok, out_dir: str | os.PathLike, cfg: S
     t0 = time.perf_counter()
     result, err = None, None
     try:
-        result = _local_pass(list(inputs), tok, out, cfg, tokenizer_name, rank, world, progress)
+        with _gc_frozen():
+            result = _local_pass(list(inputs), tok, out, cfg, tokenizer_name, rank, world, progress)
     except UserError as e:
         err = f"UserError:{e}"
     except Exception as e:  # reported to the other ranks so that none of them waits forever
@@ -441,7 +538,23 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
     digest = None
     g = -1
 
+    # Three threads overlap: the main thread reads and cleans documents and turns token ids
+    # into samples; one thread runs the Rust tokenizer a batch ahead (it releases the GIL,
+    # and its own pool uses every core); the writer thread encodes tars and indexes them.
     writer = _BackgroundWriter()
+    tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-tokenize")
+    pending: collections.deque[_Batch] = collections.deque()
+
+    def drain(keep: int) -> None:
+        """Turn the oldest batches into samples for the writer, leaving `keep` still tokenizing."""
+        while len(pending) > keep:
+            b = pending.popleft()
+            samples = _batch_samples(b.chunk, enc.ids(b.ids.result()), enc, cfg, b.counts)
+            if b.first:
+                writer.start(out / shard_name(b.shard), enc.dtype, b.done)
+            writer.add(samples)
+            if b.last:
+                writer.end()
 
     def finish(j: int):
         nonlocal written, skipped
@@ -456,14 +569,30 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
             entry["tokens"] = counts["tokens"]
             write_json_atomic(out / stats_name(shard_name(j)), {
                 "format": STATS_FORMAT, "key": key, "tokenizer_fingerprint": tinfo["fingerprint"],
-                "entry": entry, "first_doc": docs_j[0][0], "documents": len(docs_j), **counts,
+                "entry": entry, "index_sha256": sha256_file(out / entry["index"]),
+                "first_doc": docs_j[0][0], "documents": len(docs_j), **counts,
             })
 
-        writer.write(out / shard_name(j), enc.dtype, _shard_batches(docs_j, enc, cfg, counts), done)
+        bs = cfg.batch_size
+        starts = range(0, len(docs_j), bs)
+        for start in starts:
+            chunk = docs_j[start:start + bs]
+            fut = tokenizer.submit(enc.encode_raw, [d.text for _, d in chunk])
+            pending.append(_Batch(j, chunk, fut, counts, start == 0, start == starts[-1], done))
+        # the newest batch keeps tokenizing while the next shard's documents are read
+        drain(keep=1)
         written += 1
 
+    failure: list[Exception] = []
+
+    def guarded(it):
+        try:
+            yield from it
+        except Exception as e:   # bad input: the shards completed before it are still written
+            failure.append(e)
+
     try:
-        for g, doc in enumerate(docs):
+        for g, doc in enumerate(guarded(docs)):
             j = g // cfg.shard_size
             if j % world == rank:
                 if digest is None:
@@ -476,15 +605,20 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
                     cur, digest = [], None
             if bar is not None:
                 bar.update(1)
-        if cur:
+        if cur and not failure:
             finish(g // cfg.shard_size)
+        drain(keep=0)
     except BaseException:
+        tokenizer.shutdown(wait=True, cancel_futures=True)
         writer.close(abort=True)
         raise
     finally:
         if bar is not None:
             bar.close()
+    tokenizer.shutdown(wait=True)
     writer.close()
+    if failure:
+        raise failure[0]
     n_docs = g + 1
     if n_docs == 0:
         raise UserError(f"{', '.join(s.path for s in specs)}: no documents to write ({stats.documents} read; "
@@ -555,6 +689,8 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
     }
     write_resolved(cfg, out, "shard")
     write_json_atomic(out / "dataset.json", manifest)
+    with contextlib.suppress(FileNotFoundError):   # dataset.json now vouches for the shards
+        (out / RUN_MARKER).unlink()
     log.info("%s: %d documents read, %d kept -> %d samples in %d shards (%d written now, %d reused); "
              "dropped: %s; %.1fs on %d rank(s)", out, stats.documents, kept, num_samples, len(entries),
              res["written"], res["skipped"], ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none",

@@ -8,10 +8,16 @@ in manifest order: shard i holds positions [cum[i], cum[i+1]).
 Random access reads exactly the bytes of a member (one seek + one read per member);
 tar members are never extracted to disk. File handles are opened lazily per process,
 so a ShardSet can be handed to DataLoader workers (each worker opens its own).
+
+Integrity: the manifest records each shard's size and sha256. `ShardSet(dir, verify=True)`
+checks a shard against them before its first read in a process (random access,
+`iter_shard`, `shard_bytes`); `verify()` / `verify_shard()` check on demand. A mismatch is a
+`UserError` naming the shard file and the fix (re-run the stage that wrote it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from pathlib import Path
@@ -37,8 +43,10 @@ def find_manifest(directory: str | os.PathLike) -> Path:
 
 
 class ShardSet:
-    def __init__(self, directory: str | os.PathLike, manifest_name: str | None = None):
+    def __init__(self, directory: str | os.PathLike, manifest_name: str | None = None, verify: bool = False):
         self.dir = Path(directory)
+        self.verify_reads = bool(verify)   # check size + sha256 before a shard's first read
+        self._verified: set[int] = set()
         path = self.dir / manifest_name if manifest_name else find_manifest(self.dir)
         self.manifest_path = path
         self.manifest = read_json(path, "manifest")
@@ -86,6 +94,66 @@ class ShardSet:
             self._index[shard] = idx
         return self._index[shard]
 
+    # -- integrity ------------------------------------------------------------------
+    def _rerun_hint(self) -> str:
+        if self.manifest.get("kind") == "curriculum" or self.manifest_path.name == "curriculum.json":
+            return "re-run `kdcl-dist curriculum` with the same arguments to rewrite it"
+        return ("re-run `kdcl-dist shard` with the same arguments to rewrite it (the re-run checks every "
+                "shard's sha256 and rewrites only the corrupt ones)")
+
+    def verify_shard(self, shard: int, blob: bytes | None = None) -> None:
+        """Check shard `shard` against the size and sha256 recorded in the manifest.
+
+        `blob`: the shard file's bytes when the caller already holds them (no second read).
+        Raises UserError naming the shard file and the fix. A manifest entry without a
+        sha256 cannot be checked and passes (only hand-made manifests lack it).
+        """
+        entry = self.shards[shard]
+        path = self.dir / entry["name"]
+        want = entry.get("sha256")
+        if blob is None:
+            if not path.exists():
+                raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing; {self._rerun_hint()}")
+            size = path.stat().st_size
+        else:
+            size = len(blob)
+        if entry.get("bytes") and size != entry["bytes"]:
+            raise UserError(f"{path}: {size} bytes, {self.manifest_path.name} records {entry['bytes']}; "
+                            f"the shard is truncated or corrupt, {self._rerun_hint()}")
+        if want:
+            if blob is None:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                got = h.hexdigest()
+            else:
+                got = hashlib.sha256(blob).hexdigest()
+            if got != want:
+                raise UserError(f"{path}: sha256 {got[:16]}... differs from {want[:16]}... recorded in "
+                                f"{self.manifest_path.name}; the shard is corrupt, {self._rerun_hint()}")
+        self._verified.add(shard)
+
+    def verify(self, shards=None) -> None:
+        """Check every shard (or the given shard numbers) against the manifest; see `verify_shard`."""
+        for s in (range(self.num_shards) if shards is None else shards):
+            self.verify_shard(int(s))
+
+    def _check(self, shard: int) -> None:
+        if self.verify_reads and shard not in self._verified:
+            self.verify_shard(shard)
+
+    def shard_bytes(self, shard: int, verify: bool | None = None) -> bytes:
+        """The whole shard file in memory (one sequential read), checked against the manifest
+        when `verify` (default: the `verify` given to the ShardSet)."""
+        path = self.dir / self.shards[shard]["name"]
+        if not path.exists():
+            raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
+        blob = path.read_bytes()
+        if self.verify_reads if verify is None else verify:
+            self.verify_shard(shard, blob)   # the bytes handed out are the ones checked
+        return blob
+
     # -- random access --------------------------------------------------------------
     def _file(self, shard: int):
         if self._pid != os.getpid():  # forked into a DataLoader worker: reopen handles
@@ -95,6 +163,7 @@ class ShardSet:
             path = self.dir / self.shards[shard]["name"]
             if not path.exists():
                 raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
+            self._check(shard)
             f = open(path, "rb")
             self._files[shard] = f
         return f
@@ -129,6 +198,7 @@ class ShardSet:
         path = self.dir / self.shards[shard]["name"]
         if not path.exists():
             raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
+        self._check(shard)
         current: dict = {}
         key = None
         try:
