@@ -168,6 +168,51 @@ def test_nonfinite_last_and_exclude(tiny_assets, tmp_path):
     check_curriculum(tmp_path / "exc", tiny_assets["shards"], expect, excluded=set(first))
 
 
+@pytest.mark.parametrize("policy", ["last", "exclude"])
+def test_external_sort_in_the_stage_gives_identical_output(tiny_assets, tmp_path, policy):
+    """`curriculum.in_memory_max` below the sample count switches to the external merge sort:
+    order files, shards and curriculum.json are identical to the in-memory path's."""
+    from kdcl_dist.curriculum.build import ORDER_FILES, CurriculumConfig, build_curriculum
+    from kdcl_dist.data.reader import ShardSet
+
+    nan_ids = set([s.meta["id"] for s in ShardSet(tiny_assets["shards"]).iter_shard(1)][:4])
+    scores = tmp_path / "scores"
+    expect = fake_scores(tiny_assets["shards"], scores, nan_ids=nan_ids, seed=3)
+    mans = {}
+    for name, limit in (("mem", 10**9), ("ext", 10)):
+        cfg = CurriculumConfig(shard_size=64, progress=False, plots=False, nonfinite=policy, in_memory_max=limit,
+                               merge_chunk=7)   # small chunks: the merge pages runs in and out
+        mans[name] = build_curriculum(tiny_assets["shards"], scores, tmp_path / name, cfg)
+    assert mans["mem"]["build"]["sort"] == "in_memory" and mans["ext"]["build"]["sort"] == "external"
+    for f in ORDER_FILES:
+        assert (tmp_path / "mem" / f).read_bytes() == (tmp_path / "ext" / f).read_bytes(), f
+    for e in mans["mem"]["shards"]:
+        assert (tmp_path / "mem" / e["name"]).read_bytes() == (tmp_path / "ext" / e["name"]).read_bytes()
+    drop = ("build",)
+    assert {k: v for k, v in mans["mem"].items() if k not in drop} == \
+        {k: v for k, v in mans["ext"].items() if k not in drop}
+    assert not (tmp_path / "ext" / ".sort-runs").exists()
+    check_curriculum(tmp_path / "ext", tiny_assets["shards"], expect,
+                     excluded=nan_ids if policy == "exclude" else ())
+
+
+def test_external_sort_refuses_duplicate_ids(tiny_assets, tmp_path):
+    from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
+    from kdcl_dist.curriculum.scoring import read_score_file, score_file_name, write_score_file
+    from kdcl_dist.errors import UserError
+
+    scores = tmp_path / "scores"
+    fake_scores(tiny_assets["shards"], scores)
+    f0, f3 = (scores / score_file_name(f"shard-00000{i}.tar") for i in (0, 3))
+    a, b = read_score_file(f0), read_score_file(f3)
+    ids = b["ids"].copy()
+    ids[5] = a["ids"][17]   # an id of shard 0 also in shard 3
+    write_score_file(f3, ids, b["score"], b["masked"], b["tokens"], b["info"])
+    with pytest.raises(UserError, match="appears more than once"):
+        build_curriculum(tiny_assets["shards"], scores, tmp_path / "cur",
+                         CurriculumConfig(progress=False, plots=False, in_memory_max=0))
+
+
 def test_scores_of_another_dataset_refused(tiny_assets, tmp_path):
     scores = tmp_path / "scores"
     fake_scores(tiny_assets["shards"], scores, dataset_fp="0123456789abcdef")

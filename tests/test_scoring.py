@@ -55,7 +55,8 @@ def _cfg(**kw):
     return ScoreConfig(**kw)
 
 
-def test_score_is_mean_masked_ce_over_k_masks(tiny_assets):
+@pytest.mark.parametrize("which", ["student", "teacher"])   # DistilBERT and BERT
+def test_score_is_mean_masked_ce_over_k_masks(tiny_assets, which):
     """The batched, masked-positions-only computation equals HF's `labels=` loss per draw."""
     from kdcl_dist.curriculum.scoring import Scorer, score_arrays
     from kdcl_dist.data.masking import MaskSpec, mask_sample
@@ -63,8 +64,8 @@ def test_score_is_mean_masked_ce_over_k_masks(tiny_assets):
     from kdcl_dist.data.tokenizer import load_tokenizer
     from kdcl_dist.kd.models import load_mlm
 
-    tok = load_tokenizer(str(tiny_assets["student"]))
-    model = load_mlm(str(tiny_assets["student"])).eval()
+    tok = load_tokenizer(str(tiny_assets[which]))
+    model = load_mlm(str(tiny_assets[which])).eval()
     spec = MaskSpec.from_tokenizer(tok)
     ss = ShardSet(tiny_assets["shards"])
     samples = [ss.get(p) for p in range(0, 40, 3)]
@@ -84,6 +85,82 @@ def test_score_is_mean_masked_ce_over_k_masks(tiny_assets):
         assert masked[i] == cnt
         assert ntok[i] == len(t)
         assert abs(score[i] - tot / cnt) < 1e-5, (sid, score[i], tot / cnt)
+
+
+def _random_mlm(kind: str, layers: int, vocab: int = 300):
+    from transformers import AutoModelForMaskedLM, BertConfig, DistilBertConfig
+
+    torch.manual_seed(layers)
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=96, max_position_embeddings=64, pad_token_id=0)
+    else:
+        cfg = DistilBertConfig(vocab_size=vocab, dim=48, n_layers=layers, n_heads=4, hidden_dim=96,
+                               max_position_embeddings=64, pad_token_id=0)
+    return AutoModelForMaskedLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_encode_masked_equals_full_forward(kind, layers):
+    """The last layer run at masked positions only gives the HF forward's hidden states and logits
+    there, with padded rows, rows without masked positions and positions in any order."""
+    from kdcl_dist.kd.models import encode_masked, mlm_parts, supports_encode_masked
+
+    model = _random_mlm(kind, layers)
+    assert supports_encode_masked(model)
+    g = torch.Generator().manual_seed(3)
+    lens = [40, 37, 21, 9, 1, 30]
+    B, L = len(lens), max(lens)
+    ids = torch.randint(5, 300, (B, L), generator=g)
+    att = torch.zeros(B, L, dtype=torch.long)
+    for b, n in enumerate(lens):
+        att[b, :n] = 1
+        ids[b, n:] = 0
+    rows, cols = [], []
+    for b, n in enumerate(lens):
+        if b == 5:
+            continue   # a row with no masked position
+        c = torch.randperm(n, generator=g)[: max(1, n // 6)]
+        rows += [b] * len(c)
+        cols += c.tolist()
+    perm = torch.randperm(len(rows), generator=g)   # positions in no particular order
+    rows, cols = torch.tensor(rows)[perm], torch.tensor(cols)[perm]
+    enc, head = mlm_parts(model)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=att)
+        want_h = enc(input_ids=ids, attention_mask=att).last_hidden_state[rows, cols]
+        got_h = encode_masked(model, ids, att, rows, cols)
+        got_logits = head(got_h)
+    assert got_h.shape == want_h.shape
+    assert torch.allclose(got_h, want_h, atol=1e-5, rtol=1e-5), (got_h - want_h).abs().max()
+    assert torch.allclose(got_logits, out.logits[rows, cols], atol=1e-4, rtol=1e-5)
+    # the comparison can fail: hidden states differ between positions
+    assert (want_h[0] - want_h[1]).abs().max() > 1e-3
+    # and padding content never matters
+    ids2 = ids.clone()
+    ids2[att == 0] = 7
+    with torch.inference_mode():
+        assert torch.allclose(encode_masked(model, ids2, att, rows, cols), got_h, atol=1e-6)
+
+
+def test_assign_shards_balances_tokens():
+    from kdcl_dist.curriculum.scoring import assign_shards
+
+    costs = [100, 100, 100, 100, 100, 100, 100, 40]   # equal shards + a short last one
+    plan = assign_shards(costs, 2)
+    assert sorted(j for r in plan for j in r) == list(range(8))
+    loads = [sum(costs[j] for j in r) for r in plan]
+    assert max(loads) - min(loads) <= 60
+    assert plan == assign_shards(costs, 2)   # deterministic
+    rng = np.random.default_rng(0)
+    costs = rng.integers(50, 150, size=37).tolist()
+    for world in (1, 2, 3, 8):
+        plan = assign_shards(costs, world)
+        assert sorted(j for r in plan for j in r) == list(range(37))
+        loads = [sum(costs[j] for j in r) for r in plan]
+        assert max(loads) - min(loads) <= max(costs)   # LPT bound
+    assert assign_shards([5, 5], 4)[2:] == [[], []]   # more ranks than shards: idle ranks
 
 
 def test_plan_batches_respects_budget_and_covers_rows():
@@ -163,7 +240,7 @@ def test_world_size_1_vs_2(tiny_assets, tmp_path, world2_scores):
     assert max(abs(one[k] - two[k]) for k in one) < 1e-4
     man = json.loads((world2_scores / "scores.json").read_text())
     assert man["run"]["world_size"] == 2
-    # shard i went to rank i % 2: both ranks did work
+    # shards are balanced over the ranks by tokens: both ranks did work
     assert all(r["samples"] > 0 for r in man["run"]["ranks"])
     assert (world2_scores / "config.yaml").exists()
 
@@ -172,18 +249,22 @@ def test_world_size_1_vs_2(tiny_assets, tmp_path, world2_scores):
 @pytest.mark.faults
 def test_sigkill_one_rank_then_rerun(tiny_assets, tmp_path, world2_scores):
     """Rank 1 SIGKILLs itself in its second shard; the re-run completes and equals an uninterrupted run."""
-    from kdcl_dist.curriculum.scoring import score_file_name
+    from kdcl_dist.curriculum.scoring import assign_shards, score_file_name, shard_tokens
+    from kdcl_dist.data.reader import ShardSet
 
+    ss = ShardSet(tiny_assets["shards"])
+    first, second = assign_shards([shard_tokens(ss, i) for i in range(ss.num_shards)], 2)[1]   # rank 1's shards
+    f1, f2 = (score_file_name(ss.shards[i]["name"]) for i in (first, second))
     out = tmp_path / "s"
     # 100 samples x 2 masks per shard at ~130 tokens/row and budget 700: ~40 batches per shard
     p = torchrun_score(2, tiny_assets, out, "--token-budget", "700", env=_env(KDCL_TEST_KILL_AT="1:60"), check=False)
     assert p.returncode != 0
     assert not (out / "scores.json").exists()
-    assert (out / score_file_name("shard-000001.tar")).exists(), "rank 1 should have finished its first shard"
-    assert not (out / score_file_name("shard-000003.tar")).exists(), "rank 1 died before its second shard"
-    done_before = (out / score_file_name("shard-000001.tar")).stat().st_mtime_ns
+    assert (out / f1).exists(), "rank 1 should have finished its first shard"
+    assert not (out / f2).exists(), "rank 1 died before its second shard"
+    done_before = (out / f1).stat().st_mtime_ns
     torchrun_score(2, tiny_assets, out, "--token-budget", "700")
-    assert (out / score_file_name("shard-000001.tar")).stat().st_mtime_ns == done_before  # skipped, not redone
+    assert (out / f1).stat().st_mtime_ns == done_before  # skipped, not redone
     a, b = load_all(out), load_all(world2_scores)
     assert a.keys() == b.keys()
     assert max(abs(a[k] - b[k]) for k in a) < 1e-6
@@ -202,3 +283,71 @@ def test_stale_tokenizer_refused(tiny_assets, tmp_path):
                 check=False)
     assert p.returncode == 2 and "tokenizer differs" in p.stderr
     assert not Path(tmp_path / "s" / "scores.json").exists()
+
+
+def test_corrupt_source_shard_is_refused(tiny_assets, tmp_path):
+    """A source shard changed in place (same size) is a one-line error naming it, not garbage scores."""
+    import shutil
+
+    from kdcl_dist.curriculum.scoring import score_shards
+    from kdcl_dist.errors import UserError
+
+    shards = shutil.copytree(tiny_assets["shards"], tmp_path / "shards")
+    f = shards / "shard-000002.tar"
+    blob = bytearray(f.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    f.write_bytes(bytes(blob))
+    with pytest.raises(UserError, match=r"shard-000002\.tar.*sha256"):
+        score_shards(shards, tiny_assets["student"], tmp_path / "s", _cfg(), device=torch.device("cpu"))
+    # verification can be switched off (score.verify=false): then the shard is read as is
+    man = score_shards(shards, tiny_assets["student"], tmp_path / "s2", _cfg(verify=False), device=torch.device("cpu"))
+    assert man["totals"]["samples"] == tiny_assets["n_docs"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_masked_path_keeps_half_precision_dtypes(kind):
+    """The GPU configuration (bf16 weights) runs through the same code: hidden states stay bf16,
+    the CE is fp32, sums float64; an empty batch (nothing masked) gives zeros. Checked on CPU
+    (CPU kernels exist for bf16); on a GPU only the device differs."""
+    from kdcl_dist.curriculum.scoring import Batch, Scorer
+    from kdcl_dist.kd.models import encode_masked, mlm_parts
+
+    model = _random_mlm(kind, 2).to(torch.bfloat16)
+    ids = torch.randint(5, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+    att = torch.ones(3, 20, dtype=torch.long)
+    att[2, 12:] = 0
+    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([3, 7, 1, 11])
+    with torch.inference_mode():
+        got = encode_masked(model, ids, att, rows, cols)
+        want = mlm_parts(model)[0](input_ids=ids, attention_mask=att).last_hidden_state[rows, cols]
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=0.05)
+    sc = Scorer(model, torch.device("cpu"))
+    sums, counts = sc.losses(Batch(ids, att, rows, cols, torch.tensor([5, 6, 7, 8]), np.arange(3), 52))
+    assert sums.dtype == torch.float64 and counts.tolist() == [2, 1, 1] and torch.isfinite(sums).all()
+    sums, counts = sc.losses(Batch(ids, att, rows[:0], cols[:0], torch.zeros(0, dtype=torch.long), np.arange(3), 52))
+    assert sums.tolist() == [0.0, 0.0, 0.0] and counts.tolist() == [0, 0, 0]
+
+
+def test_masked_only_scores_equal_previous_computation(tiny_assets):
+    """The last-layer-at-masked-positions path gives the scores of the whole-encoder path (< 1e-5)."""
+    from kdcl_dist.curriculum.scoring import Scorer, read_shard, score_arrays
+    from kdcl_dist.data.masking import MaskSpec
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.data.tokenizer import load_tokenizer
+    from kdcl_dist.kd.models import load_mlm
+
+    for which in ("student", "teacher"):
+        tok = load_tokenizer(str(tiny_assets[which]))
+        model = load_mlm(str(tiny_assets[which])).eval()
+        spec = MaskSpec.from_tokenizer(tok)
+        sids, toks = read_shard(ShardSet(tiny_assets["shards"]), 1, verify=True)
+        cfg = _cfg(token_budget=2000)
+        new = Scorer(model, torch.device("cpu"))
+        old = Scorer(model, torch.device("cpu"), masked_only=False)
+        assert new.masked_only and not old.masked_only
+        a = score_arrays(new, sids, toks, cfg, spec, tok.pad_token_id)
+        b = score_arrays(old, sids, toks, cfg, spec, tok.pad_token_id)
+        assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+        assert np.max(np.abs(a[0] - b[0])) < 1e-5, np.max(np.abs(a[0] - b[0]))
+        assert np.std(a[0]) > 1e-3

@@ -27,6 +27,9 @@ def add_arguments(p):
     p.add_argument("--shard-size", dest="shard_size", type=int, default=10_000, help="curriculum shard size")
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts to time")
     p.add_argument("--workdir", default=None, help="keep the synthetic source here (reused when present)")
+    p.add_argument("--external", action="store_true",
+                   help="also time 1 rank with the external merge sort (--in-memory-max 0) and check that its "
+                        "order and curriculum.json equal the in-memory run's")
 
 
 def _write_source_shard(args):
@@ -114,8 +117,9 @@ def run(args) -> int:
           f"curriculum shards of {args.shard_size:,}", flush=True)
     build_source(root, args.samples, args.source_shard_size)
     rows = []
-    for nproc in [int(x) for x in args.ranks.split(",") if x]:
-        out = root / f"cur-{nproc}"
+    runs = [(int(x), False) for x in args.ranks.split(",") if x] + ([(1, True)] if args.external else [])
+    for nproc, external in runs:
+        out = root / (f"cur-{nproc}" + ("-external" if external else ""))
         if out.exists():
             import shutil
 
@@ -123,7 +127,7 @@ def run(args) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", "kdcl_dist", "curriculum", "--shards", str(root / "shards"),
                "--scores", str(root / "scores"), "--out", str(out), "--shard-size", str(args.shard_size),
-               "--no-progress"]
+               "--no-progress"] + (["--in-memory-max", "0"] if external else [])
         env = dict(os.environ, OMP_NUM_THREADS="1", KDCL_LOG_LEVEL="WARNING")
         t = time.perf_counter()
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -133,11 +137,24 @@ def run(args) -> int:
         man = json.loads((out / "curriculum.json").read_text())
         assert man["num_samples"] == args.samples
         rss = man["build"]["peak_rss_mib"]
-        rows.append((nproc, wall, man["build"]["sort_s"], man["build"]["elapsed_s"], max(rss), sum(rss)))
+        rows.append((nproc, wall, man["build"]["sort_s"], man["build"]["elapsed_s"], max(rss), sum(rss),
+                     man["build"].get("sort", "in_memory")))
     print()
-    print(f"{'ranks':>5} {'wall (s)':>9} {'sort (s)':>9} {'stage (s)':>9} {'peak RSS/rank':>14} {'RSS all ranks':>14}")
-    for nproc, wall, srt, stage, mx, tot in rows:
-        print(f"{nproc:>5} {wall:>9.1f} {srt:>9.1f} {stage:>9.1f} {mx / 1024:>12.2f} GiB {tot / 1024:>12.2f} GiB")
+    print(f"{'ranks':>5} {'sort':>10} {'wall (s)':>9} {'sort (s)':>9} {'stage (s)':>9} {'peak RSS/rank':>14} "
+          f"{'RSS all ranks':>14}")
+    for nproc, wall, srt, stage, mx, tot, kind in rows:
+        print(f"{nproc:>5} {kind:>10} {wall:>9.1f} {srt:>9.1f} {stage:>9.1f} {mx / 1024:>12.2f} GiB "
+              f"{tot / 1024:>12.2f} GiB")
+    if args.external and (root / "cur-1").exists():
+        from kdcl_dist.curriculum.build import ORDER_FILES
+
+        a, b = root / "cur-1", root / "cur-1-external"
+        same = all((a / f).read_bytes() == (b / f).read_bytes() for f in ORDER_FILES)
+        ma, mb = (json.loads((d / "curriculum.json").read_text()) for d in (a, b))
+        same_man = {k: v for k, v in ma.items() if k != "build"} == {k: v for k, v in mb.items() if k != "build"}
+        print(f"  external sort: order files identical to the in-memory run: {same}; curriculum.json "
+              f"(build aside) identical: {same_man}")
+    rows = [r for r in rows if r[6] == "in_memory"]
     if len(rows) > 1:
         lo, hi = min(rows), max(rows)
         print(f"  speedup {hi[0]} vs {lo[0]} rank(s): {lo[1] / hi[1]:.2f}x (wall), {lo[3] / hi[3]:.2f}x (stage)")

@@ -5,7 +5,8 @@
 
 Writes curriculum.json, order_scores.npy, shard-NNNNNN.tar (+ .idx.json) with each
 sample's score and position in its metadata, curriculum.png and score_histogram.png.
-Scores made for another dataset are refused. See docs/curriculum.md.
+Scores made for another dataset are refused. Above `--in-memory-max` samples (default 20M)
+the global sort is an external merge sort (bounded memory, identical order). See docs/curriculum.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def add_arguments(p):
     p.add_argument("--shard-size", dest="shard_size", type=int, help="samples per curriculum shard")
     p.add_argument("--nonfinite", choices=("last", "exclude"),
                    help="non-finite score policy (default: the one recorded in scores.json)")
+    p.add_argument("--in-memory-max", dest="in_memory_max", type=int,
+                   help="samples up to which the global sort runs in memory (default 20M); above it an "
+                        "external merge sort with bounded memory gives the same order (0: always external)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     add_config_args(p)
@@ -32,7 +36,7 @@ def run(args) -> int:
     from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
     from kdcl_dist.utils import setup_logging
 
-    keys = ("shard_size", "nonfinite", "plots", "progress")
+    keys = ("shard_size", "nonfinite", "plots", "progress", "in_memory_max")
     cfg = resolve(CurriculumConfig, "curriculum", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)
     info = dist.init()

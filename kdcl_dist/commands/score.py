@@ -4,7 +4,7 @@
   torchrun --nproc-per-node 2 -m kdcl_dist score --shards ... --model ... --out ...
   mpirun -n 4 kdcl-dist score ...        (deepspeed --num_gpus N also works)
 
-Source shard i is scored by rank i % world. One score file per source shard is written
+Source shards are spread over the ranks balanced by tokens. One score file per source shard is written
 atomically; a re-run skips shards already scored with the same model, K, seed and
 dataset. `scores.json` records the fingerprints and the throughput. See docs/curriculum.md.
 """
@@ -22,7 +22,8 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="scores directory to write")
     p.add_argument("--masks", type=int, help="K fixed masks per sample (default 2)")
     p.add_argument("--seed", type=int, help="seed of the scoring masks")
-    p.add_argument("--token-budget", dest="token_budget", type=int, help="max rows x padded length per batch")
+    p.add_argument("--token-budget", dest="token_budget", type=int,
+                   help="max rows x padded length per batch (0 = auto: 4096 on CPU, 65536 on GPU)")
     p.add_argument("--window", type=int, help="rows length-sorted together before packing")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="model dtype (half precision: GPU only)")
     p.add_argument("--nonfinite", choices=("last", "exclude"), help="policy for non-finite scores")
@@ -42,9 +43,10 @@ def run(args) -> int:
     info = dist.init()
     setup_logging(info.rank)
     try:
-        score_shards(args.shards, args.model, args.out, cfg, rank=info.rank, world=info.world_size)
-        if info.rank == 0:
+        if info.rank == 0:   # before the work: scores.json, written last, marks a finished run
+            Path(args.out).mkdir(parents=True, exist_ok=True)
             write_resolved(cfg, Path(args.out), "score")
+        score_shards(args.shards, args.model, args.out, cfg, rank=info.rank, world=info.world_size)
     finally:
         dist.shutdown()
     return 0

@@ -58,9 +58,20 @@ class CurriculumConfig:
                                    choices=NONFINITE)
     plots: bool = option(True, help="write curriculum.png and score_histogram.png")
     progress: bool = option(True, help="tqdm progress bar on rank 0")
+    in_memory_max: int = option(20_000_000, help="samples up to which the global sort runs in memory; above "
+                                "it, the external merge sort (bounded memory, the same order)", min=0)
+    merge_chunk: int = option(65536, help="rows per run paged in at a time by the external merge", min=1)
 
 
 # ---- step 1: the global order ------------------------------------------------------------
+
+def _check_score_file(scores_dir, entry: dict, s: dict, a: dict) -> None:
+    if a["info"].get("shard_sha256") != entry.get("sha256"):
+        raise UserError(f"{Path(scores_dir) / s['file']}: scored a different version of {entry['name']} "
+                        "(checksum differs); re-run `kdcl-dist score`")
+    if len(a["ids"]) != entry["count"]:
+        raise UserError(f"{Path(scores_dir) / s['file']}: {len(a['ids'])} scores for {entry['count']} samples")
+
 
 def gather_scores(src: ShardSet, scores_dir) -> tuple[dict, dict]:
     """All scores of the dataset as flat arrays + the scores manifest (checked against `src`)."""
@@ -68,11 +79,7 @@ def gather_scores(src: ShardSet, scores_dir) -> tuple[dict, dict]:
 
     man, arrays = load_scores(scores_dir, src.manifest)
     for entry, s, a in zip(src.shards, man["shards"], arrays):
-        if a["info"].get("shard_sha256") != entry.get("sha256"):
-            raise UserError(f"{Path(scores_dir) / s['file']}: scored a different version of {entry['name']} "
-                            "(checksum differs); re-run `kdcl-dist score`")
-        if len(a["ids"]) != entry["count"]:
-            raise UserError(f"{Path(scores_dir) / s['file']}: {len(a['ids'])} scores for {entry['count']} samples")
+        _check_score_file(scores_dir, entry, s, a)
     n = [len(a["ids"]) for a in arrays]
     flat = {
         "ids": np.concatenate([a["ids"] for a in arrays]) if arrays else np.zeros(0, dtype=str),
@@ -108,6 +115,84 @@ def write_order(out: Path, flat: dict, order: dict) -> None:
         with atomic_path(out / name) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, arr)
+
+
+ORDER_FILES = ("order_scores.npy", "order_scores_f64.npy", "order_source.npy")
+
+
+def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path, chunk: int = 65536) -> dict:
+    """The global order by an external merge sort, written straight to the order files.
+
+    Each score file is one run: the policy is applied, the run is sorted by (score, id)
+    in memory and saved as .npy (`sort.write_run`; payload = source shard << 32 | index);
+    `sort.merge_runs` k-way merges the memory-mapped runs and the merged stream is written
+    chunk by chunk into memory-mapped order files. A second streaming merge over the runs'
+    sorted ids refuses duplicate ids (what `check_unique` does in memory). Memory:
+    O(one score file + runs x chunk); the order is identical to `compute_order`'s (tested).
+    """
+    import shutil
+
+    from kdcl_dist.curriculum.scoring import read_listed_score_file
+    from kdcl_dist.curriculum.sort import merge_runs, merged_arrays, write_run
+
+    runs_dir = out / ".sort-runs"
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    runs_dir.mkdir(parents=True)
+    runs, n_source, n_bad, n = [], 0, 0, 0
+    for i, (entry, s) in enumerate(zip(src.shards, man["shards"])):
+        a = read_listed_score_file(scores_dir, s)
+        _check_score_file(scores_dir, entry, s, a)
+        scores, keep = apply_nonfinite(a["score"], policy)
+        n_bad += int((~np.isfinite(a["score"])).sum())
+        idx = np.flatnonzero(keep)
+        if len(idx):
+            p = write_run(runs_dir / f"run-{i:06d}", scores[idx], a["ids"][idx], (np.int64(i) << 32) | idx.astype(np.int64))
+            np.save(f"{p}.idsorted.npy", np.sort(a["ids"][idx]))
+            runs.append(p)
+        n_source += len(a["ids"])
+        n += len(idx)
+        del a, scores, keep, idx
+    _check_unique_runs(runs, chunk, Path(scores_dir) / "scores.json")
+    tmp = {name: out / f".tmp-{name}" for name in ORDER_FILES}
+    f32 = np.lib.format.open_memmap(tmp["order_scores.npy"], mode="w+", dtype=np.float32, shape=(n,))
+    f64 = np.lib.format.open_memmap(tmp["order_scores_f64.npy"], mode="w+", dtype=np.float64, shape=(n,))
+    srcs = np.lib.format.open_memmap(tmp["order_source.npy"], mode="w+", dtype=np.int64, shape=(n, 2))
+    pos = 0
+    for sc, _ids, pay in merged_arrays(merge_runs(runs, chunk), chunk):
+        k = len(sc)
+        f32[pos:pos + k] = sc
+        f64[pos:pos + k] = sc
+        pay = pay.astype(np.int64)
+        srcs[pos:pos + k, 0] = pay >> 32
+        srcs[pos:pos + k, 1] = pay & 0xFFFFFFFF
+        pos += k
+    assert pos == n, (pos, n)
+    for arr in (f32, f64, srcs):
+        arr.flush()
+    del f32, f64, srcs
+    for name in ORDER_FILES:   # durable, then renamed into place (as atomic_path does)
+        with open(tmp[name], "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp[name], out / name)
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    excluded = {"nonfinite_score": n_bad} if policy == "exclude" and n_bad else {}
+    return {"n": n, "excluded": excluded, "nonfinite": n_bad, "n_source": n_source}
+
+
+def _check_unique_runs(runs, chunk: int, where: Path) -> None:
+    import heapq
+
+    def stream(p):
+        ids = np.load(f"{p}.idsorted.npy", mmap_mode="r")
+        for a in range(0, len(ids), chunk):
+            yield from ids[a:a + chunk].tolist()
+
+    prev = None
+    for sid in heapq.merge(*(stream(p) for p in runs)):
+        if sid == prev:
+            raise UserError(f"{where}: sample id {sid!r} appears more than once; ids must be unique "
+                            "(re-run `kdcl-dist shard`, which drops duplicates)")
+        prev = sid
 
 
 # ---- step 2: output shards -------------------------------------------------------------------
@@ -362,20 +447,30 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            man, flat = gather_scores(src, scores_dir)
-            check_unique(flat["ids"], f"{Path(scores_dir) / 'scores.json'}")
-            policy = cfg.nonfinite or man.get("nonfinite_policy", "last")
-            order = compute_order(flat, policy)
+            external = len(src) > cfg.in_memory_max
+            if external:
+                from kdcl_dist.curriculum.scoring import load_scores_manifest
+
+                man = load_scores_manifest(scores_dir, src.manifest)
+                policy = cfg.nonfinite or man.get("nonfinite_policy", "last")
+                log.info("external merge sort: %d samples > curriculum.in_memory_max=%d", len(src), cfg.in_memory_max)
+                res = external_order(src, scores_dir, man, policy, out, cfg.merge_chunk)
+            else:
+                man, flat = gather_scores(src, scores_dir)
+                check_unique(flat["ids"], f"{Path(scores_dir) / 'scores.json'}")
+                policy = cfg.nonfinite or man.get("nonfinite_policy", "last")
+                order = compute_order(flat, policy)
+                write_order(out, flat, order)
+                res = {"n": int(len(order["perm"])), "excluded": order["excluded"], "nonfinite": order["nonfinite"],
+                       "n_source": int(len(flat["ids"]))}
+                del flat, order
             inputs = {"dataset_fingerprint": src.fingerprint, "scores_fingerprint": man.get("fingerprint"),
                       "model_fingerprint": man.get("model_fingerprint"), "masks": man.get("masks"),
                       "seed": man.get("seed")}
             order_fp = fingerprint({"inputs": inputs, "policy": policy, "shard_size": cfg.shard_size,
-                                    "n": len(order["perm"])})
-            write_order(out, flat, order)
-            state = {"ok": True, "n": int(len(order["perm"])), "order_fp": order_fp, "policy": policy,
-                     "inputs": inputs, "excluded": order["excluded"], "nonfinite": order["nonfinite"],
-                     "n_source": int(len(flat["ids"])), "sort_s": time.perf_counter() - t0}
-            del flat, order
+                                    "n": res["n"]})
+            state = {"ok": True, "order_fp": order_fp, "policy": policy, "inputs": inputs, **res,
+                     "sort": "external" if external else "in_memory", "sort_s": time.perf_counter() - t0}
         except UserError as e:
             state = {"ok": False, "error": str(e)}
     state = dist.broadcast_object(state)
@@ -443,7 +538,8 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
         "per_shard": [r["stats"] for r in res_all],
         "order_files": {"scores": "order_scores.npy", "scores_f64": "order_scores_f64.npy",
                         "source": "order_source.npy"},
-        "build": {"world_size": world, "shard_size": S, "sort_s": state["sort_s"], "peak_rss_mib": peak_rss,
+        "build": {"world_size": world, "shard_size": S, "sort": state["sort"], "sort_s": state["sort_s"],
+                  "peak_rss_mib": peak_rss,
                   "elapsed_s": time.perf_counter() - t0},
     }
     manifest["fingerprint"] = fingerprint({"m": manifest_fingerprint(entries, tok), "kind": "curriculum",

@@ -10,22 +10,27 @@ i.e. the mean cross-entropy (nats) over *all* masked tokens of *all* K draws. Be
 every draw of a sample masks the same number of tokens, this equals the mean of the K
 per-draw mean losses. K = 1 is the paper's single random mask (noisy); the default is 2.
 
-Work split: source shard i is scored by rank ``i % world``; one score file per source
+Work split: rank 0 lists the shards still to score and assigns them to ranks balanced
+by tokens (`assign_shards`, LPT), then broadcasts the plan; one score file per source
 shard (``<shard>.scores.npz``: ids, score, masked-token count, token count, info),
 written atomically. A re-run skips every shard whose file matches (model fingerprint,
-K, seed, dataset fingerprint, dtype, mask rate), so a killed job resumes shard-wise.
+K, seed, dataset fingerprint, dtype, mask rate), so a killed job resumes shard-wise;
+an unreadable (cut, corrupt) score file counts as unscored.
 
 Batching: the K masked rows of every sample of a shard are sorted by length within
 windows of ``window`` rows and packed greedily so that rows × padded length stays within
 ``token_budget``; padding is excluded by the attention mask and never enters a loss, so a
 score does not depend on the batch it landed in (equal to float round-off across token
 budgets, bit-identical across world sizes, since batches are formed per source shard).
-The encoder runs on the batch; the LM head only on the hidden states of masked positions.
+Model computation (`Scorer`): embeddings and all encoder layers but the last on every
+position; the last layer after its key/value projections, and the LM head, on the masked
+positions only (`kd.models.encode_masked`; exact, tested against the HF forward).
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import io
 import json
 import logging
@@ -33,6 +38,7 @@ import math
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +65,29 @@ class ScoreConfig:
     masks: int = option(2, help="K fixed masks per sample (the paper used 1)", min=1, max=64)
     seed: int = option(1234, help="seed of the fixed scoring masks")
     mask_prob: float = option(0.15, help="share of non-special tokens masked per draw", min=0.01, max=0.9)
-    token_budget: int = option(16384, help="max rows x padded length per batch", min=16)
+    token_budget: int = option(0, help="max rows x padded length per batch; 0 = auto: "
+                               f"{4096} on CPU (cache-sized, measured), {65536} on GPU", min=0)
     window: int = option(8192, help="rows sorted by length together before packing (bounds memory)", min=1)
     dtype: str = option("fp32", help="model dtype; bf16/fp16 only on GPU", choices=tuple(DTYPES))
     nonfinite: str = option("last", help="policy for non-finite scores in the curriculum", choices=NONFINITE)
     threads: int = option(0, help="torch CPU threads per rank (0: leave torch's default)", min=0)
     progress: bool = option(True, help="tqdm progress bar on rank 0")
     log_every: float = option(10.0, help="seconds between throughput log lines", min=0.1)
+    verify: bool = option(True, help="check each source shard's sha256 (dataset.json) before scoring it")
+    prefetch: bool = option(True, help="prepare the next shard's batches in a helper thread while scoring")
+
+
+AUTO_BUDGET = {"cpu": 4096, "cuda": 65536}
+
+
+def effective_budget(cfg: ScoreConfig, device: torch.device) -> int:
+    """The token budget to use: the configured one, or the device's default when 0 (auto).
+
+    CPU: 4096 tokens keeps a batch's activations (rows x length x hidden/FFN) near the
+    cache; larger batches gain nothing in matmul efficiency on a CPU and lose in memory
+    traffic (bench: 16384 tokens was ~15% slower for the tiny student). GPU: large batches.
+    """
+    return int(cfg.token_budget) or AUTO_BUDGET.get(device.type, AUTO_BUDGET["cuda"])
 
 
 # ---- reading a source shard ------------------------------------------------------------
@@ -91,13 +113,19 @@ def _ids_from_npy(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype=dt, offset=start + hlen)
 
 
-def read_shard(ss: ShardSet, shard: int) -> tuple[list[str], list[np.ndarray]]:
-    """(sample ids, token id arrays) of one shard: one sequential read, sliced by the offset index."""
+def read_shard(ss: ShardSet, shard: int, verify: bool = False) -> tuple[list[str], list[np.ndarray]]:
+    """(sample ids, token id arrays) of one shard: one sequential read, sliced by the offset index.
+
+    verify: check the bytes against the size and sha256 in the manifest first (one hash
+    pass over bytes already in memory), so a corrupt shard is a one-line error, not scores.
+    """
     idx = ss.index(shard)
     path = ss.dir / ss.shards[shard]["name"]
     if not path.exists():
         raise UserError(f"{path}: shard listed in {ss.manifest_path.name} is missing")
     blob = path.read_bytes()
+    if verify and hasattr(ss, "verify_shard"):
+        ss.verify_shard(shard, blob)
     ids, toks = [], []
     for j in range(len(idx["keys"])):
         mo, ms = int(idx["meta_offset"][j]), int(idx["meta_size"][j])
@@ -190,43 +218,89 @@ def batches_for_shard(sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id
         yield b
 
 
+def shard_tokens(ss: ShardSet, shard: int) -> int:
+    """Approximate token count of a shard from its offset index (token-array bytes / item size)."""
+    idx = ss.index(shard)
+    n = len(idx["ids_size"])
+    payload = int(np.sum(idx["ids_size"])) - 128 * n   # minus the .npy headers (128 bytes each)
+    return max(n, payload // 2)
+
+
+def assign_shards(costs: list[int], world: int) -> list[list[int]]:
+    """Indices into `costs` for each rank: largest first to the least-loaded rank (LPT).
+
+    Pure and deterministic (ties broken by index and rank), so every rank can check it;
+    balancing by tokens instead of shard count keeps ranks finishing together when shard
+    sizes differ (the last shard of a set, filtered documents, a re-run's leftovers).
+    Each rank's list is in ascending shard order.
+    """
+    load = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[r].append(j)
+        load[r] += costs[j]
+    return [sorted(x) for x in out]
+
+
 # ---- the model computation ------------------------------------------------------------
 
 class Scorer:
-    """Encoder on the batch, LM head on masked positions only, CE per masked token."""
+    """Masked-positions-only model computation: CE per masked token, summed per row.
 
-    def __init__(self, model, device: torch.device):
-        from kdcl_dist.kd.models import mlm_parts
+    All encoder layers but the last run on every position; the last layer (after its
+    key/value projections) and the LM head run on the masked positions only
+    (`kd.models.encode_masked`, exact). `masked_only=False` runs the whole encoder and
+    slices the masked positions before the head (the previous computation; kept for
+    models `encode_masked` does not know and for comparison).
+    """
+
+    def __init__(self, model, device: torch.device, masked_only: bool = True):
+        from kdcl_dist.kd.models import mlm_parts, supports_encode_masked
 
         self.model = model.eval().to(device)
         self.encoder, self.head = mlm_parts(self.model)
         if self.head is None:
             raise UserError(f"{type(model).__name__}: no known MLM head to split off; supported: BERT, DistilBERT")
+        self.masked_only = bool(masked_only) and supports_encode_masked(self.model)
         self.device = device
 
     @torch.inference_mode()
     def losses(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-row CE sum as float64, per-row masked count) for one batch."""
+        from kdcl_dist.kd.models import encode_masked
+
         dev = self.device
         ids = b.input_ids.to(dev, non_blocking=True)
         att = b.attention_mask.to(dev, non_blocking=True)
-        h = self.encoder(input_ids=ids, attention_mask=att).last_hidden_state
-        rows, cols = b.rows.to(dev), b.cols.to(dev)
-        logits = self.head(h[rows, cols]).float()
-        ce = torch.nn.functional.cross_entropy(logits, b.targets.to(dev), reduction="none")
+        rows, cols = b.rows.to(dev, non_blocking=True), b.cols.to(dev, non_blocking=True)
+        if self.masked_only:
+            hm = encode_masked(self.model, ids, att, rows, cols)
+        else:
+            hm = self.encoder(input_ids=ids, attention_mask=att).last_hidden_state[rows, cols]
+        ce = self.token_ce(hm, b.targets.to(dev, non_blocking=True))
         B = ids.shape[0]
         sums = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, rows, ce.double())
         counts = torch.bincount(rows, minlength=B)
         return sums.cpu(), counts.cpu()
 
+    def token_ce(self, hm: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """fp32 cross-entropy of each masked position's full-vocabulary prediction.
+
+        (Producing the logits in cache-sized row chunks was measured: no gain at the CPU
+        token budget, so one block.)"""
+        return torch.nn.functional.cross_entropy(self.head(hm).float(), targets, reduction="none")
+
 
 def score_arrays(scorer: Scorer, sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int,
-                 on_batch=None):
-    """Score one shard's samples: (score float64, masked count int64, token count int64)."""
+                 on_batch=None, batches=None):
+    """Score one shard's samples: (score float64, masked count int64, token count int64).
+
+    batches: the shard's collated batches when prepared ahead (else built here, lazily)."""
     n = len(sample_ids)
     loss = np.zeros(n, dtype=np.float64)
     masked = np.zeros(n, dtype=np.int64)
-    for b in batches_for_shard(sample_ids, toks, cfg, spec, pad_id):
+    for b in (batches if batches is not None else batches_for_shard(sample_ids, toks, cfg, spec, pad_id)):
         sums, counts = scorer.losses(b)
         np.add.at(loss, b.sample, sums.numpy())
         np.add.at(masked, b.sample, counts.numpy())
@@ -260,12 +334,25 @@ def write_score_file(path: Path, ids, score, masked, ntok, info: dict) -> None:
 
 
 def read_score_file(path: Path) -> dict:
+    """The arrays and info of a score file; UserError (naming the file and the fix) if it is
+    missing, cut short or corrupt (a cut .npz is a broken zip: BadZipFile/EOFError/ValueError)."""
+    import zipfile
+    import zlib
+
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in ("ids", "score", "masked", "tokens")}
             out["info"] = json.loads(str(z["info"]))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable score file ({e}); delete it and re-run `kdcl-dist score`") from e
+    except (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError,
+            zipfile.BadZipFile, zlib.error,
+            json.JSONDecodeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: unreadable score file ({type(e).__name__}: {reason}); "
+                        "re-run `kdcl-dist score` with the same arguments (it re-scores that shard)") from e
+    n = len(out["ids"])
+    if any(len(out[k]) != n for k in ("score", "masked", "tokens")):
+        raise UserError(f"{path}: score file arrays differ in length; re-run `kdcl-dist score` with the same "
+                        "arguments (it re-scores that shard)")
     return out
 
 
@@ -301,13 +388,15 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="sample", desc="score", dynamic_ncols=True, mininterval=1.0)
         self._shown = 0
+        # zero this rank's counts now: a file left by an earlier (killed) run must not count
+        self._write()
 
     def add(self, samples: int, tokens: int, log_every: float, force: bool = False) -> None:
         self.samples += samples
         self.tokens += tokens
         now = time.perf_counter()
         if force or now - self._last_write >= 1.0:
-            write_json_atomic(self.dir / f"rank-{self.rank}.json", {"samples": self.samples, "tokens": self.tokens})
+            self._write()
             self._last_write = now
             if self.rank == 0:
                 g_samples, g_tokens = self._global()
@@ -319,6 +408,12 @@ class Progress:
                     log.info("scored %d/%d samples, %.0f tokens/s (all ranks), %.0f tokens/s (rank 0)",
                              g_samples, self.total, g_tokens / dt, self.tokens / dt)
                     self._last_log = now
+
+    def _write(self) -> None:
+        # A plain write, not temp+rename: the file is advisory (the reader skips a torn one),
+        # and a time-driven rename would make the number of file renames of a run depend on
+        # its speed (the fault suite kills ranks at seeded rename/batch counts).
+        (self.dir / f"rank-{self.rank}.json").write_text(json.dumps({"samples": self.samples, "tokens": self.tokens}))
 
     def _global(self) -> tuple[int, int]:
         s = t = 0
@@ -376,6 +471,7 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
     from kdcl_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from kdcl_dist.kd.models import model_fingerprint
 
+    t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ss = ShardSet(shards_dir, "dataset.json") if (Path(shards_dir) / "dataset.json").exists() else ShardSet(shards_dir)
@@ -396,43 +492,70 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
     model_fp = model_fingerprint(model)
     ident = identity(model_fp, cfg, dataset_fp)
     scorer = Scorer(model, device)
+    cfg = dataclasses.replace(cfg, token_budget=effective_budget(cfg, device))
 
-    mine = [i for i in range(ss.num_shards) if i % world == rank]
-    todo = [i for i in mine if not existing_matches(out / score_file_name(ss.shards[i]["name"]), ident, ss.shards[i])]
-    skipped = len(mine) - len(todo)
-    all_todo = sum(1 for i in range(ss.num_shards)
-                   if not existing_matches(out / score_file_name(ss.shards[i]["name"]), ident, ss.shards[i])) \
-        if rank == 0 else 0
-    total = sum(ss.shards[i]["count"] for i in range(ss.num_shards)
-                if not existing_matches(out / score_file_name(ss.shards[i]["name"]), ident, ss.shards[i])) \
-        if rank == 0 else 0
-    if skipped:
-        log.warning("rank %d: %d of its %d shards already scored with this model/K/seed; skipping them",
-                    rank, skipped, len(mine))
+    # Rank 0 decides the work: which shards still need scoring (a matching score file is
+    # kept) and which rank scores each, balanced by tokens; all ranks receive the same plan.
+    # (Also the synchronisation point: rank 0 has read every existing file before any rank
+    # writes one.)
+    plan = None
+    if rank == 0:
+        todo_all = [i for i in range(ss.num_shards)
+                    if not existing_matches(out / score_file_name(ss.shards[i]["name"]), ident, ss.shards[i])]
+        costs = [shard_tokens(ss, i) for i in todo_all]
+        plan = {"todo": todo_all, "assign": assign_shards(costs, world), "total": sum(ss.shards[i]["count"] for i in todo_all)}
+    plan = dist.broadcast_object(plan) if world > 1 else plan
+    todo = [plan["todo"][j] for j in plan["assign"][rank]]
+    total = plan["total"]
+    skipped = ss.num_shards - len(plan["todo"])
+    if skipped and rank == 0:
+        log.warning("%d of the %d shards already scored with this model/K/seed; skipping them", skipped, ss.num_shards)
     if rank == 0:
         log.info("scoring %d samples in %d shards on %d rank(s); model %s (%s), K=%d, seed=%d, budget=%d tokens",
-                 total, all_todo, world, model_name, model_fp, cfg.masks, cfg.seed, cfg.token_budget)
-    dist.barrier()   # rank 0 has counted the work before any rank writes a score file
+                 total, len(plan["todo"]), world, model_name, model_fp, cfg.masks, cfg.seed, cfg.token_budget)
     prog = Progress(out, rank, world, total, cfg.progress)
     hook = _fault_hook(rank)
-    t0 = time.perf_counter()
-    for i in todo:
-        entry = ss.shards[i]
-        sample_ids, toks = read_shard(ss, i)
+    t0, c0 = time.perf_counter(), time.process_time()
 
-        def on_batch(b, _hook=hook):
-            prog.add(0, b.n_tokens, cfg.log_every)
-            if _hook is not None:
-                _hook(b)
+    def prepare(i):
+        sample_ids, toks = read_shard(ss, i, verify=cfg.verify)
+        return sample_ids, toks, list(batches_for_shard(sample_ids, toks, cfg, spec, pad_id))
 
-        score, masked, ntok = score_arrays(scorer, sample_ids, toks, cfg, spec, pad_id, on_batch)
-        info = {**ident, "shard": entry["name"], "shard_sha256": entry.get("sha256"), "count": len(sample_ids),
-                "definition": DEFINITION, "format_version": FORMAT_VERSION}
-        write_score_file(out / score_file_name(entry["name"]), sample_ids, score, masked, ntok, info)
-        prog.add(len(sample_ids), 0, cfg.log_every)
-    elapsed = time.perf_counter() - t0
+    # With prefetch, a helper thread reads, verifies, masks and collates shard k+1 while the
+    # model scores shard k (the model's kernels release the GIL); an error in a shard still
+    # surfaces when that shard's turn comes, after the earlier shards are written.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kdcl-score-prep") if cfg.prefetch and len(todo) > 1 else None
+    try:
+        nxt = None
+        for k, i in enumerate(todo):
+            entry = ss.shards[i]
+            if pool is None:
+                sample_ids, toks = read_shard(ss, i, verify=cfg.verify)
+                batches = None
+            else:
+                sample_ids, toks, batches = (nxt or pool.submit(prepare, i)).result()
+                nxt = pool.submit(prepare, todo[k + 1]) if k + 1 < len(todo) else None
+
+            def on_batch(b, _hook=hook):
+                prog.add(0, b.n_tokens, cfg.log_every)
+                if _hook is not None:
+                    _hook(b)
+
+            score, masked, ntok = score_arrays(scorer, sample_ids, toks, cfg, spec, pad_id, on_batch, batches)
+            info = {**ident, "shard": entry["name"], "shard_sha256": entry.get("sha256"), "count": len(sample_ids),
+                    "definition": DEFINITION, "format_version": FORMAT_VERSION}
+            write_score_file(out / score_file_name(entry["name"]), sample_ids, score, masked, ntok, info)
+            prog.add(len(sample_ids), 0, cfg.log_every)
+    finally:
+        if pool is not None:   # no thread outlives the call (an error included)
+            pool.shutdown(wait=True, cancel_futures=True)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     prog.add(0, 0, cfg.log_every, force=True)
-    rank_stats = {"rank": rank, "elapsed_s": elapsed, "tokens": prog.tokens, "samples": prog.samples}
+    # elapsed_s: this rank's scoring loop (read, mask, batch, model, write), wall clock; the
+    # run's figure is the max over ranks. cpu_s: CPU time of this process in that loop (on a
+    # shared machine it shows what the work cost without the time other jobs took the core).
+    rank_stats = {"rank": rank, "elapsed_s": elapsed, "cpu_s": cpu, "tokens": prog.tokens,
+                  "samples": prog.samples, "shards": len(todo), "setup_s": t0 - t_start}
     stats = dist.all_gather_object(rank_stats)
     prog.close()
     if rank != 0:
@@ -479,8 +602,8 @@ def write_scores_manifest(ss: ShardSet, out: Path, ident: dict, cfg: ScoreConfig
     return manifest
 
 
-def load_scores(scores_dir, dataset_manifest: dict | None = None) -> tuple[dict, list[dict]]:
-    """(scores.json, per-shard arrays in source-shard order), checked against the dataset."""
+def load_scores_manifest(scores_dir, dataset_manifest: dict | None = None) -> dict:
+    """scores.json, checked against the dataset manifest (fingerprint, shard list)."""
     d = Path(scores_dir)
     man = read_json(d / "scores.json", "scores manifest (run `kdcl-dist score` first)")
     if man.get("kind") != "scores":
@@ -494,10 +617,20 @@ def load_scores(scores_dir, dataset_manifest: dict | None = None) -> tuple[dict,
         names = [s["name"] for s in dataset_manifest["shards"]]
         if [s["name"] for s in man["shards"]] != names:
             raise UserError(f"{d / 'scores.json'}: its shard list differs from the dataset's; re-run `kdcl-dist score`")
-    arrays = []
-    for s in man["shards"]:
-        a = read_score_file(d / s["file"])
-        if len(a["ids"]) != s["count"]:
-            raise UserError(f"{d / s['file']}: holds {len(a['ids'])} scores, scores.json says {s['count']}; re-run scoring")
-        arrays.append(a)
-    return man, arrays
+    return man
+
+
+def read_listed_score_file(scores_dir, entry: dict) -> dict:
+    """The score file of one `scores.json` shard entry, its count checked."""
+    d = Path(scores_dir)
+    a = read_score_file(d / entry["file"])
+    if len(a["ids"]) != entry["count"]:
+        raise UserError(f"{d / entry['file']}: holds {len(a['ids'])} scores, scores.json says {entry['count']}; "
+                        "re-run scoring")
+    return a
+
+
+def load_scores(scores_dir, dataset_manifest: dict | None = None) -> tuple[dict, list[dict]]:
+    """(scores.json, per-shard arrays in source-shard order), checked against the dataset."""
+    man = load_scores_manifest(scores_dir, dataset_manifest)
+    return man, [read_listed_score_file(scores_dir, s) for s in man["shards"]]

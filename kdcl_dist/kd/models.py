@@ -120,3 +120,105 @@ class _DistilBertHead(torch.nn.Module):
         x = m.activation(x)
         x = m.vocab_layer_norm(x)
         return m.vocab_projector(x)
+
+
+# ---- last encoder layer on masked positions only (exact) ---------------------------------------
+#
+# A masked-LM loss needs the final hidden states at the masked positions only. Every layer
+# but the last must run everywhere (the last layer's keys and values read all positions),
+# but in the last layer the query projection, attention output, output projection, FFN and
+# layer norms act position-wise: they can run on the ~15% masked positions alone. Together
+# with the LM head on masked positions only this is the same computation as the full
+# forward, up to float round-off (tests/test_scoring.py compares it with HF's forward).
+
+def _stack(model):
+    """(embed(ids) -> hidden, layers, last-layer function) for BERT / DistilBERT, else None."""
+    base = getattr(model, model.base_model_prefix, None)
+    cfg = model.config
+    if base is None or getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return None
+    # structural checks, so that a look-alike architecture (other residual/norm order,
+    # relative positions) falls back to the full forward instead of being re-expressed wrongly
+    enc = getattr(getattr(base, "encoder", None), "layer", None)
+    if enc is not None and type(enc[-1]).__name__ == "BertLayer":
+        return (lambda ids: base.embeddings(input_ids=ids)), enc, _bert_last_masked
+    tr = getattr(getattr(base, "transformer", None), "layer", None)
+    if tr is not None and type(tr[-1]).__name__ == "TransformerBlock" and hasattr(tr[-1], "sa_layer_norm"):
+        return (lambda ids: base.embeddings(ids)), tr, _distilbert_last_masked
+    return None
+
+
+def supports_encode_masked(model) -> bool:
+    return _stack(model) is not None and mlm_parts(model)[1] is not None
+
+
+def _query_slots(rows: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
+    """Slot of each masked position among its row's masked positions, and the max count per row."""
+    M = rows.numel()
+    counts = torch.bincount(rows, minlength=B)
+    q = int(counts.max()) if M else 0
+    order = torch.argsort(rows, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot_sorted = torch.arange(M, device=rows.device) - starts[rows[order]]
+    slot = torch.empty_like(slot_sorted)
+    slot[order] = slot_sorted
+    return slot, q
+
+
+def _mha_masked(xm, h, attention_mask, rows, slot, q_max, n_heads, q_lin, k_lin, v_lin):
+    B, L, H = h.shape
+    d = H // n_heads
+    k = k_lin(h).view(B, L, n_heads, d).transpose(1, 2)
+    v = v_lin(h).view(B, L, n_heads, d).transpose(1, 2)
+    q = q_lin(xm)
+    grid = q.new_zeros(B, q_max, H)
+    grid[rows, slot] = q
+    grid = grid.view(B, q_max, n_heads, d).transpose(1, 2)
+    keep = attention_mask.to(torch.bool)[:, None, None, :] if attention_mask is not None else None
+    o = torch.nn.functional.scaled_dot_product_attention(grid, k, v, attn_mask=keep, scale=d ** -0.5)
+    return o.transpose(1, 2).reshape(B, q_max, H)[rows, slot]
+
+
+def _bert_last_masked(layer, h, attention_mask, rows, cols):
+    slot, q_max = _query_slots(rows, h.shape[0])
+    xm = h[rows, cols]
+    sa = layer.attention.self
+    a = _mha_masked(xm, h, attention_mask, rows, slot, q_max, sa.num_attention_heads, sa.query, sa.key, sa.value)
+    a = layer.attention.output(a, xm)            # dense -> dropout -> LayerNorm(. + residual)
+    return layer.output(layer.intermediate(a), a)  # dense -> act, dense -> dropout -> LayerNorm
+
+
+def _distilbert_last_masked(layer, h, attention_mask, rows, cols):
+    slot, q_max = _query_slots(rows, h.shape[0])
+    xm = h[rows, cols]
+    at = layer.attention
+    a = _mha_masked(xm, h, attention_mask, rows, slot, q_max, at.n_heads, at.q_lin, at.k_lin, at.v_lin)
+    a = layer.sa_layer_norm(at.out_lin(a) + xm)
+    return layer.output_layer_norm(layer.ffn.ff_chunk(a) + a)
+
+
+def encode_masked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [M, H] at positions (rows[m], cols[m]) only; equal to
+    `encoder(input_ids, attention_mask).last_hidden_state[rows, cols]` to float round-off.
+
+    Embeddings and all layers but the last run through the HF modules on every position;
+    the last layer is re-expressed with that layer's own weight modules so that everything
+    after its key/value projections runs on the requested positions only. BERT and
+    DistilBERT (encoder-only); `supports_encode_masked(model)` says whether it applies.
+    """
+    from transformers.masking_utils import create_bidirectional_mask
+
+    parts = _stack(model)
+    if parts is None:
+        raise UserError(f"{type(model).__name__}: encode_masked supports BERT and DistilBERT encoders only")
+    embed, layers, last = parts
+    if rows.numel() == 0:   # nothing masked in this batch (e.g. samples without maskable tokens)
+        return torch.zeros(0, model.config.hidden_size, dtype=next(model.parameters()).dtype, device=input_ids.device)
+    h = embed(input_ids)
+    if len(layers) > 1:
+        mask = create_bidirectional_mask(config=model.config, inputs_embeds=h, attention_mask=attention_mask)
+        for layer in layers[:-1]:
+            h = layer(h, mask)
+    return last(layers[-1], h, attention_mask, rows, cols)
+

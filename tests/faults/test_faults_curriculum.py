@@ -88,8 +88,6 @@ def test_train_refuses_truncated_order_scores(base, ref, tmp_path):
     one_line_error(run, "order_scores.npy", "re-run `kdcl-dist curriculum`")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: train.py np.load(order_scores.npy) is unguarded: a cut file gives a "
-                   "ValueError traceback instead of a one-line error naming the file")
 def test_train_refuses_cut_order_scores_file(base, ref, tmp_path):
     cur = shutil.copytree(ref["cur"], tmp_path / "cur")
     f = cur / "order_scores.npy"

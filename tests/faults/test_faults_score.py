@@ -35,9 +35,13 @@ def _same_as_ref(out, ref) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=pytest.mark.xfail(
-    strict=False, reason="failed once inside the full suite under load, passes alone; cause not yet found")), 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_score_sigkill_one_rank_then_rerun(base, ref, tmp_path, seed):
+    # Events of a score run are deterministic: one per batch (Scorer.losses) and one per
+    # atomic rename (config.yaml first, each score file, scores.json last); the progress
+    # files are plain writes. (They used to be renamed about once a second, so the event
+    # count depended on the machine's load: seed 2 picks the last event of rank 0, which
+    # then was the config.yaml rename after scores.json, or lay beyond the run's end.)
     victim = seed % 2
     n = kill_point(seed, ref["score_run"].events[victim])
     out = tmp_path / "scores"
@@ -67,8 +71,6 @@ def test_score_enospc_then_rerun(base, ref, tmp_path):
         _same_as_ref(out, ref)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: scoring.read_score_file does not catch zipfile.BadZipFile, so a cut "
-                   ".scores.npz gives a traceback in `curriculum` and in the `score` re-run (no self-healing)")
 def test_score_truncated_file_refused_then_rescored(base, ref, tmp_path):
     out = shutil.copytree(ref["scores"], tmp_path / "scores")
     f = out / "shard-000004.scores.npz"
@@ -77,7 +79,7 @@ def test_score_truncated_file_refused_then_rescored(base, ref, tmp_path):
     one_line_error(run, "shard-000004.scores.npz")
     # a re-run of the score stage re-scores exactly that shard and restores the reference
     rerun = must(fork_run(score_argv(base, ref["shards"], out), logdir=tmp_path / "r"), "re-run")
-    assert "5 of its 6 shards already scored" in rerun.text()
+    assert "5 of the 6 shards already scored" in rerun.text()
     _same_as_ref(out, ref)
 
 
