@@ -43,6 +43,23 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_stale_tmp(directory: str | os.PathLike) -> int:
+    """Delete `.tmp-*` files that a killed run's `atomic_path` left in `directory`.
+
+    Call it only while no other process of the job can be writing there (rank 0, before the
+    ranks are released); returns how many were removed.
+    """
+    d = Path(directory)
+    n = 0
+    if d.is_dir():
+        for p in d.glob(".tmp-*"):
+            if p.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    n += 1
+    return n
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")

@@ -256,8 +256,21 @@ def test_sigkill_one_rank_then_rerun(tiny_assets, tmp_path, world2_scores):
     first, second = assign_shards([shard_tokens(ss, i) for i in range(ss.num_shards)], 2)[1]   # rank 1's shards
     f1, f2 = (score_file_name(ss.shards[i]["name"]) for i in (first, second))
     out = tmp_path / "s"
-    # 100 samples x 2 masks per shard at ~130 tokens/row and budget 700: ~40 batches per shard
-    p = torchrun_score(2, tiny_assets, out, "--token-budget", "700", env=_env(KDCL_TEST_KILL_AT="1:60"), check=False)
+    # kill rank 1 half-way through its second shard, counted in batches of this corpus (real
+    # abstracts or the synthetic fallback have different lengths, hence batch counts)
+    from kdcl_dist.curriculum.scoring import ScoreConfig, read_shard, shard_batch_arrays
+    from kdcl_dist.data.masking import MaskSpec
+    from kdcl_dist.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_assets["tokenizer"]))
+    spec, cfg = MaskSpec.from_tokenizer(tok), ScoreConfig(token_budget=700)
+
+    def n_batches(i: int) -> int:
+        return len(shard_batch_arrays(*read_shard(ss, i), cfg, spec, tok.pad_token_id))
+
+    kill_at = n_batches(first) + max(1, n_batches(second) // 2)
+    p = torchrun_score(2, tiny_assets, out, "--token-budget", "700", env=_env(KDCL_TEST_KILL_AT=f"1:{kill_at}"),
+                       check=False)
     assert p.returncode != 0
     assert not (out / "scores.json").exists()
     assert (out / f1).exists(), "rank 1 should have finished its first shard"
@@ -351,3 +364,131 @@ def test_masked_only_scores_equal_previous_computation(tiny_assets):
         assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
         assert np.max(np.abs(a[0] - b[0])) < 1e-5, np.max(np.abs(a[0] - b[0]))
         assert np.std(a[0]) > 1e-3
+
+
+# ---- host side: vectorised masking and collation, worker processes ------------------------------
+
+def _shard0(tiny_assets):
+    from kdcl_dist.curriculum.scoring import read_shard
+    from kdcl_dist.data.masking import MaskSpec
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_assets["student"]))
+    sids, toks = read_shard(ShardSet(tiny_assets["shards"]), 0, verify=True)
+    return tok, MaskSpec.from_tokenizer(tok), list(sids), list(toks)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_mask_many_equals_mask_sample(tiny_assets, monkeypatch, fast):
+    """The batched masks are mask_sample's, row by row (the per-sample contract), for both the
+    replicated RNG seeding and numpy's own objects; incl. empty and all-special samples."""
+    from kdcl_dist.data import masking
+    from kdcl_dist.data.masking import mask_many, mask_sample
+
+    tok, spec, sids, toks = _shard0(tiny_assets)
+    assert masking._fast_seeding_ok()   # the replicated seeding matches this numpy
+    monkeypatch.setattr(masking, "_FAST_SEEDING", fast)
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    sids += ["empty", "specials", "one"]
+    toks += [np.zeros(0, np.uint16), np.array([cls, sep], np.uint16), np.array([cls, 50, sep], np.int32)]
+    for K, purpose, seed in ((2, "score", 1234), (3, "train", 2**40 + 7)):
+        m = mask_many(toks, sids, K, purpose, seed, spec)
+        n_masked = 0
+        for i, (sid, t) in enumerate(zip(sids, toks)):
+            for k in range(K):
+                want = mask_sample(t, sid, k, purpose, seed, spec)
+                got = m.row(i * K + k)
+                for w, g in zip(want, got):
+                    assert w.dtype == g.dtype and np.array_equal(w, g), (sid, k)
+                n_masked += int((want[1] >= 0).sum())
+        assert n_masked > 100   # the comparison covers real masks
+
+
+def _reference_batches(sids, toks, cfg, spec, pad_id):
+    """The row-by-row construction (mask_sample per row, one row at a time into the batch)."""
+    from kdcl_dist.curriculum.scoring import mask_rows, plan_batches
+
+    rows = mask_rows(sids, toks, cfg.masks, cfg.seed, spec)
+    lengths = np.array([len(r[1]) for r in rows])
+    for members in plan_batches(lengths, cfg.token_budget, cfg.window):
+        L = max(len(rows[r][1]) for r in members)
+        inp = np.full((len(members), L), pad_id, dtype=np.int64)
+        att = np.zeros_like(inp)
+        rr, cc, tt = [], [], []
+        for b, r in enumerate(members):
+            i, x, pos = rows[r]
+            inp[b, :len(x)], att[b, :len(x)] = x, 1
+            rr += [b] * len(pos)
+            cc += pos.tolist()
+            tt += np.asarray(toks[i], dtype=np.int64)[pos].tolist()
+        yield inp, att, rr, cc, tt, [rows[r][0] for r in members]
+
+
+@pytest.mark.parametrize("budget,window", [(300, 7), (4096, 8192)])
+def test_vectorised_batches_equal_row_by_row(tiny_assets, budget, window):
+    from kdcl_dist.curriculum.scoring import batches_for_shard
+
+    tok, spec, sids, toks = _shard0(tiny_assets)
+    cfg = _cfg(masks=3, seed=5, token_budget=budget, window=window)
+    got = list(batches_for_shard(sids, toks, cfg, spec, tok.pad_token_id))
+    want = list(_reference_batches(sids, toks, cfg, spec, tok.pad_token_id))
+    assert len(got) == len(want) > 1
+    for b, (inp, att, rr, cc, tt, sample) in zip(got, want):
+        assert b.input_ids.dtype == torch.int64 and b.rows.dtype == torch.int64
+        assert np.array_equal(b.input_ids.numpy(), inp) and np.array_equal(b.attention_mask.numpy(), att)
+        assert b.rows.tolist() == rr and b.cols.tolist() == cc and b.targets.tolist() == tt
+        assert b.sample.tolist() == sample and b.n_tokens == int(att.sum())
+
+
+def test_compact_batches_give_identical_scores(tiny_assets):
+    """The GPU path's compact batches (int32, lengths, mask built by the Scorer) score the same
+    as the int64 batches, bitwise (checked on CPU)."""
+    from kdcl_dist.curriculum.scoring import Scorer, score_arrays, shard_batch_arrays, to_batch
+    from kdcl_dist.kd.models import load_mlm
+
+    tok, spec, sids, toks = _shard0(tiny_assets)
+    cfg = _cfg(token_budget=1000)
+    sc = Scorer(load_mlm(str(tiny_assets["student"])), torch.device("cpu"))
+    arrs = shard_batch_arrays(sids, toks, cfg, spec, tok.pad_token_id)
+    assert to_batch(arrs[0], compact=True).attention_mask is None
+    a = score_arrays(sc, sids, toks, cfg, spec, tok.pad_token_id, batches=[to_batch(x) for x in arrs])
+    b = score_arrays(sc, sids, toks, cfg, spec, tok.pad_token_id, batches=[to_batch(x, compact=True) for x in arrs])
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+    assert np.std(a[0]) > 1e-3
+
+
+def test_workers_give_identical_scores(tiny_assets, tmp_path, monkeypatch):
+    """workers=0 (helper thread), workers=0 without prefetch, workers=2 (processes) and workers=2
+    with the GPU path's deferred score-file writes: the same score arrays, bitwise on CPU."""
+    from kdcl_dist.curriculum import scoring
+    from kdcl_dist.curriculum.scoring import load_scores, score_shards
+
+    got = []
+    for name, kw in (("w0", {"workers": 0}), ("inline", {"workers": 0, "prefetch": False}), ("w2", {"workers": 2}),
+                     ("w2-defer", {"workers": 2})):
+        monkeypatch.setattr(scoring, "_defer_writes", lambda _dev, _d=name.endswith("defer"): _d)
+        out = tmp_path / name
+        score_shards(tiny_assets["shards"], tiny_assets["student"], out, _cfg(token_budget=1000, **kw),
+                     device=torch.device("cpu"))
+        got.append(load_scores(out)[1])
+    assert len(got[0]) == 4   # every shard of the fixture
+    for other in got[1:]:
+        for a, b in zip(got[0], other):
+            for k in ("ids", "score", "masked", "tokens"):
+                assert np.array_equal(a[k], b[k]), k
+
+
+def test_effective_workers(monkeypatch):
+    from kdcl_dist.curriculum.scoring import ScoreConfig, effective_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert effective_workers(ScoreConfig(), cpu, 100) == 0            # auto on CPU: the model needs the cores
+    assert effective_workers(ScoreConfig(workers=3), cpu, 100) == 3
+    assert effective_workers(ScoreConfig(workers=3), cpu, 2) == 2      # never more than the shards
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert effective_workers(ScoreConfig(), gpu, 100) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                        # 4 ranks share the node's 16 CPUs
+    assert effective_workers(ScoreConfig(), gpu, 100) == 3

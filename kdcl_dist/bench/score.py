@@ -12,6 +12,9 @@
 (c) 2 ranks vs 1 rank (torchrun, gloo, one thread each). Target >= 1.7x. Both the
     scoring-loop throughput (max over ranks) and the whole command's wall time.
 
+Host prep only: read + verify + mask + plan + collate without a model, for 0..N preparation
+    workers (`score.workers`): the ceiling of the pipeline on a fast accelerator.
+
 Tokens counted = real (non-pad) tokens of every masked row (K rows per sample).
 Medians over --repeats; the machine may be shared, so compare the ratios. On a CPU each
 figure is also given per CPU-second of the process (time other jobs took is not counted).
@@ -47,6 +50,10 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--no-ranks", dest="ranks", action="store_false", default=True, help="skip (c)")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="score.workers for the pipeline (-1 = auto: min(8, CPUs - 1) on GPU, 0 on CPU)")
+    p.add_argument("--host-workers", dest="host_workers", default="0,1,2",
+                   help="worker counts for the host-only figure (comma-separated; the pipeline's count is added)")
     p.add_argument("--workdir", default=None, help="keep the fixtures here (default: a temporary folder)")
 
 
@@ -249,6 +256,44 @@ def _measure(name, shards, model_dir, naive_docs, cfg, device, repeats, root: Pa
         "prev_b": ratio(res, "previous", "naive"), "full": _median(res.get("full", [])) if full_head else None}
 
 
+def _host_once(shards, model_dir, cfg, device, workers: int, passes: int) -> tuple[float, int]:
+    """Host side alone: read + verify + mask + plan + collate (+ the tensors the model would get),
+    no model. The shard list is run `passes` times in one go so that starting worker processes
+    is amortised (a steady-state figure: the ceiling of the pipeline on a fast accelerator).
+    Returns (tokens/s wall, tokens)."""
+    import dataclasses
+
+    from kdcl_dist.curriculum.scoring import ShardPrep, effective_budget, prepared_shards, to_batch
+    from kdcl_dist.data.masking import MaskSpec
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    spec = MaskSpec.from_tokenizer(tok, cfg.mask_prob)
+    ss = ShardSet(shards)
+    bcfg = dataclasses.replace(cfg, token_budget=effective_budget(cfg, device))
+    prep = ShardPrep(ss, list(range(ss.num_shards)) * passes, bcfg, spec, int(tok.pad_token_id))
+    ntok = 0
+    t = time.perf_counter()
+    for item in prepared_shards(prep, workers, prefetch=False):
+        for a in item[2]:
+            ntok += to_batch(a, compact=True).n_tokens   # what the GPU path hands the model
+    return ntok / (time.perf_counter() - t), ntok
+
+
+def _host_figures(shards, model_dir, cfg, device, counts: list[int], repeats: int) -> dict[int, float]:
+    """Median host-only tokens/s for each worker count, interleaved by round."""
+    _w, ntok = _host_once(shards, model_dir, cfg, device, 0, 1)   # warm-up; size of one pass
+    passes = max(1, -(-4_000_000 // max(ntok, 1)))                # >= ~4M tokens per figure
+    res: dict[int, list[float]] = {w: [] for w in counts}
+    for _ in range(repeats):
+        for w in counts:
+            res[w].append(_host_once(shards, model_dir, cfg, device, w, passes)[0])
+    print(f"  host prep only (read+verify+mask+plan+collate, no model), {passes} pass(es) over the shards: "
+          + "  ".join(f"{w} worker(s) {_median(v):,.0f}" for w, v in res.items()) + " tokens/s", flush=True)
+    return {w: _median(v) for w, v in res.items()}
+
+
 def flops_per_token(spec: dict, vocab: int, seq: float, mask_prob: float) -> dict:
     """Forward FLOPs per token (2 x multiply-adds) of the three computations, and their ratios.
 
@@ -307,7 +352,12 @@ def run(args) -> int:
     import torch
 
     from kdcl_dist.config import load_preset
-    from kdcl_dist.curriculum.scoring import ScoreConfig, effective_budget, read_shard
+    from kdcl_dist.curriculum.scoring import (
+        ScoreConfig,
+        effective_budget,
+        effective_workers,
+        read_shard,
+    )
     from kdcl_dist.data.reader import ShardSet
     from kdcl_dist.data.shards import write_documents
     from kdcl_dist.data.tokenizer import train_wordpiece
@@ -319,8 +369,9 @@ def run(args) -> int:
         raise SystemExit("bench score: --device cuda but torch sees no GPU")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     cfg = ScoreConfig(masks=args.masks, token_budget=args.token_budget, dtype=dtype, progress=False,
-                      threads=args.threads)
+                      threads=args.threads, workers=args.workers)
     budget = effective_budget(cfg, device)
+    pipe_workers = effective_workers(cfg, device, 10**9)
     tmp = None
     if args.workdir:
         root = Path(args.workdir)
@@ -341,8 +392,11 @@ def run(args) -> int:
     print(f"bench score: {len(docs)} docs from {source}, mean {seq:.0f} tokens (max {args.max_length}), "
           f"K={cfg.masks}, budget {budget} tokens, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", dtype {dtype}, threads {args.threads}, medians of {args.repeats}", flush=True)
+          + f", dtype {dtype}, threads {args.threads}, pipeline workers {pipe_workers}, medians of {args.repeats}",
+          flush=True)
     rows = []
+    counts = sorted({int(x) for x in str(args.host_workers).split(",") if x.strip()} | {pipe_workers})
+    host = {"tiny": _host_figures(shards, tiny, cfg, device, counts, args.repeats)}
 
     # (a) + (b) tiny preset student
     sample = [(s.meta["id"], s.ids) for s, _ in zip(ss, range(args.naive_docs))]
@@ -356,6 +410,7 @@ def run(args) -> int:
             write_documents(docs[: args.distilbert_docs], tok, dshards, max_length=args.max_length,
                             shard_size=max(1, args.distilbert_docs // 2))
         dmodel = _make_model(DISTILBERT, tok, root / "distilbert-size", vocab=DISTILBERT_VOCAB)
+        host["distilbert"] = _host_figures(dshards, dmodel, cfg, device, counts, args.repeats)
         dss = ShardSet(dshards)
         dsample = [(s.meta["id"], s.ids) for s, _ in zip(dss, range(max(4, args.distilbert_docs // 2)))]
         dm = _measure("distilbert", dshards, dmodel, dsample, cfg, device, max(1, args.repeats), root, False)
@@ -372,6 +427,11 @@ def run(args) -> int:
         if device.type == "cpu":
             print(f"{'  per CPU-second of the process':<34} {'':>9} {'':>9} {m['a_cpu']:>6.3f} {'':>10} "
                   f"{m['b_cpu']:>6.2f}x")
+    for name, h in host.items():
+        m = rows[0][1] if name == "tiny" else rows[-1][1]
+        print(f"  host prep only, {name} shards: " + "  ".join(f"{w}w {v:,.0f}" for w, v in h.items())
+              + f" tokens/s; tight loop {m['tight']:,.0f}: host / tight = "
+              + "  ".join(f"{w}w {v / m['tight']:.2f}" for w, v in h.items()) + " (needs >= 1 for (a) near 1)")
     print("  tokens/s, medians of interleaved rounds; ratios are medians of per-round ratios.")
     print("  (a) pipeline / tight loop, target >= 0.90; (b) pipeline / naive loop, target >= 3x for the tiny preset;")
     print("  prev.(b): tight loop of the previous computation (whole encoder, LM head at masked positions) / naive.")

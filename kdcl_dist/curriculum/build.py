@@ -44,7 +44,7 @@ from kdcl_dist.data.shards import (
     write_shard,
 )
 from kdcl_dist.errors import UserError
-from kdcl_dist.utils import fingerprint, read_json, write_json_atomic
+from kdcl_dist.utils import fingerprint, read_json, remove_stale_tmp, write_json_atomic
 
 log = logging.getLogger("kdcl_dist.curriculum")
 
@@ -447,6 +447,10 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            # temp files of a killed earlier run: the other ranks wait on the broadcast below
+            stale = remove_stale_tmp(out) + remove_stale_tmp(out / ".parts")
+            if stale:
+                log.info("%s: removed %d temporary file(s) left by an interrupted run", out, stale)
             external = len(src) > cfg.in_memory_max
             if external:
                 from kdcl_dist.curriculum.scoring import load_scores_manifest

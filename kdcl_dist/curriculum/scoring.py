@@ -22,6 +22,9 @@ windows of ``window`` rows and packed greedily so that rows × padded length sta
 ``token_budget``; padding is excluded by the attention mask and never enters a loss, so a
 score does not depend on the batch it landed in (equal to float round-off across token
 budgets, bit-identical across world sizes, since batches are formed per source shard).
+Host side: a shard's masks for all K draws come from `mask_many` (mask_sample's output,
+row by row, at a fraction of the cost), batches are collated with whole-array numpy ops,
+and `score.workers` processes prepare shards ahead of the model (auto: on GPU only).
 Model computation (`Scorer`): embeddings and all encoder layers but the last on every
 position; the last layer after its key/value projections, and the LM head, on the masked
 positions only (`kd.models.encode_masked`; exact, tested against the HF forward).
@@ -47,7 +50,7 @@ import torch
 
 from kdcl_dist import FORMAT_VERSION
 from kdcl_dist.config import option
-from kdcl_dist.data.masking import MaskSpec, mask_sample
+from kdcl_dist.data.masking import MaskedRows, MaskSpec, mask_many, mask_sample
 from kdcl_dist.data.reader import ShardSet
 from kdcl_dist.errors import UserError
 from kdcl_dist.utils import atomic_path, fingerprint, read_json, sha256_file, write_json_atomic
@@ -74,10 +77,32 @@ class ScoreConfig:
     progress: bool = option(True, help="tqdm progress bar on rank 0")
     log_every: float = option(10.0, help="seconds between throughput log lines", min=0.1)
     verify: bool = option(True, help="check each source shard's sha256 (dataset.json) before scoring it")
-    prefetch: bool = option(True, help="prepare the next shard's batches in a helper thread while scoring")
+    prefetch: bool = option(True, help="prepare the next shard's batches in a helper thread while scoring "
+                            "(when workers=0)")
+    workers: int = option(-1, help="processes preparing batches (read, verify, mask, collate) ahead of the model; "
+                          "-1 = auto: min(8, this rank's CPUs - 1) on GPU, 0 on CPU (the model needs the cores)",
+                          min=-1, max=256)
 
 
 AUTO_BUDGET = {"cpu": 4096, "cuda": 65536}
+
+
+def effective_workers(cfg: ScoreConfig, device: torch.device, n_shards: int) -> int:
+    """Preparation processes to use: the configured count, or auto (-1): on a GPU
+    min(8, CPUs of this rank - 1), where a node's CPUs are shared by its local ranks; 0 on
+    CPU. Never more than the shards to prepare."""
+    w = int(cfg.workers)
+    if w < 0:
+        if device.type == "cpu":
+            w = 0
+        else:
+            try:
+                cpus = len(os.sched_getaffinity(0))
+            except AttributeError:
+                cpus = os.cpu_count() or 1
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+            w = min(8, max(0, cpus // local - 1))
+    return max(0, min(w, n_shards))
 
 
 def effective_budget(cfg: ScoreConfig, device: torch.device) -> int:
@@ -141,18 +166,21 @@ def read_shard(ss: ShardSet, shard: int, verify: bool = False) -> tuple[list[str
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # [B, L] int64, padded with pad_id
-    attention_mask: torch.Tensor  # [B, L]
+    input_ids: torch.Tensor       # [B, L] int64 (int32 when compact), padded with pad_id
+    attention_mask: torch.Tensor | None  # [B, L]; None when compact (built from lengths on the device)
     rows: torch.Tensor            # [M] row of each masked position
     cols: torch.Tensor            # [M] column of each masked position
     targets: torch.Tensor         # [M] original token ids
     sample: np.ndarray            # [B] sample index (within the shard) of each row
     n_tokens: int                 # real (non-pad) tokens in the batch
+    lengths: torch.Tensor | None = None   # [B] real tokens of each row (compact batches)
 
 
 def mask_rows(sample_ids: list[str], toks: list[np.ndarray], masks: int, seed: int,
               spec: MaskSpec) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(sample index, masked input ids, masked positions) for every sample and draw (pure)."""
+    """(sample index, masked input ids, masked positions) for every sample and draw (pure).
+
+    Row r = i*masks + k. (Reference form, row by row; the pass uses `mask_many`, same rows.)"""
     rows = []
     for i, (sid, t) in enumerate(zip(sample_ids, toks)):
         for k in range(masks):
@@ -170,52 +198,86 @@ def plan_batches(lengths: np.ndarray, token_budget: int, window: int) -> list[np
     """
     batches: list[np.ndarray] = []
     n = len(lengths)
+    budget = int(token_budget)
     for w0 in range(0, n, window):
         order = w0 + np.argsort(lengths[w0:w0 + window], kind="stable")
-        cur: list[int] = []
-        longest = 0
-        for r in order:
-            L = int(lengths[r])
-            if cur and (len(cur) + 1) * max(longest, L) > token_budget:
-                batches.append(np.asarray(cur))
-                cur, longest = [], 0
-            cur.append(int(r))
-            longest = max(longest, L)
-        if cur:
-            batches.append(np.asarray(cur))
+        ls = lengths[order].tolist()   # ascending within the window: the newest row is the longest
+        j, m = 0, len(ls)
+        while j < m:
+            # rows j..e-1 fit while (e - j) x ls[e-1] <= budget (ls ascending); always >= 1 row
+            e = j + 1
+            while e < m and (e + 1 - j) * ls[e] <= budget:
+                e += 1
+            batches.append(order[j:e])
+            j = e
     return batches
 
 
-def collate(rows, members: np.ndarray, pad_id: int) -> Batch:
-    L = max(len(rows[r][1]) for r in members)
+# Batch arrays: compact numpy (int32 ids, lengths instead of an attention mask: ~6 bytes per
+# token), picklable through a worker pipe without shared-memory handles:
+# (input_ids [B, L] int32 padded, lengths [B] int64, rows [M] int32, cols [M] int32,
+#  targets [M] int32, sample [B] int64, n_tokens)
+BatchArrays = tuple
+
+
+def collate_rows(m: MaskedRows, members: np.ndarray, pad_id: int) -> BatchArrays:
+    """The batch of rows `members` of `mask_many`'s output, built with whole-array numpy ops.
+
+    Same content as the row-by-row form: rows padded on the right with pad_id, the masked
+    positions of row b (ascending) in order of b, their original ids."""
+    K = m.draws
+    members = np.asarray(members, dtype=np.int64)
+    si, k = np.divmod(members, K)
+    a = m.start[si]
+    lens = m.start[si + 1] - a
     B = len(members)
-    inp = np.full((B, L), pad_id, dtype=np.int64)
-    att = np.zeros((B, L), dtype=np.int64)
-    rr, cc, sample = [], [], np.empty(B, dtype=np.int64)
-    n_tok = 0
-    for b, r in enumerate(members):
-        si, x, pos = rows[r]
-        inp[b, :len(x)] = x
-        att[b, :len(x)] = 1
-        rr.append(np.full(len(pos), b, dtype=np.int64))
-        cc.append(pos)
-        sample[b] = si
-        n_tok += len(x)
-    rows_t = torch.from_numpy(np.concatenate(rr)) if rr else torch.zeros(0, dtype=torch.long)
-    cols_t = torch.from_numpy(np.concatenate(cc).astype(np.int64)) if cc else torch.zeros(0, dtype=torch.long)
-    inp_t = torch.from_numpy(inp)
-    return Batch(inp_t, torch.from_numpy(att), rows_t, cols_t, inp_t.new_empty(0), sample, n_tok)
+    L = int(lens.max()) if B else 0
+    ar = np.arange(L, dtype=np.int64)
+    valid = ar[None, :] < lens[:, None]
+    T = m.inputs.shape[1]
+    if T:
+        idx = np.minimum(a[:, None] + ar[None, :], T - 1)
+        inp = np.where(valid, m.inputs[k[:, None], idx], np.int64(pad_id)).astype(np.int32)
+    else:
+        inp = np.full((B, L), pad_id, dtype=np.int32)
+    p0 = m.pos_start[members]
+    cnt = m.pos_start[members + 1] - p0
+    M = int(cnt.sum())
+    rows = np.repeat(np.arange(B, dtype=np.int32), cnt)
+    first = np.zeros(B, dtype=np.int64)
+    np.cumsum(cnt[:-1], out=first[1:])
+    cols = m.pos[np.repeat(p0 - first, cnt) + np.arange(M, dtype=np.int64)]
+    targets = m.flat[np.repeat(a, cnt) + cols].astype(np.int32)
+    return inp, lens, rows, cols.astype(np.int32), targets, si, int(lens.sum())
+
+
+def to_batch(arr: BatchArrays, compact: bool = False) -> Batch:
+    """Tensors of a batch. compact=False: int64 tensors and the attention mask, built here (the
+    CPU path); compact=True: the int32 arrays as they are and the lengths, widened and the
+    mask built on the device by `Scorer` (less to copy to a GPU, no host work)."""
+    inp, lens, rows, cols, targets, sample, n_tok = arr
+    t = torch.from_numpy
+    if compact:
+        return Batch(t(inp), None, t(rows), t(cols), t(targets), sample, n_tok, t(lens))
+    att = (np.arange(inp.shape[1], dtype=np.int64)[None, :] < lens[:, None]).astype(np.int64)
+    return Batch(t(inp.astype(np.int64)), t(att), t(rows.astype(np.int64)), t(cols.astype(np.int64)),
+                 t(targets.astype(np.int64)), sample, n_tok)
+
+
+def shard_batch_arrays(sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int) -> list[BatchArrays]:
+    """All batches of one shard as numpy arrays: mask (all rows at once), plan, collate."""
+    m = mask_many(toks, sample_ids, cfg.masks, "score", cfg.seed, spec)
+    if len(m.flat) and (int(m.flat.max()) >= 2**31 or int(m.flat.min()) < 0):
+        raise UserError(f"token ids outside [0, 2**31) in a shard of {sample_ids[0]!r}...; re-create the shards "
+                        "with the model's tokenizer")
+    lengths = np.repeat(np.diff(m.start), cfg.masks)
+    return [collate_rows(m, members, pad_id) for members in plan_batches(lengths, cfg.token_budget, cfg.window)]
 
 
 def batches_for_shard(sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int):
     """Yield the collated batches of one shard (targets filled from the unmasked ids)."""
-    rows = mask_rows(sample_ids, toks, cfg.masks, cfg.seed, spec)
-    lengths = np.fromiter((len(r[1]) for r in rows), dtype=np.int64, count=len(rows))
-    for members in plan_batches(lengths, cfg.token_budget, cfg.window):
-        b = collate(rows, members, pad_id)
-        tgt = [np.asarray(toks[rows[r][0]], dtype=np.int64)[rows[r][2]] for r in members]
-        b.targets = torch.from_numpy(np.concatenate(tgt)) if tgt else torch.zeros(0, dtype=torch.long)
-        yield b
+    for arr in shard_batch_arrays(sample_ids, toks, cfg, spec, pad_id):
+        yield to_batch(arr)
 
 
 def shard_tokens(ss: ShardSet, shard: int) -> int:
@@ -267,22 +329,33 @@ class Scorer:
 
     @torch.inference_mode()
     def losses(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-row CE sum as float64, per-row masked count) for one batch."""
+        """(per-row CE sum as float64, per-row masked count) for one batch, on the model's device.
+
+        No host sync here: on a GPU the caller copies a whole shard's sums back at once.
+        Host tensors are pinned first on CUDA so the copies run asynchronously."""
         from kdcl_dist.kd.models import encode_masked
 
         dev = self.device
-        ids = b.input_ids.to(dev, non_blocking=True)
-        att = b.attention_mask.to(dev, non_blocking=True)
-        rows, cols = b.rows.to(dev, non_blocking=True), b.cols.to(dev, non_blocking=True)
+        ids, rows, cols, tgt = (self._to_dev(t).long() for t in (b.input_ids, b.rows, b.cols, b.targets))
+        if b.attention_mask is None:   # compact batch: the mask from the row lengths, on the device
+            lens = self._to_dev(b.lengths)
+            att = (torch.arange(ids.shape[1], device=dev)[None, :] < lens[:, None]).long()
+        else:
+            att = self._to_dev(b.attention_mask)
         if self.masked_only:
             hm = encode_masked(self.model, ids, att, rows, cols)
         else:
             hm = self.encoder(input_ids=ids, attention_mask=att).last_hidden_state[rows, cols]
-        ce = self.token_ce(hm, b.targets.to(dev, non_blocking=True))
+        ce = self.token_ce(hm, tgt)
         B = ids.shape[0]
         sums = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, rows, ce.double())
         counts = torch.bincount(rows, minlength=B)
-        return sums.cpu(), counts.cpu()
+        return sums, counts
+
+    def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda" or t.device.type == "cuda":
+            return t.to(self.device)
+        return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
 
     def token_ce(self, hm: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """fp32 cross-entropy of each masked position's full-vocabulary prediction.
@@ -292,24 +365,55 @@ class Scorer:
         return torch.nn.functional.cross_entropy(self.head(hm).float(), targets, reduction="none")
 
 
-def score_arrays(scorer: Scorer, sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int,
-                 on_batch=None, batches=None):
-    """Score one shard's samples: (score float64, masked count int64, token count int64).
-
-    batches: the shard's collated batches when prepared ahead (else built here, lazily)."""
-    n = len(sample_ids)
-    loss = np.zeros(n, dtype=np.float64)
-    masked = np.zeros(n, dtype=np.int64)
-    for b in (batches if batches is not None else batches_for_shard(sample_ids, toks, cfg, spec, pad_id)):
+def launch_shard(scorer: Scorer, batches, on_batch=None) -> tuple[list, list, list]:
+    """Run the model over a shard's batches; the per-row sums stay where the model ran
+    (on a GPU nothing waits for the device here). Returns what `finish_shard` needs."""
+    dev_sums, dev_counts, samples = [], [], []
+    for b in batches:
         sums, counts = scorer.losses(b)
-        np.add.at(loss, b.sample, sums.numpy())
-        np.add.at(masked, b.sample, counts.numpy())
+        dev_sums.append(sums)
+        dev_counts.append(counts)
+        samples.append(b.sample)
         if on_batch is not None:
             on_batch(b)
+    return dev_sums, dev_counts, samples
+
+
+def finish_shard(launched, n: int, ntok) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score float64, masked count int64, token count int64) of a launched shard."""
+    dev_sums, dev_counts, samples = launched
+    loss = np.zeros(n, dtype=np.float64)
+    masked = np.zeros(n, dtype=np.int64)
+    if samples:
+        # one device-to-host copy per shard; np.add.at in batch order as before (same sums, bitwise)
+        sample = np.concatenate(samples)
+        np.add.at(loss, sample, torch.cat(dev_sums).cpu().numpy())
+        np.add.at(masked, sample, torch.cat(dev_counts).cpu().numpy())
     with np.errstate(invalid="ignore", divide="ignore"):
         score = np.where(masked > 0, loss / np.maximum(masked, 1), np.nan)
-    ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=n)
-    return score, masked, ntok
+    return score, masked, np.asarray(ntok, dtype=np.int64)
+
+
+def score_arrays(scorer: Scorer, sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int,
+                 on_batch=None, batches=None, ntok=None):
+    """Score one shard's samples: (score float64, masked count int64, token count int64).
+
+    batches: the shard's collated batches when prepared ahead (else built here, lazily);
+    ntok: the samples' token counts when `toks` was not kept (prepared in a worker)."""
+    n = len(sample_ids)
+    if ntok is None:
+        ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=n)
+    launched = launch_shard(scorer, batches if batches is not None else
+                            batches_for_shard(sample_ids, toks, cfg, spec, pad_id), on_batch)
+    return finish_shard(launched, n, ntok)
+
+
+def _defer_writes(device: torch.device) -> bool:
+    """Write shard k's score file after shard k+1's batches are queued on the device, so the
+    GPU does not idle while the host copies back, writes and fetches the next shard. Not on
+    CPU: there the model runs inside the launch (nothing to overlap), and a kill would lose
+    more finished work."""
+    return device.type == "cuda"
 
 
 # ---- score files ---------------------------------------------------------------------------
@@ -450,6 +554,65 @@ def _fault_hook(rank: int):
     return hook
 
 
+# ---- preparing shards ahead of the model -----------------------------------------------------
+
+class ShardPrep(torch.utils.data.Dataset):
+    """Item j: (sample ids, token counts, batch arrays) of shard `shards[j]`, or the UserError
+    that reading it raised (returned, not raised, so it reaches the caller as one line)."""
+
+    def __init__(self, ss: ShardSet, shards: list[int], cfg: ScoreConfig, spec: MaskSpec, pad_id: int):
+        self.ss, self.shards, self.cfg, self.spec, self.pad_id = ss, list(shards), cfg, spec, pad_id
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, j: int):
+        try:
+            sample_ids, toks = read_shard(self.ss, self.shards[j], verify=self.cfg.verify)
+        except UserError as e:
+            return e
+        ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+        return sample_ids, ntok, shard_batch_arrays(sample_ids, toks, self.cfg, self.spec, self.pad_id)
+
+
+def _as_is(x):
+    return x
+
+
+def prepared_shards(prep: ShardPrep, workers: int, prefetch: bool = True):
+    """Generator over `prep`'s items in order: from `workers` DataLoader processes (each item a
+    whole shard; numpy arrays travel through the worker pipe, no shared-memory handles), else
+    from one helper thread one shard ahead (prefetch), else inline. Closing it stops the
+    workers/thread."""
+    n = len(prep)
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(prep, batch_size=None, shuffle=False, num_workers=workers,
+                                             collate_fn=_as_is, prefetch_factor=2)
+        it = iter(loader)
+        try:
+            for _ in range(n):
+                yield next(it)
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del it
+        return
+    if not prefetch or n < 2:
+        for j in range(n):
+            yield prep[j]
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kdcl-score-prep")
+    try:
+        nxt = pool.submit(prep.__getitem__, 0)
+        for j in range(n):
+            cur = nxt.result()
+            nxt = pool.submit(prep.__getitem__, j + 1) if j + 1 < n else None
+            yield cur
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # ---- the stage ---------------------------------------------------------------------------
 
 def load_scoring_model(model_name: str, cfg: ScoreConfig, device: torch.device):
@@ -517,38 +680,50 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
     hook = _fault_hook(rank)
     t0, c0 = time.perf_counter(), time.process_time()
 
-    def prepare(i):
-        sample_ids, toks = read_shard(ss, i, verify=cfg.verify)
-        return sample_ids, toks, list(batches_for_shard(sample_ids, toks, cfg, spec, pad_id))
+    prep = ShardPrep(ss, todo, cfg, spec, pad_id)
+    compact = device.type == "cuda"
+    workers = effective_workers(cfg, device, len(todo))
+    # Preparation (read, verify, mask, plan, collate) runs ahead of the model: in `workers`
+    # processes (a DataLoader over this rank's shards, results in shard order, so scores do
+    # not depend on the worker count), else in one helper thread (prefetch). An error in a
+    # shard surfaces when that shard's turn comes, after the earlier shards are written.
+    source = prepared_shards(prep, workers, cfg.prefetch)
+    defer = _defer_writes(device)
 
-    # With prefetch, a helper thread reads, verifies, masks and collates shard k+1 while the
-    # model scores shard k (the model's kernels release the GIL); an error in a shard still
-    # surfaces when that shard's turn comes, after the earlier shards are written.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="kdcl-score-prep") if cfg.prefetch and len(todo) > 1 else None
+    def write(pending):
+        entry, sample_ids, ntok_i, launched = pending
+        score, masked, ntok = finish_shard(launched, len(sample_ids), ntok_i)
+        info = {**ident, "shard": entry["name"], "shard_sha256": entry.get("sha256"), "count": len(sample_ids),
+                "definition": DEFINITION, "format_version": FORMAT_VERSION}
+        write_score_file(out / score_file_name(entry["name"]), sample_ids, score, masked, ntok, info)
+        prog.add(len(sample_ids), 0, cfg.log_every)
+
+    def on_batch(b, _hook=hook):
+        prog.add(0, b.n_tokens, cfg.log_every)
+        if _hook is not None:
+            _hook(b)
+
+    pending = None
     try:
-        nxt = None
-        for k, i in enumerate(todo):
-            entry = ss.shards[i]
-            if pool is None:
-                sample_ids, toks = read_shard(ss, i, verify=cfg.verify)
-                batches = None
-            else:
-                sample_ids, toks, batches = (nxt or pool.submit(prepare, i)).result()
-                nxt = pool.submit(prepare, todo[k + 1]) if k + 1 < len(todo) else None
-
-            def on_batch(b, _hook=hook):
-                prog.add(0, b.n_tokens, cfg.log_every)
-                if _hook is not None:
-                    _hook(b)
-
-            score, masked, ntok = score_arrays(scorer, sample_ids, toks, cfg, spec, pad_id, on_batch, batches)
-            info = {**ident, "shard": entry["name"], "shard_sha256": entry.get("sha256"), "count": len(sample_ids),
-                    "definition": DEFINITION, "format_version": FORMAT_VERSION}
-            write_score_file(out / score_file_name(entry["name"]), sample_ids, score, masked, ntok, info)
-            prog.add(len(sample_ids), 0, cfg.log_every)
+        for i in todo:
+            got = next(source)
+            if isinstance(got, UserError):
+                if pending is not None:   # the earlier shards are written first
+                    write(pending)
+                    pending = None
+                raise got
+            sample_ids, ntok_i, batches = got
+            launched = launch_shard(scorer, (to_batch(a, compact) for a in batches), on_batch)
+            if pending is not None:
+                write(pending)
+            pending = (ss.shards[i], sample_ids, ntok_i, launched)
+            if not defer:
+                write(pending)
+                pending = None
+        if pending is not None:
+            write(pending)
     finally:
-        if pool is not None:   # no thread outlives the call (an error included)
-            pool.shutdown(wait=True, cancel_futures=True)
+        source.close()   # no worker process or thread outlives the call (an error included)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     prog.add(0, 0, cfg.log_every, force=True)
     # elapsed_s: this rank's scoring loop (read, mask, batch, model, write), wall clock; the

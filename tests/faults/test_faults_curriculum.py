@@ -36,7 +36,8 @@ def _same_as_ref(out, ref) -> None:
     assert [(s["name"], s["sha256"]) for s in a["shards"]] == [(s["name"], s["sha256"]) for s in b["shards"]]
     assert dir_digest(out, "*.npy") == dir_digest(ref["cur"], "*.npy")
     assert dir_digest(out, "shard-*") == dir_digest(ref["cur"], "shard-*")
-    # a kill may leave `.tmp-*` files (documented in utils.atomic_path); they are never read
+    # a killed run's `.tmp-*` files are removed by the re-run (rank 0, before the ranks start)
+    assert not [p.name for d in (out, out / ".parts") for p in d.glob(".tmp-*")]
 
 
 @pytest.mark.distributed
