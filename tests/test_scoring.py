@@ -142,6 +142,21 @@ def test_encode_masked_equals_full_forward(kind, layers):
     ids2[att == 0] = 7
     with torch.inference_mode():
         assert torch.allclose(encode_masked(model, ids2, att, rows, cols), got_h, atol=1e-6)
+    # the sync-free path (q_max and padding known on the host, mask built without asking the
+    # device), for both attention implementations HF may pick; and a batch without padding
+    q_max = int(torch.bincount(rows).max())
+    full = torch.ones(B, L, dtype=torch.long)
+    for impl in ("sdpa", "eager"):
+        model.set_attn_implementation(impl)
+        with torch.inference_mode():
+            ref_h = encode_masked(model, ids, att, rows, cols)
+            fast_h = encode_masked(model, ids, att, rows, cols, q_max=q_max, padded=True)
+            ref_full = enc(input_ids=ids, attention_mask=full).last_hidden_state[rows, cols]
+            fast_full = encode_masked(model, ids, full, rows, cols, q_max=q_max, padded=False)
+        assert torch.allclose(fast_h, want_h, atol=1e-5, rtol=1e-5), (impl, (fast_h - want_h).abs().max())
+        assert torch.allclose(fast_h, ref_h, atol=1e-6), impl
+        assert torch.allclose(fast_full, ref_full, atol=1e-5, rtol=1e-5), impl
+        assert (fast_full - fast_h).abs().max() > 1e-3   # padding matters when it is there
 
 
 def test_assign_shards_balances_tokens():

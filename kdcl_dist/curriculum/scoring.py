@@ -174,6 +174,8 @@ class Batch:
     sample: np.ndarray            # [B] sample index (within the shard) of each row
     n_tokens: int                 # real (non-pad) tokens in the batch
     lengths: torch.Tensor | None = None   # [B] real tokens of each row (compact batches)
+    q_max: int | None = None      # most masked positions in one row (known here: no GPU sync)
+    padded: bool | None = None    # any row shorter than the batch (decides the attention mask)
 
 
 def mask_rows(sample_ids: list[str], toks: list[np.ndarray], masks: int, seed: int,
@@ -257,11 +259,14 @@ def to_batch(arr: BatchArrays, compact: bool = False) -> Batch:
     mask built on the device by `Scorer` (less to copy to a GPU, no host work)."""
     inp, lens, rows, cols, targets, sample, n_tok = arr
     t = torch.from_numpy
+    # facts the device would otherwise be asked for at every batch (a sync each time on a GPU)
+    q_max = int(np.bincount(rows).max()) if len(rows) else 0
+    padded = bool(len(lens) and int(lens.min()) < inp.shape[1])
     if compact:
-        return Batch(t(inp), None, t(rows), t(cols), t(targets), sample, n_tok, t(lens))
+        return Batch(t(inp), None, t(rows), t(cols), t(targets), sample, n_tok, t(lens), q_max, padded)
     att = (np.arange(inp.shape[1], dtype=np.int64)[None, :] < lens[:, None]).astype(np.int64)
     return Batch(t(inp.astype(np.int64)), t(att), t(rows.astype(np.int64)), t(cols.astype(np.int64)),
-                 t(targets.astype(np.int64)), sample, n_tok)
+                 t(targets.astype(np.int64)), sample, n_tok, None, q_max, padded)
 
 
 def shard_batch_arrays(sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int) -> list[BatchArrays]:
@@ -333,7 +338,7 @@ class Scorer:
 
         No host sync here: on a GPU the caller copies a whole shard's sums back at once.
         Host tensors are pinned first on CUDA so the copies run asynchronously."""
-        from kdcl_dist.kd.models import encode_masked
+        from kdcl_dist.kd.models import _row_counts, encode_masked
 
         dev = self.device
         ids, rows, cols, tgt = (self._to_dev(t).long() for t in (b.input_ids, b.rows, b.cols, b.targets))
@@ -343,13 +348,13 @@ class Scorer:
         else:
             att = self._to_dev(b.attention_mask)
         if self.masked_only:
-            hm = encode_masked(self.model, ids, att, rows, cols)
+            hm = encode_masked(self.model, ids, att, rows, cols, q_max=b.q_max, padded=b.padded)
         else:
             hm = self.encoder(input_ids=ids, attention_mask=att).last_hidden_state[rows, cols]
         ce = self.token_ce(hm, tgt)
         B = ids.shape[0]
         sums = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, rows, ce.double())
-        counts = torch.bincount(rows, minlength=B)
+        counts = _row_counts(rows, B)   # not torch.bincount: on CUDA it syncs to size its output
         return sums, counts
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:

@@ -152,17 +152,27 @@ def supports_encode_masked(model) -> bool:
     return _stack(model) is not None and mlm_parts(model)[1] is not None
 
 
-def _query_slots(rows: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
-    """Slot of each masked position among its row's masked positions, and the max count per row."""
+def _row_counts(rows: torch.Tensor, B: int) -> torch.Tensor:
+    """Masked positions per row. (torch.bincount on CUDA reads its max back to the host: a
+    sync per batch; index_add_ does not.)"""
+    return torch.zeros(B, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+
+
+def _query_slots(rows: torch.Tensor, B: int, q_max: int | None = None) -> tuple[torch.Tensor, int]:
+    """Slot of each masked position among its row's masked positions, and the max count per row.
+
+    Pass q_max when the caller knows it (the scoring pass computes it on the host): reading it
+    from the device would wait for the GPU at every batch."""
     M = rows.numel()
-    counts = torch.bincount(rows, minlength=B)
-    q = int(counts.max()) if M else 0
+    counts = _row_counts(rows, B)
+    if q_max is None:
+        q_max = int(counts.max()) if M else 0
     order = torch.argsort(rows, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     slot_sorted = torch.arange(M, device=rows.device) - starts[rows[order]]
     slot = torch.empty_like(slot_sorted)
     slot[order] = slot_sorted
-    return slot, q
+    return slot, q_max
 
 
 def _mha_masked(xm, h, attention_mask, rows, slot, q_max, n_heads, q_lin, k_lin, v_lin):
@@ -179,8 +189,8 @@ def _mha_masked(xm, h, attention_mask, rows, slot, q_max, n_heads, q_lin, k_lin,
     return o.transpose(1, 2).reshape(B, q_max, H)[rows, slot]
 
 
-def _bert_last_masked(layer, h, attention_mask, rows, cols):
-    slot, q_max = _query_slots(rows, h.shape[0])
+def _bert_last_masked(layer, h, attention_mask, rows, cols, q_max=None):
+    slot, q_max = _query_slots(rows, h.shape[0], q_max)
     xm = h[rows, cols]
     sa = layer.attention.self
     a = _mha_masked(xm, h, attention_mask, rows, slot, q_max, sa.num_attention_heads, sa.query, sa.key, sa.value)
@@ -188,8 +198,8 @@ def _bert_last_masked(layer, h, attention_mask, rows, cols):
     return layer.output(layer.intermediate(a), a)  # dense -> act, dense -> dropout -> LayerNorm
 
 
-def _distilbert_last_masked(layer, h, attention_mask, rows, cols):
-    slot, q_max = _query_slots(rows, h.shape[0])
+def _distilbert_last_masked(layer, h, attention_mask, rows, cols, q_max=None):
+    slot, q_max = _query_slots(rows, h.shape[0], q_max)
     xm = h[rows, cols]
     at = layer.attention
     a = _mha_masked(xm, h, attention_mask, rows, slot, q_max, at.n_heads, at.q_lin, at.k_lin, at.v_lin)
@@ -197,8 +207,24 @@ def _distilbert_last_masked(layer, h, attention_mask, rows, cols):
     return layer.output_layer_norm(layer.ffn.ff_chunk(a) + a)
 
 
+def _layer_mask(model, h: torch.Tensor, attention_mask: torch.Tensor | None, padded: bool | None):
+    """The attention mask the HF layers take, built without a device-to-host sync when the
+    caller knows whether the batch has padding (HF's builder asks the GPU `mask.all()`)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if attention_mask is None or (padded is False and impl in ("sdpa", "eager")):
+        return None   # nothing to hide: HF gives None here too
+    if padded and impl == "sdpa":   # boolean, True = attend; broadcast over heads and queries
+        return attention_mask.to(torch.bool)[:, None, None, :]
+    if padded and impl == "eager":  # additive, as HF builds it
+        return (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=model.config, inputs_embeds=h, attention_mask=attention_mask)
+
+
 def encode_masked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+                  rows: torch.Tensor, cols: torch.Tensor, q_max: int | None = None,
+                  padded: bool | None = None) -> torch.Tensor:
     """Final hidden states [M, H] at positions (rows[m], cols[m]) only; equal to
     `encoder(input_ids, attention_mask).last_hidden_state[rows, cols]` to float round-off.
 
@@ -206,8 +232,9 @@ def encode_masked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     the last layer is re-expressed with that layer's own weight modules so that everything
     after its key/value projections runs on the requested positions only. BERT and
     DistilBERT (encoder-only); `supports_encode_masked(model)` says whether it applies.
+    q_max (most masked positions in one row) and padded (whether any row is shorter than the
+    batch) are optional; when the caller knows them, nothing waits for the GPU.
     """
-    from transformers.masking_utils import create_bidirectional_mask
 
     parts = _stack(model)
     if parts is None:
@@ -217,8 +244,8 @@ def encode_masked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         return torch.zeros(0, model.config.hidden_size, dtype=next(model.parameters()).dtype, device=input_ids.device)
     h = embed(input_ids)
     if len(layers) > 1:
-        mask = create_bidirectional_mask(config=model.config, inputs_embeds=h, attention_mask=attention_mask)
+        mask = _layer_mask(model, h, attention_mask, padded)
         for layer in layers[:-1]:
             h = layer(h, mask)
-    return last(layers[-1], h, attention_mask, rows, cols)
+    return last(layers[-1], h, attention_mask, rows, cols, q_max)
 
