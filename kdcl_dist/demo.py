@@ -86,12 +86,10 @@ def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
     # the KD-CL-SR run itself, on nproc local ranks
     run = out / "kd-cl-sr"
     r = exp.r
-    r.step(f"train/kd-cl-sr ({cfg.nproc} ranks)",
-           exp.train_args(exp.p["cur"], prep["student"], prep["teacher"], run, "sequential", cfg.reliance,
-                          cfg.steps, 0) + ["--save-every", max(1, cfg.steps // 2)],
-           run / "train_summary.json", torchrun_cli(cfg.nproc))
-    r.step("export/kd-cl-sr", ["export", "--checkpoint", run, "--out", out / "student-kd-cl-sr"],
-           out / "student-kd-cl-sr" / "config.json")
+    exp.train_then_export((f"train/kd-cl-sr ({cfg.nproc} ranks)", "export/kd-cl-sr"),
+                          exp.train_args(exp.p["cur"], prep["student"], prep["teacher"], run, "sequential",
+                                         cfg.reliance, cfg.steps, 0) + ["--save-every", max(1, cfg.steps // 2)],
+                          run, out / "student-kd-cl-sr", torchrun_cli(cfg.nproc))
     models = {
         "student (random init)": exp.p["models"] / "student",
         "student before KD (warmed up)": prep["student"],

@@ -138,45 +138,43 @@ class Runner:
     def step(self, name: str, argv: list[str], done: Path, launcher: list[str] | None = None) -> dict:
         done = Path(done)
         log_path = self.root / "logs" / f"{name.replace('/', '_')}.log"
-        if done.exists():
-            rec = {"step": name, "status": "skipped", "seconds": 0.0, "output": str(done)}
-            self._say(f"  [skip] {name:<34} (exists: {done})")
-        else:
+
+        def work():
             cmd = list(launcher or python_cli()) + [str(a) for a in argv]
-            self._say(f"  [run ] {name:<34} $ kdcl-dist {' '.join(shlex.quote(str(a)) for a in argv)}")
-            t0 = time.time()
             with open(log_path, "w") as log:
                 log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
                 log.flush()
                 nproc = next((int(c.split("=")[1]) for c in cmd if c.startswith("--nproc_per_node=")), 1)
                 p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(nproc), text=True)
-            dt = time.time() - t0
             if p.returncode != 0 or not done.exists():
                 tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-25:])
                 raise UserError(
                     f"{log_path}: step '{name}' failed (exit {p.returncode}{'' if done.exists() else ', no ' + str(done)}); "
                     f"last lines:\n{tail}"
                 )
-            rec = {"step": name, "status": "done", "seconds": round(dt, 1), "output": str(done)}
-            self._say(f"  [ok  ] {name:<34} {dt:7.1f}s")
-        with self._lock:
-            self.records.append(rec)
-            with open(self.root / "steps.jsonl", "a") as f:
-                f.write(json.dumps({**rec, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-        return rec
+
+        return self._run(name, done, f"$ kdcl-dist {' '.join(shlex.quote(str(a)) for a in argv)}", work)
 
     def call(self, name: str, fn, done: Path) -> dict:
         """An in-process step (saves a subprocess start-up of ~5 s where that dominates)."""
         done = Path(done)
+
+        def work():
+            fn()
+            if not done.exists():
+                raise UserError(f"{done}: step '{name}' finished without writing its output")
+
+        return self._run(name, done, "(in process)", work)
+
+    def _run(self, name: str, done: Path, how: str, work) -> dict:
+        """Skip the step when `done` exists, else time `work()` (it raises on failure); record it."""
         if done.exists():
             rec = {"step": name, "status": "skipped", "seconds": 0.0, "output": str(done)}
             self._say(f"  [skip] {name:<34} (exists: {done})")
         else:
-            self._say(f"  [run ] {name:<34} (in process)")
+            self._say(f"  [run ] {name:<34} {how}")
             t0 = time.time()
-            fn()
-            if not done.exists():
-                raise UserError(f"{done}: step '{name}' finished without writing its output")
+            work()
             dt = time.time() - t0
             rec = {"step": name, "status": "done", "seconds": round(dt, 1), "output": str(done)}
             self._say(f"  [ok  ] {name:<34} {dt:7.1f}s")
@@ -299,6 +297,21 @@ class Experiment:
             a += ["--teacher", teacher]
         return a
 
+    def train_then_export(self, names: tuple[str, str], train_argv: list, train_out: Path, model_out: Path,
+                          launcher: list[str] | None = None) -> None:
+        """A training step (`train_argv` writes to `train_out`), then its last checkpoint as an HF model."""
+        self.r.step(names[0], train_argv, train_out / "train_summary.json", launcher)
+        self.r.step(names[1], ["export", "--checkpoint", train_out, "--out", model_out], model_out / "config.json")
+
+    def score_then_curriculum(self, names: tuple[str, str], model: Path, scores: Path, cur: Path,
+                              launcher: list[str] | None = None) -> None:
+        """Score the training shards with `model`, then sort them into the curriculum `cur`."""
+        shards = self.p["shards"]
+        self.r.step(names[0], ["score", "--preset", self.preset, "--shards", shards, "--model", model, "--out", scores],
+                    scores / "scores.json", launcher)
+        self.r.step(names[1], ["curriculum", "--preset", self.preset, "--shards", shards, "--scores", scores,
+                               "--out", cur], cur / "curriculum.json")
+
     def prepare(self) -> dict:
         c, p, r = self.cfg, self.p, self.r
         split = split_corpus(self.corpus, p["data"], c.heldout_percent, c.max_docs)
@@ -309,36 +322,24 @@ class Experiment:
         r.step("init-models", ["init-models", "--preset", self.preset, "--tokenizer", p["tokenizer"], "--out", p["models"]],
                p["models"] / "student" / "config.json")
         shard_extra = [f"max_length={c.max_length}"] if c.max_length else []
-        r.step("shard/train", ["shard", "--preset", self.preset, "--input", p["data"] / "train.jsonl",
-                               "--tokenizer", p["tokenizer"], "--out", p["shards"], "--no-progress", *shard_extra],
-               p["shards"] / "dataset.json")
-        r.step("shard/heldout", ["shard", "--preset", self.preset, "--input", p["data"] / "heldout.jsonl",
-                                 "--tokenizer", p["tokenizer"], "--out", p["heldout_shards"], "--no-progress",
-                                 *shard_extra], p["heldout_shards"] / "dataset.json")
+        for part, out in (("train", p["shards"]), ("heldout", p["heldout_shards"])):
+            r.step(f"shard/{part}", ["shard", "--preset", self.preset, "--input", p["data"] / f"{part}.jsonl",
+                                     "--tokenizer", p["tokenizer"], "--out", out, "--no-progress", *shard_extra],
+                   out / "dataset.json")
         launcher = torchrun_cli(c.nproc)
-        r.step("score/initial-student", ["score", "--preset", self.preset, "--shards", p["shards"], "--model",
-                                         p["models"] / "student", "--out", p["scores0"]],
-               p["scores0"] / "scores.json", launcher)
-        r.step("curriculum/initial", ["curriculum", "--preset", self.preset, "--shards", p["shards"], "--scores",
-                                      p["scores0"], "--out", p["cur0"]], p["cur0"] / "curriculum.json")
+        self.score_then_curriculum(("score/initial-student", "curriculum/initial"), p["models"] / "student",
+                                   p["scores0"], p["cur0"], launcher)
         steps = self.steps()
         t_steps = c.teacher_steps or steps
         w_steps = c.warmup_student_steps or max(1, steps // 4)
         prep = self.out / "prep"
-        r.step("adapt-teacher/train", self.train_args(p["cur0"], p["models"] / "teacher", None, prep / "teacher-train",
-                                                       "random", "none", t_steps, 0),
-               prep / "teacher-train" / "train_summary.json", launcher)
-        r.step("adapt-teacher/export", ["export", "--checkpoint", prep / "teacher-train", "--out", prep / "teacher"],
-               prep / "teacher" / "config.json")
-        r.step("warmup-student/train", self.train_args(p["cur0"], p["models"] / "student", None, prep / "student-train",
-                                                        "random", "none", w_steps, 0),
-               prep / "student-train" / "train_summary.json", launcher)
-        r.step("warmup-student/export", ["export", "--checkpoint", prep / "student-train", "--out", prep / "student"],
-               prep / "student" / "config.json")
-        r.step("score/student", ["score", "--preset", self.preset, "--shards", p["shards"], "--model",
-                                 prep / "student", "--out", p["scores"]], p["scores"] / "scores.json", launcher)
-        r.step("curriculum", ["curriculum", "--preset", self.preset, "--shards", p["shards"], "--scores", p["scores"],
-                              "--out", p["cur"]], p["cur"] / "curriculum.json")
+        # student-only MLM (no teacher, random order) adapts the teacher and warms up the student
+        for stage, who, n in (("adapt-teacher", "teacher", t_steps), ("warmup-student", "student", w_steps)):
+            train_out = prep / f"{who}-train"
+            self.train_then_export((f"{stage}/train", f"{stage}/export"),
+                                   self.train_args(p["cur0"], p["models"] / who, None, train_out, "random", "none", n, 0),
+                                   train_out, prep / who, launcher)
+        self.score_then_curriculum(("score/student", "curriculum"), prep / "student", p["scores"], p["cur"], launcher)
         return {"steps": steps, "teacher_steps": t_steps, "warmup_steps": w_steps, "split": split,
                 "teacher": prep / "teacher", "student": prep / "student"}
 
@@ -378,13 +379,10 @@ class Experiment:
     def run_one(self, arm: str, seed: int, prep: dict) -> None:
         spec = ARMS[arm]
         run = self.p["runs"] / f"{arm}-s{seed}"
-        r = self.r
-        r.step(f"train/{arm}-s{seed}", self.train_args(self.p["cur"], prep["student"],
-                                                        prep["teacher"] if spec["teacher"] else None, run / "train",
-                                                        spec["order"], spec["reliance"], prep["steps"], seed),
-               run / "train" / "train_summary.json", torchrun_cli(self.cfg.nproc))
-        r.step(f"export/{arm}-s{seed}", ["export", "--checkpoint", run / "train", "--out", run / "model"],
-               run / "model" / "config.json")
+        self.train_then_export((f"train/{arm}-s{seed}", f"export/{arm}-s{seed}"),
+                               self.train_args(self.p["cur"], prep["student"], prep["teacher"] if spec["teacher"] else None,
+                                               run / "train", spec["order"], spec["reliance"], prep["steps"], seed),
+                               run / "train", run / "model", torchrun_cli(self.cfg.nproc))
         self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=True)
         self.eval_yesno(f"{arm}-s{seed}", run / "model")
 
@@ -419,14 +417,16 @@ class Experiment:
 # report
 # --------------------------------------------------------------------------------------
 
+def _seed_outputs(evals: Path, arm: str, seeds: int, suffix: str) -> list[Path]:
+    """The evaluation files `<arm>-s<seed>.<suffix>` that exist (an unfinished seed is left out)."""
+    return [p for p in (evals / f"{arm}-s{s}.{suffix}" for s in range(seeds)) if p.exists()]
+
+
 def _load_arm_mlm(evals: Path, arm: str, seeds: int):
     from kdcl_dist.evaluate.mlm import load_per_sample
 
     sums, counts, losses = [], [], []
-    for s in range(seeds):
-        npz = evals / f"{arm}-s{s}.mlm.npz"
-        if not npz.exists():
-            continue
+    for npz in _seed_outputs(evals, arm, seeds, "mlm.npz"):
         ps = load_per_sample(npz)
         sums.append(ps["loss_sum"])
         counts.append(ps["n_masked"].astype(np.float64))
@@ -438,10 +438,7 @@ def _load_arm_mlm(evals: Path, arm: str, seeds: int):
 
 def _load_arm_yesno(evals: Path, arm: str, seeds: int):
     correct, accs, f1s = [], [], []
-    for s in range(seeds):
-        path = evals / f"{arm}-s{s}.yesno.json"
-        if not path.exists():
-            continue
+    for path in _seed_outputs(evals, arm, seeds, "yesno.json"):
         r = json.loads(path.read_text())
         gold = np.asarray(r["test_gold"])
         for run in r["per_seed"]:  # every fine-tuning seed of every training seed is one row
@@ -488,21 +485,15 @@ def _plots(out: Path, arms: list[str], seeds: int) -> list[Path]:
             lam_ax.plot([s for s, _ in lam], [np.nan if v is None else v for _, v in lam], label=arm)
     axes[0].set_title("training loss (mean over seeds)")
     axes[1].set_title("MLM term of the loss (mean over seeds)")
-    for ax in axes:
+    lam_ax.set_title("λ per step (seed 0)")
+    lam_ax.set_ylabel("λ (batch mean)")
+    for ax in (*axes, lam_ax):
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "loss_curves.png"
-    fig.savefig(p, dpi=110)
-    paths.append(p)
-    lam_ax.set_title("λ per step (seed 0)")
-    lam_ax.set_xlabel("step")
-    lam_ax.set_ylabel("λ (batch mean)")
-    lam_ax.legend(fontsize=7)
-    lam_fig.tight_layout()
-    p = out / "lambda_schedules.png"
-    lam_fig.savefig(p, dpi=110)
-    paths.append(p)
+    for f, name in ((fig, "loss_curves.png"), (lam_fig, "lambda_schedules.png")):
+        f.tight_layout()
+        f.savefig(out / name, dpi=110)
+        paths.append(out / name)
     plt.close("all")
     return paths
 

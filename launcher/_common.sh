@@ -39,6 +39,30 @@ kdcl_need_stage() {
     [[ $# -gt 0 ]] || kdcl_die "no stage given; usage: $(basename "$0") [options] [--] <stage> [stage args...] (try --help)"
 }
 
+# Called with what is left after a launcher's option loop, which stops (`*) break`) at the
+# first word it does not know: refuse an unknown option, require a stage. A leading `--`
+# ends the options; the caller drops it (a function cannot shift its caller's arguments):
+#     kdcl_check_stage "$@"; [[ "$1" != -- ]] || shift
+kdcl_check_stage() {
+    if [[ "${1:-}" == -- ]]; then
+        shift
+    elif [[ "${1:-}" == -* ]]; then
+        kdcl_die "unknown option $1 (options go before the stage name; try --help)"
+    fi
+    kdcl_need_stage "$@"
+}
+
+# A hostfile named by --hostfile must exist.
+kdcl_check_hostfile() {
+    [[ -f "$1" ]] || kdcl_die "hostfile $1 does not exist; write one line '<host> slots=<n>' per node"
+}
+
+# The DeepSpeed launchers cannot run without one.
+kdcl_require_hostfile() {
+    [[ -n "$1" ]] || kdcl_die "--hostfile is required (lines '<host> slots=<n>'; see launcher/hostfile.example)"
+    kdcl_check_hostfile "$1"
+}
+
 kdcl_is_int() {
     [[ "$1" =~ ^[0-9]+$ ]]
 }

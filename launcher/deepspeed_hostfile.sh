@@ -59,14 +59,11 @@ while [[ $# -gt 0 ]]; do
         --no-ssh-check) ssh_check=0; shift ;;
         --venv-script) venv_script="${2:?--venv-script needs a value}"; shift 2 ;;
         --launcher-args) launcher_args="${2:?--launcher-args needs a value}"; shift 2 ;;
-        --) shift; break ;;
-        -*) kdcl_die "unknown option $1 (options go before the stage name; try --help)" ;;
         *) break ;;
     esac
 done
-kdcl_need_stage "$@"
-[[ -n "$hostfile" ]] || kdcl_die "--hostfile is required (lines '<host> slots=<n>'; see launcher/hostfile.example)"
-[[ -f "$hostfile" ]] || kdcl_die "hostfile $hostfile does not exist; write one line '<host> slots=<n>' per node"
+kdcl_check_stage "$@"; [[ "$1" != -- ]] || shift
+kdcl_require_hostfile "$hostfile"
 grep -Eq '^[[:space:]]*[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$hostfile" \
     || kdcl_die "hostfile $hostfile: no line of the form '<host> slots=<n>'"
 command -v pdsh >/dev/null 2>&1 \

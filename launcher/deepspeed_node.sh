@@ -45,14 +45,11 @@ while [[ $# -gt 0 ]]; do
         --master-port) master_port="${2:?--master-port needs a value}"; shift 2 ;;
         --num-nodes) num_nodes="${2:?--num-nodes needs a value}"; shift 2 ;;
         --gpus-per-node) gpus="${2:?--gpus-per-node needs a value}"; shift 2 ;;
-        --) shift; break ;;
-        -*) kdcl_die "unknown option $1 (options go before the stage name; try --help)" ;;
         *) break ;;
     esac
 done
-kdcl_need_stage "$@"
-[[ -n "$hostfile" ]] || kdcl_die "--hostfile is required (lines '<host> slots=<n>'; see launcher/hostfile.example)"
-[[ -f "$hostfile" ]] || kdcl_die "hostfile $hostfile does not exist; write one line '<host> slots=<n>' per node"
+kdcl_check_stage "$@"; [[ "$1" != -- ]] || shift
+kdcl_require_hostfile "$hostfile"
 kdcl_is_int "$node_rank" || kdcl_die "--node-rank is required: this node's position in $hostfile, from 0 (got '$node_rank')"
 [[ -n "$master_addr" ]] || kdcl_die "--master-addr is required: an address of node 0 that every node can reach"
 

@@ -36,12 +36,10 @@ while [[ $# -gt 0 ]]; do
         --launcher) launcher="${2:?--launcher needs a value}"; shift 2 ;;
         --master-port) port="${2:?--master-port needs a value}"; shift 2 ;;
         --threads) threads="${2:?--threads needs a value}"; shift 2 ;;
-        --) shift; break ;;
-        -*) kdcl_die "unknown option $1 (options go before the stage name; try --help)" ;;
         *) break ;;
     esac
 done
-kdcl_need_stage "$@"
+kdcl_check_stage "$@"; [[ "$1" != -- ]] || shift
 { kdcl_is_int "$nproc" && [[ "$nproc" -ge 1 ]]; } || kdcl_die "--nproc: '$nproc' is not a positive integer"
 
 py="$(kdcl_python)"

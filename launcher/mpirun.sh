@@ -47,12 +47,10 @@ while [[ $# -gt 0 ]]; do
         --master-addr) addr="${2:?--master-addr needs a value}"; shift 2 ;;
         --master-port) port="${2:?--master-port needs a value}"; shift 2 ;;
         --mpirun-args) extra="${2:?--mpirun-args needs a value}"; shift 2 ;;
-        --) shift; break ;;
-        -*) kdcl_die "unknown option $1 (options go before the stage name; try --help)" ;;
         *) break ;;
     esac
 done
-kdcl_need_stage "$@"
+kdcl_check_stage "$@"; [[ "$1" != -- ]] || shift
 { kdcl_is_int "$np" && [[ "$np" -ge 1 ]]; } || kdcl_die "-np: '$np' is not a positive integer"
 
 py="$(kdcl_python)"
@@ -66,7 +64,7 @@ fi
 
 args=(-np "$np")
 if [[ -n "$hostfile" ]]; then
-    [[ -f "$hostfile" ]] || kdcl_die "hostfile $hostfile does not exist; write one line '<host> slots=<n>' per node"
+    kdcl_check_hostfile "$hostfile"
     args+=(--hostfile "$hostfile")
     port="${port:-29500}"
 else

@@ -67,6 +67,23 @@ def build_curriculum(source_dir, out_dir, shard_size: int = 64) -> dict:
     return manifest
 
 
+def curriculum_fixture(shard_size: int = 64):
+    """A module-scoped pytest fixture named `cur`: a curriculum built from `tiny_assets`' source shards.
+
+    Use it as `cur = curriculum_fixture()` at module level of a test file (pytest finds fixtures
+    by module attribute); an imported fixture function would read as an unused import to ruff.
+    """
+    import pytest
+
+    @pytest.fixture(scope="module", name="cur")
+    def _cur(tiny_assets, tmp_path_factory):
+        out = tmp_path_factory.mktemp("cur")
+        build_curriculum(tiny_assets["shards"], out, shard_size=shard_size)
+        return out
+
+    return _cur
+
+
 # ---- launching training runs in real processes -----------------------------------------
 
 def free_port() -> int:

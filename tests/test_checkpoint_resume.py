@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from _curriculum_fixture import (
-    build_curriculum,
+    curriculum_fixture,
     read_jsonl,
     run_train,
     student_weights,
@@ -34,12 +34,7 @@ from kdcl_dist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def cur(tiny_assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cur")
-    build_curriculum(tiny_assets["shards"], out, shard_size=64)
-    return out
+cur = curriculum_fixture()
 
 
 def _fake(root: Path, step: int, complete: bool, **marker):

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _curriculum_fixture import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launcher"
@@ -40,12 +40,6 @@ SCRIPTS = ["local_cpu.sh", "deepspeed_hostfile.sh", "deepspeed_node.sh", "mpirun
 TIMEOUT = 900  # a fresh machine JIT-builds DeepSpeed's CPU comm op on first use (~1 min on 2 cores)
 
 TRAIN_STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(**extra) -> dict:

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _curriculum_fixture import free_port  # tests/ is on sys.path (tests/conftest.py)
+from _curriculum_fixture import read_jsonl as read_jsonl  # re-exported to the fault tests
+from _curriculum_fixture import student_weights as student_weights
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -78,12 +80,6 @@ class Run:
 
     def text(self) -> str:
         return "\n".join(f"--- rank {i} rc={r}\n{log[-4000:]}" for i, (r, log) in enumerate(zip(self.rcs, self.logs)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _install_faults(rank: int, kill: tuple | None, enospc_at: int | None, counter: list) -> None:
@@ -297,6 +293,50 @@ def kill_point(seed: int, events: int, lo_frac: float = 0.0) -> int:
     return random.Random(1000 + seed).randint(lo, max(lo, events))
 
 
+def sigkill_one_rank(argv, ref_run: Run, seed: int, logdir, lo_frac: float = 0.0) -> tuple[Run, int]:
+    """Two ranks; rank `seed % 2` is SIGKILLed at its seeded kill point (from the reference run's
+    event count). Asserts it really died by SIGKILL; returns the run and the kill point."""
+    victim = seed % 2
+    n = kill_point(seed, ref_run.events[victim], lo_frac)
+    killed = fork_run(argv, world=2, kill=(victim, n), logdir=logdir)
+    assert killed.rcs[victim] == -9, killed.text()
+    return killed, n
+
+
+def fork_refused(argv, logdir, *needles: str, **fork_kw) -> str:
+    """Run a stage that must stop with one user-error line naming every needle; returns the line."""
+    return one_line_error(fork_run(argv, logdir=logdir, **fork_kw), *needles)
+
+
+def fork_out_of_space(argv, remount, logdir, enospc_at: int, **fork_kw) -> Run:
+    """Run a stage on a full disk: the small tmpfs of `small_fs` when mounted (`remount` is not
+    None), else the `enospc_at`-th atomic rename fails. The run must fail with ENOSPC."""
+    run = fork_run(argv, enospc_at=None if remount else enospc_at, logdir=logdir, **fork_kw)
+    assert run.rc != 0 and "No space left on device" in run.text(), run.text()
+    return run
+
+
+def rerun_with_space(argv, remount, logdir, size: str = "64m", **fork_kw) -> Run:
+    """After `fork_out_of_space`: free space (grow the tmpfs) and re-run the stage to success."""
+    if remount is not None:
+        remount(size)
+    return must(fork_run(argv, logdir=logdir, **fork_kw), "re-run")
+
+
+def with_flag(argv, flag: str, value) -> list:
+    """A copy of `argv` with the value after `flag` replaced."""
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def cut_file(path, keep: int) -> Path:
+    """Truncate a file to its first `keep` bytes (negative: drop the last -keep bytes)."""
+    path = Path(path)
+    path.write_bytes(path.read_bytes()[:keep])
+    return path
+
+
 # ---------------------------------------------------------------------------------------
 # comparisons
 # ---------------------------------------------------------------------------------------
@@ -323,21 +363,27 @@ def scores_table(scores_dir) -> dict[str, float]:
     return out
 
 
+def json_pair(name: str, out, ref_dir) -> tuple[dict, dict]:
+    """The JSON file `name` (a stage's manifest) of a run's output and of the reference's."""
+    a, b = (json.loads((Path(d) / name).read_text()) for d in (out, ref_dir))
+    return a, b
+
+
+def assert_finished_equal(out, ref_dir, pattern: str, rename: tuple[str, str] | None = None,
+                          what: str = "") -> None:
+    """Whatever a killed or failed run left under a final name (`pattern`) is whole: it equals the
+    reference's file of that name byte for byte. With `rename=(old, new)` the matched files only
+    mark what is finished, and the file compared is the match's name with `old` replaced by `new`
+    (a shard's `.stats.json` is written after its `.tar`)."""
+    for f in Path(out).glob(pattern):
+        name = f.name.replace(*rename) if rename else f.name
+        assert (Path(out) / name).read_bytes() == (Path(ref_dir) / name).read_bytes(), f"{name} differs{what}"
+
+
 def dir_digest(d, pattern: str = "*") -> dict[str, str]:
     from kdcl_dist.utils import sha256_file
 
     return {p.name: sha256_file(p) for p in sorted(Path(d).glob(pattern)) if p.is_file()}
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
-def student_weights(tag_dir) -> dict:
-    sys.path.insert(0, str(REPO / "tests"))
-    from _curriculum_fixture import student_weights as sw
-
-    return sw(tag_dir)
 
 
 def same_weights(a: dict, b: dict) -> list[str]:

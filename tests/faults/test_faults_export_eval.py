@@ -11,15 +11,19 @@ import pytest
 
 from .conftest import (
     STEPS,
+    cut_file,
     eval_argv,
     export_argv,
+    fork_refused,
     fork_run,
+    json_pair,
     must,
-    one_line_error,
+    rerun_with_space,
     same_weights,
     shard_argv,
     small_fs,
     student_weights,
+    with_flag,
 )
 
 pytestmark = pytest.mark.faults
@@ -34,8 +38,16 @@ def _tensors(d) -> dict:
 def _same_export(out, ref) -> None:
     a, b = _tensors(out), _tensors(ref["export"])
     assert not same_weights(a, b)
-    ea, eb = (json.loads((d / "export.json").read_text()) for d in (out, ref["export"]))
+    ea, eb = json_pair("export.json", out, ref["export"])
     assert (ea["tag"], ea["step"], ea["model_sha256"]) == (eb["tag"], eb["step"], eb["model_sha256"])
+
+
+def _exported_from(hf, train, step: int) -> None:
+    """The export in `hf` was made from checkpoint global_step<step> of `train`, weight for weight."""
+    assert json.loads((hf / "export.json").read_text())["tag"] == f"global_step{step}"
+    w = student_weights(train / "checkpoints" / f"global_step{step}")
+    t = _tensors(hf)
+    assert all(bool((w[k] == t[k]).all()) for k in set(w) & set(t))
 
 
 def _delay(seed: int, wall: float) -> float:
@@ -70,31 +82,22 @@ def test_export_skips_incomplete_latest_checkpoint(ref, tmp_path):
     train = shutil.copytree(ref["train"], tmp_path / "train")
     (train / "checkpoints" / f"global_step{STEPS}" / "kdcl_complete.json").unlink()
     must(fork_run(export_argv(train, tmp_path / "hf"), logdir=tmp_path / "e"), "export")
-    info = json.loads((tmp_path / "hf" / "export.json").read_text())
-    assert info["tag"] == f"global_step{STEPS - 2}"
-    w = student_weights(train / "checkpoints" / f"global_step{STEPS - 2}")
-    t = _tensors(tmp_path / "hf")
-    assert all(bool((w[k] == t[k]).all()) for k in set(w) & set(t))
+    _exported_from(tmp_path / "hf", train, STEPS - 2)
 
 
 def test_export_refuses_incomplete_tag(ref, tmp_path):
     train = shutil.copytree(ref["train"], tmp_path / "train")
     tag = train / "checkpoints" / f"global_step{STEPS}"
     (tag / "kdcl_complete.json").unlink()
-    f = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    f.write_bytes(f.read_bytes()[:1000])
-    run = fork_run(export_argv(train, tmp_path / "hf", "--tag", tag.name), logdir=tmp_path / "e")
-    one_line_error(run, "global_step", "incomplete")
+    cut_file(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 1000)
+    fork_refused(export_argv(train, tmp_path / "hf", "--tag", tag.name), tmp_path / "e", "global_step", "incomplete")
     # the same checkpoint named by its directory
-    run = fork_run(export_argv(tag, tmp_path / "hf"), logdir=tmp_path / "e2")
-    one_line_error(run, f"global_step{STEPS}", "incomplete")
+    fork_refused(export_argv(tag, tmp_path / "hf"), tmp_path / "e2", f"global_step{STEPS}", "incomplete")
     assert not (tmp_path / "hf").exists()
 
 
 def _cut_after_marker(tag_dir, name="mp_rank_00_model_states.pt"):
-    f = tag_dir / name
-    f.write_bytes(f.read_bytes()[:5000])
-    return f
+    return cut_file(tag_dir / name, 5000)
 
 
 def test_export_refuses_damaged_tag(ref, tmp_path):
@@ -102,8 +105,8 @@ def test_export_refuses_damaged_tag(ref, tmp_path):
     train = shutil.copytree(ref["train"], tmp_path / "train")
     tag = train / "checkpoints" / f"global_step{STEPS}"
     _cut_after_marker(tag)
-    run = fork_run(export_argv(train, tmp_path / "hf", "--tag", tag.name), logdir=tmp_path / "e")
-    one_line_error(run, "mp_rank_00_model_states.pt", "damaged", f"global_step{STEPS - 2}")
+    fork_refused(export_argv(train, tmp_path / "hf", "--tag", tag.name), tmp_path / "e",
+                 "mp_rank_00_model_states.pt", "damaged", f"global_step{STEPS - 2}")
     assert not (tmp_path / "hf").exists()
 
 
@@ -113,11 +116,7 @@ def test_export_skips_damaged_newest_checkpoint(ref, tmp_path):
     _cut_after_marker(train / "checkpoints" / f"global_step{STEPS}")
     run = must(fork_run(export_argv(train, tmp_path / "hf"), logdir=tmp_path / "e"), "export")
     assert "skipping the damaged checkpoint" in run.text() and "mp_rank_00_model_states.pt" in run.text()
-    info = json.loads((tmp_path / "hf" / "export.json").read_text())
-    assert info["tag"] == f"global_step{STEPS - 2}"
-    w = student_weights(train / "checkpoints" / f"global_step{STEPS - 2}")
-    t = _tensors(tmp_path / "hf")
-    assert all(bool((w[k] == t[k]).all()) for k in set(w) & set(t))
+    _exported_from(tmp_path / "hf", train, STEPS - 2)
 
 
 def test_export_plain_deepspeed_latest_stays_inside_the_checkpoint_dir(ref, tmp_path):
@@ -129,12 +128,11 @@ def test_export_plain_deepspeed_latest_stays_inside_the_checkpoint_dir(ref, tmp_
     elsewhere = shutil.copytree(src, tmp_path / "elsewhere" / f"global_step{STEPS}")
     student = ref["train"] / "student_config"
     (plain / "latest").write_text(f"../elsewhere/global_step{STEPS}")
-    run = fork_run(export_argv(plain, tmp_path / "hf", "--student", student), logdir=tmp_path / "e")
-    one_line_error(run, "latest", "not a checkpoint directory inside")
+    fork_refused(export_argv(plain, tmp_path / "hf", "--student", student), tmp_path / "e",
+                 "latest", "not a checkpoint directory inside")
     assert not (tmp_path / "hf").exists()
-    run = fork_run(export_argv(plain, tmp_path / "hf", "--student", student, "--tag", "../elsewhere"),
-                   logdir=tmp_path / "e2")
-    one_line_error(run, "no checkpoint with tag")
+    fork_refused(export_argv(plain, tmp_path / "hf", "--student", student, "--tag", "../elsewhere"), tmp_path / "e2",
+                 "no checkpoint with tag")
     assert (elsewhere / "kdcl_complete.json").exists()
     # a `latest` that names a tag inside is used (with a warning: nothing to verify it against)
     (plain / "latest").write_text("global_step5")
@@ -172,19 +170,16 @@ def test_export_enospc_then_rerun(ref, tmp_path):
     out = tmp_path / "fs"
     with small_fs(out, "128k") as remount:
         target = out / "hf"
-        run = fork_run(export_argv(ref["train"], target), enospc_at=None if remount else 1, logdir=tmp_path / "k")
-        one_line_error(run, "No space left on device", "point --out elsewhere")
+        fork_refused(export_argv(ref["train"], target), tmp_path / "k", "No space left on device",
+                     "point --out elsewhere", enospc_at=None if remount else 1)
         assert not (target / "model.safetensors").exists()
         assert not list(out.glob(".tmp-*")), "the failed export's temp dir holds the space a re-run needs"
-        if remount is not None:
-            remount("64m")
-        must(fork_run(export_argv(ref["train"], target), logdir=tmp_path / "r"), "re-run")
+        rerun_with_space(export_argv(ref["train"], target), remount, tmp_path / "r")
         _same_export(target, ref)
 
 
 def test_export_missing_checkpoint_path(tmp_path):
-    one_line_error(fork_run(export_argv(tmp_path / "nowhere", tmp_path / "hf"), logdir=tmp_path / "e"),
-                   "nowhere", "not found")
+    fork_refused(export_argv(tmp_path / "nowhere", tmp_path / "hf"), tmp_path / "e", "nowhere", "not found")
 
 
 # ---- eval ---------------------------------------------------------------------------------
@@ -208,21 +203,17 @@ def test_eval_sigkill_then_rerun(ref, tmp_path, seed):
 
 
 def test_eval_missing_model_path(ref, tmp_path):
-    one_line_error(fork_run(eval_argv(tmp_path / "no-model", ref["shards"], tmp_path / "e.json"),
-                            logdir=tmp_path / "e"), "no-model")
+    fork_refused(eval_argv(tmp_path / "no-model", ref["shards"], tmp_path / "e.json"), tmp_path / "e", "no-model")
 
 
 def test_eval_shards_of_other_tokenizer_refused(base, ref, tmp_path):
-    argv = shard_argv(base, tmp_path / "shards2")
-    argv[argv.index("--tokenizer") + 1] = base["tokenizer2"]
+    argv = with_flag(shard_argv(base, tmp_path / "shards2"), "--tokenizer", base["tokenizer2"])
     must(fork_run(argv, logdir=tmp_path / "s"), "shards with tokenizer2")
-    run = fork_run(eval_argv(ref["export"], tmp_path / "shards2", tmp_path / "e.json"), logdir=tmp_path / "e")
-    one_line_error(run, "tokenizer")
+    fork_refused(eval_argv(ref["export"], tmp_path / "shards2", tmp_path / "e.json"), tmp_path / "e", "tokenizer")
     assert not (tmp_path / "e.json").exists()
 
 
 def test_eval_corrupt_manifest(ref, tmp_path):
     shards = shutil.copytree(ref["shards"], tmp_path / "shards")
     (shards / "dataset.json").write_text("[")
-    run = fork_run(eval_argv(ref["export"], shards, tmp_path / "e.json"), logdir=tmp_path / "e")
-    one_line_error(run, "dataset.json")
+    fork_refused(eval_argv(ref["export"], shards, tmp_path / "e.json"), tmp_path / "e", "dataset.json")

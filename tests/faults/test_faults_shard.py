@@ -14,14 +14,19 @@ import numpy as np
 import pytest
 
 from .conftest import (
+    assert_finished_equal,
+    cut_file,
+    fork_out_of_space,
+    fork_refused,
     fork_run,
     ids_multiset,
-    kill_point,
+    json_pair,
     must,
-    one_line_error,
+    rerun_with_space,
     score_argv,
     shard_argv,
     shard_entries,
+    sigkill_one_rank,
     small_fs,
 )
 
@@ -30,7 +35,7 @@ pytestmark = pytest.mark.faults
 
 def _same_as_ref(out: Path, ref) -> None:
     assert shard_entries(out / "dataset.json") == shard_entries(ref["shards"] / "dataset.json")
-    a, b = (json.loads((d / "dataset.json").read_text()) for d in (out, ref["shards"]))
+    a, b = json_pair("dataset.json", out, ref["shards"])
     assert a["fingerprint"] == b["fingerprint"] and a["totals"] == b["totals"]
     assert ids_multiset(out) == ids_multiset(ref["shards"])
     assert not list(out.glob(".tmp-*")), "temporary files left behind"
@@ -40,16 +45,11 @@ def _same_as_ref(out: Path, ref) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_shard_sigkill_one_rank_then_rerun(base, ref, tmp_path, seed):
-    victim = seed % 2
-    n = kill_point(seed, ref["shard_run"].events[victim])
     out = tmp_path / "shards"
-    killed = fork_run(shard_argv(base, out), world=2, kill=(victim, n), logdir=tmp_path / "k")
-    assert killed.rcs[victim] == -9, killed.text()
+    _, n = sigkill_one_rank(shard_argv(base, out), ref["shard_run"], seed, tmp_path / "k")
     # what survived the kill is either absent or complete: every finished shard equals the reference
-    for st in out.glob("shard-*.stats.json"):
-        tar = out / st.name.replace(".stats.json", ".tar")
-        ref_tar = ref["shards"] / tar.name
-        assert tar.read_bytes() == ref_tar.read_bytes(), f"{tar.name} differs after a kill at event {n}"
+    assert_finished_equal(out, ref["shards"], "shard-*.stats.json", rename=(".stats.json", ".tar"),
+                          what=f" after a kill at event {n}")
     # a kill between a tar's rename and its stats file leaves an orphan tar: the re-run rewrites it
     must(fork_run(shard_argv(base, out), world=2, logdir=tmp_path / "r"), "re-run")
     _same_as_ref(out, ref)
@@ -86,8 +86,7 @@ def test_shard_orphan_tar_of_another_tokenizer_refused(base, ref, tmp_path):
     for st in out.glob("shard-*.stats.json"):
         st.unlink()
     (out / ".shard-run.json").write_text(json.dumps({"tokenizer_fingerprint": "0123456789abcdef"}))
-    run = fork_run(shard_argv(base, out), logdir=tmp_path / "r")
-    one_line_error(run, "shard-000000.tar", "0123456789abcdef", "--overwrite")
+    fork_refused(shard_argv(base, out), tmp_path / "r", "shard-000000.tar", "0123456789abcdef", "--overwrite")
     assert (out / "shard-000000.tar").read_bytes() == (ref["shards"] / "shard-000000.tar").read_bytes()
 
 
@@ -95,34 +94,25 @@ def test_shard_enospc_then_rerun(base, ref, tmp_path):
     out = tmp_path / "fs"
     total = sum(p.stat().st_size for p in ref["shards"].iterdir())
     with small_fs(out, str(max(8192, total // 3))) as remount:
-        if remount is None:  # not root: the 3rd atomic rename fails instead
-            run = fork_run(shard_argv(base, out), enospc_at=3, logdir=tmp_path / "k")
-        else:
-            run = fork_run(shard_argv(base, out), logdir=tmp_path / "k")
-        assert run.rc != 0, run.text()
-        assert "No space left on device" in run.text()
+        # not root: the 3rd atomic rename fails instead
+        fork_out_of_space(shard_argv(base, out), remount, tmp_path / "k", enospc_at=3)
         assert not (out / "dataset.json").exists()
-        for st in out.glob("shard-*.stats.json"):  # finished shards are whole
-            assert (out / st.name.replace(".stats.json", ".tar")).read_bytes() == \
-                (ref["shards"] / st.name.replace(".stats.json", ".tar")).read_bytes()
-        if remount is not None:
-            remount("64m")
-        must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run after freeing space")
+        # finished shards are whole
+        assert_finished_equal(out, ref["shards"], "shard-*.stats.json", rename=(".stats.json", ".tar"))
+        rerun_with_space(shard_argv(base, out), remount, tmp_path / "r")
         _same_as_ref(out, ref)
 
 
 def test_shard_enospc_one_line_error(base, tmp_path):
-    run = fork_run(shard_argv(base, tmp_path / "s"), enospc_at=3, logdir=tmp_path / "k")
-    one_line_error(run, "No space left on device")
+    fork_refused(shard_argv(base, tmp_path / "s"), tmp_path / "k", "No space left on device", enospc_at=3)
 
 
 def test_shard_truncated_tar_is_rebuilt(base, ref, tmp_path):
     out = shutil.copytree(ref["shards"], tmp_path / "shards")
     tar = out / "shard-000002.tar"
-    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    cut_file(tar, tar.stat().st_size // 2)
     # reading it is refused with one line naming the file ...
-    run = fork_run(score_argv(base, out, tmp_path / "scores"), logdir=tmp_path / "s")
-    one_line_error(run, "shard-000002.tar")
+    fork_refused(score_argv(base, out, tmp_path / "scores"), tmp_path / "s", "shard-000002.tar")
     # ... and a re-run of the shard stage rebuilds exactly that shard
     must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run")
     _same_as_ref(out, ref)
@@ -183,15 +173,13 @@ def test_shard_bitflip_detected(base, ref, tmp_path):
     """Scoring checks each shard's sha256 (ShardSet.verify_shard) before using it."""
     out = shutil.copytree(ref["shards"], tmp_path / "shards")
     _flip_bit(out)
-    run = fork_run(score_argv(base, out, tmp_path / "scores"), logdir=tmp_path / "s")
-    one_line_error(run, "shard-000001.tar")
+    fork_refused(score_argv(base, out, tmp_path / "scores"), tmp_path / "s", "shard-000001.tar")
 
 
 def test_shard_corrupt_offset_index(base, ref, tmp_path):
     out = shutil.copytree(ref["shards"], tmp_path / "shards")
     (out / "shard-000001.idx.json").write_text('{"keys": ["a", ')
-    run = fork_run(score_argv(base, out, tmp_path / "scores"), logdir=tmp_path / "s")
-    line = one_line_error(run, "shard-000001.idx.json", "corrupt")
+    line = fork_refused(score_argv(base, out, tmp_path / "scores"), tmp_path / "s", "shard-000001.idx.json", "corrupt")
     assert "re-run" in line
     # following the message (delete it, re-run the shard stage) restores the reference
     (out / "shard-000001.idx.json").unlink()
@@ -214,13 +202,10 @@ def test_shard_index_count_mismatch(base, ref, tmp_path):
 
 def test_shard_corrupt_manifest(base, ref, tmp_path):
     out = shutil.copytree(ref["shards"], tmp_path / "shards")
-    m = out / "dataset.json"
-    m.write_text(m.read_text()[:200])
-    run = fork_run(score_argv(base, out, tmp_path / "scores"), logdir=tmp_path / "s")
-    one_line_error(run, "dataset.json", "corrupt")
+    cut_file(out / "dataset.json", 200)
+    fork_refused(score_argv(base, out, tmp_path / "scores"), tmp_path / "s", "dataset.json", "corrupt")
     # the shard stage refuses to guess where the shards came from ...
-    run = fork_run(shard_argv(base, out), logdir=tmp_path / "r")
-    one_line_error(run, "--overwrite")
+    fork_refused(shard_argv(base, out), tmp_path / "r", "--overwrite")
     # ... and with --overwrite rebuilds the reference exactly
     must(fork_run([*shard_argv(base, out), "--overwrite"], logdir=tmp_path / "o"), "overwrite")
     _same_as_ref(out, ref)

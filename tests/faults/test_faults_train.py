@@ -18,15 +18,17 @@ import pytest
 from .conftest import (
     STEPS,
     curriculum_argv,
+    cut_file,
+    fork_refused,
     fork_run,
-    kill_point,
     must,
-    one_line_error,
     read_jsonl,
     same_weights,
+    sigkill_one_rank,
     small_fs,
     student_weights,
     train_argv,
+    with_flag,
 )
 
 pytestmark = pytest.mark.faults
@@ -52,11 +54,8 @@ def _ref_final(ref) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_train_sigkill_one_rank_then_resume_auto(base, ref, tmp_path, seed):
-    victim = seed % 2
-    n = kill_point(seed, ref["train_run"].events[victim], lo_frac=0.2)
     out = tmp_path / "train"
-    killed = fork_run(train_argv(base, ref["cur"], out), world=2, kill=(victim, n), logdir=tmp_path / "k")
-    assert killed.rcs[victim] == -9, killed.text()
+    sigkill_one_rank(train_argv(base, ref["cur"], out), ref["train_run"], seed, tmp_path / "k", lo_frac=0.2)
     resumed = must(fork_run(train_argv(base, ref["cur"], out, "--resume", "auto"), world=2,
                             logdir=tmp_path / "r"), "resume")
     assert resumed.ok
@@ -96,8 +95,7 @@ def test_train_latest_tag_points_to_incomplete_checkpoint(base, ref, tmp_path):
     out = shutil.copytree(ref["train"], tmp_path / "train")
     ck = out / "checkpoints"
     (ck / f"global_step{STEPS}" / "kdcl_complete.json").unlink()   # the save never completed ...
-    f = ck / f"global_step{STEPS}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    f.write_bytes(f.read_bytes()[:1000])                             # ... and one rank's file is cut
+    cut_file(ck / f"global_step{STEPS}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 1000)  # ... one rank's file cut
     assert (ck / "latest").read_text().strip() == f"global_step{STEPS}"
     for name in ("train_summary.json",):
         (out / name).unlink()
@@ -148,8 +146,8 @@ def test_train_explicit_resume_of_damaged_checkpoint_one_line_error(base, ref, t
     tag = out / "checkpoints" / f"global_step{STEPS}"
     _damage(tag, name, how)
     before = {p.name: p.stat().st_mtime_ns for p in tag.iterdir()}
-    run = fork_run(train_argv(base, ref["cur"], out, "--steps", STEPS + 2, "--resume", tag), logdir=tmp_path / "r")
-    one_line_error(run, name, needle, "damaged")
+    fork_refused(train_argv(base, ref["cur"], out, "--steps", STEPS + 2, "--resume", tag), tmp_path / "r",
+                 name, needle, "damaged")
     assert {p.name: p.stat().st_mtime_ns for p in tag.iterdir()} == before  # nothing rewritten
 
 
@@ -159,8 +157,7 @@ def test_train_every_checkpoint_damaged_one_line_error(base, ref, tmp_path):
     tags = sorted(d for d in ck.iterdir() if d.is_dir())
     for d in tags:
         _damage(d, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "cut")
-    run = fork_run(train_argv(base, ref["cur"], out), logdir=tmp_path / "r")
-    one_line_error(run, "every complete checkpoint is damaged", "--resume none")
+    fork_refused(train_argv(base, ref["cur"], out), tmp_path / "r", "every complete checkpoint is damaged", "--resume none")
     assert sorted(d for d in ck.iterdir() if d.is_dir()) == tags
 
 
@@ -173,21 +170,19 @@ def test_checkpoint_command_on_damaged_checkpoint(ref, tmp_path):
     states = {ln.split()[0]: ln.split()[1] for ln in run.logs[0].splitlines() if ln.startswith("global_step")}
     assert states == {f"global_step{STEPS - 4}": "complete", f"global_step{STEPS - 2}": "complete",
                       f"global_step{STEPS}": "DAMAGED"}, run.text()
-    run = fork_run(["checkpoint", "universal", "--checkpoint", tag], logdir=tmp_path / "u")
-    one_line_error(run, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "damaged")
+    fork_refused(["checkpoint", "universal", "--checkpoint", tag], tmp_path / "u",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt", "damaged")
     assert not (out / "checkpoints" / f"global_step{STEPS}_universal").exists()
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 def test_train_resume_against_other_curriculum_refused(base, ref, tmp_path):
     other = tmp_path / "cur2"
-    argv = curriculum_argv(ref["shards"], ref["scores"], other)
-    argv[argv.index("--shard-size") + 1] = 60
-    must(fork_run(argv, logdir=tmp_path / "c"), "other curriculum")
+    must(fork_run(with_flag(curriculum_argv(ref["shards"], ref["scores"], other), "--shard-size", 60),
+                  logdir=tmp_path / "c"), "other curriculum")
     out = shutil.copytree(ref["train"], tmp_path / "train")
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    run = fork_run(train_argv(base, other, out), logdir=tmp_path / "t")
-    one_line_error(run, "checkpoint was made for curriculum", "--resume none")
+    fork_refused(train_argv(base, other, out), tmp_path / "t", "checkpoint was made for curriculum", "--resume none")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
@@ -249,8 +244,8 @@ def test_train_checkpoint_write_fails_like_a_full_disk(base, ref, tmp_path):
     One line names the checkpoint and the fix; the partial directory is gone; the resume completes."""
     out = tmp_path / "train"
     argv = train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 2)
-    run = fork_run(argv, pre=_torch_save_fails_in("global_step4"), logdir=tmp_path / "k")
-    one_line_error(run, "global_step4", "No space left on device", "point --out elsewhere")
+    fork_refused(argv, tmp_path / "k", "global_step4", "No space left on device", "point --out elsewhere",
+                 pre=_torch_save_fails_in("global_step4"))
     from kdcl_dist import checkpoint as ckpt
 
     items = ckpt.list_checkpoints(out / "checkpoints")
@@ -449,9 +444,8 @@ def test_train_nan_teacher_logits_named(base, ref, tmp_path):
 
 def test_train_nan_loss_in_a_row_aborts(base, ref, tmp_path):
     out = tmp_path / "train"
-    run = fork_run(train_argv(base, ref["cur"], out, "--steps", 8, "--save-every", 100),
-                   pre=_nan_at(set(range(2, 100))), logdir=tmp_path / "t")
-    line = one_line_error(run, "non-finite", "train.max_nonfinite_steps", "steps 1-5")
+    line = fork_refused(train_argv(base, ref["cur"], out, "--steps", 8, "--save-every", 100), tmp_path / "t",
+                        "non-finite", "train.max_nonfinite_steps", "steps 1-5", pre=_nan_at(set(range(2, 100))))
     assert "weights are those after step 0" in line
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     # the limit is an option: 0 never aborts
@@ -525,10 +519,9 @@ def test_train_nan_on_one_rank_skipped_by_both(base, ref, tmp_path, ds):
 
 
 def test_train_teacher_student_vocabulary_mismatch(base, ref, tmp_path):
-    argv = train_argv(base, ref["cur"], tmp_path / "train")
-    argv[argv.index("--teacher") + 1] = base["teacher2"]
+    argv = with_flag(train_argv(base, ref["cur"], tmp_path / "train"), "--teacher", base["teacher2"])
     t0 = time.time()
-    one_line_error(fork_run(argv, logdir=tmp_path / "t"), "teacher2")
+    fork_refused(argv, tmp_path / "t", "teacher2")
     assert not (tmp_path / "train" / "checkpoints").exists()
     assert time.time() - t0 < 120
 
@@ -539,20 +532,17 @@ def test_train_ds_config_batch_sizes_contradict_world_size(base, ref, tmp_path):
     cfg.update({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1})
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(cfg))
-    run = fork_run(train_argv(base, ref["cur"], tmp_path / "train", "--ds-config", p), logdir=tmp_path / "t")
-    one_line_error(run, "ds.json", "gradient_accumulation_steps", "world size 1")
+    fork_refused(train_argv(base, ref["cur"], tmp_path / "train", "--ds-config", p), tmp_path / "t",
+                 "ds.json", "gradient_accumulation_steps", "world size 1")
 
 
 def test_train_missing_model_path(base, ref, tmp_path):
-    argv = train_argv(base, ref["cur"], tmp_path / "train")
-    argv[argv.index("--student") + 1] = tmp_path / "no-student"
-    one_line_error(fork_run(argv, logdir=tmp_path / "t"), "no-student")
+    argv = with_flag(train_argv(base, ref["cur"], tmp_path / "train"), "--student", tmp_path / "no-student")
+    fork_refused(argv, tmp_path / "t", "no-student")
 
 
 def test_train_steps_beyond_the_data(base, ref, tmp_path):
-    run = fork_run(train_argv(base, ref["cur"], tmp_path / "train", "--steps", 10_000, "--epochs", 1),
-                   logdir=tmp_path / "t")
-    one_line_error(run, "train.steps", "--epochs")
-    run = fork_run(train_argv(base, ref["cur"], tmp_path / "train2", "--global-batch", 100_000),
-                   logdir=tmp_path / "t2")
-    one_line_error(run, "train.global_batch")
+    fork_refused(train_argv(base, ref["cur"], tmp_path / "train", "--steps", 10_000, "--epochs", 1), tmp_path / "t",
+                 "train.steps", "--epochs")
+    fork_refused(train_argv(base, ref["cur"], tmp_path / "train2", "--global-batch", 100_000), tmp_path / "t2",
+                 "train.global_batch")
