@@ -12,6 +12,7 @@ multi-rank behaviour can be tested in a loop as well as with real processes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -132,6 +133,20 @@ def shutdown() -> None:
             tdist.barrier()
         finally:
             tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stage(timeout_min: float = 30.0):
+    """One distributed stage of a command: process group and per-rank logging up, the
+    DistInfo yielded, and the group torn down whatever happens (an error included)."""
+    from kdcl_dist.utils import setup_logging
+
+    info = init(timeout_min)
+    setup_logging(info.rank)
+    try:
+        yield info
+    finally:
+        shutdown()
 
 
 def device() -> torch.device:

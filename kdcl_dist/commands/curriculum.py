@@ -34,17 +34,12 @@ def add_arguments(p):
 def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
-    from kdcl_dist.utils import setup_logging
 
     keys = ("shard_size", "nonfinite", "plots", "progress", "in_memory_max")
     cfg = resolve(CurriculumConfig, "curriculum", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)
-    info = dist.init()
-    setup_logging(info.rank)
-    try:
+    with dist.stage() as info:
         build_curriculum(args.shards, args.scores, args.out, cfg, rank=info.rank, world=info.world_size)
         if info.rank == 0:
             write_resolved(cfg, Path(args.out), "curriculum")
-    finally:
-        dist.shutdown()
     return 0

@@ -35,18 +35,13 @@ def add_arguments(p):
 def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.curriculum.scoring import ScoreConfig, score_shards
-    from kdcl_dist.utils import setup_logging
 
     keys = ("masks", "seed", "token_budget", "window", "dtype", "nonfinite", "threads", "progress")
     cfg = resolve(ScoreConfig, "score", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)
-    info = dist.init()
-    setup_logging(info.rank)
-    try:
+    with dist.stage() as info:
         if info.rank == 0:   # before the work: scores.json, written last, marks a finished run
             Path(args.out).mkdir(parents=True, exist_ok=True)
             write_resolved(cfg, Path(args.out), "score")
         score_shards(args.shards, args.model, args.out, cfg, rank=info.rank, world=info.world_size)
-    finally:
-        dist.shutdown()
     return 0

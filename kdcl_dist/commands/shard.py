@@ -65,20 +65,15 @@ def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.data.build import ShardConfig, build_dataset
     from kdcl_dist.data.tokenizer import load_tokenizer
-    from kdcl_dist.utils import setup_logging
 
     inputs, overrides = split_overrides(args.input, args.overrides)
     flags = {k: getattr(args, k) for k in (*_FLAGS, "skip_bad_lines", "keep_text", "dedup", "overwrite")}
     cfg = resolve(ShardConfig, "shard", preset=args.preset, config_file=args.config, flags=flags,
                   overrides=overrides)
-    info = dist.init()
-    setup_logging(info.rank)
-    try:
+    with dist.stage() as info:
         tok = load_tokenizer(args.tokenizer)
         manifest = build_dataset(inputs, tok, args.out, cfg, tokenizer_name=args.tokenizer,
                                  rank=info.rank, world=info.world_size, progress=args.progress)
-    finally:
-        dist.shutdown()
     if info.rank == 0:
         t = manifest["totals"]
         print(f"{args.out}: {t['input_documents']} documents read, {t['kept_documents']} kept, "
