@@ -343,8 +343,18 @@ def _record_states(logdir: Path):
             while hasattr(opt, "optimizer"):  # DeepSpeed's ZeRO wrapper -> torch's AdamW
                 opt = opt.optimizer
             state = [v for p in opt.state for v in opt.state[p].values() if hasattr(v, "float")]
-            # ZeRO-3: a rank holds its partition of each parameter (ds_tensor)
-            weights = (getattr(p, "ds_tensor", p) for _, p in self.engine.module.named_parameters())
+            # ZeRO-3: a rank holds its partition of each parameter (ds_tensor), padded to an
+            # equal size per rank; the padding is never written (uninitialised memory), so
+            # hash only the elements that belong to the parameter
+            def held(p):
+                t = getattr(p, "ds_tensor", None)
+                if t is None:
+                    return p
+                t = t.view(-1)
+                start = self.engine.global_rank * t.numel()
+                return t[:max(0, min(t.numel(), p.ds_numel - start))]
+
+            weights = (held(p) for _, p in self.engine.module.named_parameters())
             rec = {"step": self.global_steps, "weights": digest(weights),
                    "optim": digest(state), "lr": self.lr()}
             with open(logdir / f"state{rank}.jsonl", "a") as f:
