@@ -128,6 +128,28 @@ def _install_faults(rank: int, kill: tuple | None, enospc_at: int | None, counte
     scoring.Scorer.losses = losses
 
 
+def _fresh_tqdm_lock() -> None:
+    """Give this forked child its own tqdm write lock.
+
+    tqdm's lock holds a multiprocessing semaphore created once per process tree and inherited
+    across fork: a sibling SIGKILLed while drawing a progress bar leaves it held for good, and
+    every later forked child would hang at its first bar. (Real launches start fresh processes.)
+    """
+    import threading
+
+    from tqdm import std
+
+    std.TqdmDefaultWriteLock.th_lock = threading.RLock()
+    if hasattr(std.TqdmDefaultWriteLock, "mp_lock"):
+        del std.TqdmDefaultWriteLock.mp_lock
+    lock, todo = std.TqdmDefaultWriteLock(), [std.tqdm]
+    while todo:   # tqdm.auto & co. are subclasses that may hold a lock of their own
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls is std.tqdm or "_lock" in cls.__dict__:
+            cls._lock = lock
+
+
 def _child(argv, rank, world, port, env, kill, enospc_at, log_path, events_path, pre):
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -138,6 +160,7 @@ def _child(argv, rank, world, port, env, kill, enospc_at, log_path, events_path,
     try:
         import logging
 
+        _fresh_tqdm_lock()
         root = logging.getLogger()
         for h in list(root.handlers):
             root.removeHandler(h)
