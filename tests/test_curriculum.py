@@ -168,6 +168,44 @@ def test_nonfinite_last_and_exclude(tiny_assets, tmp_path):
     check_curriculum(tmp_path / "exc", tiny_assets["shards"], expect, excluded=set(first))
 
 
+@pytest.mark.parametrize("sort", ["in_memory", "external_cli"])
+def test_heldout_documents_left_out_of_the_curriculum(tiny_assets, tmp_path, sort):
+    """`--exclude-heldout-percent N` drops exactly the documents `eval mlm --split heldout
+    --heldout-percent N` evaluates (in-memory and external sort alike); a held-out id with a
+    NaN score counts once, as held out; the fingerprint tells the curricula apart."""
+    from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.evaluate.mlm import is_heldout, select_samples
+
+    pct = 30
+    all_ids = [s.meta["id"] for s in ShardSet(tiny_assets["shards"])]
+    held = {i for i in all_ids if is_heldout(i, pct)}
+    assert 0 < len(held) < len(all_ids)
+    kept = [i for i in all_ids if i not in held]
+    nan_ids = {sorted(held)[0], kept[0]}
+    scores = tmp_path / "scores"
+    expect = fake_scores(tiny_assets["shards"], scores, nan_ids=nan_ids)
+    if sort == "in_memory":
+        man = build_curriculum(tiny_assets["shards"], scores, tmp_path / "cur",
+                               CurriculumConfig(shard_size=64, progress=False, plots=False, nonfinite="exclude",
+                                                exclude_heldout_percent=pct))
+    else:
+        run_cli("curriculum", "--shards", tiny_assets["shards"], "--scores", scores, "--out", tmp_path / "cur",
+                "--shard-size", "64", "--nonfinite", "exclude", "--in-memory-max", "0", "--no-plots",
+                "--no-progress", "--exclude-heldout-percent", str(pct))
+        man = json.loads((tmp_path / "cur" / "curriculum.json").read_text())
+        assert man["build"]["sort"] == "external"
+    assert man["excluded"] == {"heldout": len(held), "nonfinite_score": 1}
+    assert man["heldout"]["excluded_percent"] == pct
+    check_curriculum(tmp_path / "cur", tiny_assets["shards"], expect, excluded=held | {kept[0]})
+    _, evaluated = select_samples(tiny_assets["shards"], "heldout", pct)
+    assert {i for i, _ in evaluated} == held
+    assert not held & {s.meta["id"] for s in ShardSet(tmp_path / "cur")}
+    every = build_curriculum(tiny_assets["shards"], scores, tmp_path / "all",
+                             CurriculumConfig(shard_size=64, progress=False, plots=False, nonfinite="exclude"))
+    assert every["excluded"] == {"nonfinite_score": 2} and every["fingerprint"] != man["fingerprint"]
+
+
 @pytest.mark.parametrize("policy", ["last", "exclude"])
 def test_external_sort_in_the_stage_gives_identical_output(tiny_assets, tmp_path, policy):
     """`curriculum.in_memory_max` below the sample count switches to the external merge sort:

@@ -1,6 +1,7 @@
 """Global sort of the scores and curriculum shards in easy -> hard order.
 
   kdcl-dist curriculum --shards runs/shards --scores runs/scores --out runs/curriculum
+  kdcl-dist curriculum ... --exclude-heldout-percent 5   (leave out what `eval mlm` holds out)
   torchrun --nproc-per-node 2 -m kdcl_dist curriculum ...   (ranks split the output shards)
 
 Writes curriculum.json, order_scores.npy, shard-NNNNNN.tar (+ .idx.json) with each
@@ -26,6 +27,9 @@ def add_arguments(p):
     p.add_argument("--in-memory-max", dest="in_memory_max", type=int,
                    help="samples up to which the global sort runs in memory (default 20M); above it an "
                         "external merge sort with bounded memory gives the same order (0: always external)")
+    p.add_argument("--exclude-heldout-percent", dest="exclude_heldout_percent", type=int,
+                   help="leave out the documents `kdcl-dist eval mlm --split heldout --heldout-percent N` "
+                        "evaluates (id hash %% 100 < N), so that training never sees them (default 0: keep all)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     add_config_args(p)
@@ -35,7 +39,7 @@ def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
 
-    keys = ("shard_size", "nonfinite", "plots", "progress", "in_memory_max")
+    keys = ("shard_size", "nonfinite", "plots", "progress", "in_memory_max", "exclude_heldout_percent")
     cfg = resolve(CurriculumConfig, "curriculum", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)
     with dist.stage() as info:

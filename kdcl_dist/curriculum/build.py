@@ -61,6 +61,9 @@ class CurriculumConfig:
     in_memory_max: int = option(20_000_000, help="samples up to which the global sort runs in memory; above "
                                 "it, the external merge sort (bounded memory, the same order)", min=0)
     merge_chunk: int = option(65536, help="rows per run paged in at a time by the external merge", min=1)
+    exclude_heldout_percent: int = option(
+        0, help="leave out the documents that `eval mlm --split heldout --heldout-percent N` evaluates "
+        "(id hash % 100 < N), so training never sees them; 0 keeps every document", min=0, max=100)
 
 
 # ---- step 1: the global order ------------------------------------------------------------
@@ -90,16 +93,39 @@ def gather_scores(src: ShardSet, scores_dir) -> tuple[dict, dict]:
     return man, flat
 
 
-def compute_order(flat: dict, policy: str) -> dict:
-    """Apply the non-finite policy and sort by (score, id); pure."""
-    scores, keep = apply_nonfinite(flat["score"], policy)
-    excluded = {}
-    n_bad = int((~np.isfinite(flat["score"])).sum())
+def select(score: np.ndarray, ids: np.ndarray, policy: str, heldout_percent: int = 0):
+    """(scores with the non-finite policy applied, keep mask, non-finite count, held-out count).
+
+    Held-out documents (`evaluate.mlm.is_heldout`) are dropped first; the non-finite count and
+    policy apply to the rest, so the excluded counts never overlap."""
+    from kdcl_dist.evaluate.mlm import heldout_mask
+
+    held = heldout_mask(ids, heldout_percent)
+    scores, keep = apply_nonfinite(score, policy)
+    keep &= ~held
+    n_bad = int((~np.isfinite(np.asarray(score, dtype=np.float64)) & ~held).sum())
+    return scores, keep, n_bad, int(held.sum())
+
+
+def excluded_counts(policy: str, n_bad: int, n_held: int, heldout_percent: int) -> dict:
+    out = {"heldout": n_held} if heldout_percent else {}
     if policy == "exclude" and n_bad:
-        excluded["nonfinite_score"] = n_bad
+        out["nonfinite_score"] = n_bad
+    return out
+
+
+def _heldout_key(cfg: CurriculumConfig) -> dict:
+    """Fingerprint entry of the held-out exclusion (none at 0: earlier fingerprints stay valid)."""
+    return {"heldout": cfg.exclude_heldout_percent} if cfg.exclude_heldout_percent else {}
+
+
+def compute_order(flat: dict, policy: str, heldout_percent: int = 0) -> dict:
+    """Drop held-out ids, apply the non-finite policy and sort by (score, id); pure."""
+    scores, keep, n_bad, n_held = select(flat["score"], flat["ids"], policy, heldout_percent)
     idx = np.flatnonzero(keep)
     perm = idx[sort_order(scores[idx], flat["ids"][idx])]
-    return {"perm": perm, "scores": scores[perm], "excluded": excluded, "nonfinite": n_bad}
+    return {"perm": perm, "scores": scores[perm], "excluded": excluded_counts(policy, n_bad, n_held, heldout_percent),
+            "nonfinite": n_bad}
 
 
 def write_order(out: Path, flat: dict, order: dict) -> None:
@@ -120,7 +146,8 @@ def write_order(out: Path, flat: dict, order: dict) -> None:
 ORDER_FILES = ("order_scores.npy", "order_scores_f64.npy", "order_source.npy")
 
 
-def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path, chunk: int = 65536) -> dict:
+def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path, chunk: int = 65536,
+                   heldout_percent: int = 0) -> dict:
     """The global order by an external merge sort, written straight to the order files.
 
     Each score file is one run: the policy is applied, the run is sorted by (score, id)
@@ -138,12 +165,13 @@ def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path,
     runs_dir = out / ".sort-runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     runs_dir.mkdir(parents=True)
-    runs, n_source, n_bad, n = [], 0, 0, 0
+    runs, n_source, n_bad, n_held, n = [], 0, 0, 0, 0
     for i, (entry, s) in enumerate(zip(src.shards, man["shards"])):
         a = read_listed_score_file(scores_dir, s)
         _check_score_file(scores_dir, entry, s, a)
-        scores, keep = apply_nonfinite(a["score"], policy)
-        n_bad += int((~np.isfinite(a["score"])).sum())
+        scores, keep, bad, held = select(a["score"], a["ids"], policy, heldout_percent)
+        n_bad += bad
+        n_held += held
         idx = np.flatnonzero(keep)
         if len(idx):
             p = write_run(runs_dir / f"run-{i:06d}", scores[idx], a["ids"][idx], (np.int64(i) << 32) | idx.astype(np.int64))
@@ -175,8 +203,8 @@ def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path,
             os.fsync(f.fileno())
         os.replace(tmp[name], out / name)
     shutil.rmtree(runs_dir, ignore_errors=True)
-    excluded = {"nonfinite_score": n_bad} if policy == "exclude" and n_bad else {}
-    return {"n": n, "excluded": excluded, "nonfinite": n_bad, "n_source": n_source}
+    return {"n": n, "excluded": excluded_counts(policy, n_bad, n_held, heldout_percent), "nonfinite": n_bad,
+            "n_source": n_source}
 
 
 def _check_unique_runs(runs, chunk: int, where: Path) -> None:
@@ -302,37 +330,9 @@ def _npy_of(s, dtype) -> bytes:
 
 
 # ---- a faster, byte-identical write_shard ----------------------------------------------------
-
-class _HeaderTemplate:
-    """The tar header `write_shard` (webdataset TarWriter, GNU format, mtime 0) gives a member,
-    built by patching name, size and checksum into one header made by `tarfile` itself.
-
-    Re-sharding 1.8M samples spends ~80% of its time building headers through tarfile
-    objects; patching three fields is ~10x cheaper. `fast_write_shard` output is tested to
-    be byte-identical to `write_shard` (same bytes, same sha256, same offset index).
-    """
-
-    def __init__(self):
-        import tarfile
-
-        ti = tarfile.TarInfo("x")
-        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = 0, 0, 0o0444, "bigdata", "bigdata"
-        self.template = bytearray(ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-        assert len(self.template) == 512
-        t = self.template
-        self.template = bytes(t)
-        self.base = sum(t[100:124]) + sum(t[136:148]) + 8 * 32 + sum(t[156:])
-
-    def header(self, name: bytes, size: int) -> bytes:
-        size_field = b"%011o\0" % size
-        # checksum = byte sum with the checksum field read as spaces: the template's fixed
-        # part plus the two patched fields (summing 40 bytes instead of 512)
-        chk = self.base + sum(name) + sum(size_field)
-        return b"".join((name.ljust(100, b"\0"), self.template[100:124], size_field, self.template[136:148],
-                         b"%06o\0 " % chk, self.template[156:]))
-
-
-_HDR: _HeaderTemplate | None = None
+# Re-sharding 1.8M samples through tarfile objects spends ~80% of its time building member
+# headers; `data.shards.member_header` patches name, size and checksum into one header made
+# (and checked) by tarfile itself, the same template `write_shard`'s TarFile uses.
 
 
 def fast_write_shard(path: Path, samples: list, dtype) -> dict:
@@ -340,16 +340,13 @@ def fast_write_shard(path: Path, samples: list, dtype) -> dict:
     import hashlib
 
     from kdcl_dist.curriculum.scoring import _ids_from_npy
-    from kdcl_dist.data.shards import INDEX_FORMAT, index_name
+    from kdcl_dist.data.shards import INDEX_FORMAT, index_name, member_header
     from kdcl_dist.utils import atomic_path
 
-    global _HDR
-    if any(s.text is not None or len(s.key.encode()) > 90 for s in samples):
+    if member_header(b"x", 0) is None or any(s.text is not None or len(s.key.encode()) > 90 for s in samples):
         samples = [s if not isinstance(s, _Encoded) else
                    Sample(s.key, _ids_from_npy(s.npy), json.loads(s.meta_json)) for s in samples]
         return write_shard(path, samples, dtype=dtype)
-    if _HDR is None:
-        _HDR = _HeaderTemplate()
     parts = []
     keys, ids_off, ids_size, meta_off, meta_size = [], [], [], [], []
     at = 0
@@ -361,7 +358,7 @@ def fast_write_shard(path: Path, samples: list, dtype) -> dict:
                                        (b".json", meta, meta_off, meta_size)):
             # members in the order TarWriter writes them (sorted extensions); the offset index
             # is known while writing, no second scan of the tar
-            parts.append(_HDR.header(key + ext, len(data)))
+            parts.append(member_header(key + ext, len(data)))
             parts.append(data)
             offs.append(at + 512)
             sizes.append(len(data))
@@ -458,12 +455,12 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
                 man = load_scores_manifest(scores_dir, src.manifest)
                 policy = cfg.nonfinite or man.get("nonfinite_policy", "last")
                 log.info("external merge sort: %d samples > curriculum.in_memory_max=%d", len(src), cfg.in_memory_max)
-                res = external_order(src, scores_dir, man, policy, out, cfg.merge_chunk)
+                res = external_order(src, scores_dir, man, policy, out, cfg.merge_chunk, cfg.exclude_heldout_percent)
             else:
                 man, flat = gather_scores(src, scores_dir)
                 check_unique(flat["ids"], f"{Path(scores_dir) / 'scores.json'}")
                 policy = cfg.nonfinite or man.get("nonfinite_policy", "last")
-                order = compute_order(flat, policy)
+                order = compute_order(flat, policy, cfg.exclude_heldout_percent)
                 write_order(out, flat, order)
                 res = {"n": int(len(order["perm"])), "excluded": order["excluded"], "nonfinite": order["nonfinite"],
                        "n_source": int(len(flat["ids"]))}
@@ -472,7 +469,7 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
                       "model_fingerprint": man.get("model_fingerprint"), "masks": man.get("masks"),
                       "seed": man.get("seed")}
             order_fp = fingerprint({"inputs": inputs, "policy": policy, "shard_size": cfg.shard_size,
-                                    "n": res["n"]})
+                                    "n": res["n"], **_heldout_key(cfg)})
             state = {"ok": True, "order_fp": order_fp, "policy": policy, "inputs": inputs, **res,
                      "sort": "external" if external else "in_memory", "sort_s": time.perf_counter() - t0}
         except UserError as e:
@@ -537,6 +534,8 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
         "max_confidence": math.exp(-stats["min"]) if stats["min"] is not None else None,
         "excluded": state["excluded"],
         "nonfinite": {"count": state["nonfinite"], "policy": state["policy"]},
+        "heldout": {"excluded_percent": cfg.exclude_heldout_percent,
+                    "rule": "evaluate.mlm.is_heldout: id_hash64(doc id without _partK) % 100 < excluded_percent"},
         "source_samples": state["n_source"],
         "inputs": state["inputs"],
         "per_shard": [r["stats"] for r in res_all],
@@ -547,7 +546,7 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
                   "elapsed_s": time.perf_counter() - t0},
     }
     manifest["fingerprint"] = fingerprint({"m": manifest_fingerprint(entries, tok), "kind": "curriculum",
-                                           "inputs": state["inputs"]})
+                                           "inputs": state["inputs"], **_heldout_key(cfg)})
     if cfg.plots:
         manifest["plots"] = write_plots(out, order_scores)
     write_json_atomic(out / "curriculum.json", manifest)

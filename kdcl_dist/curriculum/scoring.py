@@ -338,7 +338,7 @@ class Scorer:
 
         No host sync here: on a GPU the caller copies a whole shard's sums back at once.
         Host tensors are pinned first on CUDA so the copies run asynchronously."""
-        from kdcl_dist.kd.models import _row_counts, encode_masked
+        from kdcl_dist.kd.models import encode_masked, row_counts
 
         dev = self.device
         ids, rows, cols, tgt = (self._to_dev(t).long() for t in (b.input_ids, b.rows, b.cols, b.targets))
@@ -354,7 +354,7 @@ class Scorer:
         ce = self.token_ce(hm, tgt)
         B = ids.shape[0]
         sums = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, rows, ce.double())
-        counts = _row_counts(rows, B)   # not torch.bincount: on CUDA it syncs to size its output
+        counts = row_counts(rows, B)   # not torch.bincount: on CUDA it syncs to size its output
         return sums, counts
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,22 @@ def _fast_header(tpl: tuple[bytes, int], name: bytes, size: int) -> bytes:
                      b"%06o\0" % chk, base[155:]))
 
 
+def member_header(name: bytes, size: int) -> bytes | None:
+    """The 512-byte header `write_shard` gives a regular member `name` (ASCII, under 100 bytes)
+    of `size` bytes, for writers that build shard tars themselves (`curriculum.build`); None
+    when the template failed its check against tarfile (then use `write_shard`)."""
+    tpl = _writer_template()
+    return None if tpl is None else _fast_header(tpl, name, size)
+
+
+@functools.lru_cache(maxsize=1)
+def _writer_template():
+    """The template of webdataset TarWriter's members (mode 0o444, owner bigdata, SHARD_MTIME), GNU."""
+    ti = tarfile.TarInfo("x")
+    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = 0, SHARD_MTIME, 0o0444, "bigdata", "bigdata"
+    return _make_template(ti, tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
 def _make_template(ti: tarfile.TarInfo, fmt: int, encoding: str, errors: str):
     """The header of `ti` with an empty name and size 0, plus the checksum of its fixed part;
     None unless the fast header equals tarfile's for a few probe members."""

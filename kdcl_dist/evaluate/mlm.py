@@ -38,10 +38,18 @@ def document_id(sample_id: str) -> str:
 
 
 def is_heldout(doc_id: str, percent: int = DEFAULT_HELDOUT_PERCENT) -> bool:
-    """The fixed held-out rule shared by evaluation, the experiment and (later) training."""
+    """The fixed held-out rule shared by evaluation, the experiment and the curriculum
+    (`curriculum.exclude_heldout_percent`, so that training never sees these documents)."""
     from kdcl_dist.utils import id_hash64
 
     return id_hash64(document_id(doc_id)) % 100 < percent
+
+
+def heldout_mask(sample_ids, percent: int) -> np.ndarray:
+    """`is_heldout` of each id, as a boolean array (all False when percent is 0)."""
+    if percent <= 0:
+        return np.zeros(len(sample_ids), dtype=bool)
+    return np.fromiter((is_heldout(str(s), percent) for s in sample_ids), dtype=bool, count=len(sample_ids))
 
 
 @dataclass

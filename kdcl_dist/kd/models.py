@@ -152,7 +152,7 @@ def supports_encode_masked(model) -> bool:
     return _stack(model) is not None and mlm_parts(model)[1] is not None
 
 
-def _row_counts(rows: torch.Tensor, B: int) -> torch.Tensor:
+def row_counts(rows: torch.Tensor, B: int) -> torch.Tensor:
     """Masked positions per row. (torch.bincount on CUDA reads its max back to the host: a
     sync per batch; index_add_ does not.)"""
     return torch.zeros(B, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
@@ -164,7 +164,7 @@ def _query_slots(rows: torch.Tensor, B: int, q_max: int | None = None) -> tuple[
     Pass q_max when the caller knows it (the scoring pass computes it on the host): reading it
     from the device would wait for the GPU at every batch."""
     M = rows.numel()
-    counts = _row_counts(rows, B)
+    counts = row_counts(rows, B)
     if q_max is None:
         q_max = int(counts.max()) if M else 0
     order = torch.argsort(rows, stable=True)
