@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -61,6 +63,59 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+SHM_DIR = Path("/dev/shm")
+_SHM_PREFIX = "deepspeed_allreduce_buffer_{uid}_"
+
+
+def remove_stale_shm(min_age_s: float = 60.0, shm_dir: Path | None = None) -> tuple[int, int]:
+    """Remove the shared-memory segments of killed DeepSpeed CPU jobs; (count, bytes) freed.
+
+    DeepSpeed's CPU accelerator backs its all-reduce with one ~66 MiB segment per rank,
+    `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, and unlinks it only on
+    a clean exit: every SIGKILLed or OOM-killed CPU job leaves its segments in RAM. Only this
+    user's segments are considered; one is stale when no process maps it (/proc/*/maps) and
+    it is older than `min_age_s` (a peer rank may be between creating and mapping its own).
+    """
+    d = SHM_DIR if shm_dir is None else Path(shm_dir)
+    prefix = _SHM_PREFIX.format(uid=os.getuid())
+    now = time.time()
+    candidates = []
+    for p in d.glob(prefix + "*") if d.is_dir() else ():
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            if now - st.st_mtime >= min_age_s:
+                candidates.append((p, st.st_size))
+    if not candidates:
+        return 0, 0
+    mapped = ""
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):   # processes come and go; others' maps are unreadable
+            text = maps.read_text()
+            if prefix in text:
+                mapped += text
+    n = size = 0
+    for p, nbytes in candidates:
+        if str(p) in mapped:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            n, size = n + 1, size + nbytes
+    return n, size
+
+
+def release_stale_shm(local_rank: int) -> None:
+    """Before a CPU process group starts: local rank 0 frees segments of killed jobs (logged)."""
+    if local_rank != 0 or torch.cuda.is_available():
+        return
+    n, size = remove_stale_shm()
+    if n:
+        import logging
+
+        logging.getLogger("kdcl_dist").info(
+            "removed %d stale DeepSpeed shared-memory segment(s) (%.0f MiB) left in %s by killed runs",
+            n, size / 2**20, SHM_DIR)
+
+
 def init(timeout_min: float = 30.0) -> DistInfo:
     """Initialize torch.distributed when launched with >1 process; return rank info.
 
@@ -72,6 +127,8 @@ def init(timeout_min: float = 30.0) -> DistInfo:
         return info
     if not tdist.is_initialized():
         import deepspeed
+
+        release_stale_shm(info.local_rank)
 
         if "RANK" not in os.environ and "MASTER_ADDR" in os.environ and _mpi_env() is not None:
             # Under mpirun DeepSpeed's discovery (mpi4py) takes the rendezvous address from

@@ -111,6 +111,7 @@ def init_distributed() -> dist.DistInfo:
 
         import deepspeed
 
+        dist.release_stale_shm(0)
         deepspeed.init_distributed(dist_backend=dist.backend(), auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(minutes=30))
         return dist.DistInfo(0, 1, 0)

@@ -443,6 +443,16 @@ def small_fs(path: Path, size: str):
 # session fixtures: inputs and one undisturbed run of every stage
 # ---------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="session", autouse=True)
+def _free_shm_of_killed_runs():
+    """SIGKILLed 2-rank CPU DeepSpeed runs leave their all-reduce segments (~66 MiB a rank) in
+    /dev/shm. The next train run frees them (`dist.release_stale_shm`); so does the suite's end."""
+    yield
+    from kdcl_dist.dist import remove_stale_shm
+
+    remove_stale_shm(min_age_s=2)
+
+
 @pytest.fixture(scope="session")
 def base(tmp_path_factory):
     """Corpus jsonl, tokenizer, tiny teacher/student, second tokenizer (for fingerprint faults)."""
