@@ -75,6 +75,9 @@ def remove_stale_shm(min_age_s: float = 60.0, shm_dir: Path | None = None) -> tu
     a clean exit: every SIGKILLed or OOM-killed CPU job leaves its segments in RAM. Only this
     user's segments are considered; one is stale when no process maps it (/proc/*/maps) and
     it is older than `min_age_s` (a peer rank may be between creating and mapping its own).
+    A job in another PID namespace sharing this /dev/shm looks unmapped; removing its names is
+    harmless once it has started (DeepSpeed maps the peers' segments only at start-up, and an
+    unlinked segment stays mapped). KDCL_KEEP_SHM=1 turns the clean-up off.
     """
     d = SHM_DIR if shm_dir is None else Path(shm_dir)
     prefix = _SHM_PREFIX.format(uid=os.getuid())
@@ -105,7 +108,7 @@ def remove_stale_shm(min_age_s: float = 60.0, shm_dir: Path | None = None) -> tu
 
 def release_stale_shm(local_rank: int) -> None:
     """Before a CPU process group starts: local rank 0 frees segments of killed jobs (logged)."""
-    if local_rank != 0 or torch.cuda.is_available():
+    if local_rank != 0 or torch.cuda.is_available() or os.environ.get("KDCL_KEEP_SHM") == "1":
         return
     n, size = remove_stale_shm()
     if n:

@@ -43,3 +43,16 @@ def test_only_unmapped_old_segments_of_this_user_are_removed(tmp_path):
     assert dist.remove_stale_shm(min_age_s=30, shm_dir=tmp_path) == (1, 4096)
     assert not live.exists() and young.exists()
     assert dist.remove_stale_shm(min_age_s=30, shm_dir=tmp_path / "missing") == (0, 0)
+
+
+def test_release_runs_on_local_rank_0_only_and_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(dist, "SHM_DIR", tmp_path)
+    seg = _segment(tmp_path, 30005, 0, age_s=600)
+    monkeypatch.setenv("KDCL_KEEP_SHM", "1")
+    dist.release_stale_shm(0)
+    assert seg.exists()
+    monkeypatch.delenv("KDCL_KEEP_SHM")
+    dist.release_stale_shm(1)
+    assert seg.exists()
+    dist.release_stale_shm(0)
+    assert not seg.exists()
