@@ -507,3 +507,26 @@ def test_effective_workers(monkeypatch):
     assert effective_workers(ScoreConfig(), gpu, 100) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                        # 4 ranks share the node's 16 CPUs
     assert effective_workers(ScoreConfig(), gpu, 100) == 3
+
+
+def test_bench_score_prints_the_three_ratios(tmp_path, capsys):
+    """`kdcl-dist bench score`, small: (a) and (b) side by side, the FLOP ceilings, the GFLOP/s line."""
+    import argparse
+    import re
+
+    from kdcl_dist.bench import score as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--docs", "40", "--naive-docs", "4", "--no-distilbert", "--no-ranks", "--repeats", "1",
+                         "--host-workers", "0", "--workdir", str(tmp_path)])
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    row = re.search(r"^tiny preset student\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)x", out, re.M)
+    assert row, out
+    pipe, tight, a, naive, b = (float(x.replace(",", "")) for x in row.groups())
+    assert pipe > 0 and tight > 0 and naive > 0
+    assert a == pytest.approx(pipe / tight, rel=0.01) and b == pytest.approx(pipe / naive, rel=0.01)
+    ceil = bench.flops_per_token(bench._tiny_spec(), 4000, 229, 0.15)
+    assert 2.4 < ceil["ceiling_last_layer"] < 2.8   # the 2.59x quoted in the README (mean length 229)
+    assert "pipeline" in out and "GFLOP/s" in out and "load average" in out
