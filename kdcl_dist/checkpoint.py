@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from kdcl_dist import FORMAT_VERSION, dist
-from kdcl_dist.errors import UserError
+from kdcl_dist.errors import UserError, exception_chain
 from kdcl_dist.utils import read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger("kdcl_dist.checkpoint")
@@ -320,10 +320,7 @@ def _save_failed(root: Path, tag: str, exc: Exception) -> None:
     """
     tag_dir = root / tag
     code = None
-    chain, e = [], exc
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = list(exception_chain(exc))
     for e in chain:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             code = e.errno

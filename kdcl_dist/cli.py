@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from kdcl_dist import __version__
-from kdcl_dist.errors import UserError
+from kdcl_dist.errors import UserError, exception_chain
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("kdcl_dist.commands.tokenizer", "train a WordPiece tokenizer on a corpus"),
@@ -69,12 +69,7 @@ _DISK_FULL_TEXT = {
 
 def disk_full(exc: BaseException) -> tuple[int, str | None] | None:
     """(errno, filename or None) when `exc` or anything in its cause/context chain is a full disk."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno in _DISK_FULL_TEXT:
             name = e.filename if isinstance(e.filename, str) else None
             return e.errno, name
@@ -82,7 +77,6 @@ def disk_full(exc: BaseException) -> tuple[int, str | None] | None:
         for code, needles in _DISK_FULL_TEXT.items():
             if any(n in text for n in needles):
                 return code, None
-        todo += [e.__cause__, e.__context__]
     return None
 
 

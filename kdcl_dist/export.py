@@ -64,7 +64,8 @@ def resolve_checkpoint(path, tag: str | None = None) -> tuple[Path, str]:
     if complete:
         # warns about damaged ones; refuses when all are damaged
         found = ckpt.newest_intact(root, fix="restore the files (the warnings above name them) or export another run")
-        newer = [t for t in tags if _step(t) > _step(found.name) and t not in complete]
+        found_step = int(TAG_RE.match(found.name).group(1))
+        newer = [d.name for step, d, ok in ckpt.list_checkpoints(root) if not ok and step > found_step]
         if newer:
             log.warning("skipping interrupted checkpoint(s) %s (no %s); exporting %s", ", ".join(newer), MARKER,
                         found.name)
@@ -90,11 +91,6 @@ def _plain_name(tag: str) -> bool:
     return bool(tag) and tag not in (".", "..") and "/" not in tag and "\\" not in tag and "\0" not in tag
 
 
-def _step(tag: str) -> int:
-    m = TAG_RE.match(tag)
-    return int(m.group(1)) if m else -1
-
-
 def _kdcl_run(root: Path) -> bool:
     """Written by `kdcl-dist train`: some tag has a marker, or the run's student_config is beside it."""
     return any((root / t / MARKER).exists() for t in _tags(root)) or (root.parent / CONFIG_SUBDIR).is_dir()
@@ -117,8 +113,7 @@ def _check_tag(root: Path, tag: str) -> None:
 
 
 def _tags(root: Path) -> list[str]:
-    found = [(int(m.group(1)), d.name) for d in root.iterdir() if d.is_dir() and (m := TAG_RE.match(d.name))]
-    return [name for _, name in sorted(found)]
+    return [d.name for _, d, _ in ckpt.list_checkpoints(root)]
 
 
 def find_student_config(root: Path, student: str | None) -> str:

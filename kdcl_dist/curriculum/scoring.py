@@ -146,11 +146,7 @@ def read_shard(ss: ShardSet, shard: int, verify: bool = False) -> tuple[list[str
     """
     idx = ss.index(shard)
     path = ss.dir / ss.shards[shard]["name"]
-    if not path.exists():
-        raise UserError(f"{path}: shard listed in {ss.manifest_path.name} is missing")
-    blob = path.read_bytes()
-    if verify and hasattr(ss, "verify_shard"):
-        ss.verify_shard(shard, blob)
+    blob = ss.shard_bytes(shard, verify=verify)
     ids, toks = [], []
     for j in range(len(idx["keys"])):
         mo, ms = int(idx["meta_offset"][j]), int(idx["meta_size"][j])
@@ -400,14 +396,12 @@ def finish_shard(launched, n: int, ntok) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def score_arrays(scorer: Scorer, sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int,
-                 on_batch=None, batches=None, ntok=None):
+                 on_batch=None, batches=None):
     """Score one shard's samples: (score float64, masked count int64, token count int64).
 
-    batches: the shard's collated batches when prepared ahead (else built here, lazily);
-    ntok: the samples' token counts when `toks` was not kept (prepared in a worker)."""
+    batches: the shard's collated batches when prepared ahead (else built here, lazily)."""
     n = len(sample_ids)
-    if ntok is None:
-        ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=n)
+    ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=n)
     launched = launch_shard(scorer, batches if batches is not None else
                             batches_for_shard(sample_ids, toks, cfg, spec, pad_id), on_batch)
     return finish_shard(launched, n, ntok)

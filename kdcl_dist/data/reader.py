@@ -27,7 +27,7 @@ import numpy as np
 
 from kdcl_dist.data.shards import Sample, decode_ids, decode_meta
 from kdcl_dist.errors import UserError
-from kdcl_dist.utils import read_json
+from kdcl_dist.utils import read_json, sha256_file
 
 MANIFEST_NAMES = ("curriculum.json", "dataset.json")
 
@@ -121,14 +121,7 @@ class ShardSet:
             raise UserError(f"{path}: {size} bytes, {self.manifest_path.name} records {entry['bytes']}; "
                             f"the shard is truncated or corrupt, {self._rerun_hint()}")
         if want:
-            if blob is None:
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                got = h.hexdigest()
-            else:
-                got = hashlib.sha256(blob).hexdigest()
+            got = sha256_file(path) if blob is None else hashlib.sha256(blob).hexdigest()
             if got != want:
                 raise UserError(f"{path}: sha256 {got[:16]}... differs from {want[:16]}... recorded in "
                                 f"{self.manifest_path.name}; the shard is corrupt, {self._rerun_hint()}")
