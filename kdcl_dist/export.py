@@ -257,6 +257,7 @@ def verify_export(out, checkpoint: str | None = None, seq_len: int = 32, tol: fl
     """
     from transformers import AutoModelForMaskedLM
 
+    from kdcl_dist.kd.models import check_materialized, hf_load_lock
     from kdcl_dist.utils import read_json
 
     out = Path(out)
@@ -264,7 +265,9 @@ def verify_export(out, checkpoint: str | None = None, seq_len: int = 32, tol: fl
     ckpt = Path(checkpoint or info["checkpoint"])
     sd = consolidated_state_dict(ckpt.parent, ckpt.name)
     ref = build_student(str(out), sd)
-    loaded = AutoModelForMaskedLM.from_pretrained(out).eval()
+    with hf_load_lock():
+        loaded = AutoModelForMaskedLM.from_pretrained(out).eval()
+    check_materialized(loaded, str(out))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, loaded.config.vocab_size, (2, seq_len), generator=g)
     with torch.no_grad():

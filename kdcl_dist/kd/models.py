@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,24 +50,49 @@ def init_model_dir(spec: dict, tok, out_dir: str | os.PathLike, seed: int, max_p
     return model
 
 
+# transformers 5 builds models on the meta device and ties weights through process-wide
+# state, so two threads inside from_pretrained at once can leave a tied weight (BERT's
+# cls.predictions.decoder) on the meta device: 8 of 10 loads in two threads did on this
+# machine. Every HF load in kdcl_dist goes through this lock (the experiment runner
+# evaluates models in threads).
+_HF_LOAD_LOCK = threading.RLock()
+
+
+@contextmanager
+def hf_load_lock():
+    """Hold while calling an HF `from_pretrained`/`from_config` that may run beside another thread's."""
+    with _HF_LOAD_LOCK:
+        yield
+
+
+def check_materialized(model, source: str):
+    """Raise a UserError naming the tensors still on the meta device (a load that did not finish)."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise UserError(f"{source}: {len(meta)} tensors were not loaded (still on the meta device: "
+                        f"{', '.join(meta[:3])}); the checkpoint is incomplete or was loaded concurrently")
+    return model
+
+
 def load_mlm(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Load an HF masked-LM from a local directory or a hub name."""
+    """Load an HF masked-LM from a local directory or a hub name (thread-safe)."""
     from transformers import AutoModelForMaskedLM
 
     p = Path(name_or_path)
     if (p.is_absolute() or name_or_path.startswith(".")) and not p.exists():
         raise UserError(f"{name_or_path}: model path not found; pass a model directory or a hub name")
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     try:
-        return AutoModelForMaskedLM.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
-        ) if dtype is not None else AutoModelForMaskedLM.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code
-        )
+        with hf_load_lock():
+            model = AutoModelForMaskedLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(
             f"{name_or_path}: cannot load a masked-LM model ({str(e).splitlines()[0]}); "
             "pass a local HF model directory or a reachable hub name"
         ) from e
+    return check_materialized(model, name_or_path)
 
 
 def model_fingerprint(model) -> str:
