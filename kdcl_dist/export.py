@@ -257,8 +257,8 @@ def verify_export(out, checkpoint: str | None = None, seq_len: int = 32, tol: fl
     """
     from transformers import AutoModelForMaskedLM
 
-    from kdcl_dist.kd.models import check_materialized, hf_load_lock
-    from kdcl_dist.utils import read_json
+    from kdcl_dist.kd.models import check_materialized
+    from kdcl_dist.utils import hf_load_lock, read_json
 
     out = Path(out)
     info = read_json(out / "export.json", "export record")

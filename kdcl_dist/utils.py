@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +19,21 @@ def setup_logging(rank: int = 0, level: str | None = None) -> None:
     level = level or os.environ.get("KDCL_LOG_LEVEL", "INFO")
     fmt = f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level if rank == 0 else "WARNING", format=fmt, datefmt="%H:%M:%S")
+
+
+# transformers 5 builds models on the meta device and ties weights through process-wide
+# state, so two threads inside from_pretrained at once can leave a tied weight (BERT's
+# cls.predictions.decoder) on the meta device: 8 of 10 loads in two threads did on the
+# dev machine. Every HF load in kdcl_dist (models and tokenizers) takes this lock; the
+# experiment runner evaluates models in threads.
+_HF_LOAD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def hf_load_lock() -> Iterator[None]:
+    """Hold while calling an HF `from_pretrained` that may run beside another thread's."""
+    with _HF_LOAD_LOCK:
+        yield
 
 
 @contextlib.contextmanager

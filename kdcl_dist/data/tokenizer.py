@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from kdcl_dist.errors import UserError
+from kdcl_dist.utils import hf_load_lock
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -56,7 +57,8 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+        with hf_load_lock():
+            tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     except (OSError, ValueError) as e:
         raise UserError(
             f"{name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]}); "

@@ -139,7 +139,8 @@ def finetune_one(model_name: str, tok, enc: dict, labels: list[str], cfg: YesNoC
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
     from transformers.utils import logging as hf_logging
 
-    from kdcl_dist.kd.models import check_materialized, hf_load_lock
+    from kdcl_dist.kd.models import check_materialized
+    from kdcl_dist.utils import hf_load_lock
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)

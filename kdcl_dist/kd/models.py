@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from kdcl_dist.errors import UserError
+from kdcl_dist.utils import hf_load_lock
 
 
 def build_config(spec: dict, vocab_size: int, tok, max_positions: int = 512):
@@ -48,21 +47,6 @@ def init_model_dir(spec: dict, tok, out_dir: str | os.PathLike, seed: int, max_p
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return model
-
-
-# transformers 5 builds models on the meta device and ties weights through process-wide
-# state, so two threads inside from_pretrained at once can leave a tied weight (BERT's
-# cls.predictions.decoder) on the meta device: 8 of 10 loads in two threads did on this
-# machine. Every HF load in kdcl_dist goes through this lock (the experiment runner
-# evaluates models in threads).
-_HF_LOAD_LOCK = threading.RLock()
-
-
-@contextmanager
-def hf_load_lock():
-    """Hold while calling an HF `from_pretrained`/`from_config` that may run beside another thread's."""
-    with _HF_LOAD_LOCK:
-        yield
 
 
 def check_materialized(model, source: str):
