@@ -257,17 +257,15 @@ def verify_export(out, checkpoint: str | None = None, seq_len: int = 32, tol: fl
     """
     from transformers import AutoModelForMaskedLM
 
-    from kdcl_dist.kd.models import check_materialized
-    from kdcl_dist.utils import hf_load_lock, read_json
+    from kdcl_dist.kd.models import load_pretrained
+    from kdcl_dist.utils import read_json
 
     out = Path(out)
     info = read_json(out / "export.json", "export record")
     ckpt = Path(checkpoint or info["checkpoint"])
     sd = consolidated_state_dict(ckpt.parent, ckpt.name)
     ref = build_student(str(out), sd)
-    with hf_load_lock():
-        loaded = AutoModelForMaskedLM.from_pretrained(out).eval()
-    check_materialized(loaded, str(out))
+    loaded = load_pretrained(AutoModelForMaskedLM, out).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, loaded.config.vocab_size, (2, seq_len), generator=g)
     with torch.no_grad():

@@ -24,16 +24,9 @@ def setup_logging(rank: int = 0, level: str | None = None) -> None:
 # transformers 5 builds models on the meta device and ties weights through process-wide
 # state, so two threads inside from_pretrained at once can leave a tied weight (BERT's
 # cls.predictions.decoder) on the meta device: 8 of 10 loads in two threads did on the
-# dev machine. Every HF load in kdcl_dist (models and tokenizers) takes this lock; the
-# experiment runner evaluates models in threads.
-_HF_LOAD_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def hf_load_lock() -> Iterator[None]:
-    """Hold while calling an HF `from_pretrained` that may run beside another thread's."""
-    with _HF_LOAD_LOCK:
-        yield
+# dev machine. Every HF load in kdcl_dist (models through `kd.models.load_pretrained`, and
+# tokenizers) holds this lock; the experiment runner evaluates models in threads.
+HF_LOAD_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from kdcl_dist.errors import UserError
-from kdcl_dist.utils import hf_load_lock
+from kdcl_dist.utils import HF_LOAD_LOCK
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -57,7 +57,7 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     try:
-        with hf_load_lock():
+        with HF_LOAD_LOCK:
             tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     except (OSError, ValueError) as e:
         raise UserError(

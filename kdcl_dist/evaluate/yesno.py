@@ -139,19 +139,15 @@ def finetune_one(model_name: str, tok, enc: dict, labels: list[str], cfg: YesNoC
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
     from transformers.utils import logging as hf_logging
 
-    from kdcl_dist.kd.models import check_materialized
-    from kdcl_dist.utils import hf_load_lock
+    from kdcl_dist.kd.models import load_pretrained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     np.random.seed(seed)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
-        with hf_load_lock():
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_name, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={lab: i for i, lab in enumerate(labels)})
-        check_materialized(model, model_name)
+        model = load_pretrained(AutoModelForSequenceClassification, model_name, num_labels=len(labels),
+                                id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
     except (OSError, ValueError) as e:
         raise UserError(f"{model_name}: cannot load as a sequence classifier ({str(e).splitlines()[0]})") from e
     finally:

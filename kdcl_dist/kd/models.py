@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kdcl_dist.errors import UserError
-from kdcl_dist.utils import hf_load_lock
+from kdcl_dist.utils import HF_LOAD_LOCK
 
 
 def build_config(spec: dict, vocab_size: int, tok, max_positions: int = 512):
@@ -58,6 +58,14 @@ def check_materialized(model, source: str):
     return model
 
 
+def load_pretrained(auto_cls, name_or_path, **kwargs):
+    """`auto_cls.from_pretrained(name_or_path, **kwargs)` under the process-wide HF load lock
+    (`utils.HF_LOAD_LOCK`), refused by name when a tensor was left on the meta device."""
+    with HF_LOAD_LOCK:
+        model = auto_cls.from_pretrained(name_or_path, **kwargs)
+    return check_materialized(model, str(name_or_path))
+
+
 def load_mlm(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Load an HF masked-LM from a local directory or a hub name (thread-safe)."""
     from transformers import AutoModelForMaskedLM
@@ -69,14 +77,12 @@ def load_mlm(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_c
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        with hf_load_lock():
-            model = AutoModelForMaskedLM.from_pretrained(name_or_path, **kwargs)
+        return load_pretrained(AutoModelForMaskedLM, name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(
             f"{name_or_path}: cannot load a masked-LM model ({str(e).splitlines()[0]}); "
             "pass a local HF model directory or a reachable hub name"
         ) from e
-    return check_materialized(model, name_or_path)
 
 
 def model_fingerprint(model) -> str:
