@@ -57,14 +57,23 @@ ARMS: dict[str, dict] = {
                        "label": "KD-CL-SR (batch λ, paper formula)"},
     "kd-cl-sr-sample": {"order": "sequential", "reliance": "sr-sample", "teacher": True,
                         "label": "KD-CL-SR (per-sample λ)"},
+    # constant λ = the mean λ of kd-cl-sr-paper over the same steps: against kd-cl-sr-paper it
+    # isolates the effect of *selecting* (where the teacher is used) from the amount of teacher
+    "kd-cl-matched": {"order": "sequential", "reliance": "constant", "teacher": True,
+                      "lambda_from": "kd-cl-sr-paper", "label": "KD-CL, constant λ = SR (paper)'s mean λ"},
+    "kd-cl-sr-rank": {"order": "sequential", "reliance": "sr-rank", "teacher": True,
+                      "label": "KD-CL-SR variant: λ rises with curriculum rank"},
     "kd-reverse": {"order": "reverse", "reliance": "constant", "teacher": True,
                    "label": "KD, reverse curriculum (hard→easy)"},
     "kd-pacing-root": {"order": "pacing-root", "reliance": "constant", "teacher": True,
                        "label": "KD, root pacing (pool grows from the easiest 20%)"},
 }
 BASELINE_ARM = "kd"
-# (A, B): report A - B. Each arm against plain KD, and SR against CL alone.
-EXTRA_COMPARISONS = [("kd-cl-sr-paper", "kd-cl"), ("kd-cl-sr-sample", "kd-cl"), ("kd", "student-only")]
+ALPHA = 0.05  # family-wise, Holm over every comparison of a report
+# (A, B): report A - B. Each arm against plain KD, SR against CL alone, and SR against the
+# constant λ matched to its mean (selecting vs the amount of teacher).
+EXTRA_COMPARISONS = [("kd-cl-sr-paper", "kd-cl"), ("kd-cl-sr-sample", "kd-cl"), ("kd-cl-sr-rank", "kd-cl"),
+                     ("kd-cl-sr-paper", "kd-cl-matched"), ("kd", "student-only")]
 
 
 @dataclass
@@ -288,11 +297,12 @@ class Experiment:
         return max(1, self.n_train_samples() // self.cfg.global_batch)
 
     def train_args(self, cur: Path, student: Path, teacher: Path | None, out: Path, order: str, reliance: str,
-                   steps: int, seed: int) -> list[str]:
+                   steps: int, seed: int, lambda_: float | None = None) -> list[str]:
+        lam = self.cfg.lambda_ if lambda_ is None else lambda_
         a = ["train", "--preset", self.preset, "--curriculum", cur, "--student", student, "--out", out,
              "--order", order, "--reliance", reliance, "--steps", steps, "--seed", seed,
              "--global-batch", self.cfg.global_batch, "--micro-batch", self.cfg.micro_batch, "--lr", self.cfg.lr,
-             "--lambda", self.cfg.lambda_, "--save-every", 0, "--keep", 1, "--num-workers", 0]
+             "--lambda", repr(float(lam)), "--save-every", 0, "--keep", 1, "--num-workers", 0]
         if teacher is not None:
             a += ["--teacher", teacher]
         return a
@@ -341,7 +351,35 @@ class Experiment:
                                    train_out, prep / who, launcher)
         self.score_then_curriculum(("score/student", "curriculum"), prep / "student", p["scores"], p["cur"], launcher)
         return {"steps": steps, "teacher_steps": t_steps, "warmup_steps": w_steps, "split": split,
-                "teacher": prep / "teacher", "student": prep / "student"}
+                "teacher": prep / "teacher", "student": prep / "student",
+                "planned_lambda": self.planned_lambdas(steps)}
+
+    def planned_lambdas(self, steps: int) -> dict:
+        """Mean λ of every arm over its `steps`, from the curriculum alone (kd.reliance.lambda_trace).
+
+        Known before training for the sequential arms (their λ does not depend on the seed);
+        `kd-cl-matched` trains with the mean of its `lambda_from` arm.
+        """
+        from kdcl_dist.curriculum.order import OrderSpec
+        from kdcl_dist.kd.reliance import RelianceSpec, lambda_trace
+        from kdcl_dist.utils import read_json
+
+        cur = self.p["cur"]
+        scores = np.load(cur / "order_scores.npy")
+        stats = read_json(cur / "curriculum.json").get("score_stats") or {}
+        out = {}
+        for arm in {a for a in self.cfg.arms} | {ARMS[a]["lambda_from"] for a in self.cfg.arms
+                                                  if "lambda_from" in ARMS[a]}:
+            spec = ARMS[arm]
+            if spec["order"] != "sequential" or "lambda_from" in spec:
+                continue
+            tr = lambda_trace(RelianceSpec(spec["reliance"], lambda_=self.cfg.lambda_), scores, stats,
+                              OrderSpec("sequential"), self.cfg.global_batch, steps)
+            out[arm] = float(tr.mean())
+        for arm in self.cfg.arms:
+            if "lambda_from" in ARMS[arm]:
+                out[arm] = out[ARMS[arm]["lambda_from"]]
+        return out
 
     # -- evaluation helpers --------------------------------------------------------------
     def eval_mlm(self, name: str, model: Path, in_process: bool = False) -> Path:
@@ -379,9 +417,11 @@ class Experiment:
     def run_one(self, arm: str, seed: int, prep: dict) -> None:
         spec = ARMS[arm]
         run = self.p["runs"] / f"{arm}-s{seed}"
+        lam = prep["planned_lambda"][arm] if "lambda_from" in spec else None
         self.train_then_export((f"train/{arm}-s{seed}", f"export/{arm}-s{seed}"),
                                self.train_args(self.p["cur"], prep["student"], prep["teacher"] if spec["teacher"] else None,
-                                               run / "train", spec["order"], spec["reliance"], prep["steps"], seed),
+                                               run / "train", spec["order"], spec["reliance"], prep["steps"], seed,
+                                               lambda_=lam),
                                run / "train", run / "model", torchrun_cli(self.cfg.nproc))
         self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=True)
         self.eval_yesno(f"{arm}-s{seed}", run / "model")
@@ -436,22 +476,87 @@ def _load_arm_mlm(evals: Path, arm: str, seeds: int):
     return np.stack(sums), np.stack(counts), losses
 
 
+def _yesno_rows(path: Path):
+    """Per-question correctness of one trained model: (fine-tuning seeds x questions), plus the file."""
+    r = json.loads(Path(path).read_text())
+    gold = np.asarray(r["test_gold"])
+    return np.stack([(np.asarray(run["test_pred"]) == gold).astype(np.float64) for run in r["per_seed"]]), r
+
+
 def _load_arm_yesno(evals: Path, arm: str, seeds: int):
-    correct, accs, f1s = [], [], []
-    for path in _seed_outputs(evals, arm, seeds, "yesno.json"):
-        r = json.loads(path.read_text())
-        gold = np.asarray(r["test_gold"])
-        for run in r["per_seed"]:  # every fine-tuning seed of every training seed is one row
-            correct.append((np.asarray(run["test_pred"]) == gold).astype(np.float64))
+    """Yes/no of an arm with fine-tuning seeds nested in training seeds: one row per training seed
+    (its fine-tuning seeds averaged per question), so 3 x 3 runs are 3 units, not 9."""
+    from kdcl_dist.evaluate.stats import nest_seeds
+
+    rows, groups, accs, f1s, r = [], [], [], [], None
+    for t, path in enumerate(_seed_outputs(evals, arm, seeds, "yesno.json")):
+        correct, r = _yesno_rows(path)
+        rows.append(correct)
+        groups += [t] * len(correct)
         accs.append(r["accuracy"]["mean"])
         f1s.append(r["macro_f1"]["mean"])
-    if not correct:
+    if not rows:
         return None
-    return np.stack(correct), accs, f1s, r["majority_baseline"]
+    return nest_seeds(np.concatenate(rows), groups), accs, f1s, r["majority_baseline"]
+
+
+def _lambda_stats(metrics: list[dict]) -> dict:
+    """Mean λ of a run and λ at its start, middle and end (from metrics.jsonl); distinct samples."""
+    lam = [r.get("lambda") for r in metrics if r.get("lambda") is not None]
+    if not lam:
+        return {}
+    n = len(lam)
+    return {"mean": float(np.mean(lam)), "first": float(lam[0]), "middle": float(lam[n // 2]),
+            "last": float(lam[-1]), "distinct_samples": metrics[-1].get("distinct_samples")}
 
 
 def _fmt_p(p: float) -> str:
+    if not np.isfinite(p):
+        return "–"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _verdict(c: dict) -> str:
+    if not np.isfinite(c["p"]):
+        return "not testable (one seed)"
+    if c["significant"]:
+        # the MDE above a significant difference: a lucky draw of a small effect (it may be overestimated)
+        return "significant" + (", underpowered" if c.get("underpowered") else "")
+    return "not significant" + (", underpowered" if c.get("underpowered") else "")
+
+
+def _yesno_table(evals: Path, arms: list[str], yes: dict, cfg, res_json: dict) -> list[str]:
+    """Table 2: yes/no accuracy of the arms and the reference models against the majority baseline."""
+    from kdcl_dist.evaluate import stats
+
+    refs = {ref: _yesno_rows(evals / f"{ref}.yesno.json") for ref in ("reference-teacher", "reference-student")
+            if (evals / f"{ref}.yesno.json").exists()}
+    first = next(iter(_seed_outputs(evals, next(iter(yes)), cfg.seeds, "yesno.json")), None) if yes else None
+    any_r = json.loads(first.read_text()) if first else (next(iter(refs.values()))[1] if refs else None)
+    if any_r is None:
+        return []
+    maj = any_r["majority_baseline"]
+    # the majority class's own per-question correctness: the comparison is paired by question
+    maj_row = (np.asarray(any_r["test_gold"]) == str(maj["label"])).astype(np.float64)
+    L = ["", "## Table 2: yes/no test accuracy (fine-tuned, higher is better)", "",
+         f"Each trained model fine-tuned with {cfg.yesno_seeds} seeds, averaged within its training seed. "
+         f"vs majority: accuracy − {100 * maj['accuracy']:.1f}% (always '{maj['label']}') with a t test over "
+         "seeds and test questions; reference models have one trained model, so their unit is the fine-tuning seed.",
+         "", "| model | accuracy (mean ± std) | 95% CI | macro-F1 | vs majority (p) |", "|---|---|---|---|---|"]
+    res_json["yesno"] = {"majority_baseline": maj, "rows": {}}
+    rows = [(ARMS[a]["label"], yes[a][0], yes[a][1], yes[a][2]) for a in arms if a in yes]
+    for ref, (correct, r) in refs.items():
+        rows.append((f"*{ref.replace('reference-', '')} (starting point)*", correct,
+                     [x["test_accuracy"] for x in r["per_seed"]], [r["macro_f1"]["mean"]]))
+    for label, correct, accs, f1s in rows:
+        m, sd = stats.mean_std(accs)
+        c = stats.compare_to_constant(correct, value=maj_row)
+        lo, hi = c["ci"][0] + maj["accuracy"], c["ci"][1] + maj["accuracy"]
+        L.append(f"| {label} | {100 * m:.1f} ± {100 * sd:.1f} | {100 * lo:.1f}–{100 * hi:.1f} | "
+                 f"{100 * np.mean(f1s):.1f} | {100 * c['diff']:+.1f} pts ({_fmt_p(c['p'])}) |")
+        res_json["yesno"]["rows"][label] = {"accuracy": accs, "macro_f1": f1s, "vs_majority": c}
+    L.append(f"| *majority class ('{maj['label']}')* | {100 * maj['accuracy']:.1f} | | {100 * maj['macro_f1']:.1f} | |")
+    return L
 
 
 def _plots(out: Path, arms: list[str], seeds: int) -> list[Path]:
@@ -519,19 +624,23 @@ def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, co
     pairs = [(a, BASELINE_ARM) for a in arms if a != BASELINE_ARM and BASELINE_ARM in arms]
     pairs += [(a, b) for a, b in EXTRA_COMPARISONS if a in arms and b in arms and (a, b) not in pairs]
     comps = []
-    for i, (a, b) in enumerate(pairs):
-        ca = stats.compare_ratio(mlm[a][0], mlm[b][0], mlm[a][1], mlm[b][1], n_boot=cfg.n_boot, seed=100 + i)
-        ca["perm_p_seeds"] = stats.permutation_test(mlm[a][2], mlm[b][2])
-        comps.append({"a": a, "b": b, "metric": "heldout_mlm_loss", **ca})
+    for a, b in pairs:
+        c = stats.compare_seeds(mlm[a][0], mlm[b][0], mlm[a][1], mlm[b][1])
+        comps.append({"a": a, "b": b, "metric": "heldout_mlm_loss", **c})
     yes = {a: _load_arm_yesno(evals, a, cfg.seeds) for a in arms} if cfg.yesno else {}
     yes = {a: v for a, v in yes.items() if v is not None}
-    for i, (a, b) in enumerate(pairs):
+    for a, b in pairs:
         if a in yes and b in yes:
-            cy = stats.compare_ratio(yes[a][0], yes[b][0], n_boot=cfg.n_boot, seed=500 + i)
-            comps.append({"a": a, "b": b, "metric": "yesno_accuracy", **cy})
-    for c, adj in zip(comps, stats.holm([c["p"] for c in comps]) if comps else []):
+            comps.append({"a": a, "b": b, "metric": "yesno_accuracy", **stats.compare_seeds(yes[a][0], yes[b][0])})
+    testable = [c for c in comps if np.isfinite(c["p"])]
+    for c, adj in zip(testable, stats.holm([c["p"] for c in testable]) if testable else []):
         c["p_holm"] = adj
-        c["significant"] = adj < 0.05
+        c["significant"] = bool(adj < ALPHA)
+    for c in comps:
+        c.setdefault("p_holm", float("nan"))
+        c.setdefault("significant", False)
+    lam = {a: [_lambda_stats(read_metrics(out / "runs" / f"{a}-s{s}" / "train" / "metrics.jsonl"))
+               for s in range(cfg.seeds)] for a in arms}
 
     steps_log = out / "steps.jsonl"
     if steps_log.exists():  # an experiment resumed after a kill: report the span since its first step
@@ -551,65 +660,71 @@ def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, co
         L += ["", f"Command: `{command}`"]
     L += ["", "## Table 1: held-out masked-LM loss (lower is better)", "",
           "Loss = mean cross-entropy over all masked tokens of the held-out documents (fixed masks, "
-          f"{cfg.eval_masks} per document, identical for every model). 95% CI: two-level bootstrap "
-          "(seeds and held-out documents resampled).", "",
-          "| arm | seeds | loss (mean ± std over seeds) | 95% CI | perplexity | Δ vs KD | tokens trained |",
-          "|---|---|---|---|---|---|---|"]
+          f"{cfg.eval_masks} per document, identical for every model). 95% CI: t interval over the training "
+          "seeds with the held-out documents' sampling added (evaluate/stats.py `compare_to_constant`; "
+          "docs/evaluation.md, \"Statistics\"). λ: mean over the run's steps (first → middle → last step, "
+          "seed 0); distinct samples: different training samples the run saw (pacing draws with repeats).", "",
+          "| arm | seeds | loss (mean ± std over seeds) | 95% CI | perplexity | Δ vs KD | mean λ (first → mid → last) "
+          "| distinct samples | tokens trained |",
+          "|---|---|---|---|---|---|---|---|---|"]
     res_json = {"arms": {}, "references": refs, "comparisons": comps, "prep": {k: str(v) for k, v in prep.items()},
-                "config": dataclasses.asdict(cfg), "wall_s": wall_s}
+                "config": dataclasses.asdict(cfg), "wall_s": wall_s, "alpha": ALPHA}
     base_loss = float(mlm[BASELINE_ARM][0].sum() / mlm[BASELINE_ARM][1].sum()) if BASELINE_ARM in mlm else None
     for a in arms:
         sums, counts, losses = mlm[a]
         m, s = stats.mean_std(losses)
-        boot = stats.ratio_bootstrap(sums, counts, n_boot=cfg.n_boot)
-        pooled = boot["value"]
+        level = stats.compare_to_constant(sums, counts, value=0.0)
+        pooled = float(sums.sum() / counts.sum())
+        ci = level["ci"] if np.all(np.isfinite(level["ci"])) else [float("nan"), float("nan")]
         delta = "" if base_loss is None or a == BASELINE_ARM else f"{pooled - base_loss:+.4f}"
-        L.append(f"| {ARMS[a]['label']} | {len(losses)} | {m:.4f} ± {s:.4f} | {boot['ci'][0]:.4f}–{boot['ci'][1]:.4f} | "
-                 f"{np.exp(pooled):.2f} | {delta} | {np.mean(tokens[a]) / 1e6:.2f}M |")
-        res_json["arms"][a] = {"losses": losses, "mean": m, "std": s, "pooled": pooled, "ci": boot["ci"],
-                               "tokens": tokens[a]}
+        ls = [x for x in lam[a] if x]
+        lam_txt = (f"{np.mean([x['mean'] for x in ls]):.3f} ({ls[0]['first']:.2f} → {ls[0]['middle']:.2f} → "
+                   f"{ls[0]['last']:.2f})") if ls else ""
+        distinct = [x.get("distinct_samples") for x in ls if x.get("distinct_samples") is not None]
+        L.append(f"| {ARMS[a]['label']} | {len(losses)} | {m:.4f} ± {s:.4f} | {ci[0]:.4f}–{ci[1]:.4f} | "
+                 f"{np.exp(pooled):.2f} | {delta} | {lam_txt} | "
+                 f"{f'{np.mean(distinct):,.0f}' if distinct else ''} | {np.mean(tokens[a]) / 1e6:.2f}M |")
+        res_json["arms"][a] = {"losses": losses, "mean": m, "std": s, "pooled": pooled, "ci": ci,
+                               "tokens": tokens[a], "lambda": lam[a],
+                               "planned_lambda": (prep.get("planned_lambda") or {}).get(a)}
     for ref, r in refs.items():
-        L.append(f"| *{ref.replace('reference-', '')} (starting point)* | – | {r['loss']:.4f} | | {r['perplexity']:.2f} | | |")
-    if yes:
-        any_y = next(iter(yes.values()))
-        maj = any_y[3]
-        L += ["", "## Table 2: yes/no test accuracy (fine-tuned, higher is better)", "",
-              f"Each trained model fine-tuned with {cfg.yesno_seeds} seeds; CI: two-level bootstrap over "
-              "(training seed × fine-tuning seed) runs and test questions.", "",
-              "| arm | accuracy (mean ± std over training seeds) | 95% CI | macro-F1 |", "|---|---|---|---|"]
-        for a in arms:
-            if a not in yes:
-                continue
-            correct, accs, f1s, _ = yes[a]
-            m, s = stats.mean_std(accs)
-            ci = stats.ratio_bootstrap(correct, n_boot=cfg.n_boot)["ci"]
-            L.append(f"| {ARMS[a]['label']} | {100 * m:.1f} ± {100 * s:.1f} | {100 * ci[0]:.1f}–{100 * ci[1]:.1f} | "
-                     f"{100 * np.mean(f1s):.1f} |")
-        L.append(f"| *majority class ('{maj['label']}')* | {100 * maj['accuracy']:.1f} | | {100 * maj['macro_f1']:.1f} |")
+        L.append(f"| *{ref.replace('reference-', '')} (starting point)* | – | {r['loss']:.4f} | | {r['perplexity']:.2f} "
+                 "| | | | |")
+    if yes or cfg.yesno:
+        L += _yesno_table(evals, arms, yes, cfg, res_json)
     L += ["", "## Comparisons", "",
-          "Difference A − B; CI and p from a bootstrap that resamples test items with the same indices for "
-          "both arms (paired) and seeds independently per arm; Holm-corrected over all comparisons below. "
-          "`perm p (seeds)` is an exact permutation test on the per-seed values alone (with 3 seeds per arm "
-          "its smallest possible value is 0.1).", "",
-          "| metric | A | B | A − B | 95% CI | p | p (Holm) | perm p (seeds) |", "|---|---|---|---|---|---|---|---|"]
+          "Difference A − B. The unit is the training seed: a Welch t test on the per-seed values (fine-tuning "
+          "seeds averaged within their training seed), with the variance of the paired test items added; "
+          f"p Holm-corrected over all comparisons below (family-wise α = {ALPHA}). MDE: the smallest "
+          "difference this design detects with 80% power at α = 0.05, from the observed variances; "
+          "*underpowered*: the MDE is larger than the difference seen, so a null result here does not "
+          "mean there is no effect (docs/evaluation.md, \"Statistics\").", "",
+          "| metric | A | B | A − B | 95% CI | p | p (Holm) | MDE | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
         scale, unit = (100, " pts") if c["metric"] == "yesno_accuracy" else (1, "")
-        L.append(f"| {c['metric']} | {c['a']} | {c['b']} | {scale * c['diff']:+.4f}{unit} | "
-                 f"{scale * c['ci'][0]:+.4f} – {scale * c['ci'][1]:+.4f} | {_fmt_p(c['p'])} | {_fmt_p(c['p_holm'])} | "
-                 f"{_fmt_p(c['perm_p_seeds']) if 'perm_p_seeds' in c else ''} |")
+        d = 2 if unit else 4
+        L.append(f"| {c['metric']} | {c['a']} | {c['b']} | {scale * c['diff']:+.{d}f}{unit} | "
+                 f"{scale * c['ci'][0]:+.{d}f} – {scale * c['ci'][1]:+.{d}f} | {_fmt_p(c['p'])} | "
+                 f"{_fmt_p(c['p_holm'])} | {scale * c['mde']:.{d}f}{unit} | {_verdict(c)} |")
     L += ["", "## Which differences are significant", ""]
     sig = [c for c in comps if c["significant"]]
     if not comps:
         L.append("No comparisons (fewer than two arms finished).")
     elif not sig:
-        L.append("None of the differences above is significant at α = 0.05 after Holm correction.")
+        L.append(f"None of the differences above is significant at α = {ALPHA} after Holm correction.")
     for c in sig:
         better = (c["diff"] < 0) if c["metric"] == "heldout_mlm_loss" else (c["diff"] > 0)
         L.append(f"- {c['metric']}: **{c['a']}** is {'better' if better else 'worse'} than **{c['b']}** "
                  f"({c['diff']:+.4f}, Holm p = {_fmt_p(c['p_holm'])}).")
-    nonsig = [f"{c['a']} vs {c['b']} ({c['metric']})" for c in comps if not c["significant"]]
+    nonsig = [f"{c['a']} vs {c['b']} ({c['metric']}{', underpowered' if c.get('underpowered') else ''})"
+              for c in comps if not c["significant"]]
     if sig and nonsig:
         L.append(f"- Not significant: {', '.join(nonsig)}.")
+    if "kd-cl-matched" in arms and "kd-cl-sr-paper" in arms:
+        L += ["", f"`kd-cl-matched` trains with constant λ = {res_json['arms']['kd-cl-matched']['planned_lambda']:.3f}, "
+              "the mean λ of `kd-cl-sr-paper` over the same steps: `kd-cl-sr-paper` vs `kd-cl-matched` is the effect "
+              "of *selecting* which batches lean on the teacher at an equal amount of teacher; `kd-cl-sr-paper` vs "
+              "`kd-cl` mixes that with the amount of teacher (λ = 0.5)."]
     plots = _plots(out, arms, cfg.seeds)
     L += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     L += ["", "Per-run outputs: `runs/<arm>-s<seed>/train` (metrics.jsonl, tensorboard/), evaluations in `evals/`."]

@@ -6,10 +6,11 @@ t = start_step .. total_steps-1; the sampler gives each rank its micro-batches o
 from `order_scores.npy`: identical on every rank, no communication), and one all-reduce per
 step carries the logged sums and the SIGTERM stop flag, so all ranks stop at the same step.
 
-Steps and epochs: one epoch is `n // global_batch` steps (the last partial batch is left
-out of that epoch). `--epochs E` trains E epochs; `--steps N` trains N steps and wraps into
-further epochs as needed (epoch e uses the order for epoch e and mask draw e); giving both
-is an error when N exceeds what E epochs provide.
+Steps and epochs: one epoch is n samples of the order's stream (curriculum/order.py); when
+the global batch does not divide n, the batch at an epoch's end continues into the next
+epoch's order, so no sample is ever left out. `--epochs E` trains ceil(E·n / B) steps;
+`--steps N` trains N steps and wraps into further epochs as needed (epoch e uses the order for
+epoch e and mask draw e); giving both is an error when N exceeds what E epochs provide.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from kdcl_dist.kd.nonfinite import NonFiniteGuard
 log = logging.getLogger("kdcl_dist.train")
 
 ORDER_CHOICES = ("sequential", "reverse", "random", "pacing-linear", "pacing-root", "pacing-exp")
-RELIANCE_CHOICES = ("none", "constant", "sr-paper", "sr-minmax", "sr-sample")
+RELIANCE_CHOICES = ("none", "constant", "sr-paper", "sr-minmax", "sr-sample", "sr-rank")
 
 
 @dataclasses.dataclass
@@ -48,9 +49,11 @@ class TrainConfig:
     pacing_steps: int = option(0, help="pacing: step at which the pool is the whole data (0: one epoch)", min=0)
     reliance: str = option("constant", help="λ schedule", choices=RELIANCE_CHOICES)
     lambda_: float = option(0.5, help="λ for the constant schedule", min=0.0, max=1.0)
-    lambda_max: float = option(1.0, help="λ_max for sr-minmax / sr-sample", min=0.0, max=1.0)
+    lambda_max: float = option(1.0, help="λ_max for sr-minmax / sr-sample / sr-rank", min=0.0, max=1.0)
     q_low: float = option(0.05, help="sr-minmax/sr-sample: lower score quantile", min=0.0, max=1.0)
     q_high: float = option(0.95, help="sr-minmax/sr-sample: upper score quantile", min=0.0, max=1.0)
+    allow_sr_any_order: bool = option(False, help="allow --reliance sr-paper with a random or reverse order "
+                                      "(its λ is shifted to 0 on the first batch, which those orders make arbitrary)")
     temperature: float = option(2.0, help="KD temperature τ (loss scaled by τ²)", min=1e-6)
     kd_positions: str = option("masked", help="KL at masked positions or at all non-padding ones", choices=("masked", "all"))
     cosine_weight: float = option(0.0, help="weight of the hidden-state cosine term (needs equal hidden sizes)", min=0.0)
@@ -70,6 +73,8 @@ class TrainConfig:
     save_every: int = option(100, help="checkpoint every N steps (0: only at the end)", min=0)
     keep: int = option(3, help="complete checkpoints to keep", min=1)
     resume: str = option("auto", help="auto | none | PATH of a checkpoint")
+    extend_steps: bool = option(False, help="on resume: accept another total (--steps/--epochs) than the "
+                                "checkpoint's and extend the lr schedule from the resume step (docs/training.md)")
     seed: int = option(42, help="seed for order, masks, dropout")
     num_workers: int = option(2, help="DataLoader workers per rank", min=0)
     max_steps_per_run: int = option(0, help="stop (with a checkpoint) after this many steps in this run (0: off)", min=0)
@@ -88,6 +93,11 @@ class TrainConfig:
             self.teacher = None
         if self.q_low >= self.q_high:
             raise UserError(f"train.q_low: {self.q_low} must be below q_high {self.q_high}")
+        if self.reliance == "sr-paper" and self.order in ("random", "reverse") and not self.allow_sr_any_order:
+            raise UserError(
+                f"train.reliance: sr-paper with train.order {self.order} turns KD (almost) off: its λ is shifted "
+                "to 0 on the run's first batch, which is meant to be the easiest (sequential or pacing-* order); "
+                "use one of those orders, another --reliance, or pass --allow-sr-any-order to run it anyway")
 
 
 # --------------------------------------------------------------------------------------
@@ -119,17 +129,24 @@ def init_distributed() -> dist.DistInfo:
 
 
 def resolve_steps(n_samples: int, global_batch: int, steps: int, epochs: int) -> tuple[int, int]:
-    """(total_steps, steps_per_epoch) with the documented epochs semantics."""
+    """(total_steps, steps_per_epoch) with the documented epochs semantics.
+
+    E epochs are ceil(E·n / B) steps: every sample is trained E times (order.py, the stream);
+    steps_per_epoch is the whole steps of one epoch, n // B (pacing's default length).
+    """
+    from kdcl_dist.curriculum.order import steps_for_epochs
+
     spe = n_samples // global_batch
     if spe < 1:
         raise UserError(f"train.global_batch: {global_batch} exceeds the curriculum's {n_samples} samples; "
                         "use a smaller global batch")
-    if steps and epochs and steps > epochs * spe:
-        raise UserError(f"train.steps: {steps} steps exceed the {epochs} epoch(s) x {spe} steps per epoch; "
+    if steps and epochs and steps > steps_for_epochs(n_samples, global_batch, epochs):
+        raise UserError(f"train.steps: {steps} steps exceed the {epochs} epoch(s) of {n_samples} samples "
+                        f"({steps_for_epochs(n_samples, global_batch, epochs)} steps at global batch {global_batch}); "
                         "raise --epochs, lower --steps, or give only --steps (it wraps into further epochs)")
     if steps:
         return steps, spe
-    return max(1, epochs) * spe, spe
+    return steps_for_epochs(n_samples, global_batch, max(1, epochs)), spe
 
 
 def _tensor_sha(named) -> str:
@@ -163,6 +180,17 @@ def teacher_partition(engine) -> dict:
     local = sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
     return {"teacher_numel": full, "teacher_local_numel": local,
             "teacher_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+    return rows
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:
@@ -276,6 +304,19 @@ def train(cfg: TrainConfig) -> dict:
         marker = ckpt.read_marker(resume_dir)
         ckpt.check_compatible(marker, fingerprint=fingerprint, global_batch=cfg.global_batch,
                               order=order_info, path=resume_dir)
+    # every setting that shapes the run must be the checkpoint's (a changed total only with
+    # --extend-steps, which adds an lr segment); checkpoints from before run_settings keep their
+    # single optimizer group, and their settings cannot be checked
+    lr_segments = [[0, total_steps]]  # the lr schedule: [0, base total], then each extension point
+    old_total = None
+    if marker is not None and marker.get("run_settings"):
+        old_total = int(marker["run_settings"]["total_steps"])
+        lr_segments = check_run_settings(marker["run_settings"], cfg, total_steps, start_step=_marker_step(marker, cfg),
+                                         path=resume_dir)
+    elif marker is not None and rank == 0:
+        log.warning("%s: the checkpoint records no run settings (written by an older kdcl-dist): lr, schedule, "
+                    "steps, τ and λ settings could not be checked against this run", resume_dir)
+    param_groups = "split" if marker is None else marker.get("param_groups", "single")
     universal = resume_dir is not None and ckpt.needs_universal(marker, world)
 
     # 5. models and engine
@@ -295,10 +336,11 @@ def train(cfg: TrainConfig) -> dict:
         t_cfg = kde.prepare_teacher_config(path, micro_batch=cfg.micro_batch, world_size=world, on_gpu=on_gpu)
     opts = kde.EngineOptions(temperature=cfg.temperature, kd_positions=cfg.kd_positions,
                              cosine_weight=cfg.cosine_weight, teacher_hosting=cfg.teacher_hosting)
-    sched = kde.make_lr_scheduler(warmup_steps=cfg.warmup_steps, total_steps=total_steps,
-                                  schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio)
+    sched = kde.make_lr_scheduler(warmup_steps=cfg.warmup_steps, total_steps=lr_segments[0][1],
+                                  schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio, extensions=lr_segments[1:])
     engine = kde.KDEngine(student, teacher, ds_cfg, world_size=world, options=opts, teacher_ds_config=t_cfg,
-                          lr_scheduler=sched)
+                          lr_scheduler=sched, param_groups=param_groups)
+    engine.run_settings = run_settings(cfg, lr_segments)  # saved with every checkpoint (_save)
     if marker is not None and int(marker.get("zero_stage", engine.zero_stage)) != engine.zero_stage:
         raise UserError(f"{resume_dir}: checkpoint was saved with ZeRO stage {marker.get('zero_stage')}, --ds-config "
                         f"{cfg.ds_config} uses stage {engine.zero_stage}; resume with a config of the same stage")
@@ -316,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
     rspec = RelianceSpec(schedule=cfg.reliance, lambda_=cfg.lambda_, lambda_max=cfg.lambda_max,
                          q_low=cfg.q_low, q_high=cfg.q_high)
     first_scores = np.asarray(order_scores[np.asarray(sampler.global_positions(0))], dtype=np.float64)
-    reliance = Reliance(rspec, manifest.get("score_stats") or {}, first_scores)
+    reliance = Reliance(rspec, manifest.get("score_stats") or {}, first_scores, n_samples=n)
 
     # 7. resume
     start_step = 0
@@ -341,9 +383,15 @@ def train(cfg: TrainConfig) -> dict:
             with open(out / "resume_log.jsonl", "a") as f:
                 f.write(json.dumps({"step": start_step, "checkpoint": str(resume_dir), "universal": universal,
                                     "world_size": world, "saved_world_size": marker.get("world_size"),
+                                    "total_steps": total_steps, "saved_total_steps": old_total,
                                     "student_sha": loaded}) + "\n")
         log.info("resumed from %s at step %d (%d samples consumed%s)", resume_dir, start_step,
                  sampler.consumed_samples, "" if own else "; new ranks reseeded")
+        if old_total is not None and old_total != total_steps:
+            log.info("--extend-steps: total %d -> %d steps from step %d; lr %.6g at the resume step, then %s "
+                     "decay to %.6g at step %d", old_total, total_steps, start_step,
+                     cfg.lr * _lr_at(cfg, lr_segments, start_step), cfg.lr_schedule,
+                     cfg.lr * _lr_at(cfg, lr_segments, total_steps), total_steps)
     dist.barrier()
     if rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):
@@ -366,6 +414,11 @@ def train(cfg: TrainConfig) -> dict:
         generator=torch.Generator().manual_seed(cfg.seed),  # never draw from the global RNG (dropout)
     )
 
+    # distinct samples trained so far (pacing draws with repeats; the stream orders see each once per epoch)
+    from kdcl_dist.curriculum.order import distinct_positions_seen
+
+    seen = distinct_positions_seen(spec, n, cfg.global_batch, start_step)
+    n_seen = int(seen.sum())
     monitor = Monitor(str(out), rank, total_steps, start_step=start_step)
     stop = _StopFlag().install()
     samples_f = open(out / "samples.jsonl", "a") if rank == 0 else None
@@ -379,7 +432,9 @@ def train(cfg: TrainConfig) -> dict:
             micro = [next(it) for _ in range(engine.grad_accum)]
             positions = np.asarray(sampler.global_positions(step))
             scores = np.asarray(order_scores[positions], dtype=np.float64)
-            lam = reliance.batch_lambda(scores)
+            n_seen += int(np.count_nonzero(~seen[positions]))
+            seen[positions] = True
+            lam = reliance.batch_lambda(scores, positions)
             if np.ndim(lam):
                 lam_map = dict(zip(positions.tolist(), np.asarray(lam, dtype=np.float64).tolist()))
 
@@ -403,13 +458,14 @@ def train(cfg: TrainConfig) -> dict:
                 "loss": float(sync[0]), "loss_mlm": float(sync[1]), "loss_kd": float(sync[2]),
                 "lambda": float(np.mean(lam)),
                 "score_mean": float(scores.mean()), "score_min": float(scores.min()), "score_max": float(scores.max()),
-                "curriculum_progress": done * cfg.global_batch / n, "epoch": step // spe,
+                "curriculum_progress": done * cfg.global_batch / n, "epoch": sampler.epoch(step),
                 "pool_fraction": float(pool_fraction(spec, step, spe)),
                 "agreement": float(sync[3]) / res["n_masked"] if teacher is not None else float("nan"),
                 "lr": lr, "grad_norm": engine.grad_norm(),
                 "samples_per_s": cfg.global_batch / dt, "tokens_per_s": float(sync[6]) / dt,
                 "step_time": dt, "memory_mb": engine.memory_bytes() / 2**20,
                 "masked_tokens": res["n_masked"], "consumed_samples": done * cfg.global_batch,
+                "distinct_samples": n_seen,
                 "nonfinite_steps": guard.total,
             }
             if cfg.cosine_weight > 0:
@@ -442,7 +498,10 @@ def train(cfg: TrainConfig) -> dict:
                "teacher_sha_start": t_sha_start, "teacher_sha_end": t_sha_end,
                "zero_stage": engine.zero_stage, "precision": engine.precision, **teacher_partition(engine),
                **guard.summary()}
+    summary["distinct_samples"] = n_seen
     if rank == 0:
+        lams = [r["lambda"] for r in _read_jsonl(out / "metrics.jsonl") if r.get("lambda") is not None]
+        summary["lambda_mean"] = float(np.mean(lams)) if lams else None  # over every step, resumed ones too
         write_json_atomic(out / "train_summary.json", summary)
     dist.barrier()
     return summary
@@ -484,7 +543,107 @@ def _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, r
     marker = {"consumed_samples": done * cfg.global_batch, "curriculum_fingerprint": fingerprint,
               "global_batch": cfg.global_batch, "world_size": world, "zero_stage": engine.zero_stage,
               "order": order_info}
+    # what a resume checks before building anything (check_run_settings) and the optimizer's layout
+    recorded = {"param_groups": engine.param_groups_layout}
+    if engine.run_settings:
+        recorded["run_settings"] = engine.run_settings
+    client.update(recorded)
+    marker.update(recorded)
     ckpt.save(engine, out, done, client, cfg.keep, rank, marker)
+
+
+# --------------------------------------------------------------------------------------
+# run settings: what a resume must not change silently
+# --------------------------------------------------------------------------------------
+
+# TrainConfig fields that shape what is trained (total_steps and the lr segments are added);
+# micro batch, world size, workers, checkpointing and precision may change on resume
+RUN_SETTING_KEYS = ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+                    "temperature", "kd_positions", "cosine_weight", "reliance", "lambda_", "lambda_max",
+                    "q_low", "q_high", "order", "pacing_f0", "pacing_steps", "seed", "global_batch")
+
+
+def run_settings(cfg: TrainConfig, lr_segments) -> dict:
+    """The settings recorded with every checkpoint ("run_settings" in client state and marker).
+
+    lr_segments: [[0, T_0], [s_1, T_1], ...]: the base total and each `--extend-steps` point
+    (resume step, new total); the lr of step k is `kd.engine.lr_factor` of them.
+    """
+    rs = {k: getattr(cfg, k) for k in RUN_SETTING_KEYS}
+    rs["total_steps"] = int(lr_segments[-1][1])
+    rs["lr_segments"] = [[int(a), int(b)] for a, b in lr_segments]
+    return rs
+
+
+def _setting_matters(key: str, saved: dict) -> bool:
+    """False for a setting the saved run does not use (λ of another schedule, pacing of a stream order)."""
+    rel, order = saved.get("reliance"), str(saved.get("order", ""))
+    if key == "lambda_":
+        return rel == "constant"
+    if key == "lambda_max":
+        return rel not in ("none", "constant", "sr-paper")
+    if key in ("q_low", "q_high"):
+        return rel in ("sr-minmax", "sr-sample")
+    if key in ("temperature", "kd_positions"):
+        return rel != "none"
+    if key in ("pacing_f0", "pacing_steps"):
+        return order.startswith("pacing")
+    if key == "min_lr_ratio":
+        return saved.get("lr_schedule") != "constant"
+    return True
+
+
+def _flag_for(key: str, value) -> str:
+    """How to set `key` to `value` on the command line: its flag, else a KEY=VALUE override."""
+    from kdcl_dist.commands.train import FLAGS
+
+    flags = {field: flag for flag, field in FLAGS.items()}
+    if key in flags:
+        return f"--{flags[key].replace('_', '-')} {value}"
+    return f"{key}={value}"
+
+
+def check_run_settings(saved: dict, cfg: TrainConfig, total_steps: int, *, start_step: int, path) -> list:
+    """Refuse a resume that would silently change the run; the lr segments of the resumed run.
+
+    One-line UserError naming the first changed setting and how to keep it. Another total is
+    accepted only with cfg.extend_steps (and not below the checkpoint's step): it appends the
+    extension point [start_step, total_steps] to the saved lr segments.
+    """
+    for key in RUN_SETTING_KEYS:
+        if key not in saved or not _setting_matters(key, saved):
+            continue
+        now, was = getattr(cfg, key), saved[key]
+        if now != was:
+            raise UserError(f"{path}: train.{key} is {now} but the checkpoint was trained with {was}; resuming would "
+                            f"silently change the run: pass {_flag_for(key, was)}, or start a new --out (--resume none)")
+    segments = [[int(a), int(b)] for a, b in saved.get("lr_segments") or [[0, saved["total_steps"]]]]
+    old_total = int(saved["total_steps"])
+    if total_steps == old_total:
+        return segments
+    if not cfg.extend_steps:
+        raise UserError(f"{path}: train.total_steps is {total_steps} but the checkpoint was trained with {old_total}; "
+                        f"resuming would silently change the run (its lr schedule): pass --steps {old_total}, or "
+                        f"--extend-steps to continue to {total_steps} steps with an extended lr schedule, or start "
+                        "a new --out (--resume none)")
+    if total_steps < start_step:
+        raise UserError(f"{path}: train.total_steps is {total_steps}, below the checkpoint's step {start_step}; "
+                        f"--extend-steps needs a total of at least {start_step} steps (--steps)")
+    return segments + [[int(start_step), int(total_steps)]]
+
+
+def _marker_step(marker: dict, cfg: TrainConfig) -> int:
+    if "step" in marker:
+        return int(marker["step"])
+    return int(marker.get("consumed_samples", 0)) // cfg.global_batch
+
+
+def _lr_at(cfg: TrainConfig, lr_segments, step: int) -> float:
+    """The factor of the peak lr at optimizer step `step` under these lr segments."""
+    from kdcl_dist.kd.engine import lr_factor
+
+    return lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=lr_segments[0][1], schedule=cfg.lr_schedule,
+                     min_ratio=cfg.min_lr_ratio, extensions=lr_segments[1:])
 
 
 class _ListSampler:

@@ -95,7 +95,7 @@ def test_rng_state_roundtrip():
 # ---- real processes ---------------------------------------------------------------------
 
 FLAGS = ["--teacher", None, "--ds-config", "ds_configs/zero2.json", "--global-batch", 16, "--micro-batch", 4,
-         "--lr", 3e-3, "--reliance", "sr-paper"]
+         "--lr", 3e-3, "--reliance", "sr-paper", "--allow-sr-any-order"]
 
 
 def _flags(assets, *extra):

@@ -141,7 +141,7 @@ def test_curriculum_sorted_counts_and_id_multiset(tiny_assets, tmp_path):
     scores = tmp_path / "scores"
     expect = fake_scores(tiny_assets["shards"], scores)
     man = build_curriculum(tiny_assets["shards"], scores, tmp_path / "cur",
-                           CurriculumConfig(shard_size=37, progress=False))
+                           CurriculumConfig(exclude_heldout_percent=0, shard_size=37, progress=False))
     assert len(man["shards"]) == (tiny_assets["n_docs"] + 36) // 37
     check_curriculum(tmp_path / "cur", tiny_assets["shards"], expect)
     assert (tmp_path / "cur" / "curriculum.png").stat().st_size > 1000
@@ -157,13 +157,13 @@ def test_nonfinite_last_and_exclude(tiny_assets, tmp_path):
     scores = tmp_path / "scores"
     expect = fake_scores(tiny_assets["shards"], scores, nan_ids=set(first))
     man = build_curriculum(tiny_assets["shards"], scores, tmp_path / "last",
-                           CurriculumConfig(shard_size=64, progress=False, plots=False))
+                           CurriculumConfig(exclude_heldout_percent=0, shard_size=64, progress=False, plots=False))
     assert man["nonfinite"] == {"count": 3, "policy": "last"}
     cur = ShardSet(tmp_path / "last")
     assert [cur.get(len(cur) - 3 + k).meta["id"] for k in range(3)] == sorted(first)
     check_curriculum(tmp_path / "last", tiny_assets["shards"], expect)
     man = build_curriculum(tiny_assets["shards"], scores, tmp_path / "exc",
-                           CurriculumConfig(shard_size=64, progress=False, plots=False, nonfinite="exclude"))
+                           CurriculumConfig(exclude_heldout_percent=0, shard_size=64, progress=False, plots=False, nonfinite="exclude"))
     assert man["excluded"] == {"nonfinite_score": 3}
     check_curriculum(tmp_path / "exc", tiny_assets["shards"], expect, excluded=set(first))
 
@@ -202,7 +202,7 @@ def test_heldout_documents_left_out_of_the_curriculum(tiny_assets, tmp_path, sor
     assert {i for i, _ in evaluated} == held
     assert not held & {s.meta["id"] for s in ShardSet(tmp_path / "cur")}
     every = build_curriculum(tiny_assets["shards"], scores, tmp_path / "all",
-                             CurriculumConfig(shard_size=64, progress=False, plots=False, nonfinite="exclude"))
+                             CurriculumConfig(exclude_heldout_percent=0, shard_size=64, progress=False, plots=False, nonfinite="exclude"))
     assert every["excluded"] == {"nonfinite_score": 2} and every["fingerprint"] != man["fingerprint"]
 
 
@@ -218,7 +218,7 @@ def test_external_sort_in_the_stage_gives_identical_output(tiny_assets, tmp_path
     expect = fake_scores(tiny_assets["shards"], scores, nan_ids=nan_ids, seed=3)
     mans = {}
     for name, limit in (("mem", 10**9), ("ext", 10)):
-        cfg = CurriculumConfig(shard_size=64, progress=False, plots=False, nonfinite=policy, in_memory_max=limit,
+        cfg = CurriculumConfig(exclude_heldout_percent=0, shard_size=64, progress=False, plots=False, nonfinite=policy, in_memory_max=limit,
                                merge_chunk=7)   # small chunks: the merge pages runs in and out
         mans[name] = build_curriculum(tiny_assets["shards"], scores, tmp_path / name, cfg)
     assert mans["mem"]["build"]["sort"] == "in_memory" and mans["ext"]["build"]["sort"] == "external"
@@ -248,7 +248,7 @@ def test_external_sort_refuses_duplicate_ids(tiny_assets, tmp_path):
     write_score_file(f3, ids, b["score"], b["masked"], b["tokens"], b["info"])
     with pytest.raises(UserError, match="appears more than once"):
         build_curriculum(tiny_assets["shards"], scores, tmp_path / "cur",
-                         CurriculumConfig(progress=False, plots=False, in_memory_max=0))
+                         CurriculumConfig(exclude_heldout_percent=0, progress=False, plots=False, in_memory_max=0))
 
 
 def test_scores_of_another_dataset_refused(tiny_assets, tmp_path):
@@ -266,7 +266,7 @@ def test_rerun_keeps_finished_shards(tiny_assets, tmp_path):
 
     scores = tmp_path / "scores"
     expect = fake_scores(tiny_assets["shards"], scores)
-    cfg = CurriculumConfig(shard_size=50, progress=False, plots=False)
+    cfg = CurriculumConfig(exclude_heldout_percent=0, shard_size=50, progress=False, plots=False)
     build_curriculum(tiny_assets["shards"], scores, tmp_path / "cur", cfg)
     t = (tmp_path / "cur" / "shard-000002.tar").stat().st_mtime_ns
     (tmp_path / "cur" / "shard-000005.tar").unlink()   # as if killed before finishing it
@@ -276,7 +276,7 @@ def test_rerun_keeps_finished_shards(tiny_assets, tmp_path):
     check_curriculum(tmp_path / "cur", tiny_assets["shards"], expect)
     # a smaller shard size rewrites everything and leaves no stale shard behind
     build_curriculum(tiny_assets["shards"], scores, tmp_path / "cur",
-                     CurriculumConfig(shard_size=300, progress=False, plots=False))
+                     CurriculumConfig(exclude_heldout_percent=0, shard_size=300, progress=False, plots=False))
     assert not (tmp_path / "cur" / "shard-000002.tar").exists()
     check_curriculum(tmp_path / "cur", tiny_assets["shards"], expect)
 
@@ -288,10 +288,10 @@ def test_two_ranks_write_identical_curriculum(tiny_assets, tmp_path):
     scores = tmp_path / "scores"
     expect = fake_scores(tiny_assets["shards"], scores, seed=3)
     one = build_curriculum(tiny_assets["shards"], scores, tmp_path / "w1",
-                           CurriculumConfig(shard_size=45, progress=False, plots=False))
+                           CurriculumConfig(exclude_heldout_percent=0, shard_size=45, progress=False, plots=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
            "-m", "kdcl_dist", "curriculum", "--shards", str(tiny_assets["shards"]), "--scores", str(scores),
-           "--out", str(tmp_path / "w2"), "--shard-size", "45", "--no-progress"]
+           "--out", str(tmp_path / "w2"), "--shard-size", "45", "--no-progress", "--exclude-heldout-percent", "0"]
     import os
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -335,7 +335,8 @@ def test_real_corpus_score_and_curriculum_two_ranks(data_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     p = subprocess.run(base + ["--master_port", str(_port()), "-m", "kdcl_dist", "curriculum", "--shards",
                                str(tmp_path / "shards"), "--scores", str(tmp_path / "scores"), "--out",
-                               str(tmp_path / "cur"), "--shard-size", "2000", "--no-progress"],
+                               str(tmp_path / "cur"), "--shard-size", "2000", "--no-progress",
+                               "--exclude-heldout-percent", "0"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-4000:]
     from kdcl_dist.curriculum.scoring import load_scores
@@ -376,3 +377,27 @@ def test_fast_writer_is_byte_identical_to_write_shard(tmp_path):
     long = [Sample("k" * 120, np.arange(5), {"id": "k", "n_tokens": 5})]
     assert fast_write_shard(tmp_path / "d.tar", long, np.uint16)["sha256"] == \
         write_shard(tmp_path / "e.tar", long, np.uint16)["sha256"]
+
+
+def test_default_excludes_eval_heldout_and_plots_lambda_per_schedule(tiny_assets, tmp_path):
+    """By default the curriculum leaves out `eval mlm`'s held-out split (5%), and it writes λ over
+    one epoch for every reliance schedule before any training (lambda_schedules.json/png)."""
+    from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
+    from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.evaluate.mlm import DEFAULT_HELDOUT_PERCENT, is_heldout
+
+    scores = tmp_path / "scores"
+    fake_scores(tiny_assets["shards"], scores, seed=5)
+    man = build_curriculum(tiny_assets["shards"], scores, tmp_path / "cur", CurriculumConfig(progress=False))
+    assert man["heldout"]["excluded_percent"] == DEFAULT_HELDOUT_PERCENT == 5
+    ids = [s.meta["id"] for s in ShardSet(tmp_path / "cur")]
+    assert man["excluded"]["heldout"] > 0 and not any(is_heldout(i, 5) for i in ids)
+    lam = json.loads((tmp_path / "cur" / "lambda_schedules.json").read_text())
+    assert (tmp_path / "cur" / "lambda_schedules.png").exists() and "lambda_schedules.png" in man["plots"]
+    sch = lam["schedules"]
+    assert set(sch) >= {"constant", "sr-paper", "sr-minmax", "sr-sample", "sr-rank"}
+    assert sch["constant"]["mean"] == pytest.approx(0.5)
+    assert sch["sr-paper"]["at_fraction_of_epoch"]["0.00"] == pytest.approx(0.0)  # shifted: first batch λ = 0
+    rank = sch["sr-rank"]["at_fraction_of_epoch"]  # the variant rises over the epoch
+    assert rank["0.00"] < 0.05 and rank["1.00"] > 0.85 and rank["0.25"] < rank["0.50"] < rank["0.75"]
+    assert sch["sr-rank"]["mean"] == pytest.approx(0.5, abs=0.05)

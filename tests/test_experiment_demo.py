@@ -152,3 +152,41 @@ def test_demo_on_synthetic_corpus_and_rerun(tmp_path):
     assert after["masked_tokens"] == before["masked_tokens"] and after["loss"] != before["loss"]
     p2 = run_cli(*args, env=env, timeout=600)
     assert "[run ]" not in p2.stdout and "[skip]" in p2.stdout
+
+
+def _fake_yesno(path, gold, acc, ft_seeds, rng):
+    """A yes/no result file as `eval yesno` writes it: `ft_seeds` fine-tuning runs of one model."""
+    runs = []
+    for _ in range(ft_seeds):
+        right = rng.random(len(gold)) < acc
+        pred = [g if ok else ("no" if g == "yes" else "yes") for g, ok in zip(gold, right)]
+        runs.append({"test_pred": pred, "test_accuracy": float(np.mean(right))})
+    accs = [r["test_accuracy"] for r in runs]
+    maj = float(np.mean([g == "yes" for g in gold]))
+    path.write_text(json.dumps({
+        "per_seed": runs, "test_gold": list(gold), "accuracy": {"mean": float(np.mean(accs))},
+        "macro_f1": {"mean": 0.5}, "majority_baseline": {"label": "yes", "accuracy": maj, "macro_f1": 0.4}}))
+
+
+def test_report_yesno_nests_finetuning_seeds_and_compares_with_majority(tmp_path):
+    """3 training seeds x 3 fine-tuning seeds are 3 units (not 9); the teacher is compared with the
+    majority baseline question by question; verdicts carry the MDE."""
+    from kdcl_dist.experiment import ExperimentConfig, write_report
+
+    cfg = ExperimentConfig(seeds=3, arms=["kd", "kd-cl"], yesno=True, yesno_seeds=3)
+    rng = np.random.default_rng(0)
+    gold = ["yes"] * 110 + ["no"] * 56
+    for s in range(3):
+        for arm in ("kd", "kd-cl"):
+            _fake_run(tmp_path, arm, s, 6.0, rng=np.random.default_rng(10 * s + len(arm)))
+            _fake_yesno(tmp_path / "evals" / f"{arm}-s{s}.yesno.json", gold, 0.72, 3, rng)
+    _fake_yesno(tmp_path / "evals" / "reference-teacher.yesno.json", gold, 0.9, 3, rng)
+    path = write_report(tmp_path, cfg, {"steps": 10, "split": {}}, 1.0)
+    text = path.read_text()
+    res = json.loads((tmp_path / "report.json").read_text())
+    yes = [c for c in res["comparisons"] if c["metric"] == "yesno_accuracy"]
+    assert len(yes) == 1 and yes[0]["seeds_a"] == 3 and yes[0]["seeds_b"] == 3  # nested: 3, not 9
+    assert np.isfinite(yes[0]["mde"]) and "MDE" in text
+    teacher = res["yesno"]["rows"]["*teacher (starting point)*"]["vs_majority"]
+    assert teacher["diff"] > 0.15 and teacher["p"] < 0.05
+    assert "## Table 2" in text and "majority class ('yes')" in text

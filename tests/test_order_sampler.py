@@ -15,6 +15,7 @@ from kdcl_dist.curriculum.order import (
     global_batch_positions,
     pool_fraction,
     pool_size,
+    steps_for_epochs,
 )
 from kdcl_dist.curriculum.sampler import CurriculumDataset, CurriculumSampler, collate
 from kdcl_dist.errors import UserError
@@ -25,16 +26,54 @@ def test_sequential_four_ranks_contiguous_and_epochs():
     spec = OrderSpec("sequential")
     samplers = [CurriculumSampler(n, B, m, W, r, spec) for r in range(W)]
     assert samplers[0].grad_accum == 2 and samplers[0].steps_per_epoch == 6
-    for step in range(2 * 6):
+    for step in range(2 * 7):
         parts = [np.concatenate(s.rank_micro_batches(step)) for s in samplers]
         glob = np.concatenate(parts)
-        t = step % 6
-        np.testing.assert_array_equal(glob, np.arange(t * B, (t + 1) * B))
+        # the stream: epochs laid end to end, batch t = stream items [tB, (t+1)B)
+        np.testing.assert_array_equal(glob, np.arange(step * B, (step + 1) * B) % n)
         np.testing.assert_array_equal(glob, samplers[0].global_positions(step))
         assert all(len(mb) == m for s in samplers for mb in s.rank_micro_batches(step))
         # rank r holds the r-th contiguous quarter
-        np.testing.assert_array_equal(parts[1], np.arange(t * B + 4, t * B + 8))
-    assert epoch_of(spec, n, B, 6) == 1 and epoch_of(spec, n, B, 5) == 0
+        np.testing.assert_array_equal(parts[1], np.arange(step * B + 4, step * B + 8) % n)
+    # 103 = 6 x 16 + 7: batch 6 ends epoch 0 (its hardest 7) and starts epoch 1 (its easiest 9)
+    keys = np.concatenate([k for s in samplers for k in s.rank_micro_batch_keys(6)])
+    np.testing.assert_array_equal(keys, np.r_[96:103, n + np.arange(9)])
+    assert epoch_of(spec, n, B, 6) == 0 and epoch_of(spec, n, B, 7) == 1 and epoch_of(spec, n, B, 13) == 2
+
+
+@pytest.mark.parametrize("mode", ["sequential", "reverse", "random"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_every_sample_trained_once_per_epoch(mode, world):
+    """No sample is left out: over the stream, epoch e's items are each position exactly once."""
+    n, B = 101, 8
+    spec = OrderSpec(mode, seed=5)
+    samplers = [CurriculumSampler(n, B, B // world // 2 if world < 4 else 2, world, r, spec) for r in range(world)]
+    epochs = 3
+    steps = steps_for_epochs(n, B, epochs)
+    seen = {}
+    for step in range(steps):
+        for s in samplers:
+            for mb in s.rank_micro_batch_keys(step):
+                for key in mb.tolist():
+                    e, pos = divmod(key, n)
+                    seen.setdefault(e, []).append(pos)
+    for e in range(epochs):
+        assert sorted(seen[e]) == list(range(n)), f"epoch {e}"
+    # the steps of E epochs reach just into epoch E: ceil(3 * 101 / 8) * 8 - 303 = 1 item
+    assert len(seen.get(epochs, [])) == steps * B - epochs * n
+
+
+def test_pacing_distinct_samples_rule():
+    """Pacing draws every batch from the pool (with repeats across steps): the documented rule is
+    that only the distinct count is reported, and it equals the union of the drawn positions."""
+    from kdcl_dist.curriculum.order import distinct_positions_seen
+
+    n, B = 500, 16
+    spec = OrderSpec("pacing-root", seed=3, pacing_f0=0.2)
+    steps = n // B
+    drawn = np.concatenate([global_batch_positions(spec, n, B, t) for t in range(steps)])
+    seen = distinct_positions_seen(spec, n, B, steps)
+    assert seen.sum() == len(set(drawn.tolist())) < n  # some samples are never drawn in epoch 0
 
 
 def test_reverse_and_random():

@@ -21,7 +21,7 @@ STATS = {"min": float(SCORES.min()), "max": float(SCORES.max()), "mean": float(S
 def test_none_and_constant():
     assert Reliance(RelianceSpec("none"), STATS).batch_lambda(SCORES[:8]) == 0.0
     assert Reliance(RelianceSpec("constant", lambda_=0.3), STATS).batch_lambda(SCORES[-8:]) == 0.3
-    assert set(SCHEDULES) == {"none", "constant", "sr-paper", "sr-minmax", "sr-sample"}
+    assert set(SCHEDULES) == {"none", "constant", "sr-paper", "sr-minmax", "sr-sample", "sr-rank"}
 
 
 def test_sr_paper_formula():
@@ -168,3 +168,32 @@ def test_kd_all_positions_and_cosine_and_agreement():
     a = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
     b = torch.tensor([[2.0, 0, 0], [1, 0, 0], [0, 0, 3], [0, 5, 0]])
     assert losses.top1_agreement(a, b) == 0.5
+
+
+def test_sr_rank_rises_with_the_curriculum_rank_and_trace_matches_batches():
+    """sr-rank (a labelled variant): λ = λ_max · mean rank of the batch, so under the sequential
+    order it rises linearly over the epoch; lambda_trace gives exactly the per-batch values."""
+    from kdcl_dist.curriculum.order import OrderSpec, global_batch_positions
+    from kdcl_dist.kd.reliance import Reliance, RelianceSpec, lambda_trace
+
+    n, B = 1001, 10
+    scores = np.sort(np.random.default_rng(0).gamma(2.0, 1.0, n))
+    stats = {"min": float(scores.min()), "max": float(scores.max()),
+             "quantiles": {f"{q:.2f}": float(np.quantile(scores, q)) for q in np.linspace(0, 1, 21)}}
+    rel = Reliance(RelianceSpec("sr-rank", lambda_max=0.8), stats, scores[:B], n_samples=n)
+    assert rel.batch_lambda(scores[:B], np.arange(B)) == pytest.approx(0.8 * 4.5 / 1000)
+    assert rel.batch_lambda(scores[-B:], np.arange(n - B, n)) == pytest.approx(0.8 * (n - 5.5) / 1000)
+    tr = lambda_trace(RelianceSpec("sr-rank", lambda_max=0.8), scores, stats, OrderSpec("sequential"), B, n // B)
+    assert np.all(np.diff(tr) > 0) and tr.mean() == pytest.approx(0.4, abs=0.01)
+    # the trace is what the training loop computes, batch by batch, for every schedule
+    for sch in ("sr-paper", "sr-minmax", "sr-sample", "sr-rank", "constant"):
+        spec = RelianceSpec(sch)
+        for order in (OrderSpec("sequential"), OrderSpec("random", seed=3), OrderSpec("pacing-root", seed=1)):
+            tr = lambda_trace(spec, scores, stats, order, B, 30)
+            first = scores[global_batch_positions(order, n, B, 0)]
+            r = Reliance(spec, stats, first, n_samples=n)
+            want = [np.mean(r.batch_lambda(scores[p], p))
+                    for p in (global_batch_positions(order, n, B, t) for t in range(30))]
+            np.testing.assert_allclose(tr, want)
+    with pytest.raises(ValueError, match="positions"):
+        rel.batch_lambda(scores[:B])

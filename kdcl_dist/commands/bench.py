@@ -12,6 +12,7 @@ BENCHES = {
     "sort": ("kdcl_dist.bench.sort", "global sort + curriculum re-shard of 1.8M synthetic scores"),
     "train": ("kdcl_dist.bench.train", "KD step vs student-only step vs FLOP prediction; masked-only LM head"),
     "all": ("kdcl_dist.bench.all", "every benchmark above with its default (CPU-sized) settings"),
+    "stats": ("kdcl_dist.bench.stats", "false-positive rate and power of the arm comparisons (simulation)"),
 }
 
 

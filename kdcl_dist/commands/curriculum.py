@@ -1,7 +1,7 @@
 """Global sort of the scores and curriculum shards in easy -> hard order.
 
   kdcl-dist curriculum --shards runs/shards --scores runs/scores --out runs/curriculum
-  kdcl-dist curriculum ... --exclude-heldout-percent 5   (leave out what `eval mlm` holds out)
+  kdcl-dist curriculum ... --exclude-heldout-percent 0   (keep the documents `eval mlm` holds out; default 5)
   torchrun --nproc-per-node 2 -m kdcl_dist curriculum ...   (ranks split the output shards)
 
 Writes curriculum.json, order_scores.npy, shard-NNNNNN.tar (+ .idx.json) with each
@@ -29,7 +29,8 @@ def add_arguments(p):
                         "external merge sort with bounded memory gives the same order (0: always external)")
     p.add_argument("--exclude-heldout-percent", dest="exclude_heldout_percent", type=int,
                    help="leave out the documents `kdcl-dist eval mlm --split heldout --heldout-percent N` "
-                        "evaluates (id hash %% 100 < N), so that training never sees them (default 0: keep all)")
+                        "evaluates (id hash %% 100 < N), so that training never sees them (default 5, eval mlm's "
+                        "default split; 0 keeps every document)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     add_config_args(p)

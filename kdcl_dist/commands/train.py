@@ -17,7 +17,7 @@ FLAGS = {
     "global_batch": "global_batch", "micro_batch": "micro_batch", "steps": "steps", "epochs": "epochs",
     "lr": "lr", "ds_config": "ds_config", "teacher_hosting": "teacher_hosting", "save_every": "save_every",
     "keep": "keep", "resume": "resume", "seed": "seed", "kd_positions": "kd_positions",
-    "num_workers": "num_workers",
+    "num_workers": "num_workers", "extend_steps": "extend_steps", "allow_sr_any_order": "allow_sr_any_order",
 }
 
 
@@ -28,7 +28,7 @@ def add_arguments(parser):
     a("--teacher", help="teacher model directory or hub name; omit for student-only MLM (--reliance none)")
     a("--out", help="output directory")
     a("--order", help="sequential | reverse | random | pacing-linear | pacing-root | pacing-exp")
-    a("--reliance", help="none | constant | sr-paper | sr-minmax | sr-sample")
+    a("--reliance", help="none | constant | sr-paper | sr-minmax | sr-sample | sr-rank (variant: λ rises with the curriculum rank)")
     a("--lambda", dest="lambda", type=float, help="λ of the constant schedule")
     a("--temperature", type=float, help="KD temperature τ")
     a("--global-batch", dest="global_batch", type=int, help="samples per optimizer step (all ranks)")
@@ -42,6 +42,11 @@ def add_arguments(parser):
     a("--save-every", dest="save_every", type=int, help="checkpoint every N steps")
     a("--keep", type=int, help="complete checkpoints to keep")
     a("--resume", help="auto | none | PATH")
+    a("--extend-steps", dest="extend_steps", action="store_true", default=None,
+      help="resume with a larger --steps/--epochs than the checkpoint's; the lr schedule is extended from the "
+           "resume step (docs/training.md)")
+    a("--allow-sr-any-order", dest="allow_sr_any_order", action="store_true", default=None,
+      help="allow --reliance sr-paper with --order random/reverse (refused by default: λ is ~0 there)")
     a("--seed", type=int)
     a("--kd-positions", dest="kd_positions", help="masked (default) | all")
     a("--num-workers", dest="num_workers", type=int, help="DataLoader workers per rank")

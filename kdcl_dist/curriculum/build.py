@@ -62,8 +62,11 @@ class CurriculumConfig:
                                 "it, the external merge sort (bounded memory, the same order)", min=0)
     merge_chunk: int = option(65536, help="rows per run paged in at a time by the external merge", min=1)
     exclude_heldout_percent: int = option(
-        0, help="leave out the documents that `eval mlm --split heldout --heldout-percent N` evaluates "
-        "(id hash % 100 < N), so training never sees them; 0 keeps every document", min=0, max=100)
+        5, help="leave out the documents that `eval mlm --split heldout --heldout-percent N` evaluates "
+        "(id hash % 100 < N; eval mlm's default is 5), so training never sees them; 0 keeps every document",
+        min=0, max=100)
+    lambda_plot_batch: int = option(32, help="global batch of the λ-over-one-epoch plot (lambda_schedules.png)",
+                                    min=1)
 
 
 # ---- step 1: the global order ------------------------------------------------------------
@@ -427,6 +430,60 @@ def write_plots(out: Path, scores: np.ndarray) -> list[str]:
     return ["curriculum.png", "score_histogram.png"]
 
 
+LAMBDA_PLOT_SCHEDULES = ("constant", "sr-paper", "sr-minmax", "sr-sample", "sr-rank")
+
+
+def write_lambda_plot(out: Path, order_scores: np.ndarray, stats: dict, global_batch: int) -> dict:
+    """λ over one epoch of the sequential order for every reliance schedule, from the manifest
+    alone (kd.reliance.lambda_trace: the same arithmetic as training, default parameters).
+
+    Written before any training so a user sees what each schedule will do with these scores:
+    lambda_schedules.png and lambda_schedules.json (mean λ over the epoch, λ at fractions of it).
+    """
+    from kdcl_dist.curriculum.order import OrderSpec
+    from kdcl_dist.kd.reliance import RelianceSpec, lambda_trace
+
+    n = len(order_scores)
+    B = min(int(global_batch), n)
+    spe = max(1, n // B)
+    at = np.unique(np.linspace(0, spe - 1, min(spe, 2000)).astype(np.int64))
+    scores = np.asarray(order_scores, dtype=np.float64)
+    if not np.isfinite(scores).all():  # kept non-finite scores (policy 'last'): λ of those batches is not plotted
+        scores = np.where(np.isfinite(scores), scores, np.nan)
+    res = {"global_batch": B, "steps_per_epoch": spe, "order": "sequential", "schedules": {}}
+    traces = {}
+    for sch in LAMBDA_PLOT_SCHEDULES:
+        try:
+            tr = lambda_trace(RelianceSpec(sch), scores, stats, OrderSpec("sequential"), B, at)
+        except (UserError, ValueError) as e:  # e.g. no quantile table
+            log.warning("lambda plot: %s skipped (%s)", sch, e)
+            continue
+        traces[sch] = tr
+        frac = {f"{f:.2f}": float(np.interp(f * (spe - 1), at, tr)) for f in (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 1.0)}
+        res["schedules"][sch] = {"mean": float(np.nanmean(tr)), "at_fraction_of_epoch": frac}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for sch, tr in traces.items():
+        label = f"{sch} (mean {res['schedules'][sch]['mean']:.2f})" + (" [variant]" if sch == "sr-rank" else "")
+        ax.plot(at / max(1, spe - 1), tr, lw=1.2, label=label)
+    ax.set_xlabel("fraction of one epoch (sequential order, easy → hard)")
+    ax.set_ylabel("λ (batch mean)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"λ per schedule before training (global batch {B})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / ".tmp-lambda_schedules.png")
+    plt.close(fig)
+    os.replace(out / ".tmp-lambda_schedules.png", out / "lambda_schedules.png")
+    write_json_atomic(out / "lambda_schedules.json", res)
+    return res
+
+
 # ---- the stage ------------------------------------------------------------------------------
 
 def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, rank: int = 0,
@@ -549,6 +606,9 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
                                            "inputs": state["inputs"], **_heldout_key(cfg)})
     if cfg.plots:
         manifest["plots"] = write_plots(out, order_scores)
+        if n:
+            write_lambda_plot(out, order_scores, stats, cfg.lambda_plot_batch)
+            manifest["plots"] += ["lambda_schedules.png"]
     write_json_atomic(out / "curriculum.json", manifest)
     log.info("curriculum: %d samples in %d shards (%s excluded) written to %s in %.1f s",
              n, len(entries), sum(state["excluded"].values()), out, manifest["build"]["elapsed_s"])

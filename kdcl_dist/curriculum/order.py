@@ -20,8 +20,17 @@ Modes
 
   each capped at 1. The pool never holds fewer than B samples.
 
-An epoch has ``n // B`` steps (the last partial batch is dropped, so every rank has the same
-number of steps and no rank waits at an epoch end).
+The sample stream (sequential, reverse, random). The epochs' orders are laid end to end into
+one stream, and global batch t is stream items ``[t·B, (t+1)·B)``. An epoch is n stream items,
+not a whole number of steps: when B does not divide n, the batch at an epoch's end holds the
+last ``n mod B`` samples of epoch e and the first ones of epoch e+1 (for ``sequential``: the
+hardest of this pass and the easiest of the next). Every sample is therefore trained exactly
+once per epoch, at any world size; nothing is dropped (an earlier version dropped the same
+``n mod B`` hardest samples in every epoch). Each item carries its own epoch (its mask draw).
+
+Pacing orders draw each batch from the pool, so an epoch there is only a count (n samples
+drawn); which samples are seen, and how often, is up to the draw: the training loop logs the
+distinct samples seen (``distinct_samples``) and the report shows them.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ class OrderSpec:
 
 
 def steps_per_epoch(n_samples: int, global_batch: int) -> int:
+    """Whole steps in one epoch (``n // B``): the pacing schedule's default length."""
     if global_batch < 1:
         raise UserError(f"train.global_batch: {global_batch} must be >= 1")
     spe = int(n_samples) // int(global_batch)
@@ -75,7 +85,19 @@ def steps_per_epoch(n_samples: int, global_batch: int) -> int:
 
 
 def epoch_of(spec: OrderSpec, n_samples: int, global_batch: int, step: int) -> int:
-    return int(step) // steps_per_epoch(n_samples, global_batch)
+    """The epoch of the first sample of global batch `step` (an epoch is n samples of the stream)."""
+    steps_per_epoch(n_samples, global_batch)  # validates B <= n
+    return (int(step) * int(global_batch)) // int(n_samples)
+
+
+def steps_for_epochs(n_samples: int, global_batch: int, epochs: int) -> int:
+    """Steps that train every sample `epochs` times: ceil(epochs·n / B).
+
+    When B does not divide epochs·n, the last batch also holds the first samples of the next
+    epoch's order (the stream, module doc).
+    """
+    steps_per_epoch(n_samples, global_batch)
+    return -(-int(epochs) * int(n_samples) // int(global_batch))
 
 
 def pool_fraction(spec: OrderSpec, step: int, default_steps: int | None = None) -> float:
@@ -121,16 +143,44 @@ def epoch_order(spec: OrderSpec, n_samples: int, epoch: int) -> np.ndarray:
     raise ValueError(f"epoch_order: pacing order '{spec.mode}' has no fixed epoch order")
 
 
-def global_batch_positions(spec: OrderSpec, n_samples: int, global_batch: int, step: int) -> np.ndarray:
-    """Curriculum positions of global batch `step` (int64, length global_batch)."""
+def global_batch_items(spec: OrderSpec, n_samples: int, global_batch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, epochs) of global batch `step`: curriculum positions and each item's epoch
+    (its mask draw), both int64 of length global_batch."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    spe = steps_per_epoch(n_samples, global_batch)
-    B = int(global_batch)
+    steps_per_epoch(n_samples, global_batch)  # validates B <= n
+    n, B = int(n_samples), int(global_batch)
     if spec.is_pacing:
-        k = pool_size(spec, n_samples, B, step)
+        k = pool_size(spec, n, B, step)
         rng = np.random.Generator(np.random.PCG64(
             np.random.SeedSequence([int(spec.seed) & 0xFFFFFFFF, _TAG_PACING, int(step)])))
-        return rng.choice(k, size=B, replace=False).astype(np.int64)
-    epoch, t = divmod(int(step), spe)
-    return np.array(epoch_order(spec, n_samples, epoch)[t * B:(t + 1) * B], dtype=np.int64)
+        pos = rng.choice(k, size=B, replace=False).astype(np.int64)
+        return pos, np.full(B, epoch_of(spec, n, B, step), dtype=np.int64)
+    stream = np.arange(int(step) * B, (int(step) + 1) * B, dtype=np.int64)
+    epochs, offsets = np.divmod(stream, n)
+    pos = np.empty(B, dtype=np.int64)
+    for e in np.unique(epochs):  # one epoch, or two at an epoch boundary
+        sel = epochs == e
+        pos[sel] = epoch_order(spec, n, int(e))[offsets[sel]]
+    return pos, epochs
+
+
+def global_batch_positions(spec: OrderSpec, n_samples: int, global_batch: int, step: int) -> np.ndarray:
+    """Curriculum positions of global batch `step` (int64, length global_batch)."""
+    return global_batch_items(spec, n_samples, global_batch, step)[0]
+
+
+def distinct_positions_seen(spec: OrderSpec, n_samples: int, global_batch: int, steps: int) -> np.ndarray:
+    """Boolean mask of the positions trained in steps [0, steps) (a pure function, like the order).
+
+    The training loop keeps it up to date step by step and rebuilds it from here on resume.
+    """
+    n, B = int(n_samples), int(global_batch)
+    seen = np.zeros(n, dtype=bool)
+    if not spec.is_pacing:  # the stream: its first steps·B items, one epoch at most matters
+        k = min(int(steps) * B, n)
+        seen[epoch_order(spec, n, 0)[:k]] = True
+        return seen
+    for t in range(int(steps)):
+        seen[global_batch_positions(spec, n, B, t)] = True
+    return seen

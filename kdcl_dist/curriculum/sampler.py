@@ -26,7 +26,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from kdcl_dist.curriculum.order import OrderSpec, epoch_of, global_batch_positions, steps_per_epoch
+from kdcl_dist.curriculum.order import (
+    OrderSpec,
+    epoch_of,
+    global_batch_items,
+    global_batch_positions,
+    steps_per_epoch,
+)
 from kdcl_dist.errors import UserError
 
 IGNORE_INDEX = -100
@@ -65,21 +71,28 @@ class CurriculumSampler:
     def global_positions(self, step: int) -> np.ndarray:
         return global_batch_positions(self.spec, self.n_samples, self.global_batch, step)
 
-    def rank_block(self, step: int, rank: int | None = None) -> np.ndarray:
+    def _rank_slice(self, rank: int | None) -> slice:
         r = self.rank if rank is None else int(rank)
         per_rank = self.global_batch // self.world_size
-        return self.global_positions(step)[r * per_rank:(r + 1) * per_rank]
+        return slice(r * per_rank, (r + 1) * per_rank)
 
-    def rank_micro_batches(self, step: int, rank: int | None = None) -> list[np.ndarray]:
-        """This rank's `grad_accum` micro-batches (positions) of global batch `step`."""
-        block = self.rank_block(step, rank)
+    def rank_block(self, step: int, rank: int | None = None) -> np.ndarray:
+        return self.global_positions(step)[self._rank_slice(rank)]
+
+    def _split(self, block: np.ndarray) -> list[np.ndarray]:
         m = self.micro_batch
         return [block[i * m:(i + 1) * m] for i in range(self.grad_accum)]
 
+    def rank_micro_batches(self, step: int, rank: int | None = None) -> list[np.ndarray]:
+        """This rank's `grad_accum` micro-batches (positions) of global batch `step`."""
+        return self._split(self.rank_block(step, rank))
+
     def rank_micro_batch_keys(self, step: int, rank: int | None = None) -> list[np.ndarray]:
-        """Like rank_micro_batches but as dataset keys epoch·n + position (see module doc)."""
-        off = np.int64(self.epoch(step)) * np.int64(self.n_samples)
-        return [mb + off for mb in self.rank_micro_batches(step, rank)]
+        """Like rank_micro_batches but as dataset keys epoch·n + position (see module doc);
+        at an epoch boundary one batch holds items of two epochs."""
+        pos, epochs = global_batch_items(self.spec, self.n_samples, self.global_batch, step)
+        sl = self._rank_slice(rank)
+        return self._split(epochs[sl] * np.int64(self.n_samples) + pos[sl])
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

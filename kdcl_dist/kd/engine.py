@@ -1,8 +1,9 @@
 """The KD engine: a DeepSpeed ZeRO student beside a frozen teacher, one `step()` per global batch.
 
 Student: `deepspeed.initialize` with a config from `ds_configs/` (ZeRO 0-3; fp32 on CPU with
-DeepSpeed's CPU accelerator and gloo; bf16/fp16 on GPU), AdamW, a warm-up/decay schedule,
-gradient clipping, gradient accumulation through DeepSpeed (`engine.backward` /
+DeepSpeed's CPU accelerator and gloo; bf16/fp16 on GPU), AdamW in two parameter groups (no
+weight decay on biases and normalisation weights: `weight_decay_groups`), a warm-up/decay
+schedule, gradient clipping, gradient accumulation through DeepSpeed (`engine.backward` /
 `engine.step` once per micro-batch; DeepSpeed applies the update at the boundary).
 
 Teacher hosting:
@@ -169,29 +170,54 @@ def prepare_student_config(path_or_dict, *, global_batch: int, micro_batch: int,
     return cfg
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
+def _decay(step: int, start: int, value: float, end: int, schedule: str, min_ratio: float) -> float:
+    """Decay from `value` at step `start` to `min_ratio` at step `end` (linear or cosine)."""
+    if step <= start:
+        return value  # exactly: the lr of the step where a segment begins never changes
+    x = min(1.0, (step - start) / max(1, end - start))
+    if schedule == "cosine":
+        return min_ratio + (value - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * x))
+    return value + (min_ratio - value) * x
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float,
+              extensions=()) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based).
 
     warm-up: (step+1)/W for step < W; then linear: 1 -> min_ratio at total_steps, cosine:
     min_ratio + (1-min_ratio)(1+cos(pi x))/2, constant: 1.
+
+    `extensions`: [(s_1, T_1), (s_2, T_2), ...], the steps s_i at which a resumed run changed its
+    total to T_i (`--extend-steps`), in the order they were made. Extension i keeps the curve
+    before it up to its pivot p_i = max(s_i, W) (the warm-up is never repeated) and from there
+    decays, linear or cosine as configured, from the factor the curve had at p_i to min_ratio at
+    T_i. The factor is continuous, equal to the old curve's at the resume step, and a pure
+    function of the arguments, so every later resume reproduces it.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    span = max(1, total_steps - warmup_steps)
-    x = min(1.0, (step - warmup_steps) / span)
-    if schedule == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * x))
-    return 1.0 - (1.0 - min_ratio) * x
+    # segments (pivot, factor at the pivot, end): the base curve, then one per extension
+    segments = [(warmup_steps, 1.0, total_steps)]
+    for s, end in extensions:
+        pivot = max(int(s), warmup_steps)
+        p0, v0, e0 = next(seg for seg in reversed(segments) if seg[0] <= pivot)
+        segments.append((pivot, _decay(pivot, p0, v0, e0, schedule, min_ratio), int(end)))
+    pivot, value, end = next(seg for seg in reversed(segments) if seg[0] <= step)
+    return _decay(step, pivot, value, end, schedule, min_ratio)
 
 
-def make_lr_scheduler(*, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
-    """A callable(optimizer) -> LambdaLR, the form deepspeed.initialize accepts."""
+def make_lr_scheduler(*, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float, extensions=()):
+    """A callable(optimizer) -> LambdaLR, the form deepspeed.initialize accepts.
+
+    `extensions`: see `lr_factor` (the run's `--extend-steps` points, from its run settings).
+    """
     import functools
 
     fn = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps,
-                           schedule=schedule, min_ratio=min_ratio)
+                           schedule=schedule, min_ratio=min_ratio,
+                           extensions=tuple((int(s), int(t)) for s, t in extensions))
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
@@ -250,6 +276,41 @@ def hidden_size(model) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# optimizer parameter groups
+# --------------------------------------------------------------------------------------
+
+# parameter-name pieces of normalisation layers (BERT: LayerNorm.weight; DistilBERT:
+# sa_layer_norm, output_layer_norm, vocab_layer_norm; other models: *norm.weight)
+NO_DECAY_NAME_PARTS = ("LayerNorm.", "layer_norm", "norm.")
+PARAM_GROUP_LAYOUTS = ("split", "single")
+
+
+def no_weight_decay(name: str, norm_param: bool = False) -> bool:
+    """HF's rule: biases and normalisation-layer weights are not decayed."""
+    return norm_param or name.endswith("bias") or any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def weight_decay_groups(model) -> list[dict]:
+    """The two AdamW groups HF's Trainer builds: [decayed, {"weight_decay": 0.0}].
+
+    The first group has no "weight_decay" key, so the DeepSpeed config's optimizer value
+    (`train.weight_decay`) applies to it; the second overrides it with 0.0 for every bias and
+    every weight of a normalisation layer (by module type or by name). Tied weights appear once
+    (named_parameters drops duplicates). An empty group is left out.
+    """
+    norm_ids = set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith(("LayerNorm", "RMSNorm")):
+            norm_ids.update(id(p) for p in m.parameters(recurse=False))
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if no_weight_decay(name, id(p) in norm_ids) else decay).append(p)
+    groups = [{"params": decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# --------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------
 
@@ -265,7 +326,10 @@ class KDEngine:
     """Student under DeepSpeed + optional frozen teacher; `step(micro_batches, lam)` per global batch."""
 
     def __init__(self, student, teacher, ds_config: dict, *, world_size: int, options: EngineOptions,
-                 teacher_ds_config: dict | None = None, lr_scheduler=None):
+                 teacher_ds_config: dict | None = None, lr_scheduler=None, param_groups: str = "split"):
+        """`param_groups`: "split" (no weight decay on biases and norm weights, `weight_decay_groups`)
+        or "single" (every parameter decayed: the layout of checkpoints from before the split,
+        which a resume must keep for the optimizer state to load)."""
         import deepspeed
 
         self.opts = options
@@ -288,7 +352,15 @@ class KDEngine:
 
         student.train()
         bind_selected_forward(student)
-        params = [p for p in student.parameters() if p.requires_grad]
+        if param_groups not in PARAM_GROUP_LAYOUTS:
+            raise ValueError(f"param_groups: {param_groups!r} is not one of {', '.join(PARAM_GROUP_LAYOUTS)}")
+        self.param_groups_layout = param_groups
+        if param_groups == "split":
+            params = weight_decay_groups(student)
+        else:
+            params = [p for p in student.parameters() if p.requires_grad]
+        # recorded with every checkpoint by train._save (what shapes the run; train.run_settings)
+        self.run_settings: dict | None = None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=student, model_parameters=params, config=ds_config, lr_scheduler=lr_scheduler)
         self.device = self.engine.device

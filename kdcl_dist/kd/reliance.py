@@ -18,6 +18,13 @@ Schedules (s_i = the score of sample i of the batch, b = the batch):
                  with Q the global score quantiles (robust min-max normalisation of difficulty).
 - ``sr-sample``: one λ per sample from its own difficulty (the paper's sample-level variant):
                  λ_i = lambda_max · clip((s_i − Q(q_low)) / (Q(q_high) − Q(q_low)), 0, 1).
+- ``sr-rank``:   a variant (not the paper's formula): confidence by curriculum rank,
+                 C_i = 1 − r_i with r_i = position_i / (n − 1) the sample's rank in the easy→hard
+                 order, λ = lambda_max · (1 − mean_i C_i). Under the sequential order it rises
+                 linearly from 0 to lambda_max over the epoch (mean lambda_max / 2), whatever
+                 the shape of the score distribution — the rise the paper describes, which
+                 sr-paper only shows on score distributions far from its min (see
+                 docs/training_data_and_losses.md, "How the SR schedules behave").
 
 Harder batches (higher scores, lower confidence) get a larger λ: the student leans on the
 teacher where its own MLM signal is least reliable.
@@ -33,7 +40,9 @@ import numpy as np
 
 from kdcl_dist.errors import UserError
 
-SCHEDULES = ("none", "constant", "sr-paper", "sr-minmax", "sr-sample")
+SCHEDULES = ("none", "constant", "sr-paper", "sr-minmax", "sr-sample", "sr-rank")
+# schedules whose λ follows the difficulty of the batch, i.e. depends on the order
+SR_SCHEDULES = ("sr-paper", "sr-minmax", "sr-sample", "sr-rank")
 
 
 @dataclass
@@ -74,8 +83,11 @@ def quantile_from_stats(score_stats: dict, q: float) -> float:
 
 class Reliance:
     def __init__(self, spec: RelianceSpec, score_stats: dict | None = None,
-                 first_batch_scores: np.ndarray | None = None):
+                 first_batch_scores: np.ndarray | None = None, n_samples: int | None = None):
         self.spec = spec
+        self.n_samples = n_samples
+        if spec.schedule == "sr-rank" and not n_samples:
+            raise ValueError("sr-rank needs the curriculum's sample count (n_samples)")
         stats = score_stats or {}
         self.max_confidence = None
         self.shift = None
@@ -102,8 +114,9 @@ class Reliance:
             return np.where(np.asarray(x) > self.q_lo, 1.0, 0.0)
         return np.clip((np.asarray(x, dtype=np.float64) - self.q_lo) / denom, 0.0, 1.0)
 
-    def batch_lambda(self, scores: np.ndarray) -> float | np.ndarray:
-        """λ of a global batch from its samples' scores (per-sample array for sr-sample only)."""
+    def batch_lambda(self, scores: np.ndarray, positions: np.ndarray | None = None) -> float | np.ndarray:
+        """λ of a global batch from its samples' scores (per-sample array for sr-sample only);
+        sr-rank reads the samples' curriculum positions instead."""
         s = np.asarray(scores, dtype=np.float64)
         sch = self.spec.schedule
         if sch == "none":
@@ -112,6 +125,11 @@ class Reliance:
             return float(self.spec.lambda_)
         if s.size == 0:
             raise ValueError("batch_lambda: empty batch")
+        if sch == "sr-rank":
+            if positions is None:
+                raise ValueError("sr-rank needs the batch's curriculum positions")
+            rank = np.asarray(positions, dtype=np.float64) / max(1, self.n_samples - 1)
+            return float(self.spec.lambda_max * np.clip(rank.mean(), 0.0, 1.0))
         if sch == "sr-paper":
             if self.shift is None:
                 raise ValueError("sr-paper needs the first batch's scores (first_batch_scores) or a loaded state")
@@ -133,3 +151,25 @@ class Reliance:
         self.shift = sd.get("shift", self.shift)
         self.q_lo = sd.get("q_low_value", self.q_lo)
         self.q_hi = sd.get("q_high_value", self.q_hi)
+
+
+def lambda_trace(spec: RelianceSpec, order_scores: np.ndarray, score_stats: dict, order_spec, global_batch: int,
+                 steps) -> np.ndarray:
+    """Batch-mean λ of steps 0..steps-1 computed from the manifest alone, before any training.
+
+    The same arithmetic as the training loop (first-batch shift, positions from the order), so
+    a run's logged λ equals this trace; used for the curriculum's λ plot and to match the
+    constant λ of `kd-cl-matched` to an SR arm's mean λ.
+    """
+    from kdcl_dist.curriculum.order import global_batch_positions
+
+    scores = np.asarray(order_scores, dtype=np.float64)
+    n = len(scores)
+    first = scores[global_batch_positions(order_spec, n, global_batch, 0)]
+    rel = Reliance(spec, score_stats, first, n_samples=n)
+    at = np.arange(int(steps)) if np.ndim(steps) == 0 else np.asarray(steps, dtype=np.int64)
+    out = np.empty(len(at))
+    for i, t in enumerate(at):  # `steps`: a count (0..steps-1) or the step indices to evaluate
+        pos = global_batch_positions(order_spec, n, global_batch, int(t))
+        out[i] = float(np.mean(rel.batch_lambda(scores[pos], pos)))
+    return out

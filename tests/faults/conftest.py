@@ -52,7 +52,7 @@ STEPS = 8
 SAVE_EVERY = 2
 TRAIN_FLAGS = ["--global-batch", GB, "--micro-batch", MB, "--steps", STEPS, "--save-every", SAVE_EVERY,
                "--order", "random", "--reliance", "sr-paper", "--lr", 3e-3, "--num-workers", 0,
-               "--ds-config", "ds_configs/zero2.json", "warmup_steps=2"]
+               "--ds-config", "ds_configs/zero2.json", "--allow-sr-any-order", "warmup_steps=2"]
 
 
 # ---------------------------------------------------------------------------------------
