@@ -190,6 +190,10 @@ def test_two_ranks_zero_stages(tiny_assets, cur, tmp_path, zero, hosting, schedu
 
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["zero_stage"] == int(zero[-1])
+    # random order over 10 steps x 16 of n samples: every item distinct within the first epoch
+    n = json.loads((cur / "curriculum.json").read_text())["num_samples"]
+    assert summary["distinct_samples"] == metrics[-1]["distinct_samples"] == min(n, 160)
+    assert summary["lambda_mean"] == pytest.approx(np.mean([m["lambda"] for m in metrics]))
     teacher = load_mlm(str(tiny_assets["teacher"]))
     disk_sha = _tensor_sha(sorted(teacher.state_dict().items()))
     assert summary["teacher_sha_start"] == summary["teacher_sha_end"] == disk_sha  # bit for bit
