@@ -67,11 +67,13 @@ def check_pair(teacher: str, student: str) -> str:
     """Refuse a teacher/student pair with different vocabularies; return a one-line summary."""
     from transformers import AutoConfig
 
-    from kdcl_dist.data.tokenizer import load_tokenizer
+    from kdcl_dist.data.tokenizer import check_mlm_tokenizer, load_tokenizer
     from kdcl_dist.kd.models import check_same_vocabulary
 
     tt, st = load_tokenizer(teacher), load_tokenizer(student)
     check_same_vocabulary(tt, st, teacher, student)
+    check_mlm_tokenizer(tt, teacher)
+    check_mlm_tokenizer(st, student)
     sizes = []
     for name in (teacher, student):
         try:
@@ -92,13 +94,14 @@ def run(args) -> int:
         return 0
     if not args.tokenizer or not args.out:
         raise UserError("init-models: pass --tokenizer DIR --out DIR (or --teacher/--student to check a pair)")
-    from kdcl_dist.data.tokenizer import load_tokenizer
+    from kdcl_dist.data.tokenizer import check_mlm_tokenizer, load_tokenizer
     from kdcl_dist.kd.models import init_model_dir
 
     cfg = resolve(ModelsConfig, "models", preset=args.preset, config_file=args.config,
                   flags={"seed": args.seed}, overrides=args.overrides)
     specs = {"teacher": _check_spec("teacher", cfg.teacher), "student": _check_spec("student", cfg.student)}
     tok = load_tokenizer(args.tokenizer)
+    check_mlm_tokenizer(tok, args.tokenizer)
     out = Path(args.out)
     for name in specs:
         if (out / name).exists() and not args.overwrite:

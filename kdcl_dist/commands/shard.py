@@ -2,7 +2,8 @@
 
   kdcl-dist shard --input abstracts.jsonl --tokenizer runs/tokenizer --out shards/pubmed
 
-Inputs: jsonl, plain text, PubMed/MEDLINE XML(.gz), parquet, HF datasets (see docs/data.md).
+Inputs: jsonl, json (a list of records), plain text, PubMed/MEDLINE XML(.gz), parquet, HF
+datasets (see docs/data.md).
 Launched under torchrun, the deepspeed launcher or mpirun, every rank writes its share of
 the shards and rank 0 writes dataset.json; the result does not depend on the world size.
 Re-running skips finished shards.
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcl_dist.config import add_config_args, resolve
+from kdcl_dist.data.ingest import FORMATS, TEXT_UNITS
 
 # flag name -> config key
 _FLAGS = {
@@ -23,23 +25,25 @@ _FLAGS = {
 
 def add_arguments(p):
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="files or directories (jsonl, txt, xml/xml.gz, parquet, HF dataset dir or hub name)")
+                   help="files or directories (jsonl, json, txt, xml/xml.gz, parquet, HF dataset dir or hub name)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name (fast tokenizer)")
     p.add_argument("--out", required=True, help="output directory for shards and dataset.json")
     p.add_argument("--max-length", dest="max_length", type=int, help="tokens per sample incl. special tokens")
-    p.add_argument("--shard-size", dest="shard_size", type=int, help="documents per shard")
+    p.add_argument("--shard-size", dest="shard_size", type=int,
+                   help="most samples per shard (and documents per block; see docs/data.md)")
     p.add_argument("--min-tokens", dest="min_tokens", type=int, help="drop shorter documents")
-    p.add_argument("--format", choices=("auto", "jsonl", "txt", "xml", "parquet", "hf"), help="input format")
+    p.add_argument("--format", choices=FORMATS, help="input format (auto: by suffix; .json by content)")
     p.add_argument("--text-field", dest="text_field", help="jsonl/parquet/hf body field (default text)")
     p.add_argument("--title-field", dest="title_field", help="title field prefixed to the body ('' disables)")
     p.add_argument("--id-field", dest="id_field", help="id field ('' uses file:line)")
-    p.add_argument("--text-unit", dest="text_unit", choices=("line", "paragraph"),
-                   help="txt inputs: one document per line or per blank-line separated paragraph")
+    p.add_argument("--text-unit", dest="text_unit", choices=TEXT_UNITS,
+                   help="txt inputs: one document per line, per blank-line separated paragraph, or per file "
+                        "(id = the file's path)")
     p.add_argument("--too-long", dest="too_long", choices=("truncate", "split"),
                    help="documents over --max-length: truncate or split into several samples")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="documents per tokenizer call")
     p.add_argument("--skip-bad-lines", dest="skip_bad_lines", action="store_true", default=None,
-                   help="count and skip invalid JSON lines / records without the text field")
+                   help="count and skip invalid JSON lines / records without the text field or with a bad id")
     p.add_argument("--keep-text", dest="keep_text", action="store_true", default=None,
                    help="also store each document's text in the shard")
     p.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,

@@ -2,13 +2,19 @@
 
   kdcl-dist tokenizer --input abstracts.jsonl --out runs/tokenizer --vocab-size 8000
 
-Reads the same inputs as `kdcl-dist shard` (jsonl, txt, MEDLINE XML, parquet, HF datasets),
-cleaned the same way (empty and duplicate documents skipped). The directory is written
-under a temporary name and renamed when complete; it loads with AutoTokenizer.
+Reads the same inputs as `kdcl-dist shard` (jsonl, json, txt, MEDLINE XML, parquet, HF
+datasets), cleaned the same way (empty and duplicate documents skipped). The directory is
+written under a temporary name and renamed when complete; it loads with AutoTokenizer.
+
+WordPiece keeps only pieces seen at least twice, so a small corpus can yield far fewer
+tokens than --vocab-size asks for: the command then warns (or, with --strict-vocab-size,
+refuses), and records the requested and the actual size in `<out>/kdcl_tokenizer.json`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +23,8 @@ from pathlib import Path
 from kdcl_dist.config import add_config_args, option, resolve, write_resolved
 from kdcl_dist.data import ingest
 from kdcl_dist.errors import UserError
+
+log = logging.getLogger("kdcl_dist.tokenizer")
 
 
 @dataclass
@@ -29,8 +37,10 @@ class TokenizerConfig:
     text_field: str = option("text")
     title_field: str = option("title")
     id_field: str = option("id")
-    text_unit: str = option("line", choices=("line", "paragraph"))
+    text_unit: str = option("line", choices=ingest.TEXT_UNITS)
     skip_bad_lines: bool = option(False)
+    strict_vocab_size: bool = option(False, help="refuse (instead of warning) when the corpus yields fewer "
+                                     "tokens than vocab_size")
 
 
 def add_arguments(p):
@@ -43,8 +53,10 @@ def add_arguments(p):
     p.add_argument("--text-field", dest="text_field")
     p.add_argument("--title-field", dest="title_field")
     p.add_argument("--id-field", dest="id_field")
-    p.add_argument("--text-unit", dest="text_unit", choices=("line", "paragraph"))
+    p.add_argument("--text-unit", dest="text_unit", choices=ingest.TEXT_UNITS)
     p.add_argument("--skip-bad-lines", dest="skip_bad_lines", action="store_true", default=None)
+    p.add_argument("--strict-vocab-size", dest="strict_vocab_size", action="store_true", default=None,
+                   help="refuse, instead of warning, when the corpus yields fewer tokens than --vocab-size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
     add_config_args(p)
 
@@ -52,10 +64,12 @@ def add_arguments(p):
 def run(args) -> int:
     from kdcl_dist.commands.shard import split_overrides
     from kdcl_dist.data.tokenizer import train_wordpiece
+    from kdcl_dist.utils import setup_logging
 
+    setup_logging(0)
     inputs, overrides = split_overrides(args.input, args.overrides)
     keys = ("vocab_size", "lowercase", "max_docs", "format", "text_field", "title_field", "id_field",
-            "text_unit", "skip_bad_lines")
+            "text_unit", "skip_bad_lines", "strict_vocab_size")
     cfg = resolve(TokenizerConfig, "tokenizer", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=overrides)
     out = Path(args.out)
@@ -82,13 +96,26 @@ def run(args) -> int:
                               max_length=cfg.max_length)
         if n == 0:
             raise UserError(f"{', '.join(inputs)}: no documents to train on (dropped: {ingest.describe_drops(stats)})")
+        short = len(tok) < cfg.vocab_size
+        if short:
+            why = (f"{', '.join(inputs)}: the corpus yields only {len(tok)} tokens, fewer than --vocab-size "
+                   f"{cfg.vocab_size} ({n} documents; WordPiece keeps pieces seen at least twice); train on more "
+                   "text or lower --vocab-size")
+            if cfg.strict_vocab_size:
+                raise UserError(why + " (without --strict-vocab-size this is a warning)")
+            log.warning("%s; the tokenizer has %d tokens", why, len(tok))
         write_resolved(cfg, tmp, "tokenizer")
+        (tmp / "kdcl_tokenizer.json").write_text(json.dumps({
+            "vocab_size": len(tok), "requested_vocab_size": cfg.vocab_size, "documents": n,
+            "dropped": {k: v for k, v in sorted(stats.dropped.items()) if v}, "lowercase": cfg.lowercase,
+        }, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{out}: WordPiece tokenizer, {len(tok)} tokens, trained on {n} documents "
+    asked = f" ({cfg.vocab_size} requested)" if short else ""
+    print(f"{out}: WordPiece tokenizer, {len(tok)} tokens{asked}, trained on {n} documents "
           f"(dropped: {ingest.describe_drops(stats)})")
     return 0

@@ -1,21 +1,25 @@
 """The shard stage: cleaned documents -> tokenized webdataset shards + `dataset.json`.
 
 Layout is a pure function of the input, never of the world size: after cleaning, the
-documents are numbered in input order (global document index g) and document g goes to
-output shard g // shard_size. With W ranks, rank r tokenizes and writes the shards j with
-j % W == r. Every rank streams (parses and cleans) the whole input itself, so duplicate
-detection sees every document in the same order on every rank and all ranks agree on g
-without exchanging hashes; tokenization and writing, the expensive part, are divided.
-Rank 0 then merges the per-shard statistics into `dataset.json` in shard order. One rank
+documents are numbered in input order (global document index g) and document g belongs to
+block j = g // shard_size. A block's samples fill output shards of at most shard_size
+samples: `shard-j.tar` (always), then `shard-j.1.tar`, `shard-j.2.tar`, ... only when the
+block yields more than shard_size samples (documents split by `too_long=split`). With W
+ranks, rank r tokenizes and writes the blocks j with j % W == r. Every rank streams (parses
+and cleans) the whole input itself, so duplicate detection sees every document in the same
+order on every rank and all ranks agree on g without exchanging hashes; tokenization and
+writing, the expensive part, are divided. Rank 0 then merges the per-block statistics into
+`dataset.json` in shard order. One rank
 and N ranks therefore write byte-identical shards.
 
-Per shard j the stage writes, each atomically (temporary name, then rename):
-    shard-j.tar         webdataset TarWriter output: <key>.ids.npy, <key>.json[, <key>.txt]
-    shard-j.idx.json    byte offset and size of every member (one seek per sample)
-    shard-j.stats.json  the shard's manifest entry, counters and a key over (tokenizer,
-                        settings, ids and texts of its documents); written last, so it
-                        marks the shard as finished. A re-run skips a shard whose stats key
-                        matches and whose tar is present.
+Per block j the stage writes, each atomically (temporary name, then rename):
+    shard-j[.p].tar     webdataset TarWriter output: <key>.ids.npy, <key>.json[, <key>.txt]
+                        (key = shards.sample_key(sample id), injective)
+    shard-j[.p].idx.json byte offset and size of every member (one seek per sample)
+    shard-j.stats.json  the block's manifest entries (one per shard), counters and a key
+                        over (tokenizer, settings, ids and texts of its documents); written
+                        last, so it marks the block as finished. A re-run skips a block whose
+                        stats key matches and whose tars and indexes hash as recorded.
 
 Counting: input documents = kept documents + dropped documents (all reasons). A document
 longer than max_length is truncated (one sample) or split into several samples of at
@@ -31,6 +35,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,7 +51,7 @@ from kdcl_dist.data.shards import (
     Sample,
     ids_dtype,
     index_name,
-    sanitize_key,
+    sample_key,
     shard_name,
     write_shard,
 )
@@ -55,23 +60,30 @@ from kdcl_dist.utils import read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger("kdcl_dist.shard")
 
-STATS_FORMAT = 1
+STATS_FORMAT = 2      # 2: a block's stats list its shards ("entries"); 1 had one "entry"
+# Sample keys: 2 = shards.sample_key (injective escape); 1 = the lossy sanitising of earlier
+# versions. Part of the settings key, so a re-run over shards of the old scheme rewrites them
+# rather than mixing the two in one dataset (old shard sets stay readable as they are).
+KEY_SCHEME = 2
 
 
 @dataclass
 class ShardConfig:
     max_length: int = option(256, help="tokens per sample including special tokens", min=8)
-    shard_size: int = option(2000, help="documents per output shard (after cleaning)", min=1)
+    shard_size: int = option(2000, help="most samples per output shard; also the documents per block (the unit "
+                             "of distribution and re-use): a block yielding more samples (split documents) "
+                             "fills several shards", min=1)
     min_tokens: int = option(16, help="drop documents with fewer tokens (special tokens not counted)", min=0)
     format: str = option("auto", help="input format; auto = by file suffix", choices=ingest.FORMATS)
     text_field: str = option("text", help="jsonl/parquet/hf: field holding the document body")
     title_field: str = option("title", help="field prefixed to the body when present; '' disables")
     id_field: str = option("id", help="field holding the document id; '' uses <file>:<line>")
-    text_unit: str = option("line", help="txt inputs: one document per line or per blank-line paragraph",
-                            choices=("line", "paragraph"))
+    text_unit: str = option("line", help="txt inputs: one document per line, per blank-line separated paragraph, "
+                            "or per file (id = the file's path)", choices=ingest.TEXT_UNITS)
     too_long: str = option("truncate", help="documents over max_length: keep the first max_length tokens, "
                            "or split into several samples", choices=("truncate", "split"))
-    skip_bad_lines: bool = option(False, help="count and skip invalid JSON lines / records without the text field")
+    skip_bad_lines: bool = option(False, help="count and skip invalid JSON lines / records without the text field "
+                                  "or with an unusable id")
     dedup: bool = option(True, help="drop documents whose whitespace-normalised text was seen before")
     keep_text: bool = option(False, help="store the raw text beside the token ids (<key>.txt)")
     overwrite: bool = option(False, help="replace shards in --out made with another tokenizer or of unknown origin")
@@ -90,8 +102,23 @@ class ShardConfig:
                                   dedup=self.dedup, verbose=verbose)
 
 
+_PART_SUFFIX = re.compile(r"\.\d+$")
+_SHARD_FILE = re.compile(r"shard-(\d+)(?:\.(\d+))?\.(?:tar|idx\.json|stats\.json)$")
+
+
 def stats_name(tar_name: str) -> str:
-    return tar_name[: -len(".tar")] + ".stats.json"
+    """The stats file of the block a shard belongs to (`shard-000003.1.tar` -> `shard-000003.stats.json`)."""
+    return _PART_SUFFIX.sub("", tar_name[: -len(".tar")]) + ".stats.json"
+
+
+def part_name(block: int, part: int) -> str:
+    """Shard file of part `part` of block `block`: `shard-000003.tar`, `shard-000003.1.tar`, ..."""
+    return shard_name(block) if part == 0 else f"shard-{block:06d}.{part}.tar"
+
+
+def _block_of(name: str) -> int | None:
+    m = _SHARD_FILE.match(name)
+    return int(m.group(1)) if m else None
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -185,20 +212,20 @@ def _batch_samples(chunk: list[tuple[int, ingest.Document]], all_ids: list[list[
         parts, too_long = enc.pieces(ids)
         c["kept_documents"] += 1
         c["text_bytes"] += len(doc.text.encode("utf-8"))
-        key = sanitize_key(doc.id)
         if len(parts) == 1:
             meta = {"id": doc.id, "source": doc.source, "n_tokens": int(parts[0].size),
                     "truncated": too_long, "doc_index": g}
             c["truncated"] += int(too_long)
-            samples.append(Sample(key, parts[0], meta, doc.text if cfg.keep_text else None))
+            samples.append(Sample(sample_key(doc.id), parts[0], meta, doc.text if cfg.keep_text else None))
             c["tokens"] += int(parts[0].size)
             continue
         c["split"] += 1
         c["split_parts"] += len(parts)
         for k, arr in enumerate(parts):
-            meta = {"id": f"{doc.id}_part{k}", "source": doc.source, "n_tokens": int(arr.size),
+            sid = f"{doc.id}_part{k}"
+            meta = {"id": sid, "source": doc.source, "n_tokens": int(arr.size),
                     "truncated": False, "doc_index": g, "doc_id": doc.id, "part": k, "parts": len(parts)}
-            samples.append(Sample(f"{key}_part{k}", arr, meta, None))
+            samples.append(Sample(sample_key(sid), arr, meta, None))
             c["tokens"] += int(arr.size)
     return samples
 
@@ -286,15 +313,61 @@ class _BackgroundWriter:
 
 @dataclass
 class _Batch:
-    """One tokenizer batch of a shard on its way through the pipeline."""
+    """One tokenizer batch of a block on its way through the pipeline."""
 
-    shard: int
     chunk: list          # [(global document index, Document)]
     ids: Future          # the tokenizer's Encodings, computed on the tokenizer thread
-    counts: dict         # the shard's counters (shared by its batches)
+    counts: dict         # the block's counters (shared by its batches)
     first: bool
     last: bool
-    done: object         # the shard's completion callback (writes its stats file)
+    block: _BlockFeed    # where its samples go
+
+
+class _BlockFeed:
+    """Feeds one block's samples to the writer as shards of at most `cap` samples.
+
+    Part 0 (`shard-j.tar`) is always written, even empty; `shard-j.1.tar`, ... are started
+    only when a sample does not fit. `on_done(entries)` runs on the writer thread once the
+    block's last shard and its index exist (it writes the block's stats file).
+    """
+
+    def __init__(self, out: Path, j: int, cap: int, dtype, writer: _BackgroundWriter, on_done):
+        self.out, self.j, self.cap, self.dtype, self.writer, self.on_done = out, j, cap, dtype, writer, on_done
+        self.entries: list[dict] = []
+        self.parts: int | None = None    # number of shards, set at the block's end
+        self.part = -1
+        self.filled = 0
+        self.tokens = [0]
+
+    def _open(self) -> None:
+        self.part += 1
+        self.filled = 0
+        self.tokens = tokens = [0]
+        self.writer.start(self.out / part_name(self.j, self.part), self.dtype,
+                          lambda entry: self._done(entry, tokens))
+
+    def _done(self, entry: dict, tokens: list) -> None:   # writer thread, shards in order
+        entry["tokens"] = tokens[0]
+        self.entries.append(entry)
+        if self.parts is not None and len(self.entries) == self.parts:
+            self.on_done(self.entries)
+
+    def add(self, samples: list[Sample], first: bool, last: bool) -> None:
+        if first:
+            self._open()
+        at = 0
+        while at < len(samples):
+            if self.filled == self.cap:
+                self.writer.end()
+                self._open()
+            take = samples[at:at + self.cap - self.filled]
+            at += len(take)
+            self.filled += len(take)
+            self.tokens[0] += sum(int(x.ids.size) for x in take)
+            self.writer.add(take)
+        if last:
+            self.parts = self.part + 1     # before the end: the writer reads it after the shard
+            self.writer.end()
 
 
 # --------------------------------------------------------------------------- output dir
@@ -371,14 +444,14 @@ def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
                 p.unlink()
 
 
-def _remove_stale(out: Path, n_shards: int) -> None:
-    """Shards from an earlier, larger run with other settings are not part of this dataset."""
+def _remove_stale(out: Path, n_blocks: int, keep: set[str]) -> None:
+    """Shards from an earlier run with other settings are not part of this dataset: blocks
+    past the last one, and extra shards (`shard-j.p.tar`) of a block that has fewer now."""
     for p in out.glob("shard-*"):
-        try:
-            idx = int(p.name.split("-", 1)[1].split(".", 1)[0])
-        except ValueError:
+        j = _block_of(p.name)
+        if j is None or not p.is_file():
             continue
-        if idx >= n_shards and p.is_file():
+        if j >= n_blocks or (not p.name.endswith(".stats.json") and p.name not in keep):
             p.unlink()
 
 
@@ -389,15 +462,15 @@ def _settings_key(cfg: ShardConfig, tinfo: dict, dtype) -> dict:
 
     return {"format_version": FORMAT_VERSION, "tokenizer": tinfo["fingerprint"], "max_length": cfg.max_length,
             "min_tokens": cfg.min_tokens, "too_long": cfg.too_long, "keep_text": cfg.keep_text,
-            "dtype": np.dtype(dtype).name}
+            "dtype": np.dtype(dtype).name, "key_scheme": KEY_SCHEME, "shard_samples": cfg.shard_size}
 
 
 def _finished(out: Path, j: int, key: str) -> dict | None:
-    """The stats of shard j when it is complete and intact, else None (the shard is rewritten).
+    """The stats of block j when it is complete and intact, else None (the block is rewritten).
 
-    Complete and intact: its stats file (written last) matches this run's key, and the tar
-    and offset index hash to the sha256 recorded there, so a shard corrupted in place (same
-    size) or a tar/index pair from different runs is never reused.
+    Complete and intact: its stats file (written last) matches this run's key, and each of
+    its tars and offset indexes hashes to the sha256 recorded there, so a shard corrupted in
+    place (same size) or a tar/index pair from different runs is never reused.
     """
     st_path = out / stats_name(shard_name(j))
     if not st_path.exists():
@@ -406,23 +479,20 @@ def _finished(out: Path, j: int, key: str) -> dict | None:
         st = read_json(st_path, "shard stats")
     except UserError:
         return None
-    tar = out / shard_name(j)
-    idx = out / index_name(tar.name)
-    entry = st.get("entry") or {}
-    if (st.get("key") != key or not tar.exists() or not idx.exists() or tar.stat().st_size != entry.get("bytes")):
+    entries, idx_sums = st.get("entries"), st.get("index_sha256")
+    if (st.get("format") != STATS_FORMAT or st.get("key") != key or not isinstance(entries, list) or not entries
+            or not isinstance(idx_sums, list) or len(idx_sums) != len(entries)):
         return None
-    if sha256_file(tar) != entry.get("sha256"):
-        log.warning("%s: sha256 differs from %s (corrupt); rewriting the shard", tar, st_path.name)
-        return None
-    if st.get("index_sha256") is not None:
-        if sha256_file(idx) != st["index_sha256"]:
-            log.warning("%s: sha256 differs from %s (corrupt); rewriting the shard", idx, st_path.name)
+    for entry, idx_sum in zip(entries, idx_sums):
+        tar = out / entry.get("name", "")
+        idx = out / index_name(tar.name)
+        if not tar.is_file() or not idx.is_file() or tar.stat().st_size != entry.get("bytes"):
             return None
-    else:   # stats written before the index checksum was recorded: check that the index parses
-        try:
-            if read_json(idx, "shard offset index").get("count") != entry.get("count"):
-                return None
-        except UserError:
+        if sha256_file(tar) != entry.get("sha256"):
+            log.warning("%s: sha256 differs from %s (corrupt); rewriting the shard", tar, st_path.name)
+            return None
+        if sha256_file(idx) != idx_sum:
+            log.warning("%s: sha256 differs from %s (corrupt); rewriting the shard", idx, st_path.name)
             return None
     return st
 
@@ -503,9 +573,10 @@ def build_dataset(inputs: Iterable[str], tok, out_dir: str | os.PathLike, cfg: S
 
 def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
     from kdcl_dist import dist
-    from kdcl_dist.data.tokenizer import tokenizer_info
+    from kdcl_dist.data.tokenizer import check_mlm_tokenizer, tokenizer_info
 
     specs = ingest.resolve_inputs(inputs, cfg.format)   # same error on every rank
+    check_mlm_tokenizer(tok, tokenizer_name or getattr(tok, "name_or_path", "") or "the tokenizer")
     tinfo = tokenizer_info(tok, tokenizer_name or getattr(tok, "name_or_path", ""))
     enc = _Encoder(tok, cfg)
     if rank == 0:
@@ -550,11 +621,7 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
         while len(pending) > keep:
             b = pending.popleft()
             samples = _batch_samples(b.chunk, enc.ids(b.ids.result()), enc, cfg, b.counts)
-            if b.first:
-                writer.start(out / shard_name(b.shard), enc.dtype, b.done)
-            writer.add(samples)
-            if b.last:
-                writer.end()
+            b.block.add(samples, b.first, b.last)
 
     def finish(j: int):
         nonlocal written, skipped
@@ -565,20 +632,20 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
         counts = _new_counts()
         docs_j = list(cur)
 
-        def done(entry: dict) -> None:  # on the writer thread, after the tar and its index exist
-            entry["tokens"] = counts["tokens"]
+        def done(entries: list[dict]) -> None:  # on the writer thread, after the block's tars and indexes exist
             write_json_atomic(out / stats_name(shard_name(j)), {
                 "format": STATS_FORMAT, "key": key, "tokenizer_fingerprint": tinfo["fingerprint"],
-                "entry": entry, "index_sha256": sha256_file(out / entry["index"]),
+                "entries": entries, "index_sha256": [sha256_file(out / e["index"]) for e in entries],
                 "first_doc": docs_j[0][0], "documents": len(docs_j), **counts,
             })
 
+        block = _BlockFeed(out, j, cfg.shard_size, enc.dtype, writer, done)
         bs = cfg.batch_size
         starts = range(0, len(docs_j), bs)
         for start in starts:
             chunk = docs_j[start:start + bs]
             fut = tokenizer.submit(enc.encode_raw, [d.text for _, d in chunk])
-            pending.append(_Batch(j, chunk, fut, counts, start == 0, start == starts[-1], done))
+            pending.append(_Batch(chunk, fut, counts, start == 0, start == starts[-1], block))
         # the newest batch keeps tokenizing while the next shard's documents are read
         drain(keep=1)
         written += 1
@@ -632,7 +699,7 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
     """Rank 0: combine per-shard stats in shard order into dataset.json (world-size independent)."""
     from kdcl_dist import FORMAT_VERSION
     from kdcl_dist.config import write_resolved
-    from kdcl_dist.data.shards import manifest_fingerprint
+    from kdcl_dist.data.shards import key_to_id, manifest_fingerprint
 
     stats: ingest.IngestStats = res["stats"]
     entries, keys_seen = [], {}
@@ -643,16 +710,20 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
         if not st_path.exists():
             raise UserError(f"{st_path}: missing after all ranks finished; re-run the shard stage")
         st = read_json(st_path, "shard stats")
-        entries.append(st["entry"])
         for k in sums:
             sums[k] += st[k]
-        for key in read_json(out / st["entry"]["index"], "shard offset index")["keys"]:
-            if key in keys_seen:
-                raise UserError(f"{out / st['entry']['name']}: sample key '{key}' also in shard "
-                                f"{keys_seen[key]}; document ids clash after sanitising, set id_field='' "
-                                "to use file:line ids")
-            keys_seen[key] = j
-    _remove_stale(out, res["n_shards"])
+        for entry in st["entries"]:
+            entries.append(entry)
+            for key in read_json(out / entry["index"], "shard offset index")["keys"]:
+                if key in keys_seen:   # keys are injective in the sample id: the id itself repeats
+                    shown = key_to_id(key)
+                    raise UserError(f"{out / entry['name']}: sample key '{key}'"
+                                    + (f" (id {shown!r})" if shown is not None else "")
+                                    + f" also in {keys_seen[key]}; sample ids must be unique: a document id "
+                                    "equals the `<id>_part<k>` id of a part of a split document, rename that "
+                                    "document or use --too-long truncate")
+                keys_seen[key] = entry["name"]
+    _remove_stale(out, res["n_shards"], {n for e in entries for n in (e["name"], e["index"])})
     dropped = {r: 0 for r in ingest.DROP_REASONS}
     dropped.update(stats.dropped)
     dropped["too_short"] += sums["too_short"]

@@ -2,11 +2,17 @@
 
 Input formats (chosen by `--format`, or by file suffix with `auto`):
 
-- `jsonl` (`.jsonl`, `.json`, `.ndjson`, optionally `.gz`): one JSON object per line;
+- `jsonl` (`.jsonl`, `.ndjson`, optionally `.gz`): one JSON object per line;
   the body is `text_field`, prefixed by `title_field` when present; the id is `id_field`
   (falls back to `<file>:<line>`).
-- `txt` (`.txt`, optionally `.gz`): one document per line (`text_unit=line`) or
-  documents separated by blank lines (`text_unit=paragraph`).
+- `json` (`.json`, optionally `.gz`): the content decides. A file whose first line starts
+  with `[`, or whose first object spans several lines (pretty-printed), is one JSON
+  document: a list of records, or an object holding one such list (`{"data": [...]}`);
+  it is read whole into memory. Otherwise it is JSON Lines, read as `jsonl`. Ids fall
+  back to `<file>#<n>` (n-th record); messages name `file:line` of the record.
+- `txt` (`.txt`, optionally `.gz`): one document per line (`text_unit=line`),
+  documents separated by blank lines (`text_unit=paragraph`) or one document per file
+  (`text_unit=file`, id = the file's path as in `source`, e.g. `abstracts/0001.txt`).
 - `xml` (`.xml`, `.xml.gz`): PubMed/MEDLINE XML as NLM publishes its baseline files
   (`MedlineCitationSet` or `PubmedArticleSet`). A document is the article title followed
   by every `AbstractText` part (its `Label` kept as `LABEL: text`). Parsed with
@@ -15,16 +21,29 @@ Input formats (chosen by `--format`, or by file suffix with `auto`):
 - `hf`: a `datasets` directory written by `save_to_disk` (read with `load_from_disk`) or a
   hub dataset name (read with `load_dataset(..., streaming=True)`).
 
+Ids (`id_field`): a string is kept exactly (any Unicode string except one holding U+0000,
+which numpy's fixed-width strings in score files would cut off); an integer becomes its
+decimal string; a missing, null or empty id falls back as above; anything else (a float,
+boolean, list, object) is refused naming `file:line` (`bad_id` with `--skip-bad-lines`).
+Duplicates by id are exact: two documents are the same id only if their ids are equal
+strings. The tar key of each sample is derived from its id by `shards.sample_key`
+(injective), so distinct ids never collide.
+
+A UTF-8 byte order mark at the start of a file (and, in JSON Lines, at the start of a
+line, as concatenating such files leaves) is removed.
+
 Every record the readers see is one *input document*, and it ends up either kept or
 counted under exactly one drop reason (DESIGN §4.6):
 
-    invalid_json   a jsonl line that is not a JSON object   (error unless skip_bad_lines)
+    invalid_json   a jsonl line / json record that is not a JSON object (error unless skip_bad_lines)
     missing_field  a record without a string text field     (error unless skip_bad_lines)
+    bad_id         an id that is not a string or an integer, or holds U+0000
+                                                            (error unless skip_bad_lines)
     undecodable    bytes that are not UTF-8 (or lone surrogates from JSON escapes)
     no_abstract    a MEDLINE citation without an abstract
     empty          nothing but whitespace in the body
     duplicate      same text as an earlier document (hash of whitespace-normalised text)
-    duplicate_id   same id (after key sanitising) as an earlier, different document
+    duplicate_id   same id (exactly equal strings) as an earlier, different document
     too_short      fewer than min_tokens tokens (counted later, by the shard stage)
 
 Documents that are too long are not dropped: the shard stage truncates or splits them.
@@ -36,6 +55,7 @@ import gzip
 import hashlib
 import json
 import logging
+import numbers
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,11 +66,13 @@ from kdcl_dist.errors import UserError
 
 log = logging.getLogger("kdcl_dist.ingest")
 
-FORMATS = ("auto", "jsonl", "txt", "xml", "parquet", "hf")
-DROP_REASONS = ("invalid_json", "missing_field", "undecodable", "no_abstract", "empty",
+FORMATS = ("auto", "jsonl", "json", "txt", "xml", "parquet", "hf")
+TEXT_UNITS = ("line", "paragraph", "file")
+DROP_REASONS = ("invalid_json", "missing_field", "bad_id", "undecodable", "no_abstract", "empty",
                 "duplicate", "duplicate_id", "too_short")
+_BOM = b"\xef\xbb\xbf"
 _SUFFIXES = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".jsonl": "jsonl", ".json": "json", ".ndjson": "jsonl",
     ".txt": "txt", ".text": "txt",
     ".xml": "xml",
     ".parquet": "parquet",
@@ -70,7 +92,7 @@ class ReadOptions:
     text_field: str = "text"
     title_field: str = "title"      # "" disables the title prefix
     id_field: str = "id"            # "" always uses <file>:<line>
-    text_unit: str = "line"         # txt: "line" or "paragraph"
+    text_unit: str = "line"         # txt: "line", "paragraph" or "file"
     skip_bad_lines: bool = False
     hf_split: str = "train"
     dedup: bool = True
@@ -218,8 +240,48 @@ def _record_to_doc(rec, opts: ReadOptions, fallback_id: str, where: str, spec: I
         stats.drop("undecodable", where, opts.verbose, "invalid unicode (lone surrogate)")
         return None
     raw_id = rec.get(opts.id_field) if opts.id_field else None
-    doc_id = str(raw_id) if raw_id not in (None, "") else fallback_id
-    return Document(doc_id, text, spec.source)
+    doc_id = document_id(raw_id, fallback_id, where, opts, stats)
+    return None if doc_id is None else Document(doc_id, text, spec.source)
+
+
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object", str: "string",
+               type(None): "null"}
+
+
+def document_id(raw_id, fallback_id: str, where: str, opts: ReadOptions, stats: IngestStats) -> str | None:
+    """The id rule: a string as is, an integer as its decimal string, missing/null/"" ->
+    `fallback_id`; anything else is refused (UserError naming `where`) or, with
+    skip_bad_lines, counted as `bad_id` (None). Lone surrogates: `undecodable` (None)."""
+    if raw_id is None or raw_id == "":
+        return fallback_id
+    if isinstance(raw_id, str):
+        doc_id = raw_id
+    elif isinstance(raw_id, numbers.Integral) and not isinstance(raw_id, bool):
+        return str(int(raw_id))
+    else:
+        kind = _JSON_TYPES.get(type(raw_id), type(raw_id).__name__)
+        try:
+            shown = json.dumps(raw_id, ensure_ascii=False)
+        except (TypeError, ValueError):
+            shown = repr(raw_id)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        article = "an" if kind[:1] in "aeiou" else "a"
+        return _bad_id(f"id field '{opts.id_field}' holds {article} {kind} ({shown}), not a string or an integer",
+                       where, opts, stats)
+    if "\0" in doc_id:
+        return _bad_id(f"id {doc_id!r} contains the character U+0000", where, opts, stats)
+    if not _text_ok(doc_id):
+        stats.drop("undecodable", where, opts.verbose, "invalid unicode in the id (lone surrogate)")
+        return None
+    return doc_id
+
+
+def _bad_id(what: str, where: str, opts: ReadOptions, stats: IngestStats) -> None:
+    if not opts.skip_bad_lines:
+        raise UserError(f"{where}: {what}; give every record a string id, set --id-field '' to number "
+                        "documents by file:line, or pass --skip-bad-lines to count and skip such records")
+    stats.drop("bad_id", where, opts.verbose, what)
+    return None
 
 
 def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
@@ -227,7 +289,7 @@ def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Itera
     undecodable = 0
     try:
         with _open_binary(spec.path) as f:
-            for lineno, raw in enumerate(f, 1):
+            for lineno, raw in _lines(f, every_line=True):
                 if not raw.strip():
                     continue
                 stats.documents += 1
@@ -243,14 +305,16 @@ def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Itera
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     if not opts.skip_bad_lines:
-                        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix the line "
-                                        "or pass --skip-bad-lines to count and skip it") from None
+                        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                                        f"{_pretty_hint(line, lineno)}fix the line or pass --skip-bad-lines "
+                                        "to count and skip it") from None
                     stats.drop("invalid_json", where, opts.verbose, e.msg)
                     continue
                 if not isinstance(rec, dict):
                     if not opts.skip_bad_lines:
-                        raise UserError(f"{where}: a JSON {type(rec).__name__}, not an object; each line must be "
-                                        "a JSON object, or pass --skip-bad-lines to count and skip it")
+                        raise UserError(f"{where}: a JSON {type(rec).__name__}, not an object; "
+                                        f"{_pretty_hint(line, lineno)}each line must be a JSON object, or pass "
+                                        "--skip-bad-lines to count and skip it")
                     stats.drop("invalid_json", where, opts.verbose, "not an object")
                     continue
                 doc = _record_to_doc(rec, opts, f"{spec.source}:{lineno}", where, spec, stats)
@@ -260,6 +324,24 @@ def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Itera
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
     _check_not_binary(spec, seen_ok, undecodable)
+
+
+def _lines(f, every_line: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a binary file, without a UTF-8 BOM at the start of the file
+    (or, with every_line, at the start of any line)."""
+    for lineno, raw in enumerate(f, 1):
+        if (lineno == 1 or every_line) and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        yield lineno, raw
+
+
+def _pretty_hint(line: str, lineno: int) -> str:
+    """A hint for a JSON Lines error on a line that starts a pretty-printed JSON document."""
+    s = line.strip()
+    if lineno <= 2 and (s.startswith("[") or s == "{"):
+        return ("the file looks like one JSON document, not JSON Lines: name it .json "
+                "or pass --format json; otherwise ")
+    return ""
 
 
 def _check_not_binary(spec: InputSpec, ok: int, undecodable: int) -> None:
@@ -291,8 +373,25 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
 
     try:
         with _open_binary(spec.path) as f:
-            if opts.text_unit == "line":
-                for lineno, raw in enumerate(f, 1):
+            if opts.text_unit == "file":
+                data = f.read()
+                if data.startswith(_BOM):
+                    data = data[len(_BOM):]
+                stats.documents += 1
+                stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
+                try:
+                    text = data.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    undecodable += 1
+                    stats.drop("undecodable", spec.path, opts.verbose, f"not UTF-8 ({e.reason} at byte {e.start})")
+                else:
+                    if not text:
+                        stats.drop("empty", spec.path, opts.verbose)
+                    else:
+                        seen_ok += 1
+                        yield Document(spec.source, text, spec.source)
+            elif opts.text_unit == "line":
+                for lineno, raw in _lines(f):
                     if raw.strip():
                         doc = emit([raw], lineno)
                         if doc is not None:
@@ -300,7 +399,7 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
             else:
                 buf: list[bytes] = []
                 start = 0
-                for lineno, raw in enumerate(f, 1):
+                for lineno, raw in _lines(f):
                     if raw.strip():
                         if not buf:
                             start = lineno
@@ -317,6 +416,154 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
     _check_not_binary(spec, seen_ok, undecodable)
+
+
+def _read_json(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    """`.json`: JSON Lines or one JSON document (a list of records, or an object holding one),
+    told apart by the content (see the module doc)."""
+    try:
+        lines_format = _sniff_json_lines(spec, opts)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
+    if lines_format:
+        spec.format = "jsonl"
+        yield from _read_jsonl(spec, opts, stats)
+    else:
+        spec.format = "json"
+        yield from _read_json_document(spec, opts, stats)
+
+
+def _sniff_json_lines(spec: InputSpec, opts: ReadOptions) -> bool:
+    """True when the file holds JSON Lines, False when it is one JSON document."""
+    first: list[bytes] = []
+    with _open_binary(spec.path) as f:
+        for _, raw in _lines(f):
+            if raw.strip():
+                first.append(raw.strip())
+                if len(first) == 2:
+                    break
+    if not first:
+        return True
+    if first[0].startswith(b"["):
+        return False
+    try:
+        rec = json.loads(first[0])
+    except ValueError:   # JSONDecodeError or not UTF-8
+        if first[0].startswith(b"{") and len(first) == 2:
+            try:         # a broken first line of JSON Lines: the next line is a whole object
+                return isinstance(json.loads(first[1]), dict)
+            except ValueError:
+                return False
+        return not first[0].startswith(b"{")
+    if (isinstance(rec, dict) and len(first) == 1 and not isinstance(rec.get(opts.text_field), str)
+            and _record_lists(rec)):
+        return False     # one line holding {"data": [...]}: a (minified) JSON document
+    return True
+
+
+def _record_lists(obj: dict) -> list[str]:
+    """Keys of `obj` whose value is a non-empty list starting with a JSON object."""
+    return [k for k, v in obj.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\n\r":
+        pos += 1
+    return pos
+
+
+def _member_value_pos(text: str, pos: int, key: str) -> int:
+    """Where the value of `key` starts in the (valid) JSON object at text[pos]; the last one wins."""
+    dec = json.JSONDecoder()
+    pos = _skip_ws(text, pos + 1)
+    found = -1
+    while text[pos] != "}":
+        k, pos = dec.raw_decode(text, pos)
+        pos = _skip_ws(text, _skip_ws(text, pos) + 1)          # past the ':'
+        if k == key:
+            found = pos
+        _, pos = dec.raw_decode(text, pos)
+        pos = _skip_ws(text, pos)
+        if text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+    return found
+
+
+def _array_items(text: str, pos: int) -> Iterator[tuple[int, object]]:
+    """(start, value) of each element of the (valid) JSON array at text[pos]."""
+    dec = json.JSONDecoder()
+    pos = _skip_ws(text, pos + 1)
+    while text[pos] != "]":
+        value, end = dec.raw_decode(text, pos)
+        yield pos, value
+        pos = _skip_ws(text, end)
+        if text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+
+
+def _read_json_document(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+    try:
+        with _open_binary(spec.path) as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{spec.path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); convert the file "
+                        "(e.g. iconv -f latin1 -t utf-8) or check that it is the right file") from None
+    del data
+    what = ("a .json corpus is one JSON document: a list of records, or an object holding one; "
+            "or JSON Lines, one object per line")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{spec.path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file "
+                        f"({what})") from None
+    start = _skip_ws(text, 0)
+    if isinstance(doc, dict) and isinstance(doc.get(opts.text_field), str):
+        items: Iterable[tuple[int, object]] = [(start, doc)]            # a single record
+    elif isinstance(doc, dict):
+        keys = _record_lists(doc)
+        if len(keys) > 1:   # prefer the one list whose records have the text field
+            with_text = [k for k in keys if isinstance(doc[k][0].get(opts.text_field), str)]
+            keys = with_text if len(with_text) == 1 else keys
+        if len(keys) != 1:
+            have = ", ".join(map(repr, list(doc)[:8]))
+            why = (f"holds several lists of records ({', '.join(map(repr, keys))})" if keys
+                   else f"has no list of records (keys: {have or 'none'})")
+            raise UserError(f"{spec.path}: the JSON object {why}; expected a list of "
+                            f"{{\"{opts.id_field or 'id'}\": ..., \"{opts.text_field}\": ...}} objects or an object "
+                            "holding exactly one such list (or write JSON Lines, one object per line)")
+        pos = _member_value_pos(text, start, keys[0])
+        del doc
+        items = _array_items(text, pos)
+    elif isinstance(doc, list):
+        del doc
+        items = _array_items(text, start)
+    else:
+        raise UserError(f"{spec.path}: a JSON {_JSON_TYPES.get(type(doc), type(doc).__name__)}, not a list of "
+                        f"records; {what}")
+    line, last = 1, 0
+    for n, (pos, rec) in enumerate(items, 1):
+        line += text.count("\n", last, pos)
+        last = pos
+        stats.documents += 1
+        stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
+        where = f"{spec.path}:{line} (record {n})"
+        if not isinstance(rec, dict):
+            kind = _JSON_TYPES.get(type(rec), type(rec).__name__)
+            if not opts.skip_bad_lines:
+                raise UserError(f"{where}: a JSON {kind}, not an object; each record must be a JSON object, "
+                                "or pass --skip-bad-lines to count and skip it")
+            stats.drop("invalid_json", where, opts.verbose, "not an object")
+            continue
+        d = _record_to_doc(rec, opts, f"{spec.source}#{n}", where, spec, stats)
+        if d is not None:
+            yield d
 
 
 def _local(tag: str) -> str:
@@ -428,7 +675,7 @@ def _read_hf(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator
             yield doc
 
 
-_READERS = {"jsonl": _read_jsonl, "txt": _read_txt, "xml": _read_xml, "parquet": _read_parquet, "hf": _read_hf}
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "txt": _read_txt, "xml": _read_xml, "parquet": _read_parquet, "hf": _read_hf}
 
 
 def read_documents(inputs: list[InputSpec], opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
@@ -457,26 +704,29 @@ def clean(docs: Iterable[Document], opts: ReadOptions, stats: IngestStats) -> It
     """Drop exact duplicates (content hash) and repeated ids; keep the input order.
 
     Deterministic and order-preserving, so every rank that runs it over the same inputs
-    agrees on which documents survive and on their global index.
+    agrees on which documents survive and on their global index. Ids are compared exactly
+    (no sanitising): only documents with equal ids are `duplicate_id`.
     """
-    from kdcl_dist.data.shards import sanitize_key
-
     seen_text: set[bytes] = set()
-    seen_key: set[str] = set()
+    seen_id: set[str] = set()
     for doc in docs:
         if opts.dedup:
             h = content_hash(doc.text)
             if h in seen_text:
-                stats.drop("duplicate", f"{doc.source}: {doc.id}", opts.verbose)
+                stats.drop("duplicate", f"{doc.source}: {_shown(doc.id)}", opts.verbose)
                 continue
             seen_text.add(h)
-        key = sanitize_key(doc.id)
-        if key in seen_key:
-            stats.drop("duplicate_id", f"{doc.source}: {doc.id}", opts.verbose,
+        if doc.id in seen_id:
+            stats.drop("duplicate_id", f"{doc.source}: {_shown(doc.id)}", opts.verbose,
                        "another document already has this id (set --id-field, or id_field='' for file:line ids)")
             continue
-        seen_key.add(key)
+        seen_id.add(doc.id)
         yield doc
+
+
+def _shown(doc_id: str) -> str:
+    """An id as messages show it: as is when printable, else its repr (one line)."""
+    return doc_id if doc_id.isprintable() else repr(doc_id)
 
 
 def iter_clean_documents(paths: Iterable[str], opts: ReadOptions, stats: IngestStats | None = None
@@ -492,4 +742,5 @@ def describe_drops(stats: IngestStats) -> str:
 
 
 __all__ = ["Document", "ReadOptions", "InputSpec", "IngestStats", "resolve_inputs", "read_documents",
-           "clean", "iter_clean_documents", "content_hash", "FORMATS", "DROP_REASONS"]
+           "clean", "iter_clean_documents", "content_hash", "document_id", "FORMATS", "TEXT_UNITS",
+           "DROP_REASONS"]

@@ -34,7 +34,9 @@ class MaskSpec:
     @classmethod
     def from_tokenizer(cls, tok, mask_prob: float = 0.15) -> MaskSpec:
         if tok.mask_token_id is None:
-            raise ValueError("tokenizer has no [MASK] token; a masked-LM tokenizer is required")
+            from kdcl_dist.data.tokenizer import check_mlm_tokenizer
+
+            check_mlm_tokenizer(tok, getattr(tok, "name_or_path", "") or "the tokenizer")
         return cls(
             mask_token_id=int(tok.mask_token_id),
             vocab_size=len(tok),

@@ -3,7 +3,8 @@
 A shard `shard-000000.tar` is written with webdataset's own `TarWriter`. Each sample has
 members `<key>.ids.npy` (token ids, uint16 when the vocabulary fits else int32),
 `<key>.json` (metadata: id, source, n_tokens, truncated, plus stage fields such as
-score/position) and optionally `<key>.txt`. The byte offset and size of every member's
+score/position) and optionally `<key>.txt`. The key is `sample_key(meta["id"])`, an
+injective escape of the sample id (see there); the id itself is in the metadata. The byte offset and size of every member's
 data, as written, go to `shard-000000.idx.json` (the same as a scan of the finished tar's
 headers, `index_tar_bytes` / `build_index`), so any sample can be read with one seek per
 member.
@@ -25,6 +26,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
+from kdcl_dist.errors import UserError
 from kdcl_dist.utils import atomic_path, write_json_atomic
 
 INDEX_FORMAT = 1
@@ -32,20 +34,66 @@ INDEX_FORMAT = 1
 # number of ranks) and keeps tar headers plain ustar (a float time.time() forces an extra
 # PAX header per member, doubling the header bytes and the time to write and index them).
 SHARD_MTIME = 0
-_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
+_KEY_PLAIN = re.compile(r"[A-Za-z0-9_\-]+")
+_KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+KEY_MAX = 120        # escaped keys longer than this end in a hash instead (see sample_key)
+_KEY_HASH_PREFIX = 64
 
 
 class Sample(NamedTuple):
-    key: str            # tar key (sanitized id, unique within a dataset)
+    key: str            # tar key: sample_key(meta["id"]), unique within a dataset
     ids: np.ndarray     # token ids
     meta: dict          # at least {"id", "n_tokens"}
     text: str | None = None
 
 
-def sanitize_key(sample_id: str) -> str:
-    """webdataset splits keys at the first '.', so keys use [A-Za-z0-9_-] only."""
-    key = _KEY_BAD.sub("_", str(sample_id))
-    return key or "_"
+def sample_key(sample_id: str) -> str:
+    """The tar member key of a sample id: distinct ids always get distinct keys.
+
+    webdataset splits a member name into key and extension at the first '.', and a member
+    name must not climb out of a directory, so keys use only ``[A-Za-z0-9_-%]``:
+
+    - an id made of ``[A-Za-z0-9_-]`` only (``pmid-123``, ``42``, ``x_part3``) is its own key
+      (the keys of earlier versions, which replaced other characters by ``_``, are the same
+      for such ids);
+    - any other id is escaped: every character outside ``[A-Za-z0-9_-]`` becomes ``%XX`` per
+      UTF-8 byte, upper-case hex (``a/b`` -> ``a%2Fb``, ``a_b`` stays ``a_b``, ``κ`` -> ``%CE%BA``).
+      Escaping is injective and an escaped key always holds a ``%``, so it never equals a
+      plain id;
+    - an escaped key longer than ``KEY_MAX`` characters is cut to its first 64 characters
+      (never inside a ``%XX``) followed by ``%h`` and the blake2b-128 hex digest of the
+      whole id. ``%h`` never occurs in an escaped key (``%`` is always followed by an
+      upper-case hex digit there), so such a key can only equal another hashed key, which
+      needs a 128-bit hash collision (and the shard stage checks keys for uniqueness anyway).
+    """
+    s = str(sample_id)
+    if _KEY_PLAIN.fullmatch(s):
+        return s
+    key = "".join(c if c in _KEY_SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+                  for c in s)
+    if len(key) > KEY_MAX or not key:
+        import hashlib
+
+        cut = key[:_KEY_HASH_PREFIX]
+        pct = cut.rfind("%", len(cut) - 2)
+        if pct >= 0:                      # do not cut an escape in half
+            cut = cut[:pct]
+        key = cut + "%h" + hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return key
+
+
+def key_to_id(key: str) -> str | None:
+    """The sample id a key was made from (None for a hashed key): for messages only."""
+    if "%h" in key:
+        return None
+    if "%" not in key:
+        return key
+    from urllib.parse import unquote
+
+    return unquote(key, errors="surrogatepass")
+
+
+sanitize_key = sample_key   # the name earlier versions used
 
 
 def shard_name(index: int) -> str:
@@ -80,7 +128,13 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample], dtype=np.int
     # through tarfile's stream layer (same bytes too). Nothing was written yet, so the stream
     # that TarWriter opened is dropped unclosed (closing it would end the archive).
     writer.tarstream = _ShardTarFile(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT)
+    seen: set[str] = set()
     for s in samples:
+        if s.key in seen:   # the index would merge the two samples' members: refuse instead
+            raise UserError(f"{path}: sample key '{s.key}' (id {s.meta.get('id')!r}) twice in this shard; sample ids must "
+                            "be unique: a document id equals the `<id>_part<k>` id of a part of a split document, "
+                            "rename that document or use --too-long truncate")
+        seen.add(s.key)
         rec = {"__key__": s.key, "ids.npy": npy_bytes(np.asarray(s.ids, dtype=dtype)),
                "json": json.dumps(s.meta).encode("utf-8")}
         if s.text is not None:
@@ -355,7 +409,7 @@ def write_documents(docs, tok, out_dir: str | os.PathLike, *, max_length: int = 
         chunk = docs[start: start + batch_size]
         enc = tok([t for _, t in chunk], truncation=True, max_length=max_length)["input_ids"]
         for (doc_id, text), ids in zip(chunk, enc):
-            key = sanitize_key(doc_id)
+            key = sample_key(str(doc_id))
             buf.append(Sample(key, np.asarray(ids), {"id": str(doc_id), "n_tokens": len(ids)},
                               text if keep_text else None))
             if len(buf) >= shard_size:

@@ -69,6 +69,21 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def check_mlm_tokenizer(tok, name: str) -> None:
+    """Refuse a tokenizer that masked-LM distillation cannot use (no mask or padding token),
+    before any work: without it scoring, training and evaluation would fail much later."""
+    need = (("mask", "mask_token_id", "mask_token", "[MASK]"), ("padding", "pad_token_id", "pad_token", "[PAD]"))
+    missing = [(what, key, token) for what, attr, key, token in need if getattr(tok, attr, None) is None]
+    if missing:
+        tokens = " and ".join(f"no {what} token" for what, _, _ in missing)
+        example = ", ".join(f"'{key}': '{token}'" for _, key, token in missing)
+        raise UserError(
+            f"{name}: tokenizer has {tokens}; masked-LM distillation masks tokens with [MASK] and pads batches "
+            "with [PAD]: use a BERT-style tokenizer (e.g. one from `kdcl-dist tokenizer`) or add the token "
+            f"(tok.add_special_tokens({{{example}}}); tok.save_pretrained(DIR)) and pass that directory"
+        )
+
+
 def tokenizer_fingerprint(tok) -> str:
     """Hash of the vocabulary and special tokens: equal fingerprints tokenize identically."""
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
