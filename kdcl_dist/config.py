@@ -28,9 +28,13 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "", choices: Sequence | None = None,
-           min: float | None = None, max: float | None = None, default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with validation metadata."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max}
+           min: float | None = None, max: float | None = None, default_factory: Any = dataclasses.MISSING,
+           hint: str = ""):
+    """A dataclass field with validation metadata.
+
+    `hint`: what to do instead, appended to a range or choice error (e.g. "omit --steps to train by
+    epochs" for an option whose unset state, None, means something a number cannot)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max, "hint": hint}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -190,16 +194,17 @@ def _validate(key: str, value: Any, meta: dict) -> None:
     if value is None or not meta:
         return
     choices = meta.get("choices")
+    hint = f"; {meta['hint']}" if meta.get("hint") else ""
     values = value if isinstance(value, list) else [value]
     for v in values:
         if choices and v not in choices:
-            raise UserError(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+            raise UserError(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}{hint}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             lo, hi = meta.get("min"), meta.get("max")
             if lo is not None and v < lo:
-                raise UserError(f"{key}: {v!r} is below the minimum {lo}")
+                raise UserError(f"{key}: {v!r} is below the minimum {lo}{hint}")
             if hi is not None and v > hi:
-                raise UserError(f"{key}: {v!r} is above the maximum {hi}")
+                raise UserError(f"{key}: {v!r} is above the maximum {hi}{hint}")
 
 
 def resolve(cls, section: str, *, preset: str | None = None, config_file: str | None = None,

@@ -59,8 +59,11 @@ class TrainConfig:
     cosine_weight: float = option(0.0, help="weight of the hidden-state cosine term (needs equal hidden sizes)", min=0.0)
     global_batch: int = option(32, help="samples per optimizer step over all ranks", min=1)
     micro_batch: int = option(8, help="samples per forward on one rank", min=1)
-    steps: int = option(0, help="optimizer steps (0: from epochs)", min=0)
-    epochs: int = option(0, help="epochs over the curriculum (0: 1 unless steps is set)", min=0)
+    # unset (None) is the only "not given": an explicit 0 would otherwise train a whole epoch
+    steps: int | None = option(None, help="optimizer steps (unset: from epochs)", min=1,
+                               hint="omit --steps (or set steps: null) to train by --epochs, one epoch by default")
+    epochs: int | None = option(None, help="epochs over the curriculum (unset: 1, or what --steps needs)", min=1,
+                                hint="omit --epochs (or set epochs: null) for one epoch, or give --steps")
     lr: float = option(5e-4, help="peak learning rate", min=0.0)
     warmup_steps: int = option(10, help="linear warm-up steps", min=0)
     lr_schedule: str = option("linear", help="decay after warm-up", choices=("linear", "cosine", "constant"))
@@ -91,6 +94,9 @@ class TrainConfig:
                 "(student-only MLM)")
         if self.teacher is not None and self.teacher.lower() in ("", "none"):
             self.teacher = None
+        if self.micro_batch > self.global_batch:
+            raise UserError(f"train.micro_batch: {self.micro_batch} exceeds train.global_batch {self.global_batch} (the "
+                            "micro batch is one rank's share of a step); lower --micro-batch or raise --global-batch")
         if self.q_low >= self.q_high:
             raise UserError(f"train.q_low: {self.q_low} must be below q_high {self.q_high}")
         if self.reliance == "sr-paper" and self.order in ("random", "reverse") and not self.allow_sr_any_order:
@@ -128,25 +134,32 @@ def init_distributed() -> dist.DistInfo:
     return dist.init()
 
 
-def resolve_steps(n_samples: int, global_batch: int, steps: int, epochs: int) -> tuple[int, int]:
+def resolve_steps(n_samples: int, global_batch: int, steps: int | None, epochs: int | None) -> tuple[int, int]:
     """(total_steps, steps_per_epoch) with the documented epochs semantics.
 
-    E epochs are ceil(E·n / B) steps: every sample is trained E times (order.py, the stream);
-    steps_per_epoch is the whole steps of one epoch, n // B (pacing's default length).
+    steps / epochs None: not given. E epochs are ceil(E·n / B) steps: every sample is trained E
+    times (order.py, the stream); steps_per_epoch is the whole steps of one epoch, n // B
+    (pacing's default length). Neither given: one epoch.
     """
     from kdcl_dist.curriculum.order import steps_for_epochs
 
+    for key, v in (("steps", steps), ("epochs", epochs)):
+        if v is not None and v < 1:  # the config refuses these already (min=1); callers of this function too
+            raise UserError(f"train.{key}: {v} is below the minimum 1; omit --{key} to leave it unset")
+    if n_samples < 1:
+        raise UserError("train.curriculum: the curriculum holds no samples; rebuild it with `kdcl-dist curriculum` "
+                        "(check --exclude-heldout-percent and --nonfinite)")
     spe = n_samples // global_batch
     if spe < 1:
         raise UserError(f"train.global_batch: {global_batch} exceeds the curriculum's {n_samples} samples; "
-                        "use a smaller global batch")
-    if steps and epochs and steps > steps_for_epochs(n_samples, global_batch, epochs):
+                        f"use a global batch of at most {n_samples}")
+    if steps is not None and epochs is not None and steps > steps_for_epochs(n_samples, global_batch, epochs):
         raise UserError(f"train.steps: {steps} steps exceed the {epochs} epoch(s) of {n_samples} samples "
                         f"({steps_for_epochs(n_samples, global_batch, epochs)} steps at global batch {global_batch}); "
                         "raise --epochs, lower --steps, or give only --steps (it wraps into further epochs)")
-    if steps:
+    if steps is not None:
         return steps, spe
-    return steps_for_epochs(n_samples, global_batch, max(1, epochs)), spe
+    return steps_for_epochs(n_samples, global_batch, epochs or 1), spe
 
 
 def _tensor_sha(named) -> str:
@@ -257,12 +270,9 @@ def train(cfg: TrainConfig) -> dict:
     info = init_distributed()
     rank, world = info.rank, info.world_size
     setup_logging(rank)
-    out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    out = Path(cfg.out)  # created once every check below has passed (a refused run writes nothing)
 
-    # 2. curriculum
+    # 2. curriculum and everything decided by the config, the world size and curriculum.json
     cur_dir = Path(cfg.curriculum)
     if not (cur_dir / "curriculum.json").exists():
         raise UserError(f"{cur_dir}: no curriculum.json; run `kdcl-dist curriculum` first (or pass its --out)")
@@ -284,6 +294,7 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"{scores_path}: {len(order_scores)} scores for {n} samples; re-run `kdcl-dist curriculum`")
     fingerprint = shards.fingerprint
     total_steps, spe = resolve_steps(n, cfg.global_batch, cfg.steps, cfg.epochs)
+    kde.grad_accum_steps(cfg.global_batch, cfg.micro_batch, world)  # the batch must split over the ranks
     pacing_steps = cfg.pacing_steps or None  # None: the pool reaches all data after one epoch
 
     # 3. tokenizer and vocabularies (before any model is built)
@@ -319,10 +330,7 @@ def train(cfg: TrainConfig) -> dict:
     param_groups = "split" if marker is None else marker.get("param_groups", "single")
     universal = resume_dir is not None and ckpt.needs_universal(marker, world)
 
-    # 5. models and engine
-    ckpt.seed_rng(cfg.seed + rank)
-    student = load_mlm(cfg.student)
-    teacher = load_mlm(cfg.teacher) if cfg.teacher else None
+    # 5. DeepSpeed configs, checked against DeepSpeed's own schema (kd/engine.check_ds_config)
     on_gpu = torch.cuda.is_available()
     ds_cfg = kde.prepare_student_config(
         cfg.ds_config, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, world_size=world,
@@ -330,10 +338,22 @@ def train(cfg: TrainConfig) -> dict:
         min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
         on_gpu=on_gpu, load_universal=universal)
     t_cfg = None
-    if teacher is not None and cfg.teacher_hosting == "zero3":
+    if cfg.teacher and cfg.teacher_hosting == "zero3":
         path = cfg.teacher_ds_config or ("ds_configs/teacher_zero3_bf16.json"
                                          if on_gpu and kde.precision(ds_cfg) == "bf16" else "ds_configs/teacher_zero3.json")
         t_cfg = kde.prepare_teacher_config(path, micro_batch=cfg.micro_batch, world_size=world, on_gpu=on_gpu)
+    stage = kde.zero_stage(ds_cfg)
+    if marker is not None and stage is not None and int(marker.get("zero_stage", stage)) != stage:
+        raise UserError(f"{resume_dir}: checkpoint was saved with ZeRO stage {marker.get('zero_stage')}, --ds-config "
+                        f"{cfg.ds_config} uses stage {stage}; resume with a config of the same stage")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    # 6. models and engine: the first costly step, after every check above
+    ckpt.seed_rng(cfg.seed + rank)
+    student = load_mlm(cfg.student)
+    teacher = load_mlm(cfg.teacher) if cfg.teacher else None
     opts = kde.EngineOptions(temperature=cfg.temperature, kd_positions=cfg.kd_positions,
                              cosine_weight=cfg.cosine_weight, teacher_hosting=cfg.teacher_hosting)
     sched = kde.make_lr_scheduler(warmup_steps=cfg.warmup_steps, total_steps=lr_segments[0][1],
@@ -352,7 +372,7 @@ def train(cfg: TrainConfig) -> dict:
         write_resolved(cfg, out, "train")
         write_json_atomic(out / "ds_config.json", ds_cfg)
 
-    # 6. sampler, reliance
+    # 7. sampler, reliance
     spec = OrderSpec(mode=cfg.order, seed=cfg.seed, pacing_f0=cfg.pacing_f0, pacing_steps=pacing_steps)
     sampler = CurriculumSampler(n, cfg.global_batch, cfg.micro_batch, world, rank, spec)
     rspec = RelianceSpec(schedule=cfg.reliance, lambda_=cfg.lambda_, lambda_max=cfg.lambda_max,
@@ -360,7 +380,7 @@ def train(cfg: TrainConfig) -> dict:
     first_scores = np.asarray(order_scores[np.asarray(sampler.global_positions(0))], dtype=np.float64)
     reliance = Reliance(rspec, manifest.get("score_stats") or {}, first_scores, n_samples=n)
 
-    # 7. resume
+    # 8. resume
     start_step = 0
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, rank)
     if resume_dir is not None:
@@ -397,7 +417,7 @@ def train(cfg: TrainConfig) -> dict:
         for name in ("metrics.jsonl", "samples.jsonl"):
             _truncate_jsonl(out / name, start_step)
 
-    # 8. data: one DataLoader over this rank's micro-batches of every remaining step
+    # 9. data: one DataLoader over this rank's micro-batches of every remaining step
     dataset = CurriculumDataset(shards, tok, seed=cfg.seed, spec=spec)
     pad_id = int(tok.pad_token_id)
 

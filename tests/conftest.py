@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import kdcl_dist  # noqa: F401  (sets this environment's TORCH_EXTENSIONS_DIR before anything imports deepspeed)
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -79,13 +79,15 @@ def test_lr_schedule_factors():
 def test_steps_and_epochs():
     from kdcl_dist.train import resolve_steps
 
-    assert resolve_steps(400, 16, 0, 0) == (25, 25)
-    assert resolve_steps(400, 16, 0, 2) == (50, 25)
-    assert resolve_steps(400, 16, 60, 0) == (60, 25)  # wraps into a third epoch
+    assert resolve_steps(400, 16, None, None) == (25, 25)  # neither given: one epoch
+    assert resolve_steps(400, 16, None, 2) == (50, 25)
+    assert resolve_steps(400, 16, 60, None) == (60, 25)  # wraps into a third epoch
     with pytest.raises(UserError, match="exceed"):
         resolve_steps(400, 16, 60, 2)
     with pytest.raises(UserError, match="exceeds the curriculum"):
-        resolve_steps(10, 16, 0, 1)
+        resolve_steps(10, 16, None, 1)
+    with pytest.raises(UserError, match="below the minimum 1"):  # 0 is not "unset"
+        resolve_steps(400, 16, 0, None)
 
 
 def test_loss_scaling_equals_global_batch_gradient():

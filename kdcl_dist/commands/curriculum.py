@@ -29,8 +29,8 @@ def add_arguments(p):
                         "external merge sort with bounded memory gives the same order (0: always external)")
     p.add_argument("--exclude-heldout-percent", dest="exclude_heldout_percent", type=int,
                    help="leave out the documents `kdcl-dist eval mlm --split heldout --heldout-percent N` "
-                        "evaluates (id hash %% 100 < N), so that training never sees them (default 5, eval mlm's "
-                        "default split; 0 keeps every document)")
+                        "evaluates (id hash %% 100 < N, N in 0..99), so that training never sees them (default 5, eval "
+                        "mlm's default split; 0 keeps every document)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     add_config_args(p)

@@ -34,8 +34,9 @@ def add_arguments(parser):
     a("--global-batch", dest="global_batch", type=int, help="samples per optimizer step (all ranks)")
     a("--micro-batch", dest="micro_batch", type=int, help="samples per forward per rank")
     g = parser.add_argument_group("length (see docs/training.md for the epochs semantics)")
-    g.add_argument("--steps", type=int, help="optimizer steps")
-    g.add_argument("--epochs", type=int, help="epochs over the curriculum")
+    g.add_argument("--steps", type=int, help="optimizer steps, at least 1 (unset: from --epochs)")
+    g.add_argument("--epochs", type=int, help="epochs over the curriculum, at least 1 (unset: one epoch, or as many "
+                   "as --steps needs)")
     a("--lr", type=float, help="peak learning rate")
     a("--ds-config", dest="ds_config", help="DeepSpeed config JSON (ds_configs/*.json)")
     a("--teacher-hosting", dest="teacher_hosting", help="replicated | zero3")

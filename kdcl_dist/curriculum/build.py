@@ -64,7 +64,7 @@ class CurriculumConfig:
     exclude_heldout_percent: int = option(
         5, help="leave out the documents that `eval mlm --split heldout --heldout-percent N` evaluates "
         "(id hash % 100 < N; eval mlm's default is 5), so training never sees them; 0 keeps every document",
-        min=0, max=100)
+        min=0, max=99, hint="100 would leave every document out (0 keeps them all)")
     lambda_plot_batch: int = option(32, help="global batch of the λ-over-one-epoch plot (lambda_schedules.png)",
                                     min=1)
 
@@ -115,6 +115,24 @@ def excluded_counts(policy: str, n_bad: int, n_held: int, heldout_percent: int) 
     if policy == "exclude" and n_bad:
         out["nonfinite_score"] = n_bad
     return out
+
+
+def check_not_empty(n: int, n_source: int, n_held: int, n_bad: int, policy: str, heldout_percent: int) -> None:
+    """Refuse a curriculum without samples, naming the option that left them all out (training would
+    otherwise fail later with a misleading "use a smaller global batch")."""
+    if n:
+        return
+    if not n_source:
+        raise UserError("curriculum: the source shards hold no samples; re-run `kdcl-dist shard` on a non-empty corpus")
+    why, fix = [], []
+    if n_held:
+        why.append(f"{n_held} held out by curriculum.exclude_heldout_percent={heldout_percent}")
+        fix.append("lower --exclude-heldout-percent (0 keeps every document)")
+    if n_bad and policy == "exclude":
+        why.append(f"{n_bad} with a non-finite score dropped by curriculum.nonfinite=exclude")
+        fix.append("use --nonfinite last (or re-score)")
+    raise UserError(f"curriculum.{'exclude_heldout_percent' if n_held else 'nonfinite'}: the curriculum would be "
+                    f"empty: all {n_source} samples are left out ({', '.join(why)}); {' or '.join(fix)}")
 
 
 def _heldout_key(cfg: CurriculumConfig) -> dict:
@@ -183,6 +201,9 @@ def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path,
         n_source += len(a["ids"])
         n += len(idx)
         del a, scores, keep, idx
+    if not n:
+        shutil.rmtree(runs_dir, ignore_errors=True)
+        check_not_empty(n, n_source, n_held, n_bad, policy, heldout_percent)
     _check_unique_runs(runs, chunk, Path(scores_dir) / "scores.json")
     tmp = {name: out / f".tmp-{name}" for name in ORDER_FILES}
     f32 = np.lib.format.open_memmap(tmp["order_scores.npy"], mode="w+", dtype=np.float32, shape=(n,))
@@ -499,6 +520,7 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
     t0 = time.perf_counter()
     state = None
     if rank == 0:
+        created = not out.exists()  # a refused run leaves no directory behind
         try:
             out.mkdir(parents=True, exist_ok=True)
             # temp files of a killed earlier run: the other ranks wait on the broadcast below
@@ -518,6 +540,8 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
                 check_unique(flat["ids"], f"{Path(scores_dir) / 'scores.json'}")
                 policy = cfg.nonfinite or man.get("nonfinite_policy", "last")
                 order = compute_order(flat, policy, cfg.exclude_heldout_percent)
+                check_not_empty(len(order["perm"]), len(flat["ids"]), order["excluded"].get("heldout", 0),
+                                order["nonfinite"], policy, cfg.exclude_heldout_percent)
                 write_order(out, flat, order)
                 res = {"n": int(len(order["perm"])), "excluded": order["excluded"], "nonfinite": order["nonfinite"],
                        "n_source": int(len(flat["ids"]))}
@@ -531,6 +555,10 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
                      "sort": "external" if external else "in_memory", "sort_s": time.perf_counter() - t0}
         except UserError as e:
             state = {"ok": False, "error": str(e)}
+            if created:  # nothing of this run is kept: it wrote nothing else yet
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
     state = dist.broadcast_object(state)
     if not state["ok"]:
         if rank == 0:

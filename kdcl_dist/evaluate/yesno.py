@@ -2,10 +2,15 @@
 
   kdcl-dist eval yesno --model runs/export/student --data ../shared/data/bioasq --out yesno.json
 
-DATA holds train.jsonl, dev.jsonl, test.jsonl, one JSON object per line with `sentence1`
-(question), `sentence2` (context) and `label`. Labels are read from the data (sorted set of
-the train labels; a dev/test label unseen in train is an error), so any classification task in
-this format works. The model (an MLM checkpoint, BERT or DistilBERT) gets a fresh
+DATA holds the train, dev and test splits as `<split>.jsonl` (one JSON object per line) or
+`<split>.json` (BLURB's name: a JSON list of records, an object holding one such list, or an
+object of records keyed by id; a `.json` file holding JSON Lines works too), each record with
+`sentence1` (question), `sentence2` (context) and `label`; `.jsonl` wins when both exist (see
+`read_split`). Labels are read from the data (sorted set of the train labels; a dev/test label
+unseen in train is an error, and so is a null, empty or non-scalar label, or two labels that
+differ only in case or spaces), so any classification task in this format works.
+`--max-train N` fine-tunes on a stratified subset of N train records (each label keeps its share;
+drawn with `subset_seed`, the same subset for every seed). The model (an MLM checkpoint, BERT or DistilBERT) gets a fresh
 classification head (AutoModelForSequenceClassification); each seed controls the head's
 initialisation, dropout and the data order. Plain torch loop: AdamW, linear decay to 0 after an
 optional warm-up, no model selection (the model after the last epoch is tested; dev accuracy
@@ -43,13 +48,16 @@ class YesNoConfig:
     weight_decay: float = option(0.05, min=0.0)
     warmup_ratio: float = option(0.0, help="fraction of steps with linear warm-up", min=0.0, max=1.0)
     max_length: int = option(256, help="tokens per question+context pair (truncates the context)", min=8)
-    max_train: int = option(0, help="use the first N train examples (0: all)", min=0)
+    max_train: int = option(0, help="fine-tune on a stratified subset of N train examples (each label keeps its "
+                            "share, drawn with subset_seed; 0: all)", min=0)
+    subset_seed: int = option(0, help="seed of the stratified --max-train subset (the same subset for every seed)")
     n_boot: int = option(10000, help="bootstrap replicates for the CI", min=100)
 
 
 def add_arguments(p):
     p.add_argument("--model", help="HF model directory or hub name (an MLM checkpoint is fine)")
-    p.add_argument("--data", required=True, help="directory with train.jsonl, dev.jsonl, test.jsonl")
+    p.add_argument("--data", required=True, help="directory with the train, dev and test splits (train.jsonl or "
+                   "BLURB's train.json, ...)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
     p.add_argument("--seeds", type=int)
     p.add_argument("--epochs", type=int)
@@ -57,47 +65,199 @@ def add_arguments(p):
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", dest="weight_decay", type=float)
     p.add_argument("--max-length", dest="max_length", type=int)
-    p.add_argument("--max-train", dest="max_train", type=int)
+    p.add_argument("--max-train", dest="max_train", type=int,
+                   help="fine-tune on a stratified subset of N train examples (label shares kept)")
+    p.add_argument("--subset-seed", dest="subset_seed", type=int, help="seed of the --max-train subset (default 0)")
     p.add_argument("--baseline-only", action="store_true", help="only report the majority baseline (no model)")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
     add_config_args(p)
 
 
-def read_split(path: Path) -> list[dict]:
+FIELDS = ("sentence1", "sentence2", "label")
+
+
+def split_path(data_dir: str | Path, split: str) -> Path:
+    """`<split>.jsonl`, else `<split>.json` (the name BLURB distributes); `.jsonl` wins when both exist."""
+    d = Path(data_dir)
+    for ext in (".jsonl", ".json"):
+        if (d / f"{split}{ext}").exists():
+            return d / f"{split}{ext}"
+    raise UserError(f"{d / (split + '.jsonl')}: missing (nor is there a {split}.json); a BLURB-format task directory "
+                    "needs train, dev and test splits as .jsonl (one record per line) or .json (a list of records)")
+
+
+def _json_lines(path: Path, text: str) -> list[tuple[str, object]]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: invalid JSON ({e.msg}); fix or remove the line") from e
+    return out
+
+
+def _json_list(path: Path, text: str, start: int) -> list[tuple[str, object]]:
+    """The elements of the JSON list opening at text[start] ('['), each with its line number."""
+    dec = json.JSONDecoder()
+    out, i, line, seen = [], start + 1, 1 + text.count("\n", 0, start), start
+
+    def skip(j):
+        while j < len(text) and text[j] in " \t\r\n":
+            j += 1
+        return j
+
+    def at(j):  # the line of offset j (offsets only grow)
+        nonlocal line, seen
+        line += text.count("\n", seen, j)
+        seen = j
+        return line
+
+    i = skip(i)
+    if text[i:i + 1] == "]":
+        return out
+    while True:
+        i = skip(i)
+        where = f"{path}:{at(i)}"
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from e
+        out.append((where, obj))
+        i = skip(i)
+        if text[i:i + 1] == ",":
+            i += 1
+            continue
+        if text[i:i + 1] == "]":
+            return out
+        raise UserError(f"{path}:{at(i)}: invalid JSON (expected ',' or ']' after a record); fix the file")
+
+
+def _records(path: Path) -> list[tuple[str, object]]:
+    """(where, record) for every record of a split file, whatever its layout.
+
+    Detection: a file whose first character is `[` is one JSON list of records; one starting
+    with `{` that parses as a single JSON object is a record (JSON Lines of one line), an object
+    holding exactly one list of records (`{"data": [...]}`), or records keyed by id (the key
+    becomes `id` where a record has none); anything else is JSON Lines. `where` is `path:line`
+    (`path: key[i]` / `path: record 'key'` inside an object), for the error messages.
+    """
+    text = path.read_text(encoding="utf-8")
+    head = text.lstrip()[:1]
+    if head == "[":
+        return _json_list(path, text, text.index("["))
+    if head == "{":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None  # several objects: JSON Lines
+        if isinstance(doc, dict):
+            if all(k in doc for k in FIELDS):
+                return [(f"{path}:{1 + text.count(chr(10), 0, text.index('{'))}", doc)]
+            lists = [k for k, v in doc.items() if isinstance(v, list)]
+            if len(lists) == 1:
+                k = lists[0]
+                return [(f"{path}: {k}[{i}]", r) for i, r in enumerate(doc[k])]
+            if doc and all(isinstance(v, dict) for v in doc.values()):
+                return [(f"{path}: record {k!r}", v if "id" in v else {"id": k, **v}) for k, v in doc.items()]
+            raise UserError(f"{path}: a JSON object that is neither a record, one list of records (e.g. "
+                            "{\"data\": [...]}) nor records keyed by id; write one record per line (.jsonl) instead")
+    return _json_lines(path, text)
+
+
+def _check_record(where: str, r) -> dict:
+    if not isinstance(r, dict):
+        raise UserError(f"{where}: expected a JSON object with {', '.join(FIELDS)}, got {type(r).__name__}")
+    missing = [k for k in FIELDS if k not in r]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)}; each record needs {', '.join(FIELDS)}")
+    lab = r["label"]
+    if lab is None or isinstance(lab, bool) or not isinstance(lab, (str, int)) or not str(lab).strip():
+        raise UserError(f"{where}: label {json.dumps(lab)} is not a class name; give every record a label such as "
+                        "\"yes\" or \"no\" (or remove the record)")
+    for k in ("sentence1", "sentence2"):
+        if not isinstance(r[k], str):
+            raise UserError(f"{where}: {k} is {json.dumps(r[k])[:40]}, not a text; fix or remove the record")
+    return r
+
+
+def read_split(path: Path, where: list | None = None) -> list[dict]:
+    """The records of one split file (`_records` says which layouts are read), checked; the
+    location of each is appended to `where` when given."""
+    path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: missing; a BLURB-format task directory needs train.jsonl, dev.jsonl and test.jsonl")
+        raise UserError(f"{path}: missing; a BLURB-format task directory needs train, dev and test splits")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: invalid JSON ({e.msg}); fix or remove the line") from e
-            missing = [k for k in ("sentence1", "sentence2", "label") if k not in r]
-            if missing:
-                raise UserError(f"{path}:{n}: missing field(s) {', '.join(missing)}; each line needs sentence1, sentence2, label")
-            rows.append(r)
+    for w, r in _records(path):
+        rows.append(_check_record(w, r))
+        if where is not None:
+            where.append(w)
     if not rows:
         raise UserError(f"{path}: no examples")
     return rows
+
+
+def _label_key(label) -> str:
+    return " ".join(str(label).split()).lower()
 
 
 def load_task(data_dir: str | Path) -> tuple[dict[str, list[dict]], list[str]]:
     d = Path(data_dir)
     if not d.is_dir():
         raise UserError(f"{d}: task directory not found")
-    data = {s: read_split(d / f"{s}.jsonl") for s in SPLITS}
-    labels = sorted({str(r["label"]) for r in data["train"]})
+    paths = {s: split_path(d, s) for s in SPLITS}
+    where: dict[str, list[str]] = {s: [] for s in SPLITS}
+    data = {s: read_split(paths[s], where[s]) for s in SPLITS}
+    train_labels = [str(r["label"]) for r in data["train"]]
+    labels = sorted(set(train_labels))
+    by_key: dict[str, str] = {}
+    for lab in sorted(labels, key=lambda x: -train_labels.count(x)):  # the most frequent spelling is the label
+        other = by_key.setdefault(_label_key(lab), lab)
+        if other != lab:
+            w = where["train"][train_labels.index(lab)]
+            raise UserError(f"{w}: label {lab!r} differs from the label {other!r} only in case or spaces; write it "
+                            f"as {other!r} (or the two become different classes)")
     if len(labels) < 2:
-        raise UserError(f"{d / 'train.jsonl'}: only one label ({labels[0]}); a classification task needs at least two")
+        raise UserError(f"{paths['train']}: only one label ({labels[0]}); a classification task needs at least two")
     for s in ("dev", "test"):
-        unseen = sorted({str(r["label"]) for r in data[s]} - set(labels))
-        if unseen:
-            raise UserError(f"{d / (s + '.jsonl')}: label(s) {', '.join(unseen)} never occur in train.jsonl")
+        for w, r in zip(where[s], data[s]):
+            lab = str(r["label"])
+            if lab not in labels:
+                near = by_key.get(_label_key(lab))
+                hint = (f"it differs from {near!r} only in case or spaces" if near else
+                        f"train's labels are {', '.join(labels)}")
+                raise UserError(f"{w}: label {lab!r} never occurs in {paths['train'].name} ({hint}); fix the label")
     return data, labels
+
+
+def stratified_subset(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """`n` of `rows` with each label's share kept, drawn with numpy's default_rng(seed), in file order.
+
+    Label counts: the largest-remainder rounding of n·share, at least 1 per label (so no label
+    disappears); within a label, a uniform draw without replacement. n >= len(rows): all rows.
+    """
+    if n >= len(rows):
+        return list(rows)
+    labels = [str(r["label"]) for r in rows]
+    classes = sorted(set(labels))
+    if n < len(classes):
+        raise UserError(f"eval_yesno.max_train: {n} is below the {len(classes)} labels of the train split; use at "
+                        f"least {len(classes)} so that every label is trained (0: all)")
+    counts = {c: labels.count(c) for c in classes}
+    exact = {c: n * counts[c] / len(rows) for c in classes}
+    take = {c: max(1, int(exact[c])) for c in classes}
+    while sum(take.values()) < n:
+        take[max(classes, key=lambda c: (exact[c] - take[c], counts[c]))] += 1
+    while sum(take.values()) > n:  # only after the at-least-one rule
+        take[max((c for c in classes if take[c] > 1), key=lambda c: (take[c] - exact[c], counts[c]))] -= 1
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for c in classes:
+        idx = np.flatnonzero(np.asarray(labels) == c)
+        chosen += rng.choice(idx, size=take[c], replace=False).tolist()
+    return [rows[i] for i in sorted(chosen)]
 
 
 def _encode(tok, rows, label_ids, max_length):
@@ -203,12 +363,18 @@ def evaluate_yesno(model: str | None, data_dir: str, cfg: YesNoConfig | None = N
     cfg = cfg or YesNoConfig()
     t0 = time.time()
     data, labels = load_task(data_dir)
-    if cfg.max_train:
-        data["train"] = data["train"][:cfg.max_train]
+    subset = None
+    if cfg.max_train and cfg.max_train < len(data["train"]):
+        data["train"] = stratified_subset(data["train"], cfg.max_train, cfg.subset_seed)
+        counts = [str(r["label"]) for r in data["train"]]
+        subset = {"n": len(data["train"]), "seed": cfg.subset_seed, "stratified_by": "label",
+                  "label_counts": {lab: counts.count(lab) for lab in labels}}
     test_gold = [str(r["label"]) for r in data["test"]]
     baseline = stats.majority_baseline([str(r["label"]) for r in data["train"]], test_gold, labels)
     report = {
         "task": str(data_dir), "labels": labels,
+        "files": {s: split_path(data_dir, s).name for s in SPLITS},
+        "train_subset": subset,
         "sizes": {s: len(data[s]) for s in SPLITS},
         "test_label_counts": {lab: test_gold.count(lab) for lab in labels},
         "majority_baseline": baseline, "config": cfg.__dict__,
@@ -239,9 +405,12 @@ def evaluate_yesno(model: str | None, data_dir: str, cfg: YesNoConfig | None = N
 
 def format_report(r: dict) -> str:
     b = r["majority_baseline"]
-    lines = [f"task {r['task']}: labels {r['labels']}, sizes {r['sizes']}, test {r['test_label_counts']}",
-             f"majority baseline (train majority '{b['label']}'): accuracy {100 * b['accuracy']:.1f}%  "
-             f"macro-F1 {100 * b['macro_f1']:.1f}%"]
+    lines = [f"task {r['task']}: labels {r['labels']}, sizes {r['sizes']}, test {r['test_label_counts']}"]
+    if r.get("train_subset"):
+        t = r["train_subset"]
+        lines.append(f"train: stratified subset of {t['n']} (seed {t['seed']}): {t['label_counts']}")
+    lines.append(f"majority baseline (train majority '{b['label']}'): accuracy {100 * b['accuracy']:.1f}%  "
+                 f"macro-F1 {100 * b['macro_f1']:.1f}%")
     if "accuracy" in r:
         a, f = r["accuracy"], r["macro_f1"]
         lines.append(f"{r['model']} over {r['seeds']} seeds: accuracy {100 * a['mean']:.1f}% ± {100 * a['std']:.1f} "
@@ -254,7 +423,8 @@ def format_report(r: dict) -> str:
 def run(args) -> int:
     from kdcl_dist.utils import write_json_atomic
 
-    flags = {k: getattr(args, k) for k in ("seeds", "epochs", "batch_size", "lr", "weight_decay", "max_length", "max_train")}
+    flags = {k: getattr(args, k) for k in ("seeds", "epochs", "batch_size", "lr", "weight_decay", "max_length", "max_train",
+                                           "subset_seed")}
     cfg = resolve(YesNoConfig, "eval_yesno", preset=args.preset, config_file=args.config, flags=flags,
                   overrides=args.overrides)
     if not args.model and not args.baseline_only:

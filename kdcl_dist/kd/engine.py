@@ -83,8 +83,16 @@ def load_ds_config(path_or_dict) -> dict:
             p = repo_rel
         else:
             raise UserError(f"{path_or_dict}: DeepSpeed config not found; pass a JSON file such as ds_configs/zero2.json")
+    def no_duplicates(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:  # json keeps the last one silently; DeepSpeed's own loader refuses it too
+                raise UserError(f"{p}: key '{k}' appears twice in one object; keep one")
+            seen.add(k)
+        return dict(pairs)
+
     try:
-        cfg = json.loads(p.read_text())
+        cfg = json.loads(p.read_text(), object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: not valid JSON ({e}); fix the DeepSpeed config") from e
     if not isinstance(cfg, dict):
@@ -92,7 +100,244 @@ def load_ds_config(path_or_dict) -> dict:
     return cfg
 
 
+def _integral(v) -> bool:
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+
+
+class _ReadKeys(dict):
+    """A dict that records the keys DeepSpeed's config parser looks up in it.
+
+    Lookups (`[]`, `get`, `in`, `in d.keys()`) record the key; iterating (`**d`, `items()`,
+    `dict(d)`) records every key, since the reader then sees them all; `copy.copy` gives a copy
+    that records into the same list. pydantic-core reads a nested dict through the C API without
+    any of these: such a section records nothing.
+    """
+
+    def __init__(self, data, seen: list):
+        super().__init__(data)
+        self.seen = seen
+
+    def __getitem__(self, k):
+        self.seen.append(k)
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        self.seen.append(k)
+        return super().get(k, default)
+
+    def __contains__(self, k):
+        self.seen.append(k)
+        return super().__contains__(k)
+
+    def _all(self):
+        self.seen.extend(super().keys())
+
+    def keys(self):
+        return _ReadKeysView(self)
+
+    def __iter__(self):
+        self._all()
+        return super().__iter__()
+
+    def items(self):
+        self._all()
+        return super().items()
+
+    def values(self):
+        self._all()
+        return super().values()
+
+    def __copy__(self):  # DeepSpeedConfig parses a copy: it records into the same list
+        return _ReadKeys(dict.items(self), self.seen)
+
+
+class _ReadKeysView:
+    def __init__(self, d: _ReadKeys):
+        self.d = d
+
+    def __contains__(self, k):
+        return k in self.d
+
+    def __iter__(self):
+        return iter(self.d)
+
+    def __len__(self):
+        return len(self.d)
+
+
+# Keys that deepspeed.initialize reads itself, before DeepSpeedConfig parses the rest.
+_READ_BY_INITIALIZE = ("data_parallel_size", "sequence_parallel_size")
+
+
+def _parse_with_deepspeed(cfg: dict, top: list, nested: dict, record: bool = True) -> None:
+    """Parse `cfg` with DeepSpeed's own `DeepSpeedConfig`, recording the top-level keys it reads
+    in `top` (in order: the last one names the section being parsed when it raises) and each
+    dict-valued section's keys in `nested[section]`.
+
+    The batch sizes are replaced by 1 x 1 (any world size divides them): `fill_batch_sizes`
+    checks those. DeepSpeed's log output is muted meanwhile (the real initialize repeats it).
+    """
+    import logging as _logging
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = {k: (_ReadKeys(v, nested.setdefault(k, [])) if isinstance(v, dict) and record else v)
+             for k, v in copy.deepcopy(cfg).items() if k not in _BATCH_KEYS}  # the parser fills in defaults
+    probe.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    ds_log = _logging.getLogger("DeepSpeed")
+    level = ds_log.level
+    ds_log.setLevel(_logging.ERROR)
+    try:
+        DeepSpeedConfig(_ReadKeys(probe, top) if record else probe)
+    finally:
+        ds_log.setLevel(level)
+
+
+def _known_top_level_keys() -> frozenset:
+    """Every top-level key DeepSpeed reads: DeepSpeed has no list of them (each section has its own
+    getter in deepspeed/runtime/config.py and a key that no getter asks for is silently ignored), so
+    the set is recorded from DeepSpeedConfig parsing a minimal config (_ReadKeys), plus the two that
+    deepspeed.initialize reads itself; sections enabled by the user's config add theirs in check_ds_config."""
+    global _KNOWN_TOP
+    if _KNOWN_TOP is None:
+        top: list = []
+        _parse_with_deepspeed({}, top, {})
+        _KNOWN_TOP = frozenset(top) | frozenset(_READ_BY_INITIALIZE)
+    return _KNOWN_TOP
+
+
+_KNOWN_TOP: frozenset | None = None
+
+
+def _closest(key: str, known) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+    if match:
+        return f"did you mean '{match[0]}'?"
+    names = sorted(known)
+    return f"known keys: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
+
+
+def _pydantic_model(name: str):
+    """The DeepSpeed pydantic config class called `name` (a ValidationError's title)."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo = [DeepSpeedConfigModel]
+    while todo:
+        c = todo.pop()
+        if c.__name__ == name:
+            return c
+        todo += c.__subclasses__()
+    return None
+
+
+def _model_field_names(model, path) -> set[str]:
+    """Field names and aliases of the pydantic model reached from `model` along `path` (empty: unknown)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for part in path:
+        fields = getattr(model, "model_fields", {})
+        f = fields.get(part) or next((x for x in fields.values() if x.alias == part), None)
+        if f is None:
+            return set()
+        todo, model = [f.annotation], None
+        while todo:
+            a = todo.pop()
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                model = a
+                break
+            todo += list(typing.get_args(a))
+        if model is None:
+            return set()
+    fields = getattr(model, "model_fields", {})
+    return set(fields) | {f.alias for f in fields.values() if f.alias}
+
+
+def check_ds_config(cfg: dict, name: str) -> None:
+    """Refuse what DeepSpeed would silently ignore or reject later, in one line naming `name`, the key
+    and the closest key DeepSpeed knows (before any model is loaded).
+
+    DeepSpeed's own parser is the schema: `DeepSpeedConfig` parses the config (pydantic models such
+    as `DeepSpeedZeroConfig` refuse unknown sub-keys: their error is turned into one line), and
+    every top-level key, and every key of a section DeepSpeed reads key by key (`optimizer`,
+    `checkpoint`, `flops_profiler`, ...), must have been read by it: DeepSpeed ignores the others
+    without a word (a misspelled `zero_optimisation` trains at ZeRO-0).
+    """
+    import pydantic
+
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfigError
+    except ImportError:  # pragma: no cover - older DeepSpeed
+        DeepSpeedConfigError = ValueError
+    top: list = []
+    nested: dict = {}
+    try:
+        _parse_with_deepspeed(cfg, top, nested)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(x) for x in err.get("loc", ()))
+        read = [k for k in top if k in cfg and isinstance(cfg[k], dict)]
+        section = read[-1] if read else None
+        path = loc if (loc and loc[0] in cfg) or section is None else (section, *loc)
+        key = ".".join(path)
+        if err.get("type") == "extra_forbidden":
+            model = _pydantic_model(getattr(e, "title", ""))
+            known = _model_field_names(model, loc[:-1]) if model is not None else set()
+            fix = _closest(loc[-1], known) if known else "remove it"
+            raise UserError(f"{name}: unknown DeepSpeed config key '{key}'; {fix} (fix or remove the key)") from None
+        raise UserError(f"{name}: DeepSpeed config key '{key}': {err.get('msg')} (got {err.get('input')!r:.60}); "
+                        "fix the DeepSpeed config") from None
+    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError, AttributeError) as e:
+        if not isinstance(e, (DeepSpeedConfigError, AssertionError)):
+            try:  # a parser that trips over the recording dict (another DeepSpeed): ask it with a plain one
+                _parse_with_deepspeed(cfg, [], {}, record=False)
+            except Exception as plain:  # noqa: BLE001 - whatever DeepSpeed raises is its verdict
+                e = plain
+            else:
+                log.warning("%s: DeepSpeed's parser could not be traced (%s: %s); its keys were not checked",
+                            name, type(e).__name__, e)
+                return
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"{name}: DeepSpeed refuses this config: {msg}") from None
+    from deepspeed.runtime import config as ds_config_module
+
+    removed = set(getattr(ds_config_module, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
+    known = (_known_top_level_keys() | set(top)) - removed
+    for key in cfg:
+        if key not in known and key not in removed:
+            raise UserError(f"{name}: unknown DeepSpeed config key '{key}' (DeepSpeed would ignore it silently); "
+                            f"{_closest(key, known)} (fix or remove the key)")
+    # a section DeepSpeed reads key by key: a key it never asked for is ignored. A section it
+    # never looked into by name (handed whole to a pydantic model, which refuses unknown keys
+    # itself) is left alone; keys it asks for only to refuse them (removed features) do not count.
+    refused = set(getattr(ds_config_module, "_REMOVED_ZERO_CONFIG_KEYS", {}))
+    for section, reads in nested.items():
+        if not set(reads) - refused:
+            continue
+        for key in cfg[section]:
+            if key not in reads:
+                raise UserError(f"{name}: unknown DeepSpeed config key '{section}.{key}' (DeepSpeed would ignore it "
+                                f"silently); {_closest(key, set(reads) - {key})} (fix or remove the key)")
+
+
+def zero_stage(cfg: dict) -> int | None:
+    """The ZeRO stage of a checked DeepSpeed config (None: not given as a plain section)."""
+    z = cfg.get("zero_optimization", {})
+    if isinstance(z, dict):
+        st = z.get("stage", 0)
+        return int(st) if _integral(st) else None
+    return None
+
+
 def grad_accum_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    if micro_batch * world_size > global_batch:
+        raise UserError(
+            f"train.micro_batch: micro_batch x world_size = {micro_batch} x {world_size} exceeds train.global_batch "
+            f"{global_batch}; lower --micro-batch to at most {max(1, global_batch // world_size)} or raise --global-batch"
+        )
     if global_batch % (micro_batch * world_size) != 0:
         raise UserError(
             f"train.global_batch: {global_batch} is not divisible by micro_batch x world_size = "
@@ -107,6 +352,9 @@ def fill_batch_sizes(cfg: dict, global_batch: int, micro_batch: int, world_size:
     want = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": ga}
     for k in _BATCH_KEYS:
+        if k in cfg and cfg[k] not in (None, "auto") and not _integral(cfg[k]):
+            raise UserError(f"{name}: {k}={cfg[k]!r} is not an integer; remove the batch sizes from the DeepSpeed config "
+                            "(kdcl-dist fills them)")
         if k in cfg and cfg[k] not in (None, "auto") and int(cfg[k]) != want[k]:
             raise UserError(
                 f"{name}: {k}={cfg[k]} contradicts this run (global batch {global_batch}, micro batch "
@@ -141,6 +389,7 @@ def prepare_student_config(path_or_dict, *, global_batch: int, micro_batch: int,
     cfg = load_ds_config(path_or_dict)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     fill_batch_sizes(cfg, global_batch, micro_batch, world_size, name)
+    check_ds_config(cfg, name)
     if not on_gpu and precision(cfg) != "fp32":
         raise UserError(
             f"{name}: {precision(cfg)} needs a GPU; on CPU use ds_configs/cpu_fp32.json or zero1/2/3.json (fp32)"
@@ -226,16 +475,17 @@ def prepare_teacher_config(path_or_dict, *, micro_batch: int, world_size: int, o
     name = str(path_or_dict) if not isinstance(path_or_dict, dict) else "teacher_ds_config"
     cfg = load_ds_config(path_or_dict)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    if cfg.get("zero_optimization", {}).get("stage") != 3:
-        raise UserError(f"{name}: teacher hosting zero3 needs zero_optimization.stage 3")
-    for k in ("optimizer", "scheduler"):
-        if k in cfg:
-            raise UserError(f"{name}: the teacher is frozen; remove the '{k}' section")
     # DeepSpeed requires batch sizes even without an optimizer; the teacher sees micro-batches.
     for k in _BATCH_KEYS:
         cfg.pop(k, None)
     cfg.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
                 "train_batch_size": micro_batch * world_size})
+    check_ds_config(cfg, name)
+    if zero_stage(cfg) != 3:
+        raise UserError(f"{name}: teacher hosting zero3 needs zero_optimization.stage 3")
+    for k in ("optimizer", "scheduler"):
+        if k in cfg:
+            raise UserError(f"{name}: the teacher is frozen; remove the '{k}' section")
     if not on_gpu and precision(cfg) != "fp32":
         raise UserError(f"{name}: {precision(cfg)} needs a GPU; on CPU use ds_configs/teacher_zero3.json")
     cfg.setdefault("steps_per_print", 10**9)
