@@ -528,7 +528,7 @@ def student_from_teacher(teacher_ref: str, n_layers: int, arch: str = "distilber
         raise UserError(f"--student-arch: {arch!r} is not one of {', '.join(STUDENT_ARCHS)}")
     teacher = load_mlm(teacher_ref, trust_remote_code=trust_remote_code, role="teacher").eval()
     fresh_head = head_weights(teacher, getattr(teacher, "kdcl_fresh_weights", []))
-    n_teacher = getattr(teacher.config, "num_hidden_layers", None) or getattr(teacher.config, "n_layers")
+    n_teacher = getattr(teacher.config, "num_hidden_layers", None) or teacher.config.n_layers
     layers = pick_layers(int(n_teacher), int(n_layers))
     kind = teacher.config.model_type
     if arch == "distilbert" and kind == "bert":
