@@ -190,3 +190,25 @@ def test_headless_scoring_refused_then_allowed_and_kd_steps(real, abstracts_shar
     lines = [json.loads(x) for x in (root / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [r["loss_kd"] for r in lines if "loss_kd" in r]
     assert len(losses) == 2 and all(x == x and abs(x) < 1e6 for x in losses)
+
+
+def test_init_models_minilm_preset_and_student_from_teacher_cli(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from kdcl_dist.cli import main
+    from kdcl_dist.kd.models import checkpoint_lacks_head
+
+    out = tmp_path / "models"
+    assert main(["init-models", "--preset", "minilm", "--out", str(out)]) == 0
+    assert "share one vocabulary (30522 tokens" in capsys.readouterr().out
+    t, s = AutoConfig.from_pretrained(out / "teacher"), AutoConfig.from_pretrained(out / "student")
+    assert (t.model_type, t.num_hidden_layers, s.model_type, s.n_layers, s.dim) == ("bert", 6, "distilbert", 3, 384)
+    assert checkpoint_lacks_head(out / "teacher") and checkpoint_lacks_head(out / "student")
+    assert main(["init-models", "--preset", "minilm", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["init-models", "--student-from-teacher", "minilm", "--layers", "2", "--student-arch", "teacher",
+                 "--out", str(tmp_path / "s2")]) == 0
+    assert "teacher layers [0, 3] copied" in capsys.readouterr().out
+    assert AutoConfig.from_pretrained(tmp_path / "s2").num_hidden_layers == 2
+    assert main(["init-models", "--student-from-teacher", "minilm", "--out", str(tmp_path / "s3")]) == 2
+    assert "--layers" in capsys.readouterr().err

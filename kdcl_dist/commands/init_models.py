@@ -164,21 +164,16 @@ def _from_teacher_spec(spec) -> dict | None:
 
 
 def run_pretrained(cfg, args) -> int:
-    """Preset/config whose teacher names a pretrained model: copy it, build the student from it."""
+    """Preset/config naming a pretrained teacher and a student {from_teacher: true, layers: N}:
+    copy the teacher, build the student from it. (A pair of pretrained names is used as is:
+    nothing to initialise; check it with --teacher/--student.)"""
     out = Path(args.out)
     for name in ("teacher", "student"):
         _fresh_dir(out / name, args.overwrite)
     spec = _from_teacher_spec(cfg.student)
-    if spec is None and not isinstance(cfg.student, str):
-        raise UserError("models.student: with a pretrained teacher, give a pretrained student (a name) or "
-                        "{from_teacher: true, layers: N, arch: distilbert}")
     _save_pretrained_copy(cfg.teacher, out / "teacher")
     print(f"{out / 'teacher'}: {cfg.teacher} (pretrained) with its tokenizer")
-    if spec is not None:
-        print(build_student(str(out / "teacher"), spec["layers"], spec.get("arch", "distilbert"), out / "student"))
-    else:
-        _save_pretrained_copy(cfg.student, out / "student")
-        print(f"{out / 'student'}: {cfg.student} (pretrained) with its tokenizer")
+    print(build_student(str(out / "teacher"), spec["layers"], spec.get("arch", "distilbert"), out / "student"))
     print(check_pair(str(out / "teacher"), str(out / "student")))
     write_resolved(cfg, out, "models")
     return 0
@@ -198,7 +193,7 @@ def run(args) -> int:
         return 0
     cfg = resolve(ModelsConfig, "models", preset=args.preset, config_file=args.config,
                   flags={"seed": args.seed}, overrides=args.overrides)
-    if isinstance(cfg.teacher, str):
+    if isinstance(cfg.teacher, str) and _from_teacher_spec(cfg.student) is not None:
         if not args.out:
             raise UserError(f"models.teacher: {cfg.teacher!r} is a pretrained model; pass --out DIR")
         return run_pretrained(cfg, args)
