@@ -95,8 +95,8 @@ def test_student_from_teacher_copies_layers(real, tmp_path):
 
 
 def test_student_copies_a_trained_head(real, tmp_path):
-    """A teacher with an MLM head: the DistilBERT student's logits on layer-0-only input path
-    use the same head (head weights copied, decoder tied to the word embeddings)."""
+    """A teacher with an MLM head: the DistilBERT student gets the same head (transform, layer
+    norm and bias copied, decoder tied to the word embeddings): equal logits on equal hidden states."""
     from kdcl_dist.kd.models import checkpoint_lacks_head, load_mlm, student_from_teacher
 
     t = load_mlm("minilm", role="teacher")
