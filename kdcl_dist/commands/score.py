@@ -29,16 +29,19 @@ def add_arguments(p):
     p.add_argument("--nonfinite", choices=("last", "exclude"), help="policy for non-finite scores")
     p.add_argument("--threads", type=int, help="torch threads per rank (0 = torch default)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--allow-new-head", dest="allow_new_head", action="store_true", default=None,
+                   help="accept a model without MLM head (a freshly initialised head gives noise scores)")
     add_config_args(p)
 
 
 def run(args) -> int:
     from kdcl_dist import dist
-    from kdcl_dist.curriculum.scoring import ScoreConfig, score_shards
+    from kdcl_dist.curriculum.scoring import ScoreConfig, precheck_head, score_shards
 
-    keys = ("masks", "seed", "token_budget", "window", "dtype", "nonfinite", "threads", "progress")
+    keys = ("masks", "seed", "token_budget", "window", "dtype", "nonfinite", "threads", "progress", "allow_new_head")
     cfg = resolve(ScoreConfig, "score", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)
+    precheck_head(args.model, cfg.allow_new_head, "scores")
     with dist.stage() as info:
         if info.rank == 0:   # before the work: scores.json, written last, marks a finished run
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ FLAGS = {
     "lr": "lr", "ds_config": "ds_config", "teacher_hosting": "teacher_hosting", "save_every": "save_every",
     "keep": "keep", "resume": "resume", "seed": "seed", "kd_positions": "kd_positions",
     "num_workers": "num_workers", "extend_steps": "extend_steps", "allow_sr_any_order": "allow_sr_any_order",
+    "allow_new_head": "allow_new_head",
 }
 
 
@@ -46,6 +47,8 @@ def add_arguments(parser):
     a("--extend-steps", dest="extend_steps", action="store_true", default=None,
       help="resume with a larger --steps/--epochs than the checkpoint's; the lr schedule is extended from the "
            "resume step (docs/training.md)")
+    a("--allow-new-head", dest="allow_new_head", action="store_true", default=None,
+      help="accept a teacher without MLM head (a freshly initialised head gives noise teacher targets)")
     a("--allow-sr-any-order", dest="allow_sr_any_order", action="store_true", default=None,
       help="allow --reliance sr-paper with --order random/reverse (refused by default: λ is ~0 there)")
     a("--seed", type=int)

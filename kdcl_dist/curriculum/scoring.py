@@ -75,6 +75,8 @@ class ScoreConfig:
     nonfinite: str = option("last", help="policy for non-finite scores in the curriculum", choices=NONFINITE)
     threads: int = option(0, help="torch CPU threads per rank (0: leave torch's default)", min=0)
     progress: bool = option(True, help="tqdm progress bar on rank 0")
+    allow_new_head: bool = option(False, help="score with a checkpoint whose MLM head is missing (freshly "
+                                  "initialised from seed 0: noise scores); refused by default")
     log_every: float = option(10.0, help="seconds between throughput log lines", min=0.1)
     verify: bool = option(True, help="check each source shard's sha256 (dataset.json) before scoring it")
     prefetch: bool = option(True, help="prepare the next shard's batches in a helper thread while scoring "
@@ -619,7 +621,17 @@ def load_scoring_model(model_name: str, cfg: ScoreConfig, device: torch.device):
 
     if cfg.dtype != "fp32" and device.type != "cuda":
         raise UserError(f"score.dtype: {cfg.dtype} needs a GPU; use dtype=fp32 on CPU")
-    return load_mlm(str(model_name), dtype=DTYPES[cfg.dtype])
+    return load_mlm(str(model_name), dtype=DTYPES[cfg.dtype], role="scoring model", purpose="scores",
+                    new_head="allow" if cfg.allow_new_head else "refuse")
+
+
+def precheck_head(model_name, allow: bool, purpose: str) -> None:
+    """Refuse a local checkpoint without MLM head before anything is written (the load checks again)."""
+    from kdcl_dist.kd.models import checkpoint_lacks_head, new_head_error
+
+    head = None if allow else checkpoint_lacks_head(model_name)
+    if head:
+        raise new_head_error(str(model_name), head, purpose)
 
 
 def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 0, world: int = 1,

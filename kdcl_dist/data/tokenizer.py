@@ -53,12 +53,15 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
 
 
 def load_tokenizer(name_or_path: str):
-    """A fast tokenizer from a local directory or a hub name (hub only when not offline)."""
+    """A fast tokenizer from a local directory, a packaged model (`pkg:NAME`, `minilm`) or a hub
+    name (hub only when not offline)."""
     from transformers import AutoTokenizer
+
+    from kdcl_dist.kd.models import resolve_model_ref
 
     try:
         with HF_LOAD_LOCK:
-            tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+            tok = AutoTokenizer.from_pretrained(resolve_model_ref(name_or_path), use_fast=True)
     except (OSError, ValueError) as e:
         raise UserError(
             f"{name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]}); "

