@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kdcl_dist.config import add_config_args, option, resolve, write_resolved
@@ -92,6 +90,9 @@ def run(args) -> int:
         return 0
     if not args.tokenizer or not args.out:
         raise UserError("init-models: pass --tokenizer DIR --out DIR (or --teacher/--student to check a pair)")
+    from kdcl_dist.utils import check_output_path, make_temp_dir
+
+    out = check_output_path(args.out, "dir")   # before loading anything
     from kdcl_dist.data.tokenizer import load_tokenizer
     from kdcl_dist.kd.models import init_model_dir
 
@@ -99,13 +100,12 @@ def run(args) -> int:
                   flags={"seed": args.seed}, overrides=args.overrides)
     specs = {"teacher": _check_spec("teacher", cfg.teacher), "student": _check_spec("student", cfg.student)}
     tok = load_tokenizer(args.tokenizer)
-    out = Path(args.out)
     for name in specs:
         if (out / name).exists() and not args.overwrite:
             raise UserError(f"{out / name}: already exists; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     for i, (name, spec) in enumerate(specs.items()):
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=out))
+        tmp = make_temp_dir(out, f".tmp-{name}.")   # 0777 less the umask (mkdtemp's would be 0700)
         try:  # written under a temporary name, renamed when complete
             model = init_model_dir(spec, tok, tmp, seed=cfg.seed + i, max_positions=cfg.max_position_embeddings)
             if (out / name).exists():

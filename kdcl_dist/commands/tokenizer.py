@@ -10,9 +10,7 @@ under a temporary name and renamed when complete; it loads with AutoTokenizer.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from kdcl_dist.config import add_config_args, option, resolve, write_resolved
 from kdcl_dist.data import ingest
@@ -52,14 +50,15 @@ def add_arguments(p):
 def run(args) -> int:
     from kdcl_dist.commands.shard import split_overrides
     from kdcl_dist.data.tokenizer import train_wordpiece
+    from kdcl_dist.utils import check_output_path, make_temp_dir
 
     inputs, overrides = split_overrides(args.input, args.overrides)
     keys = ("vocab_size", "lowercase", "max_docs", "format", "text_field", "title_field", "id_field",
             "text_unit", "skip_bad_lines")
     cfg = resolve(TokenizerConfig, "tokenizer", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=overrides)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    out = check_output_path(args.out, "dir", replace=True)   # before reading any input
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out")
     opts = ingest.ReadOptions(format=cfg.format, text_field=cfg.text_field, title_field=cfg.title_field,
                               id_field=cfg.id_field, text_unit=cfg.text_unit, skip_bad_lines=cfg.skip_bad_lines)
@@ -76,7 +75,7 @@ def run(args) -> int:
                 return
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".tmp-{out.name}.")   # 0777 less the umask, like the files in it
     try:
         tok = train_wordpiece(texts(), tmp, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase,
                               max_length=cfg.max_length)
@@ -84,7 +83,7 @@ def run(args) -> int:
             raise UserError(f"{', '.join(inputs)}: no documents to train on (dropped: {ingest.describe_drops(stats)})")
         write_resolved(cfg, tmp, "tokenizer")
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():
