@@ -181,7 +181,7 @@ def build_student(config_src: str, state_dict: dict, trust_remote_code: bool = F
 
 def export_checkpoint(checkpoint, out, tag: str | None = None, student: str | None = None,
                       force: bool = False) -> Path:
-    from kdcl_dist.utils import read_json, sha256_file, write_json_atomic
+    from kdcl_dist.utils import apply_umask_modes, read_json, sha256_file, write_json_atomic
 
     root, tag = resolve_checkpoint(checkpoint, tag)
     out = Path(out)
@@ -220,6 +220,7 @@ def export_checkpoint(checkpoint, out, tag: str | None = None, student: str | No
             "zero_stage": marker.get("zero_stage"), "student_config": str(config_src),
             "dtype": "float32", "model_sha256": sha256_file(weights) if weights.exists() else None,
         })
+        apply_umask_modes(tmp)   # safetensors writes 0600 whatever the umask; give the umask's modes
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

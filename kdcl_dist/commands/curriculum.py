@@ -39,7 +39,9 @@ def add_arguments(p):
 def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
+    from kdcl_dist.utils import check_output_path
 
+    check_output_path(args.out, "dir")   # every rank, before the process group and any work
     keys = ("shard_size", "nonfinite", "plots", "progress", "in_memory_max", "exclude_heldout_percent")
     cfg = resolve(CurriculumConfig, "curriculum", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)

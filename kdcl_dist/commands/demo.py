@@ -23,6 +23,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     from kdcl_dist.demo import DemoConfig, run_demo
+    from kdcl_dist.utils import check_output_path
+
+    check_output_path(args.out, "dir")
 
     cfg = resolve(DemoConfig, "demo", preset=args.preset, config_file=args.config,
                   flags={"steps": args.steps, "max_docs": args.max_docs, "nproc": args.nproc},

@@ -36,7 +36,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     from kdcl_dist.experiment import Experiment, ExperimentConfig, write_report
-    from kdcl_dist.utils import read_json
+    from kdcl_dist.utils import check_output_path, read_json
+
+    check_output_path(args.out, "dir")
 
     flags = {k: getattr(args, k) for k in _FLAGS}
     cfg = resolve(ExperimentConfig, "experiment", preset=args.preset, config_file=args.config, flags=flags,

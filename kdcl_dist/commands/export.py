@@ -29,8 +29,10 @@ def add_arguments(p):
 def run(args) -> int:
     import json
 
+    from kdcl_dist.utils import check_output_path, setup_logging
+
+    check_output_path(args.out, "dir", replace=True)   # before consolidating anything
     from kdcl_dist.export import export_checkpoint, verify_export
-    from kdcl_dist.utils import setup_logging
 
     setup_logging(0)
     out = export_checkpoint(args.checkpoint, args.out, tag=args.tag, student=args.student, force=args.force)

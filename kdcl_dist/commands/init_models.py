@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,9 +109,12 @@ def _fresh_dir(out: Path, overwrite: bool) -> None:
 def _write_atomic(dest: Path, build) -> None:
     """Run build(tmp_dir) in a temporary sibling directory, renamed to dest when complete."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}.", dir=dest.parent))
+    from kdcl_dist.utils import apply_umask_modes, make_temp_dir
+
+    tmp = make_temp_dir(dest.parent, f".tmp-{dest.name}.")  # 0777 less the umask (mkdtemp's would be 0700)
     try:
         build(tmp)
+        apply_umask_modes(tmp)  # safetensors writes its file 0600
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -191,6 +193,10 @@ def run(args) -> int:
             raise UserError("--teacher and --student: check mode needs both")
         print(check_pair(args.teacher, args.student))
         return 0
+    from kdcl_dist.utils import check_output_path, make_temp_dir
+
+    if args.out:
+        check_output_path(args.out, "dir")   # before loading anything
     cfg = resolve(ModelsConfig, "models", preset=args.preset, config_file=args.config,
                   flags={"seed": args.seed}, overrides=args.overrides)
     if isinstance(cfg.teacher, str) and _from_teacher_spec(cfg.student) is not None:
@@ -211,7 +217,7 @@ def run(args) -> int:
             raise UserError(f"{out / name}: already exists; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     for i, (name, spec) in enumerate(specs.items()):
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=out))
+        tmp = make_temp_dir(out, f".tmp-{name}.")   # 0777 less the umask (mkdtemp's would be 0700)
         try:  # written under a temporary name, renamed when complete
             model = init_model_dir(spec, tok, tmp, seed=cfg.seed + i, max_positions=cfg.max_position_embeddings)
             if (out / name).exists():

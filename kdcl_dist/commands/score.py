@@ -37,7 +37,9 @@ def add_arguments(p):
 def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.curriculum.scoring import ScoreConfig, precheck_head, score_shards
+    from kdcl_dist.utils import check_output_path
 
+    check_output_path(args.out, "dir")   # every rank, before the process group and any work
     keys = ("masks", "seed", "token_budget", "window", "dtype", "nonfinite", "threads", "progress", "allow_new_head")
     cfg = resolve(ScoreConfig, "score", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)

@@ -69,7 +69,9 @@ def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.data.build import ShardConfig, build_dataset
     from kdcl_dist.data.tokenizer import load_tokenizer
+    from kdcl_dist.utils import check_output_path
 
+    check_output_path(args.out, "dir")   # every rank, before the process group and any work
     inputs, overrides = split_overrides(args.input, args.overrides)
     flags = {k: getattr(args, k) for k in (*_FLAGS, "skip_bad_lines", "keep_text", "dedup", "overwrite")}
     cfg = resolve(ShardConfig, "shard", preset=args.preset, config_file=args.config, flags=flags,

@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from kdcl_dist.config import add_config_args, option, resolve, write_resolved
 from kdcl_dist.data import ingest
@@ -64,7 +62,7 @@ def add_arguments(p):
 def run(args) -> int:
     from kdcl_dist.commands.shard import split_overrides
     from kdcl_dist.data.tokenizer import train_wordpiece
-    from kdcl_dist.utils import setup_logging
+    from kdcl_dist.utils import check_output_path, make_temp_dir, setup_logging
 
     setup_logging(0)
     inputs, overrides = split_overrides(args.input, args.overrides)
@@ -72,8 +70,8 @@ def run(args) -> int:
             "text_unit", "skip_bad_lines", "strict_vocab_size")
     cfg = resolve(TokenizerConfig, "tokenizer", preset=args.preset, config_file=args.config,
                   flags={k: getattr(args, k) for k in keys}, overrides=overrides)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    out = check_output_path(args.out, "dir", replace=True)   # before reading any input
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out")
     opts = ingest.ReadOptions(format=cfg.format, text_field=cfg.text_field, title_field=cfg.title_field,
                               id_field=cfg.id_field, text_unit=cfg.text_unit, skip_bad_lines=cfg.skip_bad_lines)
@@ -90,7 +88,7 @@ def run(args) -> int:
                 return
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".tmp-{out.name}.")   # 0777 less the umask, like the files in it
     try:
         tok = train_wordpiece(texts(), tmp, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase,
                               max_length=cfg.max_length)
@@ -110,7 +108,7 @@ def run(args) -> int:
             "dropped": {k: v for k, v in sorted(stats.dropped.items()) if v}, "lowercase": cfg.lowercase,
         }, indent=2) + "\n")
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():

@@ -63,5 +63,9 @@ def run(args) -> int:
     flags = {field: getattr(args, flag) for flag, field in FLAGS.items()}
     cfg = resolve(TrainConfig, "train", preset=args.preset, config_file=args.config, flags=flags,
                   overrides=args.overrides)
+    if cfg.out:   # every rank, before the process group and any work (train.out may come from --config)
+        from kdcl_dist.utils import check_output_path
+
+        check_output_path(cfg.out, "dir")
     summary = train(cfg)
     return 0 if summary else 1

@@ -214,8 +214,12 @@ def load_per_sample(path: str | Path) -> dict:
 
 
 def run(args) -> int:
-    from kdcl_dist.utils import write_json_atomic
+    from kdcl_dist.utils import check_output_path, write_json_atomic
 
+    if args.out:   # before loading the model: a bad path fails in a second, not after the evaluation
+        check_output_path(args.out, "file")
+    if args.per_sample:
+        check_output_path(args.per_sample, "file", key="--per-sample")
     flags = {k: getattr(args, k) for k in ("split", "heldout_percent", "masks", "seed", "max_samples", "batch_size")}
     cfg = resolve(EvalMLMConfig, "eval_mlm", preset=args.preset, config_file=args.config, flags=flags,
                   overrides=args.overrides)

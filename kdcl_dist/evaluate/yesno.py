@@ -421,8 +421,10 @@ def format_report(r: dict) -> str:
 
 
 def run(args) -> int:
-    from kdcl_dist.utils import write_json_atomic
+    from kdcl_dist.utils import check_output_path, write_json_atomic
 
+    if args.out:   # before any fine-tuning
+        check_output_path(args.out, "file")
     flags = {k: getattr(args, k) for k in ("seeds", "epochs", "batch_size", "lr", "weight_decay", "max_length", "max_train",
                                            "subset_seed")}
     cfg = resolve(YesNoConfig, "eval_yesno", preset=args.preset, config_file=args.config, flags=flags,

@@ -50,6 +50,9 @@ def init_model_dir(spec: dict, tok, out_dir: str | os.PathLike, seed: int, max_p
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    from kdcl_dist.utils import apply_umask_modes
+
+    apply_umask_modes(out)   # safetensors writes its file 0600: the team must be able to read the model
     return model
 
 

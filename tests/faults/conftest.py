@@ -229,11 +229,15 @@ def _quiesce_threads() -> None:
 
 def fork_run(argv, *, world: int = 1, env: dict | None = None, kill: tuple | None = None,
              enospc_at: int | None = None, timeout: float = 300, sigterm: tuple | None = None,
-             pre=None, logdir: Path | None = None, kill_after: tuple | None = None) -> Run:
+             pre=None, logdir: Path | None = None, kill_after: tuple | None = None,
+             stop_others: bool = True) -> Run:
     """Run `kdcl-dist <argv>` on `world` forked ranks; see the module doc for the faults.
 
     sigterm=(rank, predicate): poll predicate() and send SIGTERM to that rank once it is true.
     kill_after=(rank, seconds): SIGKILL that rank from outside after `seconds` of wall time.
+    stop_others=False: when a rank fails, let the other ranks finish on their own instead of
+    killing them as torchrun does (to see that every rank fails the same way without hanging;
+    `timeout` still applies).
     """
     import tempfile
 
@@ -263,7 +267,7 @@ def fork_run(argv, *, world: int = 1, env: dict | None = None, kill: tuple | Non
                 got, status = os.waitpid(pid, os.WNOHANG)
                 if got:
                     rcs[r] = os.waitstatus_to_exitcode(status)
-                    if rcs[r] != 0:  # torchrun's behaviour: one rank failed -> stop the others
+                    if rcs[r] != 0 and stop_others:  # torchrun's behaviour: one rank failed -> stop the others
                         for r2, p2 in enumerate(pids):
                             if r2 not in rcs:
                                 with contextlib.suppress(ProcessLookupError):
