@@ -70,9 +70,9 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, help="final lr as a fraction of the peak", min=0.0, max=1.0)
     weight_decay: float = option(0.01, help="AdamW weight decay", min=0.0)
     grad_clip: float = option(1.0, help="gradient clipping (global norm)", min=0.0)
-    ds_config: str = option("ds_configs/cpu_fp32.json", help="student DeepSpeed config")
+    ds_config: str = option("cpu_fp32", help="student DeepSpeed config: a packaged name (kdcl_dist/ds_configs) or a JSON file")
     teacher_hosting: str = option("replicated", help="teacher placement", choices=("replicated", "zero3"))
-    teacher_ds_config: str = option("", help="teacher ZeRO-3 config ('' = ds_configs/teacher_zero3[_bf16].json)")
+    teacher_ds_config: str = option("", help="teacher ZeRO-3 config, a packaged name or a file ('' = teacher_zero3[_bf16])")
     save_every: int = option(100, help="checkpoint every N steps (0: only at the end)", min=0)
     keep: int = option(3, help="complete checkpoints to keep", min=1)
     resume: str = option("auto", help="auto | none | PATH of a checkpoint")
@@ -339,8 +339,8 @@ def train(cfg: TrainConfig) -> dict:
         on_gpu=on_gpu, load_universal=universal)
     t_cfg = None
     if cfg.teacher and cfg.teacher_hosting == "zero3":
-        path = cfg.teacher_ds_config or ("ds_configs/teacher_zero3_bf16.json"
-                                         if on_gpu and kde.precision(ds_cfg) == "bf16" else "ds_configs/teacher_zero3.json")
+        path = cfg.teacher_ds_config or ("teacher_zero3_bf16"
+                                         if on_gpu and kde.precision(ds_cfg) == "bf16" else "teacher_zero3")
         t_cfg = kde.prepare_teacher_config(path, micro_batch=cfg.micro_batch, world_size=world, on_gpu=on_gpu)
     stage = kde.zero_stage(ds_cfg)
     if marker is not None and stage is not None and int(marker.get("zero_stage", stage)) != stage:

@@ -38,7 +38,7 @@ def add_arguments(parser):
     g.add_argument("--epochs", type=int, help="epochs over the curriculum, at least 1 (unset: one epoch, or as many "
                    "as --steps needs)")
     a("--lr", type=float, help="peak learning rate")
-    a("--ds-config", dest="ds_config", help="DeepSpeed config JSON (ds_configs/*.json)")
+    a("--ds-config", dest="ds_config", help="DeepSpeed config: a packaged name (zero2_bf16; see docs/training.md) or a JSON file")
     a("--teacher-hosting", dest="teacher_hosting", help="replicated | zero3")
     a("--save-every", dest="save_every", type=int, help="checkpoint every N steps")
     a("--keep", type=int, help="complete checkpoints to keep")
