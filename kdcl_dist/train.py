@@ -83,6 +83,14 @@ class TrainConfig:
     max_steps_per_run: int = option(0, help="stop (with a checkpoint) after this many steps in this run (0: off)", min=0)
     max_nonfinite_steps: int = option(5, help="abort after this many non-finite (skipped) steps in a row (0: never)",
                                       min=0)
+    progress: bool = option(True, help="tqdm bar on a terminal (off: none); without a terminal, or off, a progress "
+                            "line every $KDCL_PROGRESS_EVERY seconds (default 30) in the log")
+    wandb: bool = option(False, help="also log to Weights & Biases (pip install kdcl_dist[wandb]); rank 0 only")
+    wandb_project: str = option("kdcl-dist", help="W&B project")
+    wandb_entity: str = option("", help="W&B entity (team or user; '' = your default)")
+    wandb_name: str = option("", help="W&B run name ('' = the --out directory's name)")
+    wandb_mode: str = option("", help="W&B mode ('' = $WANDB_MODE, else online)",
+                             choices=("", "online", "offline", "disabled"))
 
     def validate(self) -> None:
         for k in ("curriculum", "student", "out"):
@@ -99,6 +107,12 @@ class TrainConfig:
                             "micro batch is one rank's share of a step); lower --micro-batch or raise --global-batch")
         if self.q_low >= self.q_high:
             raise UserError(f"train.q_low: {self.q_low} must be below q_high {self.q_high}")
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise UserError("train.wandb: the wandb package is not installed; pip install 'kdcl_dist[wandb]' "
+                                "(or pip install wandb), or drop --wandb")
         if self.reliance == "sr-paper" and self.order in ("random", "reverse") and not self.allow_sr_any_order:
             raise UserError(
                 f"train.reliance: sr-paper with train.order {self.order} turns KD (almost) off: its λ is shifted "
@@ -439,7 +453,16 @@ def train(cfg: TrainConfig) -> dict:
 
     seen = distinct_positions_seen(spec, n, cfg.global_batch, start_step)
     n_seen = int(seen.sum())
-    monitor = Monitor(str(out), rank, total_steps, start_step=start_step)
+    wb = None
+    if cfg.wandb:
+        from kdcl_dist.config import to_dict
+        from kdcl_dist.monitor import WandbSpec
+
+        wb = WandbSpec(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=cfg.wandb_name or out.name,
+                       mode=cfg.wandb_mode or None, images_dir=str(cur_dir),
+                       config={**to_dict(cfg), "total_steps": total_steps, "world_size": world,
+                               "zero_stage": engine.zero_stage, "precision": engine.precision})
+    monitor = Monitor(str(out), rank, total_steps, start_step=start_step, progress=cfg.progress, wandb=wb)
     stop = _StopFlag().install()
     samples_f = open(out / "samples.jsonl", "a") if rank == 0 else None
     step = start_step

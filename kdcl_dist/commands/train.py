@@ -18,6 +18,7 @@ FLAGS = {
     "lr": "lr", "ds_config": "ds_config", "teacher_hosting": "teacher_hosting", "save_every": "save_every",
     "keep": "keep", "resume": "resume", "seed": "seed", "kd_positions": "kd_positions",
     "num_workers": "num_workers", "extend_steps": "extend_steps", "allow_sr_any_order": "allow_sr_any_order",
+    "progress": "progress", "wandb": "wandb", "wandb_project": "wandb_project", "wandb_mode": "wandb_mode",
 }
 
 
@@ -51,6 +52,11 @@ def add_arguments(parser):
     a("--seed", type=int)
     a("--kd-positions", dest="kd_positions", help="masked (default) | all")
     a("--num-workers", dest="num_workers", type=int, help="DataLoader workers per rank")
+    a("--no-progress", dest="progress", action="store_false", default=None,
+      help="no progress bar (shown only on a terminal anyway); the periodic progress line stays in the log")
+    a("--wandb", action="store_true", default=None, help="also log to Weights & Biases (docs/training.md)")
+    a("--wandb-project", dest="wandb_project", help="W&B project (default kdcl-dist)")
+    a("--wandb-mode", dest="wandb_mode", help="online | offline | disabled (default: $WANDB_MODE, else online)")
     add_config_args(parser)
 
 
