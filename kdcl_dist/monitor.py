@@ -175,7 +175,10 @@ def _wandb_start(out: Path, spec: WandbSpec):
     run_id = id_path.read_text().strip() if id_path.exists() else ""
     resumed = bool(run_id)
     if not run_id:
-        run_id = wandb.util.generate_id()
+        import secrets
+        import string
+
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_path.write_text(run_id + "\n")
     kw = {"project": spec.project or "kdcl-dist", "id": run_id, "resume": "allow", "dir": str(out),
           "config": spec.config or {}}
