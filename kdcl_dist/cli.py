@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment": ("kdcl_dist.commands.experiment", "the paper's ablation grid with seeds and statistics"),
     "demo": ("kdcl_dist.commands.demo", "the whole pipeline on the embedded default (tiny models, CPU)"),
     "bench": ("kdcl_dist.commands.bench", "side-by-side benchmarks (ingest, score, sort, train)"),
+    "launcher": ("kdcl_dist.commands.launcher", "print where the packaged cluster launcher scripts are"),
 }
 
 

@@ -72,9 +72,9 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, help="final lr as a fraction of the peak", min=0.0, max=1.0)
     weight_decay: float = option(0.01, help="AdamW weight decay", min=0.0)
     grad_clip: float = option(1.0, help="gradient clipping (global norm)", min=0.0)
-    ds_config: str = option("ds_configs/cpu_fp32.json", help="student DeepSpeed config")
+    ds_config: str = option("cpu_fp32", help="student DeepSpeed config: a packaged name (kdcl_dist/ds_configs) or a JSON file")
     teacher_hosting: str = option("replicated", help="teacher placement", choices=("replicated", "zero3"))
-    teacher_ds_config: str = option("", help="teacher ZeRO-3 config ('' = ds_configs/teacher_zero3[_bf16].json)")
+    teacher_ds_config: str = option("", help="teacher ZeRO-3 config, a packaged name or a file ('' = teacher_zero3[_bf16])")
     save_every: int = option(100, help="checkpoint every N steps (0: only at the end)", min=0)
     keep: int = option(3, help="complete checkpoints to keep", min=1)
     resume: str = option("auto", help="auto | none | PATH of a checkpoint")
@@ -85,6 +85,14 @@ class TrainConfig:
     max_steps_per_run: int = option(0, help="stop (with a checkpoint) after this many steps in this run (0: off)", min=0)
     max_nonfinite_steps: int = option(5, help="abort after this many non-finite (skipped) steps in a row (0: never)",
                                       min=0)
+    progress: bool = option(True, help="tqdm bar on a terminal (off: none); without a terminal, or off, a progress "
+                            "line every $KDCL_PROGRESS_EVERY seconds (default 30) in the log")
+    wandb: bool = option(False, help="also log to Weights & Biases (pip install kdcl_dist[wandb]); rank 0 only")
+    wandb_project: str = option("kdcl-dist", help="W&B project")
+    wandb_entity: str = option("", help="W&B entity (team or user; '' = your default)")
+    wandb_name: str = option("", help="W&B run name ('' = the --out directory's name)")
+    wandb_mode: str = option("", help="W&B mode ('' = $WANDB_MODE, else online)",
+                             choices=("", "online", "offline", "disabled"))
 
     def validate(self) -> None:
         for k in ("curriculum", "student", "out"):
@@ -101,6 +109,12 @@ class TrainConfig:
                             "micro batch is one rank's share of a step); lower --micro-batch or raise --global-batch")
         if self.q_low >= self.q_high:
             raise UserError(f"train.q_low: {self.q_low} must be below q_high {self.q_high}")
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise UserError("train.wandb: the wandb package is not installed; pip install 'kdcl_dist[wandb]' "
+                                "(or pip install wandb), or drop --wandb")
         if self.reliance == "sr-paper" and self.order in ("random", "reverse") and not self.allow_sr_any_order:
             raise UserError(
                 f"train.reliance: sr-paper with train.order {self.order} turns KD (almost) off: its λ is shifted "
@@ -347,8 +361,8 @@ def train(cfg: TrainConfig) -> dict:
         on_gpu=on_gpu, load_universal=universal)
     t_cfg = None
     if cfg.teacher and cfg.teacher_hosting == "zero3":
-        path = cfg.teacher_ds_config or ("ds_configs/teacher_zero3_bf16.json"
-                                         if on_gpu and kde.precision(ds_cfg) == "bf16" else "ds_configs/teacher_zero3.json")
+        path = cfg.teacher_ds_config or ("teacher_zero3_bf16"
+                                         if on_gpu and kde.precision(ds_cfg) == "bf16" else "teacher_zero3")
         t_cfg = kde.prepare_teacher_config(path, micro_batch=cfg.micro_batch, world_size=world, on_gpu=on_gpu)
     stage = kde.zero_stage(ds_cfg)
     if marker is not None and stage is not None and int(marker.get("zero_stage", stage)) != stage:
@@ -448,7 +462,16 @@ def train(cfg: TrainConfig) -> dict:
 
     seen = distinct_positions_seen(spec, n, cfg.global_batch, start_step)
     n_seen = int(seen.sum())
-    monitor = Monitor(str(out), rank, total_steps, start_step=start_step)
+    wb = None
+    if cfg.wandb:
+        from kdcl_dist.config import to_dict
+        from kdcl_dist.monitor import WandbSpec
+
+        wb = WandbSpec(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=cfg.wandb_name or out.name,
+                       mode=cfg.wandb_mode or None, images_dir=str(cur_dir),
+                       config={**to_dict(cfg), "total_steps": total_steps, "world_size": world,
+                               "zero_stage": engine.zero_stage, "precision": engine.precision})
+    monitor = Monitor(str(out), rank, total_steps, start_step=start_step, progress=cfg.progress, wandb=wb)
     stop = _StopFlag().install()
     samples_f = open(out / "samples.jsonl", "a") if rank == 0 else None
     step = start_step

@@ -60,7 +60,7 @@ def add_arguments(p):
     p.add_argument("--engine", action="store_true",
                    help="also time the real KDEngine step (DeepSpeed, ZeRO config --ds-config) KD vs student-only")
     p.add_argument("--ds-config", dest="ds_config", default=None,
-                   help="DeepSpeed config for --engine (default ds_configs/cpu_fp32.json on CPU, zero2_bf16 on GPU)")
+                   help="DeepSpeed config for --engine, a packaged name or a file (default cpu_fp32 on CPU, zero2_bf16 on GPU)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
 
 
@@ -293,7 +293,7 @@ def time_engine(args, preset, device, batch) -> dict:
 
     init_distributed()
     on_gpu = device.type == "cuda"
-    ds_path = args.ds_config or ("ds_configs/zero2_bf16.json" if on_gpu else "ds_configs/cpu_fp32.json")
+    ds_path = args.ds_config or ("zero2_bf16" if on_gpu else "cpu_fp32")
     B = preset["batch"]
     res = {}
     teacher0, student0 = build_models(preset)

@@ -56,6 +56,8 @@ def add_arguments(p):
     p.add_argument("--strict-vocab-size", dest="strict_vocab_size", action="store_true", default=None,
                    help="refuse, instead of warning, when the corpus yields fewer tokens than --vocab-size")
     p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar (by default shown only on a terminal)")
     add_config_args(p)
 
 
@@ -91,7 +93,7 @@ def run(args) -> int:
     tmp = make_temp_dir(out.parent, f".tmp-{out.name}.")   # 0777 less the umask, like the files in it
     try:
         tok = train_wordpiece(texts(), tmp, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase,
-                              max_length=cfg.max_length)
+                              max_length=cfg.max_length, show_progress=None if args.progress else False)
         if n == 0:
             raise UserError(f"{', '.join(inputs)}: no documents to train on (dropped: {ingest.describe_drops(stats)})")
         short = len(tok) < cfg.vocab_size

@@ -19,6 +19,7 @@ FLAGS = {
     "keep": "keep", "resume": "resume", "seed": "seed", "kd_positions": "kd_positions",
     "num_workers": "num_workers", "extend_steps": "extend_steps", "allow_sr_any_order": "allow_sr_any_order",
     "allow_new_head": "allow_new_head",
+    "progress": "progress", "wandb": "wandb", "wandb_project": "wandb_project", "wandb_mode": "wandb_mode",
 }
 
 
@@ -39,7 +40,7 @@ def add_arguments(parser):
     g.add_argument("--epochs", type=int, help="epochs over the curriculum, at least 1 (unset: one epoch, or as many "
                    "as --steps needs)")
     a("--lr", type=float, help="peak learning rate")
-    a("--ds-config", dest="ds_config", help="DeepSpeed config JSON (ds_configs/*.json)")
+    a("--ds-config", dest="ds_config", help="DeepSpeed config: a packaged name (zero2_bf16; see docs/training.md) or a JSON file")
     a("--teacher-hosting", dest="teacher_hosting", help="replicated | zero3")
     a("--save-every", dest="save_every", type=int, help="checkpoint every N steps")
     a("--keep", type=int, help="complete checkpoints to keep")
@@ -54,6 +55,11 @@ def add_arguments(parser):
     a("--seed", type=int)
     a("--kd-positions", dest="kd_positions", help="masked (default) | all")
     a("--num-workers", dest="num_workers", type=int, help="DataLoader workers per rank")
+    a("--no-progress", dest="progress", action="store_false", default=None,
+      help="no progress bar (shown only on a terminal anyway); the periodic progress line stays in the log")
+    a("--wandb", action="store_true", default=None, help="also log to Weights & Biases (docs/training.md)")
+    a("--wandb-project", dest="wandb_project", help="W&B project (default kdcl-dist)")
+    a("--wandb-mode", dest="wandb_mode", help="online | offline | disabled (default: $WANDB_MODE, else online)")
     add_config_args(parser)
 
 

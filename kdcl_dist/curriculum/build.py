@@ -573,10 +573,10 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
     parts = out / ".parts"
     parts.mkdir(exist_ok=True)
     bar = None
-    if cfg.progress and rank == 0 and mine:
-        from tqdm import tqdm
+    if rank == 0 and mine:  # a bar on a terminal, else a progress line every $KDCL_PROGRESS_EVERY s
+        from kdcl_dist.progress import progress_bar
 
-        bar = tqdm(total=len(mine) * world, unit="shard", desc="curriculum", dynamic_ncols=True)
+        bar = progress_bar(len(mine) * world, "curriculum", "shard", progress=cfg.progress, dynamic_ncols=True)
     fetcher = _Fetcher(src)
     results, skipped = [], 0
     for j in mine:

@@ -541,10 +541,10 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last_write = self._last_log = self.t0
         self.bar = None
-        if show and rank == 0 and total > 0:
-            from tqdm import tqdm
+        if show and rank == 0 and total > 0:  # a bar on a terminal only: the periodic log lines cover the rest
+            from kdcl_dist.progress import progress_bar
 
-            self.bar = tqdm(total=total, unit="sample", desc="score", dynamic_ncols=True, mininterval=1.0)
+            self.bar = progress_bar(total, "score", "sample", lines=False, dynamic_ncols=True, mininterval=1.0)
         self._shown = 0
         # zero this rank's counts now: a file left by an earlier (killed) run must not count
         self._write()

@@ -600,10 +600,10 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
     docs = ingest.clean(ingest.read_documents(specs, opts, stats), opts, stats)
 
     bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
+    if rank == 0:  # a bar on a terminal, else a progress line every $KDCL_PROGRESS_EVERY s (kdcl_dist/progress.py)
+        from kdcl_dist.progress import progress_bar
 
-        bar = tqdm(desc="shard", unit="doc", mininterval=1.0, dynamic_ncols=True)
+        bar = progress_bar(None, "shard", "doc", progress=progress, mininterval=1.0, dynamic_ncols=True)
     written = skipped = 0
     cur: list[tuple[int, ingest.Document]] = []
     digest = None

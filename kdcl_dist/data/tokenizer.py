@@ -19,8 +19,16 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000,
-                    lowercase: bool = False, max_length: int = 512):
-    """Train a BERT-style WordPiece tokenizer and save it as a `BertTokenizerFast` dir."""
+                    lowercase: bool = False, max_length: int = 512,
+                    show_progress: bool | None = None):
+    """Train a BERT-style WordPiece tokenizer and save it as a `BertTokenizerFast` dir.
+
+    show_progress: the tokenizers library's bar (None: only when stderr is a terminal).
+    """
+    if show_progress is None:
+        from kdcl_dist.progress import is_tty
+
+        show_progress = is_tty()
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -37,7 +45,8 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
                                                 handle_chinese_chars=True, strip_accents=None if lowercase else False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        min_frequency=2, continuing_subword_prefix="##")
+                                        min_frequency=2, continuing_subword_prefix="##",
+                                        show_progress=show_progress)
     tok.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(

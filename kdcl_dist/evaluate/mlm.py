@@ -125,11 +125,9 @@ def score_samples(model, samples, spec, masks: int, seed: int, batch_size: int =
     # (sample index, draw) units sorted by length: batches of similar length waste little padding
     units = sorted(((i, k) for i in range(len(samples)) for k in range(masks)),
                    key=lambda u: (len(samples[u[0]][1]), u))
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from kdcl_dist.progress import progress_bar
 
-        bar = tqdm(total=len(units), desc="eval mlm", unit="seq", leave=False)
+    bar = progress_bar(len(units), "eval mlm", "seq", progress=progress, leave=False)
     with torch.inference_mode():
         for start in range(0, len(units), batch_size):
             chunk = units[start:start + batch_size]

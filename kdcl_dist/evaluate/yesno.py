@@ -325,11 +325,9 @@ def finetune_one(model_name: str, tok, enc: dict, labels: list[str], cfg: YesNoC
     ]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from kdcl_dist.progress import progress_bar
 
-        bar = tqdm(total=total, desc=f"yesno seed {seed}", leave=False)
+    bar = progress_bar(total, f"yesno seed {seed}", "step", progress=progress, leave=False)
     losses = []
     for _ in range(cfg.epochs):
         model.train()

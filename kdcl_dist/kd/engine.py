@@ -1,6 +1,6 @@
 """The KD engine: a DeepSpeed ZeRO student beside a frozen teacher, one `step()` per global batch.
 
-Student: `deepspeed.initialize` with a config from `ds_configs/` (ZeRO 0-3; fp32 on CPU with
+Student: `deepspeed.initialize` with a config from `kdcl_dist/ds_configs/` (by name) or a file (ZeRO 0-3; fp32 on CPU with
 DeepSpeed's CPU accelerator and gloo; bf16/fp16 on GPU), AdamW in two parameter groups (no
 weight decay on biases and normalisation weights: `weight_decay_groups`), a warm-up/decay
 schedule, gradient clipping, gradient accumulation through DeepSpeed (`engine.backward` /
@@ -51,7 +51,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,13 +75,10 @@ NONFINITE_TERMS = ("teacher logits", "mlm loss", "kd loss", "cosine loss", "loss
 def load_ds_config(path_or_dict) -> dict:
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict)
-    p = Path(path_or_dict)
-    if not p.exists():
-        repo_rel = Path(__file__).resolve().parents[2] / path_or_dict
-        if repo_rel.exists():
-            p = repo_rel
-        else:
-            raise UserError(f"{path_or_dict}: DeepSpeed config not found; pass a JSON file such as ds_configs/zero2.json")
+    from kdcl_dist.packaged import find_ds_config
+
+    p = find_ds_config(path_or_dict)  # a file (relative: from the CWD) or a packaged name
+
     def no_duplicates(pairs):
         seen = set()
         for k, _ in pairs:
