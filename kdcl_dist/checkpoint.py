@@ -20,7 +20,7 @@ DeepSpeed unpickles it. `--resume auto` then falls back to the newest intact ear
 with a warning; an explicit `--resume <tag dir>` on a damaged one is a one-line error.
 A save that fails (full disk) discards its partial directory, so nothing partial stays behind.
 
-client_state (DESIGN §5) = {format_version, step, consumed_samples, sampler, reliance,
+client_state (docs/design.md §5) = {format_version, step, consumed_samples, sampler, reliance,
 curriculum_fingerprint, global_batch, world_size, config, rng (one entry per rank: torch, numpy,
 python, cuda), universal_checkpoint_info}. The teacher is a separate module and never saved.
 """

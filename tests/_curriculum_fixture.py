@@ -2,7 +2,7 @@
 
 Each source sample gets a deterministic pseudo-score (from its id hash and length), samples
 are sorted by (score, id) and written as curriculum shards with `write_shard`, plus
-`curriculum.json` and `order_scores.npy` following the shared contract (DESIGN §5).
+`curriculum.json` and `order_scores.npy` following the shared contract (docs/design.md §5).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def test_train_config_errors(tmp_path):
 
 def recompute_lambda(schedule: str, params: dict, manifest: dict, batch_scores: np.ndarray,
                      first_scores: np.ndarray) -> float:
-    """The schedules' formulas (DESIGN §6), written out independently of kd/reliance.py."""
+    """The schedules' formulas (docs/design.md §6), written out independently of kd/reliance.py."""
     stats = manifest["score_stats"]
     if schedule == "none":
         return 0.0

@@ -1,4 +1,4 @@
-"""Curriculum shards in global easy -> hard order, `curriculum.json` and plots (DESIGN §5).
+"""Curriculum shards in global easy -> hard order, `curriculum.json` and plots (docs/design.md §5).
 
 Steps (``kdcl-dist curriculum``):
 

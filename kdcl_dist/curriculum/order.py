@@ -2,7 +2,7 @@
 
 Positions index the curriculum ShardSet, which is already sorted easy -> hard, so position 0
 is the easiest sample. Nothing here reads files or depends on rank, world size or workers
-(DESIGN §4.3): every rank computes the same global batch t, and resume only needs the step.
+(docs/design.md §4.3): every rank computes the same global batch t, and resume only needs the step.
 
 Modes
 -----

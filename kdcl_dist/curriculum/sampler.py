@@ -1,6 +1,6 @@
 """Rank-aware curriculum sampler and the map-style dataset that DataLoader workers read.
 
-Layout of one optimizer step (DESIGN §4.3). Global batch t has B positions (order.py). It is
+Layout of one optimizer step (docs/design.md §4.3). Global batch t has B positions (order.py). It is
 cut into W contiguous rank blocks of B/W positions; rank r's block is cut into `grad_accum`
 contiguous micro-batches of `micro_batch` positions:
 
@@ -12,7 +12,7 @@ global batch is one contiguous range of the order. grad_accum = B / (micro_batch
 The data state is one integer, `consumed_samples` (step = consumed_samples // B): resuming at
 any world size continues with exactly the next global batch of the order.
 
-Item keys. A sample's MLM mask depends on the epoch (a fresh mask draw each pass, DESIGN
+Item keys. A sample's MLM mask depends on the epoch (a fresh mask draw each pass, docs/design.md
 §4.1), which the position alone does not tell. `rank_micro_batch_keys(step)` therefore yields
 integer keys ``epoch · n_samples + position`` (plain ints, so any batch_sampler can carry them)
 and `CurriculumDataset` decodes them; a key < n_samples is epoch 0. `rank_micro_batches(step)`

@@ -1,4 +1,4 @@
-"""Distributed scoring pass: each sample's masked-LM loss under the scoring model (DESIGN §2, §4.2).
+"""Distributed scoring pass: each sample's masked-LM loss under the scoring model (docs/design.md §2, §4.2).
 
 Definition (the curriculum's difficulty). For a sample x with token ids and K fixed masks
 m_1..m_K (``mask_sample(ids, id, draw=k, purpose="score", seed)``, k = 0..K-1; each mask

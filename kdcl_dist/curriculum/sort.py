@@ -1,4 +1,4 @@
-"""Global sort of scores, pure: ascending score, ties broken by sample id (DESIGN §4.3).
+"""Global sort of scores, pure: ascending score, ties broken by sample id (docs/design.md §4.3).
 
 The order depends only on the (score, id) pairs, never on which rank scored what or on
 the order the score files are listed in: it is the same for any world size.

@@ -33,7 +33,7 @@ A UTF-8 byte order mark at the start of a file (and, in JSON Lines, at the start
 line, as concatenating such files leaves) is removed.
 
 Every record the readers see is one *input document*, and it ends up either kept or
-counted under exactly one drop reason (DESIGN §4.6):
+counted under exactly one drop reason (docs/design.md §4.6):
 
     invalid_json   a jsonl line / json record that is not a JSON object (error unless skip_bad_lines)
     missing_field  a record without a string text field     (error unless skip_bad_lines)

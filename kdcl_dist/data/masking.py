@@ -1,4 +1,4 @@
-"""Deterministic MLM masking (DESIGN §4.1: masks are pure).
+"""Deterministic MLM masking (docs/design.md §4.1: masks are pure).
 
 The mask of a sample for draw k is a function of (sample id, k, purpose, seed) only,
 never of rank, world size, batch composition or DataLoader worker. That is what makes

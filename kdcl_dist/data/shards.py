@@ -1,4 +1,4 @@
-"""Writing webdataset shards with a per-shard offset index (DESIGN §5).
+"""Writing webdataset shards with a per-shard offset index (docs/design.md §5).
 
 A shard `shard-000000.tar` is written with webdataset's own `TarWriter`. Each sample has
 members `<key>.ids.npy` (token ids, uint16 when the vocabulary fits else int32),

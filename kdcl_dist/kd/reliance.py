@@ -2,7 +2,7 @@
 
 The training loss is ``(1 − λ)·MLM + λ·τ²·KL`` (kd/losses.py). λ of a batch is a pure function
 of that batch's curriculum scores (mean masked-token loss of the scoring model, higher =
-harder) and of the schedule's parameters (DESIGN §4.5): identical on every rank, the same
+harder) and of the schedule's parameters (docs/design.md §4.5): identical on every rank, the same
 after a resume, no communication. Global score statistics come from ``curriculum.json``
 (``score_stats``: min, max, mean, quantiles).
 
