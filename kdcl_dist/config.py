@@ -10,6 +10,10 @@ precedence (later wins):
 Validation errors name the key, the bad value and what is allowed, e.g.
 `train.order: 'sorted' is not one of sequential, reverse, random, ...`.
 The resolved config is written beside every stage's outputs (`<out>/config.yaml`).
+
+The fields are also the command-line flags: `add_options(parser, Config, section)` generates one
+flag per field (name, type, choices, help with the default), `resolve_args(args)` resolves the
+parsed command line, and `--print-config` (`add_config_args`) prints the result as YAML.
 """
 
 from __future__ import annotations
