@@ -8,6 +8,10 @@ does not break the others.
 The deepspeed launcher passes `--local_rank=N` before the subcommand; it is accepted
 anywhere on the line and exported as LOCAL_RANK.
 
+`--print-config` (every command with a config section) prints the resolved config as YAML and
+exits 0 before `run`: nothing is read, checked or written beyond the preset and --config files, and
+the paths a command otherwise requires may be omitted.
+
 Errors: a `UserError` is printed on one line (exit 2). A full disk or exceeded quota (an
 OSError ENOSPC/EDQUOT anywhere in the exception's cause/context chain, or a library error
 whose message carries it) is also printed on one line naming the path, the file system and
@@ -120,8 +124,16 @@ def disk_full_message(code: int, filename: str | None, args) -> str:
             "then re-run the same command (finished work is kept)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error style: one `kdcl-dist <cmd>: error: ...` line, exit 2
+    (no usage block; --help shows it). Nested sub-parsers inherit the class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kdcl-dist",
         description="Distributed knowledge distillation with curriculum learning and selective reliance.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -131,6 +143,16 @@ def _top_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kdcl-dist {__version__}")
     p.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="command")
     return p
+
+
+def _relax_required(parser: argparse.ArgumentParser) -> None:
+    """--print-config does no work, so the paths a command requires may be left out."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _relax_required(sub)
+        else:
+            action.required = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,13 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command '{name}'; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=f"kdcl-dist {name}", description=(module.__doc__ or COMMANDS[name][1]).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)
+    if "--print-config" in argv:
+        _relax_required(parser)
     args = parser.parse_args(argv[1:])
     try:
+        if getattr(args, "print_config", False):
+            from kdcl_dist.config import print_config
+
+            print_config(args)
+            return 0
         return int(module.run(args) or 0)
     except UserError as e:
         print(f"kdcl-dist {name}: error: {e}", file=sys.stderr)

@@ -34,7 +34,7 @@ class DemoConfig:
     warmup_student_steps: int = option(30, help="student warm-up steps", min=1)
     nproc: int = option(2, help="ranks for scoring and KD-CL-SR training", min=1)
     reliance: str = option("sr-paper", help="λ schedule of the KD-CL-SR run", choices=("sr-paper", "sr-sample", "sr-minmax", "sr-rank"))
-    heldout_percent: int = option(5, min=1, max=50)
+    heldout_percent: int = option(5, help="percent of documents held out for the MLM evaluation", min=1, max=50)
     max_length: int = option(128, help="tokens per sample (abstracts are truncated; halves the demo's time vs 256)", min=16)
 
 

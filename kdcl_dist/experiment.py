@@ -85,9 +85,9 @@ class ExperimentConfig:
     max_docs: int = option(0, help="use the first N documents of the corpus (0: all)", min=0)
     teacher_steps: int = option(0, help="teacher adaptation steps (0: same as --steps)", min=0)
     warmup_student_steps: int = option(0, help="student warm-up steps (0: a quarter of --steps)", min=0)
-    global_batch: int = option(32, min=1)
-    micro_batch: int = option(16, min=1)
-    lr: float = option(5e-4, min=0.0)
+    global_batch: int = option(32, help="samples per optimizer step of every training run", min=1)
+    micro_batch: int = option(16, help="samples per forward on one rank", min=1)
+    lr: float = option(5e-4, help="peak learning rate of the student runs", min=0.0)
     lambda_: float = option(0.5, help="λ of the constant arms (the paper: 0.5)", min=0.0, max=1.0)
     nproc: int = option(1, help="ranks per training run (torchrun, gloo on CPU)", min=1)
     parallel: int = option(1, help="runs executed at the same time", min=1)
@@ -96,7 +96,7 @@ class ExperimentConfig:
     yesno: bool = option(False, help="also fine-tune every run on the yes/no task (slow)")
     yesno_data: str = option("", help="BLURB-format task dir (default $KDCL_DATA_DIR/bioasq)")
     yesno_seeds: int = option(3, help="fine-tuning seeds per trained model", min=1)
-    n_boot: int = option(10000, min=100)
+    n_boot: int = option(10000, help="bootstrap replicates for the confidence intervals", min=100)
 
 
 # --------------------------------------------------------------------------------------

@@ -40,14 +40,16 @@ RELIANCE_CHOICES = ("none", "constant", "sr-paper", "sr-minmax", "sr-sample", "s
 
 @dataclasses.dataclass
 class TrainConfig:
-    curriculum: str | None = option(None, help="curriculum directory (curriculum.json + shards)")
-    student: str | None = option(None, help="student model directory or hub name")
-    teacher: str | None = option(None, help="teacher model directory or hub name; none: student-only MLM")
+    curriculum: str | None = option(None, help="curriculum directory (curriculum.json, order_scores.npy, shards)")
+    student: str | None = option(None, help="student model directory or hub name (its tokenizer is used)")
+    teacher: str | None = option(None, help="teacher model directory or hub name; omit (or none) for student-only MLM "
+                                 "(--reliance none)")
     out: str | None = option(None, help="output directory (checkpoints, metrics, tensorboard)")
     order: str = option("sequential", help="sample order", choices=ORDER_CHOICES)
     pacing_f0: float = option(0.2, help="pacing: initial pool fraction", min=0.0, max=1.0)
     pacing_steps: int = option(0, help="pacing: step at which the pool is the whole data (0: one epoch)", min=0)
-    reliance: str = option("constant", help="λ schedule", choices=RELIANCE_CHOICES)
+    reliance: str = option("constant", help="λ schedule (sr-rank: λ rises with the curriculum rank)",
+                           choices=RELIANCE_CHOICES)
     lambda_: float = option(0.5, help="λ for the constant schedule", min=0.0, max=1.0)
     lambda_max: float = option(1.0, help="λ_max for sr-minmax / sr-sample / sr-rank", min=0.0, max=1.0)
     q_low: float = option(0.05, help="sr-minmax/sr-sample: lower score quantile", min=0.0, max=1.0)
@@ -72,7 +74,8 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, help="final lr as a fraction of the peak", min=0.0, max=1.0)
     weight_decay: float = option(0.01, help="AdamW weight decay", min=0.0)
     grad_clip: float = option(1.0, help="gradient clipping (global norm)", min=0.0)
-    ds_config: str = option("cpu_fp32", help="student DeepSpeed config: a packaged name (kdcl_dist/ds_configs) or a JSON file")
+    ds_config: str = option("cpu_fp32", help="student DeepSpeed config: a packaged name (kdcl_dist/ds_configs, "
+                            "see docs/training.md) or a JSON file")
     teacher_hosting: str = option("replicated", help="teacher placement", choices=("replicated", "zero3"))
     teacher_ds_config: str = option("", help="teacher ZeRO-3 config, a packaged name or a file ('' = teacher_zero3[_bf16])")
     save_every: int = option(100, help="checkpoint every N steps (0: only at the end)", min=0)
@@ -648,10 +651,10 @@ def _setting_matters(key: str, saved: dict) -> bool:
 def _flag_for(key: str, value) -> str:
     """How to set `key` to `value` on the command line: its flag, else a KEY=VALUE override."""
     from kdcl_dist.commands.train import FLAGS
+    from kdcl_dist.config import flag_name
 
-    flags = {field: flag for flag, field in FLAGS.items()}
-    if key in flags:
-        return f"--{flags[key].replace('_', '-')} {value}"
+    if key in FLAGS.values():
+        return f"{flag_name(key)} {value}"
     return f"{key}={value}"
 
 

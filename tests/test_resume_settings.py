@@ -181,7 +181,7 @@ def test_check_run_settings_pure(ref):
     with pytest.raises(UserError, match=r"^ck: train.temperature is 3.0 but the checkpoint was trained with 2.0; "
                                         r"resuming would silently change the run: pass --temperature 2.0"):
         check_run_settings(saved, cfg(temperature=3.0), STEPS, start_step=4, path="ck")
-    with pytest.raises(UserError, match=r"train.weight_decay is 0.1 .* pass weight_decay=0.01"):
+    with pytest.raises(UserError, match=r"train.weight_decay is 0.1 .* pass --weight-decay 0.01"):
         check_run_settings(saved, cfg(weight_decay=0.1), STEPS, start_step=4, path="ck")
     # a setting the saved schedule does not use may change (λ_max of sr-minmax under constant λ)
     check_run_settings(saved, cfg(lambda_max=0.3), STEPS, start_step=4, path="ck")

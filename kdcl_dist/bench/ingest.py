@@ -42,9 +42,9 @@ def add_arguments(p):
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: train an 8k WordPiece on the corpus)")
     p.add_argument("--docs", type=int, default=0, help="use the first N documents (0 = all)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per side (median reported; >= 3)")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--shard-size", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per sample (default 256)")
+    p.add_argument("--shard-size", type=int, default=2000, help="samples per shard (default 2000)")
+    p.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer call (default 1000)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--threads", type=int, default=0,
                    help="pin to this many CPU cores and size the tokenizer pool to match (0 = every core)")

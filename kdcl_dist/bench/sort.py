@@ -23,7 +23,8 @@ import numpy as np
 
 def add_arguments(p):
     p.add_argument("--samples", type=int, default=1_800_000, help="synthetic scored samples (the paper: 1.8M)")
-    p.add_argument("--source-shard-size", dest="source_shard_size", type=int, default=10_000)
+    p.add_argument("--source-shard-size", dest="source_shard_size", type=int, default=10_000,
+                   help="samples per synthetic source shard (default 10000)")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=10_000, help="curriculum shard size")
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts to time")
     p.add_argument("--workdir", default=None, help="keep the synthetic source here (reused when present)")

@@ -46,8 +46,8 @@ VARIANTS = ("student", "kd", "kd_full")  # student-only, KD masked-only heads, K
 
 
 def add_arguments(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model sizes to time (default tiny)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda when available")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="GPU: autocast dtype of the student and dtype of the teacher (default bf16); CPU: fp32")
     p.add_argument("--batch", type=int, help="samples per step (default: preset)")
@@ -55,7 +55,7 @@ def add_arguments(p):
     p.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (default 2.0)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     p.add_argument("--engine", action="store_true",
                    help="also time the real KDEngine step (DeepSpeed, ZeRO config --ds-config) KD vs student-only")

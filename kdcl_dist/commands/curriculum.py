@@ -14,37 +14,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdcl_dist.config import add_config_args, resolve, write_resolved
+from kdcl_dist.config import add_config_args, add_options, resolve_args, write_resolved
 
 
 def add_arguments(p):
     p.add_argument("--shards", required=True, help="source shard directory (dataset.json)")
     p.add_argument("--scores", required=True, help="scores directory from `kdcl-dist score`")
     p.add_argument("--out", required=True, help="curriculum directory to write")
-    p.add_argument("--shard-size", dest="shard_size", type=int, help="samples per curriculum shard")
-    p.add_argument("--nonfinite", choices=("last", "exclude"),
-                   help="non-finite score policy (default: the one recorded in scores.json)")
-    p.add_argument("--in-memory-max", dest="in_memory_max", type=int,
-                   help="samples up to which the global sort runs in memory (default 20M); above it an "
-                        "external merge sort with bounded memory gives the same order (0: always external)")
-    p.add_argument("--exclude-heldout-percent", dest="exclude_heldout_percent", type=int,
-                   help="leave out the documents `kdcl-dist eval mlm --split heldout --heldout-percent N` "
-                        "evaluates (id hash %% 100 < N, N in 0..99), so that training never sees them (default 5, eval "
-                        "mlm's default split; 0 keeps every document)")
-    p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    add_config_args(p)
+    from kdcl_dist.curriculum.build import CurriculumConfig
 
+    add_options(p, CurriculumConfig, "curriculum")
+    add_config_args(p, "curriculum")
 
 def run(args) -> int:
     from kdcl_dist import dist
-    from kdcl_dist.curriculum.build import CurriculumConfig, build_curriculum
+    from kdcl_dist.curriculum.build import build_curriculum
     from kdcl_dist.utils import check_output_path
 
     check_output_path(args.out, "dir")   # every rank, before the process group and any work
-    keys = ("shard_size", "nonfinite", "plots", "progress", "in_memory_max", "exclude_heldout_percent")
-    cfg = resolve(CurriculumConfig, "curriculum", preset=args.preset, config_file=args.config,
-                  flags={k: getattr(args, k) for k in keys}, overrides=args.overrides)
+    cfg = resolve_args(args)
     with dist.stage() as info:
         build_curriculum(args.shards, args.scores, args.out, cfg, rank=info.rank, world=info.world_size)
         if info.rank == 0:

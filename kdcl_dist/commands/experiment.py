@@ -13,36 +13,28 @@ import shlex
 import sys
 from pathlib import Path
 
-from kdcl_dist.config import add_config_args, resolve, write_resolved
-
-_FLAGS = ("seeds", "steps", "arms", "parallel", "nproc", "heldout_percent", "max_docs", "yesno")
+from kdcl_dist.config import add_config_args, add_options, resolve_args, write_resolved
 
 
 def add_arguments(p):
     p.add_argument("--corpus", required=True, help="jsonl corpus ({id, title?, text} per line)")
     p.add_argument("--out", required=True, help="experiment directory (re-use it to resume)")
-    p.add_argument("--seeds", type=int, help="seeds per arm (default 3)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default: one epoch)")
-    p.add_argument("--arms", help="comma-separated arms (default: all)")
-    p.add_argument("--parallel", type=int, help="runs at the same time (default 1)")
-    p.add_argument("--nproc", type=int, help="ranks per training run (default 1)")
-    p.add_argument("--heldout-percent", dest="heldout_percent", type=int)
-    p.add_argument("--max-docs", dest="max_docs", type=int, help="use the first N documents only")
-    p.add_argument("--yesno", action="store_true", default=None, help="also run the yes/no fine-tuning (slow)")
+    from kdcl_dist.experiment import ExperimentConfig
+
+    add_options(p, ExperimentConfig, "experiment", helps={"arms": "comma-separated arms to run"})
     p.add_argument("--report-only", action="store_true", help="rebuild report.md from finished runs")
-    add_config_args(p)
+    add_config_args(p, None, preset_note="default tiny; the experiment section configures the grid and the "
+                    "preset's other sections every stage of each run")
     p.set_defaults(preset="tiny")
 
 
 def run(args) -> int:
-    from kdcl_dist.experiment import Experiment, ExperimentConfig, write_report
+    from kdcl_dist.experiment import Experiment, write_report
     from kdcl_dist.utils import check_output_path, read_json
 
     check_output_path(args.out, "dir")
 
-    flags = {k: getattr(args, k) for k in _FLAGS}
-    cfg = resolve(ExperimentConfig, "experiment", preset=args.preset, config_file=args.config, flags=flags,
-                  overrides=args.overrides)
+    cfg = resolve_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, out, "experiment")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcl_dist.config import add_config_args, option, resolve, write_resolved
+from kdcl_dist.config import add_config_args, add_options, option, resolve_args, write_resolved
 from kdcl_dist.errors import UserError
 
 _TINY_TEACHER = {"type": "bert", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}
@@ -37,7 +37,7 @@ class ModelsConfig:
     teacher: Any = option(default_factory=lambda: dict(_TINY_TEACHER),
                           help="architecture spec {type, hidden_size, num_layers, num_heads, intermediate_size}")
     student: Any = option(default_factory=lambda: dict(_TINY_STUDENT), help="architecture spec (see teacher)")
-    max_position_embeddings: int = option(512, min=8)
+    max_position_embeddings: int = option(512, help="position embeddings of both models (longest sequence)", min=8)
     seed: int = option(0, help="teacher uses seed, student seed + 1")
 
 
@@ -46,7 +46,6 @@ def add_arguments(p):
     p.add_argument("--out", help="output directory; writes <out>/teacher and <out>/student (init mode)")
     p.add_argument("--teacher", help="check mode: teacher model directory or hub name")
     p.add_argument("--student", help="check mode: student model directory or hub name")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace existing model directories")
     p.add_argument("--student-from-teacher", dest="student_from_teacher", metavar="TEACHER",
                    help="build a student from this teacher (directory, hub name, pkg:NAME or minilm) into --out")
@@ -55,7 +54,10 @@ def add_arguments(p):
     p.add_argument("--student-arch", dest="student_arch", default="distilbert", choices=("distilbert", "teacher"),
                    help="--student-from-teacher: DistilBERT (BERT weights mapped to DistilBERT names) or the "
                    "teacher's own architecture")
-    add_config_args(p)
+    add_options(p, ModelsConfig, "models", exclude=("teacher", "student"))  # specs: preset/--config/overrides
+    add_config_args(p, "models", preset_note="init mode builds new models from architecture specs (tiny) or from "
+                    "a pretrained teacher with a student {from_teacher: true, ...} (minilm); a preset naming two "
+                    "pretrained models (paper) is refused: check such a pair with --teacher/--student")
 
 
 def _check_spec(name: str, spec) -> dict:
@@ -197,8 +199,7 @@ def run(args) -> int:
 
     if args.out:
         check_output_path(args.out, "dir")   # before loading anything
-    cfg = resolve(ModelsConfig, "models", preset=args.preset, config_file=args.config,
-                  flags={"seed": args.seed}, overrides=args.overrides)
+    cfg = resolve_args(args)
     if isinstance(cfg.teacher, str) and _from_teacher_spec(cfg.student) is not None:
         if not args.out:
             raise UserError(f"models.teacher: {cfg.teacher!r} is a pretrained model; pass --out DIR")

@@ -18,7 +18,14 @@ import logging
 import shutil
 from dataclasses import dataclass
 
-from kdcl_dist.config import add_config_args, option, resolve, write_resolved
+from kdcl_dist.config import (
+    add_config_args,
+    add_options,
+    option,
+    resolve_args,
+    split_overrides,
+    write_resolved,
+)
 from kdcl_dist.data import ingest
 from kdcl_dist.errors import UserError
 
@@ -31,47 +38,35 @@ class TokenizerConfig:
     lowercase: bool = option(False, help="lowercase and strip accents (uncased model)")
     max_length: int = option(512, help="model_max_length recorded in the tokenizer", min=8)
     max_docs: int = option(0, help="train on the first N documents only (0 = all)", min=0)
-    format: str = option("auto", choices=ingest.FORMATS)
-    text_field: str = option("text")
-    title_field: str = option("title")
-    id_field: str = option("id")
-    text_unit: str = option("line", choices=ingest.TEXT_UNITS)
-    skip_bad_lines: bool = option(False)
+    format: str = option("auto", help="input format; auto = by file suffix (.json by content)", choices=ingest.FORMATS)
+    text_field: str = option("text", help="jsonl/parquet/hf: field holding the document body")
+    title_field: str = option("title", help="field prefixed to the body when present; '' disables")
+    id_field: str = option("id", help="field holding the document id; '' uses <file>:<line>")
+    text_unit: str = option("line", help="txt inputs: one document per line, per blank-line separated paragraph, "
+                            "or per file", choices=ingest.TEXT_UNITS)
+    skip_bad_lines: bool = option(False, help="count and skip invalid JSON lines / records without the text field")
     strict_vocab_size: bool = option(False, help="refuse (instead of warning) when the corpus yields fewer "
                                      "tokens than vocab_size")
 
 
 def add_arguments(p):
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH")
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+                   help="files or directories (jsonl, json, txt, xml/xml.gz, parquet, HF dataset dir or hub name)")
     p.add_argument("--out", required=True, help="tokenizer directory to write")
-    p.add_argument("--vocab-size", dest="vocab_size", type=int)
-    p.add_argument("--lowercase", action="store_true", default=None)
-    p.add_argument("--max-docs", dest="max_docs", type=int)
-    p.add_argument("--format", choices=ingest.FORMATS)
-    p.add_argument("--text-field", dest="text_field")
-    p.add_argument("--title-field", dest="title_field")
-    p.add_argument("--id-field", dest="id_field")
-    p.add_argument("--text-unit", dest="text_unit", choices=ingest.TEXT_UNITS)
-    p.add_argument("--skip-bad-lines", dest="skip_bad_lines", action="store_true", default=None)
-    p.add_argument("--strict-vocab-size", dest="strict_vocab_size", action="store_true", default=None,
-                   help="refuse, instead of warning, when the corpus yields fewer tokens than --vocab-size")
+    add_options(p, TokenizerConfig, "tokenizer")
     p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bar (by default shown only on a terminal)")
-    add_config_args(p)
+    add_config_args(p, "tokenizer")
 
 
 def run(args) -> int:
-    from kdcl_dist.commands.shard import split_overrides
     from kdcl_dist.data.tokenizer import train_wordpiece
     from kdcl_dist.utils import check_output_path, make_temp_dir, setup_logging
 
     setup_logging(0)
     inputs, overrides = split_overrides(args.input, args.overrides)
-    keys = ("vocab_size", "lowercase", "max_docs", "format", "text_field", "title_field", "id_field",
-            "text_unit", "skip_bad_lines", "strict_vocab_size")
-    cfg = resolve(TokenizerConfig, "tokenizer", preset=args.preset, config_file=args.config,
-                  flags={k: getattr(args, k) for k in keys}, overrides=overrides)
+    cfg = resolve_args(args, overrides)
     out = check_output_path(args.out, "dir", replace=True)   # before reading any input
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out")

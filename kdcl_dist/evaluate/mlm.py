@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcl_dist.config import add_config_args, option, resolve
+from kdcl_dist.config import add_config_args, add_options, option, resolve_args
 from kdcl_dist.errors import UserError
 
 DEFAULT_HELDOUT_PERCENT = 5
@@ -67,17 +67,13 @@ def add_arguments(p):
     p.add_argument("--model", required=True, help="HF masked-LM directory (export, init-models) or hub name")
     p.add_argument("--shards", required=True, help="shard directory (dataset.json or curriculum.json)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
-    p.add_argument("--split", choices=("heldout", "all"))
-    p.add_argument("--heldout-percent", dest="heldout_percent", type=int)
-    p.add_argument("--masks", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-samples", dest="max_samples", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
+    add_options(p, EvalMLMConfig, "eval_mlm")
     p.add_argument("--out", default=None, help="write the summary JSON here")
     p.add_argument("--per-sample", dest="per_sample", default=None,
                    help="write per-sample loss sums and masked counts (.npz) for paired statistics")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
-    add_config_args(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar (by default shown only on a terminal)")
+    add_config_args(p, "eval_mlm")
 
 
 def select_samples(shards, split: str, percent: int, max_samples: int = 0):
@@ -218,9 +214,7 @@ def run(args) -> int:
         check_output_path(args.out, "file")
     if args.per_sample:
         check_output_path(args.per_sample, "file", key="--per-sample")
-    flags = {k: getattr(args, k) for k in ("split", "heldout_percent", "masks", "seed", "max_samples", "batch_size")}
-    cfg = resolve(EvalMLMConfig, "eval_mlm", preset=args.preset, config_file=args.config, flags=flags,
-                  overrides=args.overrides)
+    cfg = resolve_args(args)
     summary, per_sample = evaluate_mlm(args.model, args.shards, cfg, args.tokenizer, progress=args.progress)
     print(f"eval mlm  model={summary['model']}  split={summary['split']}  samples={summary['samples']}  "
           f"masked tokens={summary['masked_tokens']}  loss={summary['loss']:.4f}  "

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcl_dist.config import add_config_args, option, resolve
+from kdcl_dist.config import add_config_args, add_options, option, resolve_args
 from kdcl_dist.errors import UserError
 from kdcl_dist.evaluate import stats
 
@@ -43,9 +43,9 @@ SPLITS = ("train", "dev", "test")
 class YesNoConfig:
     seeds: int = option(5, help="fine-tuning runs (seeds 0..N-1)", min=1)
     epochs: int = option(2, help="epochs over the train split", min=1)
-    batch_size: int = option(8, min=1)
-    lr: float = option(5.537e-05, min=0.0)
-    weight_decay: float = option(0.05, min=0.0)
+    batch_size: int = option(8, help="fine-tuning examples per step", min=1)
+    lr: float = option(5.537e-05, help="peak learning rate (the paper's appendix)", min=0.0)
+    weight_decay: float = option(0.05, help="AdamW weight decay", min=0.0)
     warmup_ratio: float = option(0.0, help="fraction of steps with linear warm-up", min=0.0, max=1.0)
     max_length: int = option(256, help="tokens per question+context pair (truncates the context)", min=8)
     max_train: int = option(0, help="fine-tune on a stratified subset of N train examples (each label keeps its "
@@ -59,19 +59,12 @@ def add_arguments(p):
     p.add_argument("--data", required=True, help="directory with the train, dev and test splits (train.jsonl or "
                    "BLURB's train.json, ...)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
-    p.add_argument("--seeds", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float)
-    p.add_argument("--max-length", dest="max_length", type=int)
-    p.add_argument("--max-train", dest="max_train", type=int,
-                   help="fine-tune on a stratified subset of N train examples (label shares kept)")
-    p.add_argument("--subset-seed", dest="subset_seed", type=int, help="seed of the --max-train subset (default 0)")
+    add_options(p, YesNoConfig, "eval_yesno")
     p.add_argument("--baseline-only", action="store_true", help="only report the majority baseline (no model)")
     p.add_argument("--out", default=None, help="write the result JSON here")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
-    add_config_args(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar (by default shown only on a terminal)")
+    add_config_args(p, "eval_yesno")
 
 
 FIELDS = ("sentence1", "sentence2", "label")
@@ -423,10 +416,7 @@ def run(args) -> int:
 
     if args.out:   # before any fine-tuning
         check_output_path(args.out, "file")
-    flags = {k: getattr(args, k) for k in ("seeds", "epochs", "batch_size", "lr", "weight_decay", "max_length", "max_train",
-                                           "subset_seed")}
-    cfg = resolve(YesNoConfig, "eval_yesno", preset=args.preset, config_file=args.config, flags=flags,
-                  overrides=args.overrides)
+    cfg = resolve_args(args)
     if not args.model and not args.baseline_only:
         raise UserError("--model is required (or pass --baseline-only for the majority baseline alone)")
     r = evaluate_yesno(None if args.baseline_only else args.model, args.data, cfg, args.tokenizer, args.progress)
