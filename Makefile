@@ -29,7 +29,7 @@ test-fast: venv
 
 lint: venv
 	$(VENV)/bin/ruff check kdcl_dist tests
-	$(VENV)/bin/ruff format --check kdcl_dist tests || true
+	$(VENV)/bin/ruff format --check kdcl_dist tests
 
 bench: venv
 	$(VENV)/bin/kdcl-dist bench all

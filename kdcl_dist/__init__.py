@@ -17,7 +17,9 @@ def torch_extensions_dir() -> str:
     from importlib import metadata
 
     try:
-        torch_version = metadata.version("torch")  # without importing torch (kdcl-dist --help stays fast)
+        torch_version = metadata.version(
+            "torch"
+        )  # without importing torch (kdcl-dist --help stays fast)
     except metadata.PackageNotFoundError:
         torch_version = "none"
     tag = hashlib.sha256(f"{sys.prefix}\n{torch_version}\n{sys.version}".encode()).hexdigest()[:10]

@@ -66,8 +66,13 @@ def universal_info() -> dict:
 
 # ---- RNG ------------------------------------------------------------------------------
 
+
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
@@ -99,6 +104,7 @@ def restore_rank_rng(client: dict, rank: int, seed: int, step: int) -> bool:
 
 # ---- finding checkpoints ------------------------------------------------------------
 
+
 def ckpt_root(out_dir) -> Path:
     return Path(out_dir) / SUBDIR
 
@@ -124,12 +130,15 @@ def latest_complete(root) -> Path | None:
 def read_marker(tag_dir) -> dict:
     tag_dir = Path(tag_dir)
     if not (tag_dir / MARKER).exists():
-        raise UserError(f"{tag_dir}: incomplete checkpoint (no {MARKER}: the save was interrupted); "
-                        "resume from an earlier one or use --resume auto")
+        raise UserError(
+            f"{tag_dir}: incomplete checkpoint (no {MARKER}: the save was interrupted); "
+            "resume from an earlier one or use --resume auto"
+        )
     return read_json(tag_dir / MARKER, "checkpoint marker")
 
 
 # ---- integrity ------------------------------------------------------------------------
+
 
 def file_table(tag_dir) -> dict[str, dict]:
     """{relative path: {bytes, sha256}} of every file of a checkpoint directory (marker aside)."""
@@ -137,7 +146,10 @@ def file_table(tag_dir) -> dict[str, dict]:
     out = {}
     for p in sorted(tag_dir.rglob("*")):
         if p.is_file() and p.name != MARKER and not p.name.startswith(".tmp-"):
-            out[p.relative_to(tag_dir).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            out[p.relative_to(tag_dir).as_posix()] = {
+                "bytes": p.stat().st_size,
+                "sha256": sha256_file(p),
+            }
     return out
 
 
@@ -175,13 +187,16 @@ def check_intact(tag_dir) -> dict:
     marker = read_marker(tag_dir)
     problem = damage(tag_dir, marker)
     if problem:
-        raise UserError(f"{problem}; checkpoint {tag_dir.name} is damaged: resume from an earlier checkpoint "
-                        "(--resume auto picks the newest intact one) or start over with --resume none")
+        raise UserError(
+            f"{problem}; checkpoint {tag_dir.name} is damaged: resume from an earlier checkpoint "
+            "(--resume auto picks the newest intact one) or start over with --resume none"
+        )
     return marker
 
 
-def newest_intact(root, fix: str = "restore the files or start over with --resume none (or a new --out)"
-                  ) -> Path | None:
+def newest_intact(
+    root, fix: str = "restore the files or start over with --resume none (or a new --out)"
+) -> Path | None:
     """Newest complete and undamaged checkpoint under `root`; damaged ones are skipped with a warning.
 
     Raises a UserError when complete checkpoints exist but every one is damaged: starting from
@@ -199,7 +214,9 @@ def newest_intact(root, fix: str = "restore the files or start over with --resum
         damaged.append(d.name)
         log.warning("%s; skipping the damaged checkpoint %s", problem, d.name)
     if damaged:
-        raise UserError(f"{root}: every complete checkpoint is damaged ({', '.join(damaged)}); {fix}")
+        raise UserError(
+            f"{root}: every complete checkpoint is damaged ({', '.join(damaged)}); {fix}"
+        )
     return None
 
 
@@ -215,13 +232,17 @@ def find_resume(out_dir, resume: str) -> Path | None:
     if resume == "auto":
         found = newest_intact(ckpt_root(out_dir))
         if found is None and ckpt_root(out_dir).is_dir() and list_checkpoints(ckpt_root(out_dir)):
-            log.warning("no complete checkpoint under %s (only interrupted saves): starting from scratch",
-                        ckpt_root(out_dir))
+            log.warning(
+                "no complete checkpoint under %s (only interrupted saves): starting from scratch",
+                ckpt_root(out_dir),
+            )
         return found
     p = Path(resume)
     if not p.exists():
-        raise UserError(f"{resume}: checkpoint not found; pass a global_stepN directory, a checkpoints "
-                        "directory, or --resume auto")
+        raise UserError(
+            f"{resume}: checkpoint not found; pass a global_stepN directory, a checkpoints "
+            "directory, or --resume auto"
+        )
     if TAG_RE.match(p.name):
         check_intact(p)
         return p
@@ -248,7 +269,9 @@ def find_resume_all_ranks(out_dir, resume: str, rank: int) -> Path | None:
     return None if result[1] is None else Path(result[1])
 
 
-def check_compatible(marker: dict, *, fingerprint: str, global_batch: int, order: dict, path) -> None:
+def check_compatible(
+    marker: dict, *, fingerprint: str, global_batch: int, order: dict, path
+) -> None:
     """Refuse a checkpoint whose data state cannot mean the same thing in this run."""
     if marker.get("curriculum_fingerprint") != fingerprint:
         raise UserError(
@@ -271,7 +294,10 @@ def check_compatible(marker: dict, *, fingerprint: str, global_batch: int, order
 
 # ---- save -----------------------------------------------------------------------------
 
-def save(engine, out_dir, step: int, client_state: dict, keep: int, rank: int, extra_marker: dict) -> Path:
+
+def save(
+    engine, out_dir, step: int, client_state: dict, keep: int, rank: int, extra_marker: dict
+) -> Path:
     """Collective: every rank saves its shard; rank 0 marks the checkpoint complete and rotates."""
     root = ckpt_root(out_dir)
     tag = tag_for(step)
@@ -283,7 +309,9 @@ def save(engine, out_dir, step: int, client_state: dict, keep: int, rank: int, e
         # a tag left by a run line that was resumed from an earlier step: its files are stale and
         # its marker must not vouch for files that are being rewritten (nor keep other ranks' files)
         with contextlib.suppress(FileNotFoundError):
-            (root / tag / MARKER).unlink()  # first, so that a kill during the removal leaves no "complete" tag
+            (
+                root / tag / MARKER
+            ).unlink()  # first, so that a kill during the removal leaves no "complete" tag
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(universal_dir(root / tag), ignore_errors=True)
     dist.barrier()
@@ -294,14 +322,26 @@ def save(engine, out_dir, step: int, client_state: dict, keep: int, rank: int, e
         raise
     dist.barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
-        write_json_atomic(root / tag / MARKER, {"format_version": FORMAT_VERSION, "step": step, **extra_marker,
-                                                "files": file_table(root / tag)})
+        write_json_atomic(
+            root / tag / MARKER,
+            {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                **extra_marker,
+                "files": file_table(root / tag),
+            },
+        )
         rotate(root, keep)
     dist.barrier()
     return root / tag
 
 
-_WRITE_FAILED = ("unexpected pos", "file write failed", "No space left on device", "Disk quota exceeded")
+_WRITE_FAILED = (
+    "unexpected pos",
+    "file write failed",
+    "No space left on device",
+    "Disk quota exceeded",
+)
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -339,11 +379,16 @@ def _save_failed(root: Path, tag: str, exc: Exception) -> None:
             with contextlib.suppress(OSError):
                 Path(name).unlink()  # `latest` / zero_to_fp32.py cut by the full disk
     if code is not None:
-        raise OSError(code, f"{os.strerror(code)} (saving checkpoint {tag}: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]})",
-                      str(tag_dir)) from exc
+        raise OSError(
+            code,
+            f"{os.strerror(code)} (saving checkpoint {tag}: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]})",
+            str(tag_dir),
+        ) from exc
     if parent_gone:
-        raise UserError(f"{tag_dir}: checkpoint save aborted (another rank failed to write its part and "
-                        "discarded the directory; see that rank's error)") from exc
+        raise UserError(
+            f"{tag_dir}: checkpoint save aborted (another rank failed to write its part and "
+            "discarded the directory; see that rank's error)"
+        ) from exc
 
 
 def rotate(root, keep: int) -> list[Path]:
@@ -368,6 +413,7 @@ def rotate(root, keep: int) -> list[Path]:
 
 # ---- universal conversion -------------------------------------------------------------
 
+
 def universal_dir(tag_dir) -> Path:
     tag_dir = Path(tag_dir)
     return tag_dir.parent / f"{tag_dir.name}_universal"
@@ -380,29 +426,42 @@ def convert_to_universal(tag_dir, workers: int = 1) -> Path:
     tag_dir = Path(tag_dir)
     marker = check_intact(tag_dir)  # never let ds_to_universal unpickle a cut file
     if int(marker.get("zero_stage", 1)) == 0:
-        raise UserError(f"{tag_dir}: a ZeRO-0 checkpoint holds full states and loads at any world size; "
-                        "no universal conversion is needed")
+        raise UserError(
+            f"{tag_dir}: a ZeRO-0 checkpoint holds full states and loads at any world size; "
+            "no universal conversion is needed"
+        )
     out = universal_dir(tag_dir)
     if (out / MARKER).exists() and damage(out) is None:
         return out
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp),
-                              num_extract_workers=max(1, workers), num_merge_workers=max(1, workers),
-                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(tmp),
+        num_extract_workers=max(1, workers),
+        num_merge_workers=max(1, workers),
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     try:
         ds_to_universal.main(args)
         write_json_atomic(tmp / MARKER, {**marker, "universal": True, "files": file_table(tmp)})
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a kill must not leave a half conversion
+        shutil.rmtree(
+            tmp, ignore_errors=True
+        )  # a full disk or a kill must not leave a half conversion
         raise
     return out
 
 
 def needs_universal(marker: dict, world_size: int) -> bool:
-    return int(marker.get("world_size", world_size)) != world_size and int(marker.get("zero_stage", 0)) > 0
+    return (
+        int(marker.get("world_size", world_size)) != world_size
+        and int(marker.get("zero_stage", 0)) > 0
+    )
 
 
 def prepare_load(tag_dir, world_size: int, rank: int) -> tuple[Path, str, bool]:
@@ -412,8 +471,12 @@ def prepare_load(tag_dir, world_size: int, rank: int) -> tuple[Path, str, bool]:
     if not needs_universal(marker, world_size):
         return tag_dir.parent, tag_dir.name, False
     if rank == 0:
-        log.info("checkpoint %s was saved by %s ranks, resuming on %s: converting to a universal checkpoint",
-                 tag_dir, marker.get("world_size"), world_size)
+        log.info(
+            "checkpoint %s was saved by %s ranks, resuming on %s: converting to a universal checkpoint",
+            tag_dir,
+            marker.get("world_size"),
+            world_size,
+        )
         convert_to_universal(tag_dir)
     dist.barrier()
     out = universal_dir(tag_dir)

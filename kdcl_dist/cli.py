@@ -33,18 +33,42 @@ from kdcl_dist.errors import UserError, exception_chain
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("kdcl_dist.commands.tokenizer", "train a WordPiece tokenizer on a corpus"),
-    "init-models": ("kdcl_dist.commands.init_models", "write a tiny teacher/student pair of HF models"),
+    "init-models": (
+        "kdcl_dist.commands.init_models",
+        "write a tiny teacher/student pair of HF models",
+    ),
     "shard": ("kdcl_dist.commands.shard", "ingest a corpus into tokenized webdataset shards"),
-    "score": ("kdcl_dist.commands.score", "distributed scoring pass: per-sample MLM loss under the student"),
-    "curriculum": ("kdcl_dist.commands.curriculum", "global sort of scores and easy->hard curriculum shards"),
+    "score": (
+        "kdcl_dist.commands.score",
+        "distributed scoring pass: per-sample MLM loss under the student",
+    ),
+    "curriculum": (
+        "kdcl_dist.commands.curriculum",
+        "global sort of scores and easy->hard curriculum shards",
+    ),
     "train": ("kdcl_dist.commands.train", "KD / KD-CL / KD-CL-SR training with DeepSpeed ZeRO"),
-    "checkpoint": ("kdcl_dist.commands.checkpoint", "checkpoint tools (universal conversion, listing)"),
+    "checkpoint": (
+        "kdcl_dist.commands.checkpoint",
+        "checkpoint tools (universal conversion, listing)",
+    ),
     "export": ("kdcl_dist.commands.export", "export the trained student as an HF model directory"),
-    "eval": ("kdcl_dist.commands.eval", "evaluate a model: held-out MLM perplexity, yes/no QA fine-tuning"),
-    "experiment": ("kdcl_dist.commands.experiment", "the paper's ablation grid with seeds and statistics"),
-    "demo": ("kdcl_dist.commands.demo", "the whole pipeline on the embedded default (tiny models, CPU)"),
+    "eval": (
+        "kdcl_dist.commands.eval",
+        "evaluate a model: held-out MLM perplexity, yes/no QA fine-tuning",
+    ),
+    "experiment": (
+        "kdcl_dist.commands.experiment",
+        "the paper's ablation grid with seeds and statistics",
+    ),
+    "demo": (
+        "kdcl_dist.commands.demo",
+        "the whole pipeline on the embedded default (tiny models, CPU)",
+    ),
     "bench": ("kdcl_dist.commands.bench", "side-by-side benchmarks (ingest, score, sort, train)"),
-    "launcher": ("kdcl_dist.commands.launcher", "print where the packaged cluster launcher scripts are"),
+    "launcher": (
+        "kdcl_dist.commands.launcher",
+        "print where the packaged cluster launcher scripts are",
+    ),
 }
 
 
@@ -120,8 +144,10 @@ def disk_full_message(code: int, filename: str | None, args) -> str:
     except OSError:
         free = ""
     what = "free space" if code == errno.ENOSPC else "free space or raise your quota"
-    return (f"{path}: {os.strerror(code)}; {what} on {mount} ({fstype}{free}) or point --out elsewhere, "
-            "then re-run the same command (finished work is kept)")
+    return (
+        f"{path}: {os.strerror(code)}; {what} on {mount} ({fstype}{free}) or point --out elsewhere, "
+        "then re-run the same command (finished work is kept)"
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,7 +163,8 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="kdcl-dist",
         description="Distributed knowledge distillation with curriculum learning and selective reliance.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {k:<12} {v[1]}" for k, v in COMMANDS.items())
+        epilog="commands:\n"
+        + "\n".join(f"  {k:<12} {v[1]}" for k, v in COMMANDS.items())
         + "\n\nRun `kdcl-dist <command> --help` for a command's options.",
     )
     p.add_argument("--version", action="version", version=f"kdcl-dist {__version__}")
@@ -167,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         top.error(f"unknown command '{name}'; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
     parser = _Parser(
-        prog=f"kdcl-dist {name}", description=(module.__doc__ or COMMANDS[name][1]).strip(),
+        prog=f"kdcl-dist {name}",
+        description=(module.__doc__ or COMMANDS[name][1]).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)

@@ -32,14 +32,27 @@ from kdcl_dist.errors import UserError
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str = "", choices: Sequence | None = None,
-           min: float | None = None, max: float | None = None, default_factory: Any = dataclasses.MISSING,
-           hint: str = ""):
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    choices: Sequence | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    default_factory: Any = dataclasses.MISSING,
+    hint: str = "",
+):
     """A dataclass field with validation metadata.
 
     `hint`: what to do instead, appended to a range or choice error (e.g. "omit --steps to train by
     epochs" for an option whose unset state, None, means something a number cannot)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max, "hint": hint}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "min": min,
+        "max": max,
+        "hint": hint,
+    }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -56,7 +69,9 @@ def load_preset(name: str | None) -> dict:
     if not path.suffix:
         path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
-        raise UserError(f"preset '{name}' not found; available: {', '.join(available_presets())} (or a path to a YAML file)")
+        raise UserError(
+            f"preset '{name}' not found; available: {', '.join(available_presets())} (or a path to a YAML file)"
+        )
     return _read_yaml(path)
 
 
@@ -66,7 +81,9 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"{path}: cannot read YAML config ({e})") from e
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+        raise UserError(
+            f"{path}: a config file must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -91,8 +108,20 @@ def parse_overrides(items: Sequence[str], section: str) -> dict:
     return out
 
 
-_KNOWN_SECTIONS = {"shard", "tokenizer", "models", "score", "curriculum", "train", "eval_mlm",
-                   "eval_yesno", "experiment", "demo", "bench", "export"}
+_KNOWN_SECTIONS = {
+    "shard",
+    "tokenizer",
+    "models",
+    "score",
+    "curriculum",
+    "train",
+    "eval_mlm",
+    "eval_yesno",
+    "experiment",
+    "demo",
+    "bench",
+    "export",
+}
 
 
 def _deep_merge(base: dict, new: dict) -> dict:
@@ -175,9 +204,7 @@ def build(cls, data: dict | None, prefix: str = "", *, check: bool = True) -> An
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise UserError(
-            f"{where}{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}"
-        )
+        raise UserError(f"{where}{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -215,13 +242,29 @@ def _validate(key: str, value: Any, meta: dict) -> None:
                 raise UserError(f"{key}: {v!r} is above the maximum {hi}{hint}")
 
 
-def resolve(cls, section: str, *, preset: str | None = None, config_file: str | None = None,
-            flags: dict | None = None, overrides: Sequence[str] = (), check: bool = True) -> Any:
+def resolve(
+    cls,
+    section: str,
+    *,
+    preset: str | None = None,
+    config_file: str | None = None,
+    flags: dict | None = None,
+    overrides: Sequence[str] = (),
+    check: bool = True,
+) -> Any:
     """Resolve a stage config with the documented precedence."""
     data = _deep_merge({}, load_preset(preset).get(section, {}) if preset else {})
     if config_file:
         file_data = _read_yaml(Path(config_file))
-        data = _deep_merge(data, file_data.get(section, file_data if section not in file_data and not (set(file_data) & _KNOWN_SECTIONS) else {}))
+        data = _deep_merge(
+            data,
+            file_data.get(
+                section,
+                file_data
+                if section not in file_data and not (set(file_data) & _KNOWN_SECTIONS)
+                else {},
+            ),
+        )
     data = _deep_merge(data, {k: v for k, v in (flags or {}).items() if v is not None})
     data = _deep_merge(data, parse_overrides(overrides, section))
     return build(cls, data, prefix=section, check=check)
@@ -256,9 +299,11 @@ def write_resolved(cfg: Any, out_dir: str | Path, section: str, name: str = "con
 # `section.key=value` overrides and the shared multi-section config files. This generator only
 # writes the argparse side of `option()`; every value still goes through resolve().
 
+
 @dataclasses.dataclass
 class _Options:
     """What add_options registered on a parser: resolve_args and --print-config read it."""
+
     cls: type
     section: str
     dests: dict  # argparse dest -> dataclass field
@@ -326,7 +371,7 @@ def _flag_kwargs(f, annotation) -> dict | None:
         if choices:
             kwargs["choices"] = choices
     elif origin in (list, tuple) and typing.get_args(tp)[:1] in ((str,), ()):
-        kwargs.update(type=str, metavar=f"{metavar}[,...]")   # split (and checked) by resolve()
+        kwargs.update(type=str, metavar=f"{metavar}[,...]")  # split (and checked) by resolve()
     else:
         return None
     return kwargs
@@ -335,12 +380,26 @@ def _flag_kwargs(f, annotation) -> dict | None:
 def flag_fields(cls, *, exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> dict:
     """{argparse dest: field} of the flags add_options makes for `cls` (without a parser)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: f.name for f in dataclasses.fields(cls)
-            if f.name not in exclude and (only is None or f.name in only) and _flag_kwargs(f, hints[f.name])}
+    return {
+        f.name: f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in exclude
+        and (only is None or f.name in only)
+        and _flag_kwargs(f, hints[f.name])
+    }
 
 
-def add_options(parser, cls, section: str, *, exclude: Sequence[str] = (), only: Sequence[str] | None = None,
-                aliases: dict | None = None, helps: dict | None = None, groups: dict | None = None) -> dict:
+def add_options(
+    parser,
+    cls,
+    section: str,
+    *,
+    exclude: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    aliases: dict | None = None,
+    helps: dict | None = None,
+    groups: dict | None = None,
+) -> dict:
     """Add one flag per field of `cls` to `parser`; return {argparse dest: field}.
 
     The flag name comes from the field (`flag_name`), the type from the annotation (int, float, str;
@@ -366,7 +425,9 @@ def add_options(parser, cls, section: str, *, exclude: Sequence[str] = (), only:
         target = parser
         title = (groups or {}).get(f.name)
         if title:
-            target = made_groups.get(title) or made_groups.setdefault(title, parser.add_argument_group(title))
+            target = made_groups.get(title) or made_groups.setdefault(
+                title, parser.add_argument_group(title)
+            )
         names = [flag_name(f.name), *((aliases or {}).get(f.name, ()))]
         target.add_argument(*names, **kwargs)
         dests[f.name] = f.name
@@ -378,7 +439,11 @@ def split_overrides(inputs: list[str], overrides: list[str]) -> tuple[list[str],
     """`--input a.jsonl max_length=64`: argparse gives both to --input; move KEY=VALUE back."""
     keep, extra = [], []
     for item in inputs or ():
-        if "=" in item and not Path(item).exists() and item.split("=", 1)[0].replace(".", "").replace("_", "").isalnum():
+        if (
+            "=" in item
+            and not Path(item).exists()
+            and item.split("=", 1)[0].replace(".", "").replace("_", "").isalnum()
+        ):
             extra.append(item)
         else:
             keep.append(item)
@@ -390,8 +455,15 @@ def resolve_args(args, overrides: Sequence[str] | None = None, *, check: bool = 
     overrides; `overrides` replaces args.overrides, e.g. after split_overrides)."""
     o: _Options = args._options
     flags = {field: getattr(args, dest, None) for dest, field in o.dests.items()}
-    return resolve(o.cls, o.section, preset=getattr(args, "preset", None), config_file=getattr(args, "config", None),
-                   flags=flags, overrides=args.overrides if overrides is None else overrides, check=check)
+    return resolve(
+        o.cls,
+        o.section,
+        preset=getattr(args, "preset", None),
+        config_file=getattr(args, "config", None),
+        flags=flags,
+        overrides=args.overrides if overrides is None else overrides,
+        check=check,
+    )
 
 
 def print_config(args, file=None) -> None:
@@ -425,7 +497,11 @@ def preset_help(section: str | None, note: str = "") -> str:
             items.append(f"{name} (sections {', '.join(keys)})" if keys else f"{name} (empty)")
             continue
         keys = list(data.get(section) or {})
-        items.append(f"{name} (sets {section}: {', '.join(keys)})" if keys else f"{name} (sets nothing for {section})")
+        items.append(
+            f"{name} (sets {section}: {', '.join(keys)})"
+            if keys
+            else f"{name} (sets nothing for {section})"
+        )
     text = f"config preset, or a path to a YAML file with per-stage sections; packaged: {'; '.join(items)}"
     return (text + (f". {note}" if note else "")).replace("%", "%%")
 
@@ -435,12 +511,27 @@ def add_config_args(parser, section: str | None = None, *, preset_note: str = ""
 
     `section`: the config section this command reads (for --preset's help); None lists every section
     of each preset (a command that runs several stages)."""
-    parser.add_argument("--preset", default=None, metavar="NAME|PATH", help=preset_help(section, preset_note))
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="YAML file with per-stage sections (e.g. a run's config.yaml or --print-config output)")
-    parser.add_argument("--print-config", dest="print_config", action="store_true",
-                        help="print the resolved config (preset < --config < flags < overrides) as YAML, in the "
-                             "layout of <out>/config.yaml, and exit without doing any work; required paths may "
-                             "be omitted")
-    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. train.lr=3e-4 or lr=3e-4 (win over flags)")
+    parser.add_argument(
+        "--preset", default=None, metavar="NAME|PATH", help=preset_help(section, preset_note)
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML file with per-stage sections (e.g. a run's config.yaml or --print-config output)",
+    )
+    parser.add_argument(
+        "--print-config",
+        dest="print_config",
+        action="store_true",
+        help="print the resolved config (preset < --config < flags < overrides) as YAML, in the "
+        "layout of <out>/config.yaml, and exit without doing any work; required paths may "
+        "be omitted",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. train.lr=3e-4 or lr=3e-4 (win over flags)",
+    )

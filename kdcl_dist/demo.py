@@ -33,9 +33,19 @@ class DemoConfig:
     teacher_steps: int = option(100, help="teacher adaptation steps", min=1)
     warmup_student_steps: int = option(30, help="student warm-up steps", min=1)
     nproc: int = option(2, help="ranks for scoring and KD-CL-SR training", min=1)
-    reliance: str = option("sr-paper", help="λ schedule of the KD-CL-SR run", choices=("sr-paper", "sr-sample", "sr-minmax", "sr-rank"))
-    heldout_percent: int = option(5, help="percent of documents held out for the MLM evaluation", min=1, max=50)
-    max_length: int = option(128, help="tokens per sample (abstracts are truncated; halves the demo's time vs 256)", min=16)
+    reliance: str = option(
+        "sr-paper",
+        help="λ schedule of the KD-CL-SR run",
+        choices=("sr-paper", "sr-sample", "sr-minmax", "sr-rank"),
+    )
+    heldout_percent: int = option(
+        5, help="percent of documents held out for the MLM evaluation", min=1, max=50
+    )
+    max_length: int = option(
+        128,
+        help="tokens per sample (abstracts are truncated; halves the demo's time vs 256)",
+        min=16,
+    )
 
 
 def pick_corpus(out: Path, corpus: str | None, cfg: DemoConfig) -> tuple[Path, str]:
@@ -45,7 +55,9 @@ def pick_corpus(out: Path, corpus: str | None, cfg: DemoConfig) -> tuple[Path, s
     if corpus:
         p = Path(corpus)
         if not p.exists():
-            raise UserError(f"{p}: corpus not found; pass a jsonl file with id and text, or omit --corpus")
+            raise UserError(
+                f"{p}: corpus not found; pass a jsonl file with id and text, or omit --corpus"
+            )
         return p, f"user corpus {p}"
     d = data_dir()
     if d is not None and (d / "pubmed" / "abstracts.jsonl").exists():
@@ -59,8 +71,10 @@ def pick_corpus(out: Path, corpus: str | None, cfg: DemoConfig) -> tuple[Path, s
         with atomic_path(p) as tmp, open(tmp, "w") as f:
             for doc_id, text in synthetic_documents(cfg.synthetic_docs):
                 f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-    return p, (f"SYNTHETIC corpus ({cfg.synthetic_docs} generated documents, kdcl_dist.data.synthetic): no real "
-               "corpus found at $KDCL_DATA_DIR/pubmed/abstracts.jsonl — figures below are NOT about real text")
+    return p, (
+        f"SYNTHETIC corpus ({cfg.synthetic_docs} generated documents, kdcl_dist.data.synthetic): no real "
+        "corpus found at $KDCL_DATA_DIR/pubmed/abstracts.jsonl — figures below are NOT about real text"
+    )
 
 
 def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
@@ -77,19 +91,43 @@ def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
     if synthetic:
         print("*** SYNTHETIC DATA ***  set KDCL_DATA_DIR or pass --corpus for real text")
     print(BANNER)
-    ecfg = ExperimentConfig(seeds=1, steps=cfg.steps, arms=["kd-cl-sr-paper"], heldout_percent=cfg.heldout_percent,
-                            max_docs=0 if synthetic or corpus else cfg.max_docs, teacher_steps=cfg.teacher_steps,
-                            warmup_student_steps=cfg.warmup_student_steps, nproc=cfg.nproc, parallel=1,
-                            global_batch=32, micro_batch=8, eval_masks=1, max_length=cfg.max_length)
+    ecfg = ExperimentConfig(
+        seeds=1,
+        steps=cfg.steps,
+        arms=["kd-cl-sr-paper"],
+        heldout_percent=cfg.heldout_percent,
+        max_docs=0 if synthetic or corpus else cfg.max_docs,
+        teacher_steps=cfg.teacher_steps,
+        warmup_student_steps=cfg.warmup_student_steps,
+        nproc=cfg.nproc,
+        parallel=1,
+        global_batch=32,
+        micro_batch=8,
+        eval_masks=1,
+        max_length=cfg.max_length,
+    )
     exp = Experiment(corpus_path, out, ecfg, preset="tiny")
     prep = exp.prepare()
     # the KD-CL-SR run itself, on nproc local ranks
     run = out / "kd-cl-sr"
     r = exp.r
-    exp.train_then_export((f"train/kd-cl-sr ({cfg.nproc} ranks)", "export/kd-cl-sr"),
-                          exp.train_args(exp.p["cur"], prep["student"], prep["teacher"], run, "sequential",
-                                         cfg.reliance, cfg.steps, 0) + ["--save-every", max(1, cfg.steps // 2)],
-                          run, out / "student-kd-cl-sr", torchrun_cli(cfg.nproc))
+    exp.train_then_export(
+        (f"train/kd-cl-sr ({cfg.nproc} ranks)", "export/kd-cl-sr"),
+        exp.train_args(
+            exp.p["cur"],
+            prep["student"],
+            prep["teacher"],
+            run,
+            "sequential",
+            cfg.reliance,
+            cfg.steps,
+            0,
+        )
+        + ["--save-every", max(1, cfg.steps // 2)],
+        run,
+        out / "student-kd-cl-sr",
+        torchrun_cli(cfg.nproc),
+    )
     models = {
         "student (random init)": exp.p["models"] / "student",
         "student before KD (warmed up)": prep["student"],
@@ -124,8 +162,9 @@ def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
     return report
 
 
-def write_demo_report(out: Path, desc: str, prep: dict, results: dict, cfg: DemoConfig, wall: float,
-                      synthetic: bool) -> Path:
+def write_demo_report(
+    out: Path, desc: str, prep: dict, results: dict, cfg: DemoConfig, wall: float, synthetic: bool
+) -> Path:
     from kdcl_dist.experiment import read_metrics
     from kdcl_dist.utils import atomic_path
 
@@ -133,23 +172,34 @@ def write_demo_report(out: Path, desc: str, prep: dict, results: dict, cfg: Demo
     L = ["# kdcl-dist demo report", ""]
     if synthetic:
         L += ["**SYNTHETIC corpus** — generated text, not real abstracts.", ""]
-    L += [f"Corpus: {desc}. Held-out documents: {prep['split']['heldout']} "
-          f"({cfg.heldout_percent}% by id hash), training documents: {prep['split']['train']}.", "",
-          f"KD-CL-SR run: {cfg.steps} steps, reliance {cfg.reliance}, easy→hard order, {cfg.nproc} ranks "
-          f"(teacher adapted for {cfg.teacher_steps} steps, student warmed up for {cfg.warmup_student_steps}). "
-          f"Wall time {wall / 60:.1f} min.", "",
-          "| model | held-out MLM loss | perplexity | masked tokens |", "|---|---|---|---|"]
+    L += [
+        f"Corpus: {desc}. Held-out documents: {prep['split']['heldout']} "
+        f"({cfg.heldout_percent}% by id hash), training documents: {prep['split']['train']}.",
+        "",
+        f"KD-CL-SR run: {cfg.steps} steps, reliance {cfg.reliance}, easy→hard order, {cfg.nproc} ranks "
+        f"(teacher adapted for {cfg.teacher_steps} steps, student warmed up for {cfg.warmup_student_steps}). "
+        f"Wall time {wall / 60:.1f} min.",
+        "",
+        "| model | held-out MLM loss | perplexity | masked tokens |",
+        "|---|---|---|---|",
+    ]
     for label, r in results.items():
         L.append(f"| {label} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['masked_tokens']} |")
     if m:
         first, last = m[0], m[-1]
         lams = [r.get("lambda") or 0.0 for r in m]
-        L += ["", f"Training loss {first.get('loss', float('nan')):.3f} (step {first['step']}) → "
-              f"{last.get('loss', float('nan')):.3f} (step {last['step']}); λ per step: first {lams[0]:.3f}, "
-              f"mean {sum(lams) / len(lams):.3f}, max {max(lams):.3f}, last {lams[-1]:.3f} "
-              "(a run longer than one epoch starts again at the easiest batches, where λ is 0).", ""]
-    L += ["Outputs: `kd-cl-sr/tensorboard/` (TensorBoard), `kd-cl-sr/metrics.jsonl`, `cur/curriculum.png`, "
-          "`student-kd-cl-sr/` (HF model), `evals/*.mlm.json`, `logs/` (one log per step)."]
+        L += [
+            "",
+            f"Training loss {first.get('loss', float('nan')):.3f} (step {first['step']}) → "
+            f"{last.get('loss', float('nan')):.3f} (step {last['step']}); λ per step: first {lams[0]:.3f}, "
+            f"mean {sum(lams) / len(lams):.3f}, max {max(lams):.3f}, last {lams[-1]:.3f} "
+            "(a run longer than one epoch starts again at the easiest batches, where λ is 0).",
+            "",
+        ]
+    L += [
+        "Outputs: `kd-cl-sr/tensorboard/` (TensorBoard), `kd-cl-sr/metrics.jsonl`, `cur/curriculum.png`, "
+        "`student-kd-cl-sr/` (HF model), `evals/*.mlm.json`, `logs/` (one log per step)."
+    ]
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(L) + "\n")

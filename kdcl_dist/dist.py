@@ -92,7 +92,7 @@ def remove_stale_shm(min_age_s: float = 60.0, shm_dir: Path | None = None) -> tu
         return 0, 0
     mapped = ""
     for maps in Path("/proc").glob("[0-9]*/maps"):
-        with contextlib.suppress(OSError):   # processes come and go; others' maps are unreadable
+        with contextlib.suppress(OSError):  # processes come and go; others' maps are unreadable
             text = maps.read_text()
             if prefix in text:
                 mapped += text
@@ -116,7 +116,10 @@ def release_stale_shm(local_rank: int) -> None:
 
         logging.getLogger("kdcl_dist").info(
             "removed %d stale DeepSpeed shared-memory segment(s) (%.0f MiB) left in %s by killed runs",
-            n, size / 2**20, SHM_DIR)
+            n,
+            size / 2**20,
+            SHM_DIR,
+        )
 
 
 def init(timeout_min: float = 30.0) -> DistInfo:
@@ -141,7 +144,9 @@ def init(timeout_min: float = 30.0) -> DistInfo:
             from deepspeed.comm.comm import mpi_discovery
 
             addr = os.environ["MASTER_ADDR"]
-            mpi_discovery(distributed_port=int(os.environ.get("MASTER_PORT", "29500")), verbose=False)
+            mpi_discovery(
+                distributed_port=int(os.environ.get("MASTER_PORT", "29500")), verbose=False
+            )
             os.environ["MASTER_ADDR"] = addr
         deepspeed.init_distributed(
             dist_backend=backend(),

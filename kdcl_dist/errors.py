@@ -4,7 +4,6 @@ The CLI prints `kdcl-dist: error: <message>` on one line and exits with status 2
 A message names the file or key at fault and what to do about it.
 """
 
-
 from collections.abc import Iterator
 
 

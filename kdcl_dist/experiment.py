@@ -48,43 +48,94 @@ from kdcl_dist.errors import UserError
 
 # name -> training settings. "teacher": whether the adapted teacher is passed.
 ARMS: dict[str, dict] = {
-    "student-only": {"order": "random", "reliance": "none", "teacher": False,
-                     "label": "student only (continued MLM, no teacher)"},
-    "kd": {"order": "random", "reliance": "constant", "teacher": True, "label": "KD (random order, constant λ)"},
-    "kd-cl": {"order": "sequential", "reliance": "constant", "teacher": True,
-              "label": "KD-CL (easy→hard, constant λ)"},
-    "kd-cl-sr-paper": {"order": "sequential", "reliance": "sr-paper", "teacher": True,
-                       "label": "KD-CL-SR (batch λ, paper formula)"},
-    "kd-cl-sr-sample": {"order": "sequential", "reliance": "sr-sample", "teacher": True,
-                        "label": "KD-CL-SR (per-sample λ)"},
+    "student-only": {
+        "order": "random",
+        "reliance": "none",
+        "teacher": False,
+        "label": "student only (continued MLM, no teacher)",
+    },
+    "kd": {
+        "order": "random",
+        "reliance": "constant",
+        "teacher": True,
+        "label": "KD (random order, constant λ)",
+    },
+    "kd-cl": {
+        "order": "sequential",
+        "reliance": "constant",
+        "teacher": True,
+        "label": "KD-CL (easy→hard, constant λ)",
+    },
+    "kd-cl-sr-paper": {
+        "order": "sequential",
+        "reliance": "sr-paper",
+        "teacher": True,
+        "label": "KD-CL-SR (batch λ, paper formula)",
+    },
+    "kd-cl-sr-sample": {
+        "order": "sequential",
+        "reliance": "sr-sample",
+        "teacher": True,
+        "label": "KD-CL-SR (per-sample λ)",
+    },
     # constant λ = the mean λ of kd-cl-sr-paper over the same steps: against kd-cl-sr-paper it
     # isolates the effect of *selecting* (where the teacher is used) from the amount of teacher
-    "kd-cl-matched": {"order": "sequential", "reliance": "constant", "teacher": True,
-                      "lambda_from": "kd-cl-sr-paper", "label": "KD-CL, constant λ = SR (paper)'s mean λ"},
-    "kd-cl-sr-rank": {"order": "sequential", "reliance": "sr-rank", "teacher": True,
-                      "label": "KD-CL-SR variant: λ rises with curriculum rank"},
-    "kd-reverse": {"order": "reverse", "reliance": "constant", "teacher": True,
-                   "label": "KD, reverse curriculum (hard→easy)"},
-    "kd-pacing-root": {"order": "pacing-root", "reliance": "constant", "teacher": True,
-                       "label": "KD, root pacing (pool grows from the easiest 20%)"},
+    "kd-cl-matched": {
+        "order": "sequential",
+        "reliance": "constant",
+        "teacher": True,
+        "lambda_from": "kd-cl-sr-paper",
+        "label": "KD-CL, constant λ = SR (paper)'s mean λ",
+    },
+    "kd-cl-sr-rank": {
+        "order": "sequential",
+        "reliance": "sr-rank",
+        "teacher": True,
+        "label": "KD-CL-SR variant: λ rises with curriculum rank",
+    },
+    "kd-reverse": {
+        "order": "reverse",
+        "reliance": "constant",
+        "teacher": True,
+        "label": "KD, reverse curriculum (hard→easy)",
+    },
+    "kd-pacing-root": {
+        "order": "pacing-root",
+        "reliance": "constant",
+        "teacher": True,
+        "label": "KD, root pacing (pool grows from the easiest 20%)",
+    },
 }
 BASELINE_ARM = "kd"
 ALPHA = 0.05  # family-wise, Holm over every comparison of a report
 # (A, B): report A - B. Each arm against plain KD, SR against CL alone, and SR against the
 # constant λ matched to its mean (selecting vs the amount of teacher).
-EXTRA_COMPARISONS = [("kd-cl-sr-paper", "kd-cl"), ("kd-cl-sr-sample", "kd-cl"), ("kd-cl-sr-rank", "kd-cl"),
-                     ("kd-cl-sr-paper", "kd-cl-matched"), ("kd", "student-only")]
+EXTRA_COMPARISONS = [
+    ("kd-cl-sr-paper", "kd-cl"),
+    ("kd-cl-sr-sample", "kd-cl"),
+    ("kd-cl-sr-rank", "kd-cl"),
+    ("kd-cl-sr-paper", "kd-cl-matched"),
+    ("kd", "student-only"),
+]
 
 
 @dataclass
 class ExperimentConfig:
     seeds: int = option(3, help="seeds per arm", min=1)
-    steps: int = option(0, help="optimizer steps per arm (0: one epoch of the training corpus)", min=0)
-    arms: list[str] = option(default_factory=lambda: list(ARMS), help="arms to run", choices=tuple(ARMS))
-    heldout_percent: int = option(5, help="percent of documents held out for MLM evaluation", min=1, max=50)
+    steps: int = option(
+        0, help="optimizer steps per arm (0: one epoch of the training corpus)", min=0
+    )
+    arms: list[str] = option(
+        default_factory=lambda: list(ARMS), help="arms to run", choices=tuple(ARMS)
+    )
+    heldout_percent: int = option(
+        5, help="percent of documents held out for MLM evaluation", min=1, max=50
+    )
     max_docs: int = option(0, help="use the first N documents of the corpus (0: all)", min=0)
     teacher_steps: int = option(0, help="teacher adaptation steps (0: same as --steps)", min=0)
-    warmup_student_steps: int = option(0, help="student warm-up steps (0: a quarter of --steps)", min=0)
+    warmup_student_steps: int = option(
+        0, help="student warm-up steps (0: a quarter of --steps)", min=0
+    )
     global_batch: int = option(32, help="samples per optimizer step of every training run", min=1)
     micro_batch: int = option(16, help="samples per forward on one rank", min=1)
     lr: float = option(5e-4, help="peak learning rate of the student runs", min=0.0)
@@ -92,7 +143,9 @@ class ExperimentConfig:
     nproc: int = option(1, help="ranks per training run (torchrun, gloo on CPU)", min=1)
     parallel: int = option(1, help="runs executed at the same time", min=1)
     eval_masks: int = option(2, help="fixed masks per held-out sample", min=1)
-    max_length: int = option(0, help="tokens per sample when sharding (0: the preset's shard.max_length)", min=0)
+    max_length: int = option(
+        0, help="tokens per sample when sharding (0: the preset's shard.max_length)", min=0
+    )
     yesno: bool = option(False, help="also fine-tune every run on the yes/no task (slow)")
     yesno_data: str = option("", help="BLURB-format task dir (default $KDCL_DATA_DIR/bioasq)")
     yesno_seeds: int = option(3, help="fine-tuning seeds per trained model", min=1)
@@ -103,6 +156,7 @@ class ExperimentConfig:
 # a small step runner shared by the experiment and the demo
 # --------------------------------------------------------------------------------------
 
+
 def python_cli() -> list[str]:
     return [sys.executable, "-m", "kdcl_dist"]
 
@@ -110,8 +164,15 @@ def python_cli() -> list[str]:
 def torchrun_cli(nproc: int) -> list[str]:
     if nproc <= 1:
         return python_cli()
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "kdcl_dist"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "kdcl_dist",
+    ]
 
 
 class Runner:
@@ -144,7 +205,9 @@ class Runner:
             with self._lock:
                 print(text, flush=True)
 
-    def step(self, name: str, argv: list[str], done: Path, launcher: list[str] | None = None) -> dict:
+    def step(
+        self, name: str, argv: list[str], done: Path, launcher: list[str] | None = None
+    ) -> dict:
         done = Path(done)
         log_path = self.root / "logs" / f"{name.replace('/', '_')}.log"
 
@@ -153,8 +216,12 @@ class Runner:
             with open(log_path, "w") as log:
                 log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
                 log.flush()
-                nproc = next((int(c.split("=")[1]) for c in cmd if c.startswith("--nproc_per_node=")), 1)
-                p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(nproc), text=True)
+                nproc = next(
+                    (int(c.split("=")[1]) for c in cmd if c.startswith("--nproc_per_node=")), 1
+                )
+                p = subprocess.run(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(nproc), text=True
+                )
             if p.returncode != 0 or not done.exists():
                 tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-25:])
                 raise UserError(
@@ -162,7 +229,9 @@ class Runner:
                     f"last lines:\n{tail}"
                 )
 
-        return self._run(name, done, f"$ kdcl-dist {' '.join(shlex.quote(str(a)) for a in argv)}", work)
+        return self._run(
+            name, done, f"$ kdcl-dist {' '.join(shlex.quote(str(a)) for a in argv)}", work
+        )
 
     def call(self, name: str, fn, done: Path) -> dict:
         """An in-process step (saves a subprocess start-up of ~5 s where that dominates)."""
@@ -205,6 +274,7 @@ class Runner:
 # corpus split
 # --------------------------------------------------------------------------------------
 
+
 def split_corpus(corpus: Path, out_dir: Path, heldout_percent: int, max_docs: int = 0) -> dict:
     """Write train.jsonl / heldout.jsonl by the fixed id-hash rule (skipped when both exist)."""
     from kdcl_dist.evaluate.mlm import is_heldout
@@ -212,15 +282,25 @@ def split_corpus(corpus: Path, out_dir: Path, heldout_percent: int, max_docs: in
 
     out_dir.mkdir(parents=True, exist_ok=True)
     info_path = out_dir / "split.json"
-    if info_path.exists() and (out_dir / "train.jsonl").exists() and (out_dir / "heldout.jsonl").exists():
+    if (
+        info_path.exists()
+        and (out_dir / "train.jsonl").exists()
+        and (out_dir / "heldout.jsonl").exists()
+    ):
         info = read_json(info_path)
-        if info.get("heldout_percent") == heldout_percent and info.get("max_docs") == max_docs \
-                and info.get("corpus") == str(corpus):
+        if (
+            info.get("heldout_percent") == heldout_percent
+            and info.get("max_docs") == max_docs
+            and info.get("corpus") == str(corpus)
+        ):
             return info
     if not corpus.exists():
         raise UserError(f"{corpus}: corpus not found; pass --corpus FILE (jsonl with id and text)")
     counts = {"train": 0, "heldout": 0}
-    with atomic_path(out_dir / "train.jsonl") as t_tmp, atomic_path(out_dir / "heldout.jsonl") as h_tmp:
+    with (
+        atomic_path(out_dir / "train.jsonl") as t_tmp,
+        atomic_path(out_dir / "heldout.jsonl") as h_tmp,
+    ):
         with open(corpus, encoding="utf-8") as f, open(t_tmp, "w") as ft, open(h_tmp, "w") as fh:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -233,10 +313,17 @@ def split_corpus(corpus: Path, out_dir: Path, heldout_percent: int, max_docs: in
                     raise UserError(f"{corpus}:{n}: invalid JSON ({e.msg})") from e
                 doc_id = str(rec.get("id", f"{corpus.name}:{n}"))
                 side = "heldout" if is_heldout(doc_id, heldout_percent) else "train"
-                (fh if side == "heldout" else ft).write(line if line.endswith("\n") else line + "\n")
+                (fh if side == "heldout" else ft).write(
+                    line if line.endswith("\n") else line + "\n"
+                )
                 counts[side] += 1
-    info = {"corpus": str(corpus), "heldout_percent": heldout_percent, "max_docs": max_docs, **counts,
-            "rule": "id_hash64(doc_id) % 100 < heldout_percent"}
+    info = {
+        "corpus": str(corpus),
+        "heldout_percent": heldout_percent,
+        "max_docs": max_docs,
+        **counts,
+        "rule": "id_hash64(doc_id) % 100 < heldout_percent",
+    }
     write_json_atomic(info_path, info)
     return info
 
@@ -244,6 +331,7 @@ def split_corpus(corpus: Path, out_dir: Path, heldout_percent: int, max_docs: in
 # --------------------------------------------------------------------------------------
 # reading run outputs
 # --------------------------------------------------------------------------------------
+
 
 def read_metrics(path: Path) -> list[dict]:
     rows = []
@@ -276,14 +364,35 @@ def find_model_dir(export_dir: Path) -> Path:
 # the experiment
 # --------------------------------------------------------------------------------------
 
+
 class Experiment:
-    def __init__(self, corpus: Path, out: Path, cfg: ExperimentConfig, preset: str = "tiny",
-                 command: str | None = None):
+    def __init__(
+        self,
+        corpus: Path,
+        out: Path,
+        cfg: ExperimentConfig,
+        preset: str = "tiny",
+        command: str | None = None,
+    ):
         self.corpus, self.out, self.cfg, self.preset = Path(corpus), Path(out), cfg, preset
         self.command = command
         self.r = Runner(self.out, concurrent=1)  # preparation runs one step at a time
-        self.p = {k: self.out / k for k in ("data", "tokenizer", "models", "shards", "heldout_shards", "scores0",
-                                            "cur0", "scores", "cur", "runs", "evals")}
+        self.p = {
+            k: self.out / k
+            for k in (
+                "data",
+                "tokenizer",
+                "models",
+                "shards",
+                "heldout_shards",
+                "scores0",
+                "cur0",
+                "scores",
+                "cur",
+                "runs",
+                "evals",
+            )
+        }
 
     # -- shared preparation ------------------------------------------------------------
     def n_train_samples(self) -> int:
@@ -296,63 +405,205 @@ class Experiment:
             return self.cfg.steps
         return max(1, self.n_train_samples() // self.cfg.global_batch)
 
-    def train_args(self, cur: Path, student: Path, teacher: Path | None, out: Path, order: str, reliance: str,
-                   steps: int, seed: int, lambda_: float | None = None) -> list[str]:
+    def train_args(
+        self,
+        cur: Path,
+        student: Path,
+        teacher: Path | None,
+        out: Path,
+        order: str,
+        reliance: str,
+        steps: int,
+        seed: int,
+        lambda_: float | None = None,
+    ) -> list[str]:
         lam = self.cfg.lambda_ if lambda_ is None else lambda_
-        a = ["train", "--preset", self.preset, "--curriculum", cur, "--student", student, "--out", out,
-             "--order", order, "--reliance", reliance, "--steps", steps, "--seed", seed,
-             "--global-batch", self.cfg.global_batch, "--micro-batch", self.cfg.micro_batch, "--lr", self.cfg.lr,
-             "--lambda", repr(float(lam)), "--save-every", 0, "--keep", 1, "--num-workers", 0]
+        a = [
+            "train",
+            "--preset",
+            self.preset,
+            "--curriculum",
+            cur,
+            "--student",
+            student,
+            "--out",
+            out,
+            "--order",
+            order,
+            "--reliance",
+            reliance,
+            "--steps",
+            steps,
+            "--seed",
+            seed,
+            "--global-batch",
+            self.cfg.global_batch,
+            "--micro-batch",
+            self.cfg.micro_batch,
+            "--lr",
+            self.cfg.lr,
+            "--lambda",
+            repr(float(lam)),
+            "--save-every",
+            0,
+            "--keep",
+            1,
+            "--num-workers",
+            0,
+        ]
         if teacher is not None:
             a += ["--teacher", teacher]
         return a
 
-    def train_then_export(self, names: tuple[str, str], train_argv: list, train_out: Path, model_out: Path,
-                          launcher: list[str] | None = None) -> None:
+    def train_then_export(
+        self,
+        names: tuple[str, str],
+        train_argv: list,
+        train_out: Path,
+        model_out: Path,
+        launcher: list[str] | None = None,
+    ) -> None:
         """A training step (`train_argv` writes to `train_out`), then its last checkpoint as an HF model."""
         self.r.step(names[0], train_argv, train_out / "train_summary.json", launcher)
-        self.r.step(names[1], ["export", "--checkpoint", train_out, "--out", model_out], model_out / "config.json")
+        self.r.step(
+            names[1],
+            ["export", "--checkpoint", train_out, "--out", model_out],
+            model_out / "config.json",
+        )
 
-    def score_then_curriculum(self, names: tuple[str, str], model: Path, scores: Path, cur: Path,
-                              launcher: list[str] | None = None) -> None:
+    def score_then_curriculum(
+        self,
+        names: tuple[str, str],
+        model: Path,
+        scores: Path,
+        cur: Path,
+        launcher: list[str] | None = None,
+    ) -> None:
         """Score the training shards with `model`, then sort them into the curriculum `cur`."""
         shards = self.p["shards"]
-        self.r.step(names[0], ["score", "--preset", self.preset, "--shards", shards, "--model", model, "--out", scores],
-                    scores / "scores.json", launcher)
-        self.r.step(names[1], ["curriculum", "--preset", self.preset, "--shards", shards, "--scores", scores,
-                               "--out", cur], cur / "curriculum.json")
+        self.r.step(
+            names[0],
+            [
+                "score",
+                "--preset",
+                self.preset,
+                "--shards",
+                shards,
+                "--model",
+                model,
+                "--out",
+                scores,
+            ],
+            scores / "scores.json",
+            launcher,
+        )
+        self.r.step(
+            names[1],
+            [
+                "curriculum",
+                "--preset",
+                self.preset,
+                "--shards",
+                shards,
+                "--scores",
+                scores,
+                "--out",
+                cur,
+            ],
+            cur / "curriculum.json",
+        )
 
     def prepare(self) -> dict:
         c, p, r = self.cfg, self.p, self.r
         split = split_corpus(self.corpus, p["data"], c.heldout_percent, c.max_docs)
-        print(f"corpus {self.corpus}: {split['train']} training documents, {split['heldout']} held out "
-              f"({c.heldout_percent}% by id hash)")
-        r.step("tokenizer", ["tokenizer", "--preset", self.preset, "--input", p["data"] / "train.jsonl",
-                             "--out", p["tokenizer"]], p["tokenizer"] / "tokenizer_config.json")
-        r.step("init-models", ["init-models", "--preset", self.preset, "--tokenizer", p["tokenizer"], "--out", p["models"]],
-               p["models"] / "student" / "config.json")
+        print(
+            f"corpus {self.corpus}: {split['train']} training documents, {split['heldout']} held out "
+            f"({c.heldout_percent}% by id hash)"
+        )
+        r.step(
+            "tokenizer",
+            [
+                "tokenizer",
+                "--preset",
+                self.preset,
+                "--input",
+                p["data"] / "train.jsonl",
+                "--out",
+                p["tokenizer"],
+            ],
+            p["tokenizer"] / "tokenizer_config.json",
+        )
+        r.step(
+            "init-models",
+            [
+                "init-models",
+                "--preset",
+                self.preset,
+                "--tokenizer",
+                p["tokenizer"],
+                "--out",
+                p["models"],
+            ],
+            p["models"] / "student" / "config.json",
+        )
         shard_extra = [f"max_length={c.max_length}"] if c.max_length else []
         for part, out in (("train", p["shards"]), ("heldout", p["heldout_shards"])):
-            r.step(f"shard/{part}", ["shard", "--preset", self.preset, "--input", p["data"] / f"{part}.jsonl",
-                                     "--tokenizer", p["tokenizer"], "--out", out, "--no-progress", *shard_extra],
-                   out / "dataset.json")
+            r.step(
+                f"shard/{part}",
+                [
+                    "shard",
+                    "--preset",
+                    self.preset,
+                    "--input",
+                    p["data"] / f"{part}.jsonl",
+                    "--tokenizer",
+                    p["tokenizer"],
+                    "--out",
+                    out,
+                    "--no-progress",
+                    *shard_extra,
+                ],
+                out / "dataset.json",
+            )
         launcher = torchrun_cli(c.nproc)
-        self.score_then_curriculum(("score/initial-student", "curriculum/initial"), p["models"] / "student",
-                                   p["scores0"], p["cur0"], launcher)
+        self.score_then_curriculum(
+            ("score/initial-student", "curriculum/initial"),
+            p["models"] / "student",
+            p["scores0"],
+            p["cur0"],
+            launcher,
+        )
         steps = self.steps()
         t_steps = c.teacher_steps or steps
         w_steps = c.warmup_student_steps or max(1, steps // 4)
         prep = self.out / "prep"
         # student-only MLM (no teacher, random order) adapts the teacher and warms up the student
-        for stage, who, n in (("adapt-teacher", "teacher", t_steps), ("warmup-student", "student", w_steps)):
+        for stage, who, n in (
+            ("adapt-teacher", "teacher", t_steps),
+            ("warmup-student", "student", w_steps),
+        ):
             train_out = prep / f"{who}-train"
-            self.train_then_export((f"{stage}/train", f"{stage}/export"),
-                                   self.train_args(p["cur0"], p["models"] / who, None, train_out, "random", "none", n, 0),
-                                   train_out, prep / who, launcher)
-        self.score_then_curriculum(("score/student", "curriculum"), prep / "student", p["scores"], p["cur"], launcher)
-        return {"steps": steps, "teacher_steps": t_steps, "warmup_steps": w_steps, "split": split,
-                "teacher": prep / "teacher", "student": prep / "student",
-                "planned_lambda": self.planned_lambdas(steps)}
+            self.train_then_export(
+                (f"{stage}/train", f"{stage}/export"),
+                self.train_args(
+                    p["cur0"], p["models"] / who, None, train_out, "random", "none", n, 0
+                ),
+                train_out,
+                prep / who,
+                launcher,
+            )
+        self.score_then_curriculum(
+            ("score/student", "curriculum"), prep / "student", p["scores"], p["cur"], launcher
+        )
+        return {
+            "steps": steps,
+            "teacher_steps": t_steps,
+            "warmup_steps": w_steps,
+            "split": split,
+            "teacher": prep / "teacher",
+            "student": prep / "student",
+            "planned_lambda": self.planned_lambdas(steps),
+        }
 
     def planned_lambdas(self, steps: int) -> dict:
         """Mean λ of every arm over its `steps`, from the curriculum alone (kd.reliance.lambda_trace).
@@ -368,13 +619,20 @@ class Experiment:
         scores = np.load(cur / "order_scores.npy")
         stats = read_json(cur / "curriculum.json").get("score_stats") or {}
         out = {}
-        for arm in {a for a in self.cfg.arms} | {ARMS[a]["lambda_from"] for a in self.cfg.arms
-                                                  if "lambda_from" in ARMS[a]}:
+        for arm in {a for a in self.cfg.arms} | {
+            ARMS[a]["lambda_from"] for a in self.cfg.arms if "lambda_from" in ARMS[a]
+        }:
             spec = ARMS[arm]
             if spec["order"] != "sequential" or "lambda_from" in spec:
                 continue
-            tr = lambda_trace(RelianceSpec(spec["reliance"], lambda_=self.cfg.lambda_), scores, stats,
-                              OrderSpec("sequential"), self.cfg.global_batch, steps)
+            tr = lambda_trace(
+                RelianceSpec(spec["reliance"], lambda_=self.cfg.lambda_),
+                scores,
+                stats,
+                OrderSpec("sequential"),
+                self.cfg.global_batch,
+                steps,
+            )
             out[arm] = float(tr.mean())
         for arm in self.cfg.arms:
             if "lambda_from" in ARMS[arm]:
@@ -396,9 +654,27 @@ class Experiment:
 
             self.r.call(f"eval-mlm/{name}", fn, out)
             return out
-        self.r.step(f"eval-mlm/{name}", ["eval", "mlm", "--model", model, "--shards", self.p["heldout_shards"],
-                                         "--split", "all", "--masks", self.cfg.eval_masks, "--out", out,
-                                         "--per-sample", self.p["evals"] / f"{name}.mlm.npz", "--no-progress"], out)
+        self.r.step(
+            f"eval-mlm/{name}",
+            [
+                "eval",
+                "mlm",
+                "--model",
+                model,
+                "--shards",
+                self.p["heldout_shards"],
+                "--split",
+                "all",
+                "--masks",
+                self.cfg.eval_masks,
+                "--out",
+                out,
+                "--per-sample",
+                self.p["evals"] / f"{name}.mlm.npz",
+                "--no-progress",
+            ],
+            out,
+        )
         return out
 
     def eval_yesno(self, name: str, model: Path) -> Path | None:
@@ -408,33 +684,71 @@ class Experiment:
 
         data = self.cfg.yesno_data or (str(data_dir() / "bioasq") if data_dir() else "")
         if not data or not Path(data).exists():
-            raise UserError("experiment.yesno_data: no BLURB task directory; pass yesno_data=DIR or set KDCL_DATA_DIR")
+            raise UserError(
+                "experiment.yesno_data: no BLURB task directory; pass yesno_data=DIR or set KDCL_DATA_DIR"
+            )
         out = self.p["evals"] / f"{name}.yesno.json"
-        self.r.step(f"eval-yesno/{name}", ["eval", "yesno", "--preset", self.preset, "--model", model, "--data", data,
-                                           "--seeds", self.cfg.yesno_seeds, "--out", out, "--no-progress"], out)
+        self.r.step(
+            f"eval-yesno/{name}",
+            [
+                "eval",
+                "yesno",
+                "--preset",
+                self.preset,
+                "--model",
+                model,
+                "--data",
+                data,
+                "--seeds",
+                self.cfg.yesno_seeds,
+                "--out",
+                out,
+                "--no-progress",
+            ],
+            out,
+        )
         return out
 
     def run_one(self, arm: str, seed: int, prep: dict) -> None:
         spec = ARMS[arm]
         run = self.p["runs"] / f"{arm}-s{seed}"
         lam = prep["planned_lambda"][arm] if "lambda_from" in spec else None
-        self.train_then_export((f"train/{arm}-s{seed}", f"export/{arm}-s{seed}"),
-                               self.train_args(self.p["cur"], prep["student"], prep["teacher"] if spec["teacher"] else None,
-                                               run / "train", spec["order"], spec["reliance"], prep["steps"], seed,
-                                               lambda_=lam),
-                               run / "train", run / "model", torchrun_cli(self.cfg.nproc))
+        self.train_then_export(
+            (f"train/{arm}-s{seed}", f"export/{arm}-s{seed}"),
+            self.train_args(
+                self.p["cur"],
+                prep["student"],
+                prep["teacher"] if spec["teacher"] else None,
+                run / "train",
+                spec["order"],
+                spec["reliance"],
+                prep["steps"],
+                seed,
+                lambda_=lam,
+            ),
+            run / "train",
+            run / "model",
+            torchrun_cli(self.cfg.nproc),
+        )
         self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=True)
         self.eval_yesno(f"{arm}-s{seed}", run / "model")
 
     def run(self) -> Path:
         t0 = time.time()
         prep = self.prepare()
-        print(f"budget: {prep['steps']} steps x global batch {self.cfg.global_batch} = "
-              f"{prep['steps'] * self.cfg.global_batch} samples per arm and seed")
+        print(
+            f"budget: {prep['steps']} steps x global batch {self.cfg.global_batch} = "
+            f"{prep['steps'] * self.cfg.global_batch} samples per arm and seed"
+        )
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.parallel))  # in-process evaluations
-        for name, model in (("reference-teacher", prep["teacher"]), ("reference-student", prep["student"])):
+        torch.set_num_threads(
+            max(1, (os.cpu_count() or 1) // self.cfg.parallel)
+        )  # in-process evaluations
+        for name, model in (
+            ("reference-teacher", prep["teacher"]),
+            ("reference-student", prep["student"]),
+        ):
             self.eval_mlm(name, model, in_process=True)
             self.eval_yesno(name, model)
         jobs = [(arm, seed) for seed in range(self.cfg.seeds) for arm in self.cfg.arms]
@@ -456,6 +770,7 @@ class Experiment:
 # --------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------
+
 
 def _seed_outputs(evals: Path, arm: str, seeds: int, suffix: str) -> list[Path]:
     """The evaluation files `<arm>-s<seed>.<suffix>` that exist (an unfinished seed is left out)."""
@@ -480,7 +795,9 @@ def _yesno_rows(path: Path):
     """Per-question correctness of one trained model: (fine-tuning seeds x questions), plus the file."""
     r = json.loads(Path(path).read_text())
     gold = np.asarray(r["test_gold"])
-    return np.stack([(np.asarray(run["test_pred"]) == gold).astype(np.float64) for run in r["per_seed"]]), r
+    return np.stack(
+        [(np.asarray(run["test_pred"]) == gold).astype(np.float64) for run in r["per_seed"]]
+    ), r
 
 
 def _load_arm_yesno(evals: Path, arm: str, seeds: int):
@@ -506,8 +823,13 @@ def _lambda_stats(metrics: list[dict]) -> dict:
     if not lam:
         return {}
     n = len(lam)
-    return {"mean": float(np.mean(lam)), "first": float(lam[0]), "middle": float(lam[n // 2]),
-            "last": float(lam[-1]), "distinct_samples": metrics[-1].get("distinct_samples")}
+    return {
+        "mean": float(np.mean(lam)),
+        "first": float(lam[0]),
+        "middle": float(lam[n // 2]),
+        "last": float(lam[-1]),
+        "distinct_samples": metrics[-1].get("distinct_samples"),
+    }
 
 
 def _fmt_p(p: float) -> str:
@@ -529,33 +851,58 @@ def _yesno_table(evals: Path, arms: list[str], yes: dict, cfg, res_json: dict) -
     """Table 2: yes/no accuracy of the arms and the reference models against the majority baseline."""
     from kdcl_dist.evaluate import stats
 
-    refs = {ref: _yesno_rows(evals / f"{ref}.yesno.json") for ref in ("reference-teacher", "reference-student")
-            if (evals / f"{ref}.yesno.json").exists()}
-    first = next(iter(_seed_outputs(evals, next(iter(yes)), cfg.seeds, "yesno.json")), None) if yes else None
-    any_r = json.loads(first.read_text()) if first else (next(iter(refs.values()))[1] if refs else None)
+    refs = {
+        ref: _yesno_rows(evals / f"{ref}.yesno.json")
+        for ref in ("reference-teacher", "reference-student")
+        if (evals / f"{ref}.yesno.json").exists()
+    }
+    first = (
+        next(iter(_seed_outputs(evals, next(iter(yes)), cfg.seeds, "yesno.json")), None)
+        if yes
+        else None
+    )
+    any_r = (
+        json.loads(first.read_text()) if first else (next(iter(refs.values()))[1] if refs else None)
+    )
     if any_r is None:
         return []
     maj = any_r["majority_baseline"]
     # the majority class's own per-question correctness: the comparison is paired by question
     maj_row = (np.asarray(any_r["test_gold"]) == str(maj["label"])).astype(np.float64)
-    L = ["", "## Table 2: yes/no test accuracy (fine-tuned, higher is better)", "",
-         f"Each trained model fine-tuned with {cfg.yesno_seeds} seeds, averaged within its training seed. "
-         f"vs majority: accuracy − {100 * maj['accuracy']:.1f}% (always '{maj['label']}') with a t test over "
-         "seeds and test questions; reference models have one trained model, so their unit is the fine-tuning seed.",
-         "", "| model | accuracy (mean ± std) | 95% CI | macro-F1 | vs majority (p) |", "|---|---|---|---|---|"]
+    L = [
+        "",
+        "## Table 2: yes/no test accuracy (fine-tuned, higher is better)",
+        "",
+        f"Each trained model fine-tuned with {cfg.yesno_seeds} seeds, averaged within its training seed. "
+        f"vs majority: accuracy − {100 * maj['accuracy']:.1f}% (always '{maj['label']}') with a t test over "
+        "seeds and test questions; reference models have one trained model, so their unit is the fine-tuning seed.",
+        "",
+        "| model | accuracy (mean ± std) | 95% CI | macro-F1 | vs majority (p) |",
+        "|---|---|---|---|---|",
+    ]
     res_json["yesno"] = {"majority_baseline": maj, "rows": {}}
     rows = [(ARMS[a]["label"], yes[a][0], yes[a][1], yes[a][2]) for a in arms if a in yes]
     for ref, (correct, r) in refs.items():
-        rows.append((f"*{ref.replace('reference-', '')} (starting point)*", correct,
-                     [x["test_accuracy"] for x in r["per_seed"]], [r["macro_f1"]["mean"]]))
+        rows.append(
+            (
+                f"*{ref.replace('reference-', '')} (starting point)*",
+                correct,
+                [x["test_accuracy"] for x in r["per_seed"]],
+                [r["macro_f1"]["mean"]],
+            )
+        )
     for label, correct, accs, f1s in rows:
         m, sd = stats.mean_std(accs)
         c = stats.compare_to_constant(correct, value=maj_row)
         lo, hi = c["ci"][0] + maj["accuracy"], c["ci"][1] + maj["accuracy"]
-        L.append(f"| {label} | {100 * m:.1f} ± {100 * sd:.1f} | {100 * lo:.1f}–{100 * hi:.1f} | "
-                 f"{100 * np.mean(f1s):.1f} | {100 * c['diff']:+.1f} pts ({_fmt_p(c['p'])}) |")
+        L.append(
+            f"| {label} | {100 * m:.1f} ± {100 * sd:.1f} | {100 * lo:.1f}–{100 * hi:.1f} | "
+            f"{100 * np.mean(f1s):.1f} | {100 * c['diff']:+.1f} pts ({_fmt_p(c['p'])}) |"
+        )
         res_json["yesno"]["rows"][label] = {"accuracy": accs, "macro_f1": f1s, "vs_majority": c}
-    L.append(f"| *majority class ('{maj['label']}')* | {100 * maj['accuracy']:.1f} | | {100 * maj['macro_f1']:.1f} | |")
+    L.append(
+        f"| *majority class ('{maj['label']}')* | {100 * maj['accuracy']:.1f} | | {100 * maj['macro_f1']:.1f} | |"
+    )
     return L
 
 
@@ -581,13 +928,17 @@ def _plots(out: Path, arms: list[str], seeds: int) -> list[Path]:
         n = min(len(c) for c in curves)
         steps = np.array([c[0] for c in curves[0][:n]])
         for j, ax in ((1, axes[0]), (2, axes[1])):
-            vals = np.array([[np.nan if v[j] is None else v[j] for v in c[:n]] for c in curves], dtype=float)
+            vals = np.array(
+                [[np.nan if v[j] is None else v[j] for v in c[:n]] for c in curves], dtype=float
+            )
             mean = np.nanmean(vals, axis=0)
             k = max(1, n // 50)  # moving average: per-step losses on a curriculum are noisy
             smooth = np.convolve(mean, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, label=arm)
+            ax.plot(steps[k - 1 :], smooth, label=arm)
         if lam:
-            lam_ax.plot([s for s, _ in lam], [np.nan if v is None else v for _, v in lam], label=arm)
+            lam_ax.plot(
+                [s for s, _ in lam], [np.nan if v is None else v for _, v in lam], label=arm
+            )
     axes[0].set_title("training loss (mean over seeds)")
     axes[1].set_title("MLM term of the loss (mean over seeds)")
     lam_ax.set_title("λ per step (seed 0)")
@@ -603,7 +954,9 @@ def _plots(out: Path, arms: list[str], seeds: int) -> list[Path]:
     return paths
 
 
-def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, command: str | None = None) -> Path:
+def write_report(
+    out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, command: str | None = None
+) -> Path:
     """report.md + report.json + plots from the evaluation outputs under `out`."""
     from kdcl_dist.evaluate import stats
     from kdcl_dist.utils import atomic_path, write_json_atomic
@@ -617,12 +970,19 @@ def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, co
         path = evals / f"{ref}.mlm.json"
         if path.exists():
             refs[ref] = json.loads(path.read_text())
-    tokens = {a: [run_tokens(read_metrics(out / "runs" / f"{a}-s{s}" / "train" / "metrics.jsonl"))
-                  for s in range(cfg.seeds)] for a in arms}
+    tokens = {
+        a: [
+            run_tokens(read_metrics(out / "runs" / f"{a}-s{s}" / "train" / "metrics.jsonl"))
+            for s in range(cfg.seeds)
+        ]
+        for a in arms
+    }
 
     # comparisons: each arm vs KD, and the extra pairs; Holm over the whole family
     pairs = [(a, BASELINE_ARM) for a in arms if a != BASELINE_ARM and BASELINE_ARM in arms]
-    pairs += [(a, b) for a, b in EXTRA_COMPARISONS if a in arms and b in arms and (a, b) not in pairs]
+    pairs += [
+        (a, b) for a, b in EXTRA_COMPARISONS if a in arms and b in arms and (a, b) not in pairs
+    ]
     comps = []
     for a, b in pairs:
         c = stats.compare_seeds(mlm[a][0], mlm[b][0], mlm[a][1], mlm[b][1])
@@ -631,7 +991,14 @@ def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, co
     yes = {a: v for a, v in yes.items() if v is not None}
     for a, b in pairs:
         if a in yes and b in yes:
-            comps.append({"a": a, "b": b, "metric": "yesno_accuracy", **stats.compare_seeds(yes[a][0], yes[b][0])})
+            comps.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "metric": "yesno_accuracy",
+                    **stats.compare_seeds(yes[a][0], yes[b][0]),
+                }
+            )
     testable = [c for c in comps if np.isfinite(c["p"])]
     for c, adj in zip(testable, stats.holm([c["p"] for c in testable]) if testable else []):
         c["p_holm"] = adj
@@ -639,37 +1006,62 @@ def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, co
     for c in comps:
         c.setdefault("p_holm", float("nan"))
         c.setdefault("significant", False)
-    lam = {a: [_lambda_stats(read_metrics(out / "runs" / f"{a}-s{s}" / "train" / "metrics.jsonl"))
-               for s in range(cfg.seeds)] for a in arms}
+    lam = {
+        a: [
+            _lambda_stats(read_metrics(out / "runs" / f"{a}-s{s}" / "train" / "metrics.jsonl"))
+            for s in range(cfg.seeds)
+        ]
+        for a in arms
+    }
 
     steps_log = out / "steps.jsonl"
-    if steps_log.exists():  # an experiment resumed after a kill: report the span since its first step
+    if (
+        steps_log.exists()
+    ):  # an experiment resumed after a kill: report the span since its first step
         first = json.loads(steps_log.open().readline())["time"]
         span = time.time() - time.mktime(time.strptime(first, "%Y-%m-%dT%H:%M:%S"))
         wall_s = max(wall_s, span)
     L = [f"# KD / KD-CL / KD-CL-SR experiment ({out})", ""]
     split = prep.get("split", {})
-    L.append(f"Corpus: `{split.get('corpus', '?')}`: {split.get('train', '?')} training documents, "
-             f"{split.get('heldout', '?')} held out ({cfg.heldout_percent}% by id hash). "
-             f"Budget per run: {prep['steps']} steps × global batch {cfg.global_batch} = "
-             f"{prep['steps'] * cfg.global_batch} samples (equal for every arm). Teacher adapted for "
-             f"{prep.get('teacher_steps')} steps, student warmed up for {prep.get('warmup_steps')} steps. "
-             f"{cfg.seeds} seeds per arm. Wall time {wall_s / 60:.1f} min (since the first step, "
-             "including any interruption).")
+    L.append(
+        f"Corpus: `{split.get('corpus', '?')}`: {split.get('train', '?')} training documents, "
+        f"{split.get('heldout', '?')} held out ({cfg.heldout_percent}% by id hash). "
+        f"Budget per run: {prep['steps']} steps × global batch {cfg.global_batch} = "
+        f"{prep['steps'] * cfg.global_batch} samples (equal for every arm). Teacher adapted for "
+        f"{prep.get('teacher_steps')} steps, student warmed up for {prep.get('warmup_steps')} steps. "
+        f"{cfg.seeds} seeds per arm. Wall time {wall_s / 60:.1f} min (since the first step, "
+        "including any interruption)."
+    )
     if command:
         L += ["", f"Command: `{command}`"]
-    L += ["", "## Table 1: held-out masked-LM loss (lower is better)", "",
-          "Loss = mean cross-entropy over all masked tokens of the held-out documents (fixed masks, "
-          f"{cfg.eval_masks} per document, identical for every model). 95% CI: t interval over the training "
-          "seeds with the held-out documents' sampling added (evaluate/stats.py `compare_to_constant`; "
-          "docs/evaluation.md, \"Statistics\"). λ: mean over the run's steps (first → middle → last step, "
-          "seed 0); distinct samples: different training samples the run saw (pacing draws with repeats).", "",
-          "| arm | seeds | loss (mean ± std over seeds) | 95% CI | perplexity | Δ vs KD | mean λ (first → mid → last) "
-          "| distinct samples | tokens trained |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    res_json = {"arms": {}, "references": refs, "comparisons": comps, "prep": {k: str(v) for k, v in prep.items()},
-                "config": dataclasses.asdict(cfg), "wall_s": wall_s, "alpha": ALPHA}
-    base_loss = float(mlm[BASELINE_ARM][0].sum() / mlm[BASELINE_ARM][1].sum()) if BASELINE_ARM in mlm else None
+    L += [
+        "",
+        "## Table 1: held-out masked-LM loss (lower is better)",
+        "",
+        "Loss = mean cross-entropy over all masked tokens of the held-out documents (fixed masks, "
+        f"{cfg.eval_masks} per document, identical for every model). 95% CI: t interval over the training "
+        "seeds with the held-out documents' sampling added (evaluate/stats.py `compare_to_constant`; "
+        'docs/evaluation.md, "Statistics"). λ: mean over the run\'s steps (first → middle → last step, '
+        "seed 0); distinct samples: different training samples the run saw (pacing draws with repeats).",
+        "",
+        "| arm | seeds | loss (mean ± std over seeds) | 95% CI | perplexity | Δ vs KD | mean λ (first → mid → last) "
+        "| distinct samples | tokens trained |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    res_json = {
+        "arms": {},
+        "references": refs,
+        "comparisons": comps,
+        "prep": {k: str(v) for k, v in prep.items()},
+        "config": dataclasses.asdict(cfg),
+        "wall_s": wall_s,
+        "alpha": ALPHA,
+    }
+    base_loss = (
+        float(mlm[BASELINE_ARM][0].sum() / mlm[BASELINE_ARM][1].sum())
+        if BASELINE_ARM in mlm
+        else None
+    )
     for a in arms:
         sums, counts, losses = mlm[a]
         m, s = stats.mean_std(losses)
@@ -678,56 +1070,94 @@ def write_report(out: Path, cfg: ExperimentConfig, prep: dict, wall_s: float, co
         ci = level["ci"] if np.all(np.isfinite(level["ci"])) else [float("nan"), float("nan")]
         delta = "" if base_loss is None or a == BASELINE_ARM else f"{pooled - base_loss:+.4f}"
         ls = [x for x in lam[a] if x]
-        lam_txt = (f"{np.mean([x['mean'] for x in ls]):.3f} ({ls[0]['first']:.2f} → {ls[0]['middle']:.2f} → "
-                   f"{ls[0]['last']:.2f})") if ls else ""
+        lam_txt = (
+            (
+                f"{np.mean([x['mean'] for x in ls]):.3f} ({ls[0]['first']:.2f} → {ls[0]['middle']:.2f} → "
+                f"{ls[0]['last']:.2f})"
+            )
+            if ls
+            else ""
+        )
         distinct = [x.get("distinct_samples") for x in ls if x.get("distinct_samples") is not None]
-        L.append(f"| {ARMS[a]['label']} | {len(losses)} | {m:.4f} ± {s:.4f} | {ci[0]:.4f}–{ci[1]:.4f} | "
-                 f"{np.exp(pooled):.2f} | {delta} | {lam_txt} | "
-                 f"{f'{np.mean(distinct):,.0f}' if distinct else ''} | {np.mean(tokens[a]) / 1e6:.2f}M |")
-        res_json["arms"][a] = {"losses": losses, "mean": m, "std": s, "pooled": pooled, "ci": ci,
-                               "tokens": tokens[a], "lambda": lam[a],
-                               "planned_lambda": (prep.get("planned_lambda") or {}).get(a)}
+        L.append(
+            f"| {ARMS[a]['label']} | {len(losses)} | {m:.4f} ± {s:.4f} | {ci[0]:.4f}–{ci[1]:.4f} | "
+            f"{np.exp(pooled):.2f} | {delta} | {lam_txt} | "
+            f"{f'{np.mean(distinct):,.0f}' if distinct else ''} | {np.mean(tokens[a]) / 1e6:.2f}M |"
+        )
+        res_json["arms"][a] = {
+            "losses": losses,
+            "mean": m,
+            "std": s,
+            "pooled": pooled,
+            "ci": ci,
+            "tokens": tokens[a],
+            "lambda": lam[a],
+            "planned_lambda": (prep.get("planned_lambda") or {}).get(a),
+        }
     for ref, r in refs.items():
-        L.append(f"| *{ref.replace('reference-', '')} (starting point)* | – | {r['loss']:.4f} | | {r['perplexity']:.2f} "
-                 "| | | | |")
+        L.append(
+            f"| *{ref.replace('reference-', '')} (starting point)* | – | {r['loss']:.4f} | | {r['perplexity']:.2f} "
+            "| | | | |"
+        )
     if yes or cfg.yesno:
         L += _yesno_table(evals, arms, yes, cfg, res_json)
-    L += ["", "## Comparisons", "",
-          "Difference A − B. The unit is the training seed: a Welch t test on the per-seed values (fine-tuning "
-          "seeds averaged within their training seed), with the variance of the paired test items added; "
-          f"p Holm-corrected over all comparisons below (family-wise α = {ALPHA}). MDE: the smallest "
-          "difference this design detects with 80% power at α = 0.05, from the observed variances; "
-          "*underpowered*: the MDE is larger than the difference seen, so a null result here does not "
-          "mean there is no effect (docs/evaluation.md, \"Statistics\").", "",
-          "| metric | A | B | A − B | 95% CI | p | p (Holm) | MDE | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    L += [
+        "",
+        "## Comparisons",
+        "",
+        "Difference A − B. The unit is the training seed: a Welch t test on the per-seed values (fine-tuning "
+        "seeds averaged within their training seed), with the variance of the paired test items added; "
+        f"p Holm-corrected over all comparisons below (family-wise α = {ALPHA}). MDE: the smallest "
+        "difference this design detects with 80% power at α = 0.05, from the observed variances; "
+        "*underpowered*: the MDE is larger than the difference seen, so a null result here does not "
+        'mean there is no effect (docs/evaluation.md, "Statistics").',
+        "",
+        "| metric | A | B | A − B | 95% CI | p | p (Holm) | MDE | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in comps:
         scale, unit = (100, " pts") if c["metric"] == "yesno_accuracy" else (1, "")
         d = 2 if unit else 4
-        L.append(f"| {c['metric']} | {c['a']} | {c['b']} | {scale * c['diff']:+.{d}f}{unit} | "
-                 f"{scale * c['ci'][0]:+.{d}f} – {scale * c['ci'][1]:+.{d}f} | {_fmt_p(c['p'])} | "
-                 f"{_fmt_p(c['p_holm'])} | {scale * c['mde']:.{d}f}{unit} | {_verdict(c)} |")
+        L.append(
+            f"| {c['metric']} | {c['a']} | {c['b']} | {scale * c['diff']:+.{d}f}{unit} | "
+            f"{scale * c['ci'][0]:+.{d}f} – {scale * c['ci'][1]:+.{d}f} | {_fmt_p(c['p'])} | "
+            f"{_fmt_p(c['p_holm'])} | {scale * c['mde']:.{d}f}{unit} | {_verdict(c)} |"
+        )
     L += ["", "## Which differences are significant", ""]
     sig = [c for c in comps if c["significant"]]
     if not comps:
         L.append("No comparisons (fewer than two arms finished).")
     elif not sig:
-        L.append(f"None of the differences above is significant at α = {ALPHA} after Holm correction.")
+        L.append(
+            f"None of the differences above is significant at α = {ALPHA} after Holm correction."
+        )
     for c in sig:
         better = (c["diff"] < 0) if c["metric"] == "heldout_mlm_loss" else (c["diff"] > 0)
-        L.append(f"- {c['metric']}: **{c['a']}** is {'better' if better else 'worse'} than **{c['b']}** "
-                 f"({c['diff']:+.4f}, Holm p = {_fmt_p(c['p_holm'])}).")
-    nonsig = [f"{c['a']} vs {c['b']} ({c['metric']}{', underpowered' if c.get('underpowered') else ''})"
-              for c in comps if not c["significant"]]
+        L.append(
+            f"- {c['metric']}: **{c['a']}** is {'better' if better else 'worse'} than **{c['b']}** "
+            f"({c['diff']:+.4f}, Holm p = {_fmt_p(c['p_holm'])})."
+        )
+    nonsig = [
+        f"{c['a']} vs {c['b']} ({c['metric']}{', underpowered' if c.get('underpowered') else ''})"
+        for c in comps
+        if not c["significant"]
+    ]
     if sig and nonsig:
         L.append(f"- Not significant: {', '.join(nonsig)}.")
     if "kd-cl-matched" in arms and "kd-cl-sr-paper" in arms:
-        L += ["", f"`kd-cl-matched` trains with constant λ = {res_json['arms']['kd-cl-matched']['planned_lambda']:.3f}, "
-              "the mean λ of `kd-cl-sr-paper` over the same steps: `kd-cl-sr-paper` vs `kd-cl-matched` is the effect "
-              "of *selecting* which batches lean on the teacher at an equal amount of teacher; `kd-cl-sr-paper` vs "
-              "`kd-cl` mixes that with the amount of teacher (λ = 0.5)."]
+        L += [
+            "",
+            f"`kd-cl-matched` trains with constant λ = {res_json['arms']['kd-cl-matched']['planned_lambda']:.3f}, "
+            "the mean λ of `kd-cl-sr-paper` over the same steps: `kd-cl-sr-paper` vs `kd-cl-matched` is the effect "
+            "of *selecting* which batches lean on the teacher at an equal amount of teacher; `kd-cl-sr-paper` vs "
+            "`kd-cl` mixes that with the amount of teacher (λ = 0.5).",
+        ]
     plots = _plots(out, arms, cfg.seeds)
     L += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    L += ["", "Per-run outputs: `runs/<arm>-s<seed>/train` (metrics.jsonl, tensorboard/), evaluations in `evals/`."]
+    L += [
+        "",
+        "Per-run outputs: `runs/<arm>-s<seed>/train` (metrics.jsonl, tensorboard/), evaluations in `evals/`.",
+    ]
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(L) + "\n")

@@ -46,66 +46,111 @@ def resolve_checkpoint(path, tag: str | None = None) -> tuple[Path, str]:
     """
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: checkpoint path not found; pass the training --out, its checkpoints/ or a "
-                        "global_stepN directory")
+        raise UserError(
+            f"{p}: checkpoint path not found; pass the training --out, its checkpoints/ or a "
+            "global_stepN directory"
+        )
     if TAG_RE.match(p.name) and p.is_dir():
         if tag is not None and tag != p.name:
-            raise UserError(f"{p}: is checkpoint {p.name} but --tag {tag} was given; pass one of them")
+            raise UserError(
+                f"{p}: is checkpoint {p.name} but --tag {tag} was given; pass one of them"
+            )
         _check_tag(p.parent, p.name)
         return p.parent, p.name
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if tag is not None:
         if not _plain_name(tag) or not (root / tag).is_dir():
-            raise UserError(f"{root / tag}: no checkpoint with tag {tag}; available: {', '.join(_tags(root)) or 'none'}")
+            raise UserError(
+                f"{root / tag}: no checkpoint with tag {tag}; available: {', '.join(_tags(root)) or 'none'}"
+            )
         _check_tag(root, tag)
         return root, tag
     tags = _tags(root)
     complete = [t for t in tags if (root / t / MARKER).exists()]
     if complete:
         # warns about damaged ones; refuses when all are damaged
-        found = ckpt.newest_intact(root, fix="restore the files (the warnings above name them) or export another run")
+        found = ckpt.newest_intact(
+            root, fix="restore the files (the warnings above name them) or export another run"
+        )
         found_step = int(TAG_RE.match(found.name).group(1))
-        newer = [d.name for step, d, ok in ckpt.list_checkpoints(root) if not ok and step > found_step]
+        newer = [
+            d.name for step, d, ok in ckpt.list_checkpoints(root) if not ok and step > found_step
+        ]
         if newer:
-            log.warning("skipping interrupted checkpoint(s) %s (no %s); exporting %s", ", ".join(newer), MARKER,
-                        found.name)
+            log.warning(
+                "skipping interrupted checkpoint(s) %s (no %s); exporting %s",
+                ", ".join(newer),
+                MARKER,
+                found.name,
+            )
         return root, found.name
     if tags and _kdcl_run(root):
-        raise UserError(f"{root}: no complete checkpoint (no {MARKER} in {', '.join(tags)}: saves were "
-                        "interrupted); finish one with `kdcl-dist train ... --resume auto`")
-    if (root / "latest").is_file():  # a plain DeepSpeed checkpoint directory (not written by kdcl-dist train)
+        raise UserError(
+            f"{root}: no complete checkpoint (no {MARKER} in {', '.join(tags)}: saves were "
+            "interrupted); finish one with `kdcl-dist train ... --resume auto`"
+        )
+    if (
+        root / "latest"
+    ).is_file():  # a plain DeepSpeed checkpoint directory (not written by kdcl-dist train)
         t = (root / "latest").read_text(errors="replace").strip()
         if not _plain_name(t) or not (root / t).is_dir():
-            raise UserError(f"{root / 'latest'}: names {t!r}, which is not a checkpoint directory inside {root}; "
-                            "pass --tag")
-        log.warning("%s: no %s markers (not written by kdcl-dist train): exporting DeepSpeed's latest tag %s "
-                    "unverified", root, MARKER, t)
+            raise UserError(
+                f"{root / 'latest'}: names {t!r}, which is not a checkpoint directory inside {root}; "
+                "pass --tag"
+            )
+        log.warning(
+            "%s: no %s markers (not written by kdcl-dist train): exporting DeepSpeed's latest tag %s "
+            "unverified",
+            root,
+            MARKER,
+            t,
+        )
         return root, t
     if tags:
-        raise UserError(f"{root}: no complete checkpoint (no {MARKER} in {', '.join(tags)}); pass --tag")
-    raise UserError(f"{root}: no global_stepN checkpoint found; pass the training --out or a checkpoint dir")
+        raise UserError(
+            f"{root}: no complete checkpoint (no {MARKER} in {', '.join(tags)}); pass --tag"
+        )
+    raise UserError(
+        f"{root}: no global_stepN checkpoint found; pass the training --out or a checkpoint dir"
+    )
 
 
 def _plain_name(tag: str) -> bool:
     """A tag is one directory name inside the checkpoint root (never a path that leaves it)."""
-    return bool(tag) and tag not in (".", "..") and "/" not in tag and "\\" not in tag and "\0" not in tag
+    return (
+        bool(tag)
+        and tag not in (".", "..")
+        and "/" not in tag
+        and "\\" not in tag
+        and "\0" not in tag
+    )
 
 
 def _kdcl_run(root: Path) -> bool:
     """Written by `kdcl-dist train`: some tag has a marker, or the run's student_config is beside it."""
-    return any((root / t / MARKER).exists() for t in _tags(root)) or (root.parent / CONFIG_SUBDIR).is_dir()
+    return (
+        any((root / t / MARKER).exists() for t in _tags(root))
+        or (root.parent / CONFIG_SUBDIR).is_dir()
+    )
 
 
 def _check_tag(root: Path, tag: str) -> None:
     """Refuse an explicitly chosen checkpoint that is interrupted or damaged."""
     tag_dir = root / tag
     others = [t for t in _tags(root) if t != tag and (root / t / MARKER).exists()]
-    hint = (f"export a complete one ({', '.join(others)}) or omit --tag for the newest intact one" if others
-            else "finish a checkpoint with `kdcl-dist train ... --resume auto`")
+    hint = (
+        f"export a complete one ({', '.join(others)}) or omit --tag for the newest intact one"
+        if others
+        else "finish a checkpoint with `kdcl-dist train ... --resume auto`"
+    )
     if not (tag_dir / MARKER).exists():
         if _kdcl_run(root):
-            raise UserError(f"{tag_dir}: incomplete checkpoint (no {MARKER}: its save was interrupted); {hint}")
-        log.warning("%s: no %s (not written by kdcl-dist train): exporting it unverified", tag_dir, MARKER)
+            raise UserError(
+                f"{tag_dir}: incomplete checkpoint (no {MARKER}: its save was interrupted); {hint}"
+            )
+        log.warning(
+            "%s: no %s (not written by kdcl-dist train): exporting it unverified", tag_dir, MARKER
+        )
         return
     problem = ckpt.damage(tag_dir)
     if problem:
@@ -123,8 +168,10 @@ def find_student_config(root: Path, student: str | None) -> str:
     for cand in (root.parent / CONFIG_SUBDIR, root / CONFIG_SUBDIR):
         if (cand / "config.json").exists():
             return str(cand)
-    raise UserError(f"{root.parent / CONFIG_SUBDIR}: student config not found (training saves it there); "
-                    "pass --student DIR|NAME with the student's config and tokenizer")
+    raise UserError(
+        f"{root.parent / CONFIG_SUBDIR}: student config not found (training saves it there); "
+        "pass --student DIR|NAME with the student's config and tokenizer"
+    )
 
 
 def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -136,11 +183,15 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
         try:
             sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
         except (ValueError, FileNotFoundError, KeyError) as e:
-            raise UserError(f"{tag_dir}: cannot consolidate the ZeRO checkpoint ({e}); is every rank's file present?") from e
+            raise UserError(
+                f"{tag_dir}: cannot consolidate the ZeRO checkpoint ({e}); is every rank's file present?"
+            ) from e
         return {k: v.float() for k, v in sd.items()}
     states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
-        raise UserError(f"{tag_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt); not a checkpoint")
+        raise UserError(
+            f"{tag_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt); not a checkpoint"
+        )
     blob = torch.load(states[0], map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in blob["module"].items()}
 
@@ -164,7 +215,9 @@ def build_student(config_src: str, state_dict: dict, trust_remote_code: bool = F
     try:
         config = AutoConfig.from_pretrained(config_src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"{config_src}: cannot read the student's HF config ({str(e).splitlines()[0]})") from e
+        raise UserError(
+            f"{config_src}: cannot read the student's HF config ({str(e).splitlines()[0]})"
+        ) from e
     model = AutoModelForMaskedLM.from_config(config, trust_remote_code=trust_remote_code)
     model = model.float()
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -179,15 +232,18 @@ def build_student(config_src: str, state_dict: dict, trust_remote_code: bool = F
     return model.eval()
 
 
-def export_checkpoint(checkpoint, out, tag: str | None = None, student: str | None = None,
-                      force: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint, out, tag: str | None = None, student: str | None = None, force: bool = False
+) -> Path:
     from kdcl_dist.utils import apply_umask_modes, read_json, sha256_file, write_json_atomic
 
     root, tag = resolve_checkpoint(checkpoint, tag)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "export.json").exists() and not force:
-        raise UserError(f"{out}: directory exists and is not an earlier export; pass an empty or new --out "
-                        "(or --force to overwrite)")
+        raise UserError(
+            f"{out}: directory exists and is not an earlier export; pass an empty or new --out "
+            "(or --force to overwrite)"
+        )
     config_src = find_student_config(root, student)
     log.info("consolidating %s/%s", root, tag)
     sd = consolidated_state_dict(root, tag)
@@ -198,8 +254,10 @@ def export_checkpoint(checkpoint, out, tag: str | None = None, student: str | No
     try:
         tok = AutoTokenizer.from_pretrained(config_src)
     except (OSError, ValueError) as e:
-        raise UserError(f"{config_src}: no tokenizer beside the student config ({str(e).splitlines()[0]}); "
-                        "pass --student with the student's model directory") from e
+        raise UserError(
+            f"{config_src}: no tokenizer beside the student config ({str(e).splitlines()[0]}); "
+            "pass --student with the student's model directory"
+        ) from e
 
     # write into a sibling temp dir and swap it in, so a kill never leaves a half export
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,18 +272,26 @@ def export_checkpoint(checkpoint, out, tag: str | None = None, student: str | No
             marker = read_json(root / tag / MARKER, "checkpoint marker")
         m = TAG_RE.match(tag)
         weights = tmp / "model.safetensors"
-        write_json_atomic(tmp / "export.json", {
-            "checkpoint": str((root / tag).resolve()), "tag": tag,
-            "step": int(m.group(1)) if m else marker.get("step"),
-            "zero_stage": marker.get("zero_stage"), "student_config": str(config_src),
-            "dtype": "float32", "model_sha256": sha256_file(weights) if weights.exists() else None,
-        })
-        apply_umask_modes(tmp)   # safetensors writes 0600 whatever the umask; give the umask's modes
+        write_json_atomic(
+            tmp / "export.json",
+            {
+                "checkpoint": str((root / tag).resolve()),
+                "tag": tag,
+                "step": int(m.group(1)) if m else marker.get("step"),
+                "zero_stage": marker.get("zero_stage"),
+                "student_config": str(config_src),
+                "dtype": "float32",
+                "model_sha256": sha256_file(weights) if weights.exists() else None,
+            },
+        )
+        apply_umask_modes(tmp)  # safetensors writes 0600 whatever the umask; give the umask's modes
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back, leave no half export
+        shutil.rmtree(
+            tmp, ignore_errors=True
+        )  # e.g. a full disk: give the space back, leave no half export
         raise
     return out
 
@@ -250,7 +316,9 @@ def _remove_stale_temps(out: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def verify_export(out, checkpoint: str | None = None, seq_len: int = 32, tol: float = 1e-5) -> float:
+def verify_export(
+    out, checkpoint: str | None = None, seq_len: int = 32, tol: float = 1e-5
+) -> float:
     """Reload `out` with AutoModelForMaskedLM and compare its logits with the checkpoint's weights.
 
     Rebuilds the model from the checkpoint recorded in export.json (consolidated again), runs
@@ -272,6 +340,8 @@ def verify_export(out, checkpoint: str | None = None, seq_len: int = 32, tol: fl
     with torch.no_grad():
         diff = float((loaded(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max())
     if diff > tol:
-        raise UserError(f"{out}: exported model's logits differ from the checkpoint's by {diff:.3g} (> {tol}); "
-                        "the export is broken, please report it")
+        raise UserError(
+            f"{out}: exported model's logits differ from the checkpoint's by {diff:.3g} (> {tol}); "
+            "the export is broken, please report it"
+        )
     return diff

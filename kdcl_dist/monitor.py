@@ -51,9 +51,26 @@ class WandbSpec:
     config: dict | None = None
     images_dir: str | None = None
 
+
 # keys the trainer logs (others are accepted and written too)
-KEYS = ("loss", "loss_mlm", "loss_kd", "lambda", "score_mean", "score_min", "score_max", "curriculum_progress",
-        "pool_fraction", "agreement", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time", "memory_mb")
+KEYS = (
+    "loss",
+    "loss_mlm",
+    "loss_kd",
+    "lambda",
+    "score_mean",
+    "score_min",
+    "score_max",
+    "curriculum_progress",
+    "pool_fraction",
+    "agreement",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "tokens_per_s",
+    "step_time",
+    "memory_mb",
+)
 # the bar shows these when present
 _BAR_KEYS = ("loss", "lambda", "samples_per_s")
 
@@ -75,14 +92,25 @@ class NullMonitor:
 
 
 class Monitor:
-    def __new__(cls, out_dir=None, rank: int = 0, total_steps: int | None = None, enabled: bool = True, **kw):
+    def __new__(
+        cls, out_dir=None, rank: int = 0, total_steps: int | None = None, enabled: bool = True, **kw
+    ):
         if rank != 0 or not enabled:
             return NullMonitor()  # not a Monitor instance, so __init__ is skipped
         return super().__new__(cls)
 
-    def __init__(self, out_dir, rank: int = 0, total_steps: int | None = None, enabled: bool = True,
-                 tensorboard: bool = True, progress: bool = True, start_step: int | None = None,
-                 flush_every_s: float = 10.0, wandb: WandbSpec | None = None):
+    def __init__(
+        self,
+        out_dir,
+        rank: int = 0,
+        total_steps: int | None = None,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+        start_step: int | None = None,
+        flush_every_s: float = 10.0,
+        wandb: WandbSpec | None = None,
+    ):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -107,14 +135,23 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step discards events at steps >= first_step left by a run that got further
-            self._writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=first_step)
+            self._writer = SummaryWriter(
+                log_dir=str(self.out / "tensorboard"), purge_step=first_step
+            )
         if self.wandb_spec is not None:
             self._wandb = _wandb_start(self.out, self.wandb_spec)
         from kdcl_dist.progress import progress_bar
 
         # a bar on a terminal (unless progress=False), else a progress line every $KDCL_PROGRESS_EVERY s
-        self._bar = progress_bar(self.total_steps, "train", "step", progress=self.use_bar, initial=first_step - 1,
-                                 dynamic_ncols=True, mininterval=1.0)
+        self._bar = progress_bar(
+            self.total_steps,
+            "train",
+            "step",
+            progress=self.use_bar,
+            initial=first_step - 1,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     def log(self, step: int, scalars: dict) -> None:
         step = int(step)
@@ -134,12 +171,22 @@ class Monitor:
                 self._writer.flush()
                 self._last_flush = now
         if self._wandb is not None:
-            self._wandb.log({"train/step": step, **{f"train/{k}": v for k, v in row.items() if k != "step"
-                                                    and isinstance(v, (int, float)) and not isinstance(v, bool)}})
+            self._wandb.log(
+                {
+                    "train/step": step,
+                    **{
+                        f"train/{k}": v
+                        for k, v in row.items()
+                        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    },
+                }
+            )
         if self._bar is not None:
             self._bar.update(max(0, step - self._bar.n))
-            self._bar.set_postfix({k: f"{row[k]:.4g}" for k in _BAR_KEYS if isinstance(row.get(k), float)},
-                                  refresh=False)
+            self._bar.set_postfix(
+                {k: f"{row[k]:.4g}" for k in _BAR_KEYS if isinstance(row.get(k), float)},
+                refresh=False,
+            )
 
     def close(self) -> None:
         if self._closed:
@@ -169,8 +216,10 @@ def _wandb_start(out: Path, spec: WandbSpec):
     except ImportError as e:
         from kdcl_dist.errors import UserError
 
-        raise UserError("train.wandb: the wandb package is not installed; pip install 'kdcl_dist[wandb]' "
-                        "(or pip install wandb), or drop --wandb") from e
+        raise UserError(
+            "train.wandb: the wandb package is not installed; pip install 'kdcl_dist[wandb]' "
+            "(or pip install wandb), or drop --wandb"
+        ) from e
     id_path = out / "wandb_run_id"
     run_id = id_path.read_text().strip() if id_path.exists() else ""
     resumed = bool(run_id)
@@ -180,8 +229,13 @@ def _wandb_start(out: Path, spec: WandbSpec):
 
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_path.write_text(run_id + "\n")
-    kw = {"project": spec.project or "kdcl-dist", "id": run_id, "resume": "allow", "dir": str(out),
-          "config": spec.config or {}}
+    kw = {
+        "project": spec.project or "kdcl-dist",
+        "id": run_id,
+        "resume": "allow",
+        "dir": str(out),
+        "config": spec.config or {},
+    }
     if spec.entity:
         kw["entity"] = spec.entity
     if spec.name:
@@ -192,14 +246,23 @@ def _wandb_start(out: Path, spec: WandbSpec):
     run.define_metric("train/step")
     run.define_metric("train/*", step_metric="train/step")
     if spec.config:
-        run.config.update(spec.config, allow_val_change=True)  # a resume may change e.g. micro_batch
+        run.config.update(
+            spec.config, allow_val_change=True
+        )  # a resume may change e.g. micro_batch
     if spec.images_dir and not resumed:
-        images = {f"curriculum/{Path(n).stem}": wandb.Image(str(Path(spec.images_dir) / n))
-                  for n in WANDB_IMAGES if (Path(spec.images_dir) / n).is_file()}
+        images = {
+            f"curriculum/{Path(n).stem}": wandb.Image(str(Path(spec.images_dir) / n))
+            for n in WANDB_IMAGES
+            if (Path(spec.images_dir) / n).is_file()
+        }
         if images:
             run.log(images)
-    log.info("W&B run %s (%s)%s", run_id, kw.get("mode") or os.environ.get("WANDB_MODE") or "online",
-             ", resumed" if resumed else "")
+    log.info(
+        "W&B run %s (%s)%s",
+        run_id,
+        kw.get("mode") or os.environ.get("WANDB_MODE") or "online",
+        ", resumed" if resumed else "",
+    )
     return run
 
 

@@ -37,8 +37,11 @@ def ds_config_names() -> list[str]:
 
 
 def launcher_names() -> list[str]:
-    return sorted(p.name for p in launcher_dir().iterdir()
-                  if p.is_file() and (p.suffix in (".sh", ".sbatch")) and not p.name.startswith("_"))
+    return sorted(
+        p.name
+        for p in launcher_dir().iterdir()
+        if p.is_file() and (p.suffix in (".sh", ".sbatch")) and not p.name.startswith("_")
+    )
 
 
 def find_ds_config(value) -> Path:
@@ -57,8 +60,10 @@ def find_ds_config(value) -> Path:
             return cand
     if p.exists():
         raise UserError(f"{text}: not a file; pass a DeepSpeed config JSON file or a packaged name")
-    raise UserError(f"{text}: DeepSpeed config not found (no such file from {Path.cwd()}, and not a packaged "
-                    f"name); packaged configs: {', '.join(ds_config_names())}")
+    raise UserError(
+        f"{text}: DeepSpeed config not found (no such file from {Path.cwd()}, and not a packaged "
+        f"name); packaged configs: {', '.join(ds_config_names())}"
+    )
 
 
 def find_launcher(name: str | None) -> Path:

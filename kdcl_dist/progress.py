@@ -50,8 +50,15 @@ def _hms(seconds: float) -> str:
 class LogProgress:
     """tqdm's interface, writing a progress line every `every` seconds (no carriage returns)."""
 
-    def __init__(self, total=None, desc: str = "", unit: str = "it", initial: int = 0, every: float | None = None,
-                 **_ignored):
+    def __init__(
+        self,
+        total=None,
+        desc: str = "",
+        unit: str = "it",
+        initial: int = 0,
+        every: float | None = None,
+        **_ignored,
+    ):
         self.total = total
         self.desc, self.unit = desc, unit
         self.n = int(initial)
@@ -105,8 +112,16 @@ class LogProgress:
             self._emit()
 
 
-def progress_bar(total=None, desc: str = "", unit: str = "it", *, progress: bool = True, lines: bool = True,
-                 initial: int = 0, **tqdm_kw):
+def progress_bar(
+    total=None,
+    desc: str = "",
+    unit: str = "it",
+    *,
+    progress: bool = True,
+    lines: bool = True,
+    initial: int = 0,
+    **tqdm_kw,
+):
     """A tqdm bar on a terminal (when `progress`); else a LogProgress (when `lines`) or None."""
     if progress and is_tty():
         from tqdm import tqdm

@@ -40,62 +40,119 @@ RELIANCE_CHOICES = ("none", "constant", "sr-paper", "sr-minmax", "sr-sample", "s
 
 @dataclasses.dataclass
 class TrainConfig:
-    curriculum: str | None = option(None, help="curriculum directory (curriculum.json, order_scores.npy, shards)")
-    student: str | None = option(None, help="student model directory or hub name (its tokenizer is used)")
-    teacher: str | None = option(None, help="teacher model directory or hub name; omit (or none) for student-only MLM "
-                                 "(--reliance none)")
+    curriculum: str | None = option(
+        None, help="curriculum directory (curriculum.json, order_scores.npy, shards)"
+    )
+    student: str | None = option(
+        None, help="student model directory or hub name (its tokenizer is used)"
+    )
+    teacher: str | None = option(
+        None,
+        help="teacher model directory or hub name; omit (or none) for student-only MLM "
+        "(--reliance none)",
+    )
     out: str | None = option(None, help="output directory (checkpoints, metrics, tensorboard)")
     order: str = option("sequential", help="sample order", choices=ORDER_CHOICES)
     pacing_f0: float = option(0.2, help="pacing: initial pool fraction", min=0.0, max=1.0)
-    pacing_steps: int = option(0, help="pacing: step at which the pool is the whole data (0: one epoch)", min=0)
-    reliance: str = option("constant", help="λ schedule (sr-rank: λ rises with the curriculum rank)",
-                           choices=RELIANCE_CHOICES)
+    pacing_steps: int = option(
+        0, help="pacing: step at which the pool is the whole data (0: one epoch)", min=0
+    )
+    reliance: str = option(
+        "constant",
+        help="λ schedule (sr-rank: λ rises with the curriculum rank)",
+        choices=RELIANCE_CHOICES,
+    )
     lambda_: float = option(0.5, help="λ for the constant schedule", min=0.0, max=1.0)
-    lambda_max: float = option(1.0, help="λ_max for sr-minmax / sr-sample / sr-rank", min=0.0, max=1.0)
+    lambda_max: float = option(
+        1.0, help="λ_max for sr-minmax / sr-sample / sr-rank", min=0.0, max=1.0
+    )
     q_low: float = option(0.05, help="sr-minmax/sr-sample: lower score quantile", min=0.0, max=1.0)
     q_high: float = option(0.95, help="sr-minmax/sr-sample: upper score quantile", min=0.0, max=1.0)
-    allow_new_head: bool = option(False, help="accept a teacher checkpoint without MLM head (freshly initialised "
-                                  "from seed 0: noise teacher targets); refused by default")
-    allow_sr_any_order: bool = option(False, help="allow --reliance sr-paper with a random or reverse order "
-                                      "(its λ is shifted to 0 on the first batch, which those orders make arbitrary)")
+    allow_new_head: bool = option(
+        False,
+        help="accept a teacher checkpoint without MLM head (freshly initialised "
+        "from seed 0: noise teacher targets); refused by default",
+    )
+    allow_sr_any_order: bool = option(
+        False,
+        help="allow --reliance sr-paper with a random or reverse order "
+        "(its λ is shifted to 0 on the first batch, which those orders make arbitrary)",
+    )
     temperature: float = option(2.0, help="KD temperature τ (loss scaled by τ²)", min=1e-6)
-    kd_positions: str = option("masked", help="KL at masked positions or at all non-padding ones", choices=("masked", "all"))
-    cosine_weight: float = option(0.0, help="weight of the hidden-state cosine term (needs equal hidden sizes)", min=0.0)
+    kd_positions: str = option(
+        "masked",
+        help="KL at masked positions or at all non-padding ones",
+        choices=("masked", "all"),
+    )
+    cosine_weight: float = option(
+        0.0, help="weight of the hidden-state cosine term (needs equal hidden sizes)", min=0.0
+    )
     global_batch: int = option(32, help="samples per optimizer step over all ranks", min=1)
     micro_batch: int = option(8, help="samples per forward on one rank", min=1)
     # unset (None) is the only "not given": an explicit 0 would otherwise train a whole epoch
-    steps: int | None = option(None, help="optimizer steps (unset: from epochs)", min=1,
-                               hint="omit --steps (or set steps: null) to train by --epochs, one epoch by default")
-    epochs: int | None = option(None, help="epochs over the curriculum (unset: 1, or what --steps needs)", min=1,
-                                hint="omit --epochs (or set epochs: null) for one epoch, or give --steps")
+    steps: int | None = option(
+        None,
+        help="optimizer steps (unset: from epochs)",
+        min=1,
+        hint="omit --steps (or set steps: null) to train by --epochs, one epoch by default",
+    )
+    epochs: int | None = option(
+        None,
+        help="epochs over the curriculum (unset: 1, or what --steps needs)",
+        min=1,
+        hint="omit --epochs (or set epochs: null) for one epoch, or give --steps",
+    )
     lr: float = option(5e-4, help="peak learning rate", min=0.0)
     warmup_steps: int = option(10, help="linear warm-up steps", min=0)
-    lr_schedule: str = option("linear", help="decay after warm-up", choices=("linear", "cosine", "constant"))
+    lr_schedule: str = option(
+        "linear", help="decay after warm-up", choices=("linear", "cosine", "constant")
+    )
     min_lr_ratio: float = option(0.0, help="final lr as a fraction of the peak", min=0.0, max=1.0)
     weight_decay: float = option(0.01, help="AdamW weight decay", min=0.0)
     grad_clip: float = option(1.0, help="gradient clipping (global norm)", min=0.0)
-    ds_config: str = option("cpu_fp32", help="student DeepSpeed config: a packaged name (kdcl_dist/ds_configs, "
-                            "see docs/training.md) or a JSON file")
-    teacher_hosting: str = option("replicated", help="teacher placement", choices=("replicated", "zero3"))
-    teacher_ds_config: str = option("", help="teacher ZeRO-3 config, a packaged name or a file ('' = teacher_zero3[_bf16])")
+    ds_config: str = option(
+        "cpu_fp32",
+        help="student DeepSpeed config: a packaged name (kdcl_dist/ds_configs, "
+        "see docs/training.md) or a JSON file",
+    )
+    teacher_hosting: str = option(
+        "replicated", help="teacher placement", choices=("replicated", "zero3")
+    )
+    teacher_ds_config: str = option(
+        "", help="teacher ZeRO-3 config, a packaged name or a file ('' = teacher_zero3[_bf16])"
+    )
     save_every: int = option(100, help="checkpoint every N steps (0: only at the end)", min=0)
     keep: int = option(3, help="complete checkpoints to keep", min=1)
     resume: str = option("auto", help="auto | none | PATH of a checkpoint")
-    extend_steps: bool = option(False, help="on resume: accept another total (--steps/--epochs) than the "
-                                "checkpoint's and extend the lr schedule from the resume step (docs/training.md)")
+    extend_steps: bool = option(
+        False,
+        help="on resume: accept another total (--steps/--epochs) than the "
+        "checkpoint's and extend the lr schedule from the resume step (docs/training.md)",
+    )
     seed: int = option(42, help="seed for order, masks, dropout")
     num_workers: int = option(2, help="DataLoader workers per rank", min=0)
-    max_steps_per_run: int = option(0, help="stop (with a checkpoint) after this many steps in this run (0: off)", min=0)
-    max_nonfinite_steps: int = option(5, help="abort after this many non-finite (skipped) steps in a row (0: never)",
-                                      min=0)
-    progress: bool = option(True, help="tqdm bar on a terminal (off: none); without a terminal, or off, a progress "
-                            "line every $KDCL_PROGRESS_EVERY seconds (default 30) in the log")
-    wandb: bool = option(False, help="also log to Weights & Biases (pip install kdcl_dist[wandb]); rank 0 only")
+    max_steps_per_run: int = option(
+        0, help="stop (with a checkpoint) after this many steps in this run (0: off)", min=0
+    )
+    max_nonfinite_steps: int = option(
+        5, help="abort after this many non-finite (skipped) steps in a row (0: never)", min=0
+    )
+    progress: bool = option(
+        True,
+        help="tqdm bar on a terminal (off: none); without a terminal, or off, a progress "
+        "line every $KDCL_PROGRESS_EVERY seconds (default 30) in the log",
+    )
+    wandb: bool = option(
+        False, help="also log to Weights & Biases (pip install kdcl_dist[wandb]); rank 0 only"
+    )
     wandb_project: str = option("kdcl-dist", help="W&B project")
     wandb_entity: str = option("", help="W&B entity (team or user; '' = your default)")
     wandb_name: str = option("", help="W&B run name ('' = the --out directory's name)")
-    wandb_mode: str = option("", help="W&B mode ('' = $WANDB_MODE, else online)",
-                             choices=("", "online", "offline", "disabled"))
+    wandb_mode: str = option(
+        "",
+        help="W&B mode ('' = $WANDB_MODE, else online)",
+        choices=("", "online", "offline", "disabled"),
+    )
 
     def validate(self) -> None:
         for k in ("curriculum", "student", "out"):
@@ -104,30 +161,41 @@ class TrainConfig:
         if self.teacher is None and self.reliance != "none":
             raise UserError(
                 f"train.reliance: '{self.reliance}' needs a teacher; pass --teacher or use --reliance none "
-                "(student-only MLM)")
+                "(student-only MLM)"
+            )
         if self.teacher is not None and self.teacher.lower() in ("", "none"):
             self.teacher = None
         if self.micro_batch > self.global_batch:
-            raise UserError(f"train.micro_batch: {self.micro_batch} exceeds train.global_batch {self.global_batch} (the "
-                            "micro batch is one rank's share of a step); lower --micro-batch or raise --global-batch")
+            raise UserError(
+                f"train.micro_batch: {self.micro_batch} exceeds train.global_batch {self.global_batch} (the "
+                "micro batch is one rank's share of a step); lower --micro-batch or raise --global-batch"
+            )
         if self.q_low >= self.q_high:
             raise UserError(f"train.q_low: {self.q_low} must be below q_high {self.q_high}")
         if self.wandb:
             import importlib.util
 
             if importlib.util.find_spec("wandb") is None:
-                raise UserError("train.wandb: the wandb package is not installed; pip install 'kdcl_dist[wandb]' "
-                                "(or pip install wandb), or drop --wandb")
-        if self.reliance == "sr-paper" and self.order in ("random", "reverse") and not self.allow_sr_any_order:
+                raise UserError(
+                    "train.wandb: the wandb package is not installed; pip install 'kdcl_dist[wandb]' "
+                    "(or pip install wandb), or drop --wandb"
+                )
+        if (
+            self.reliance == "sr-paper"
+            and self.order in ("random", "reverse")
+            and not self.allow_sr_any_order
+        ):
             raise UserError(
                 f"train.reliance: sr-paper with train.order {self.order} turns KD (almost) off: its λ is shifted "
                 "to 0 on the run's first batch, which is meant to be the easiest (sequential or pacing-* order); "
-                "use one of those orders, another --reliance, or pass --allow-sr-any-order to run it anyway")
+                "use one of those orders, another --reliance, or pass --allow-sr-any-order to run it anyway"
+            )
 
 
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -139,21 +207,33 @@ def init_distributed() -> dist.DistInfo:
     """Always give DeepSpeed a process group (a single process gets a 1-rank gloo group)."""
     info = dist.env_info()
     if info.world_size <= 1 and "MASTER_ADDR" not in os.environ:
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.update(
+            {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()),
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+            }
+        )
     if info.world_size <= 1 and not dist.is_initialized():
         import datetime
 
         import deepspeed
 
         dist.release_stale_shm(0)
-        deepspeed.init_distributed(dist_backend=dist.backend(), auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(minutes=30))
+        deepspeed.init_distributed(
+            dist_backend=dist.backend(),
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(minutes=30),
+        )
         return dist.DistInfo(0, 1, 0)
     return dist.init()
 
 
-def resolve_steps(n_samples: int, global_batch: int, steps: int | None, epochs: int | None) -> tuple[int, int]:
+def resolve_steps(
+    n_samples: int, global_batch: int, steps: int | None, epochs: int | None
+) -> tuple[int, int]:
     """(total_steps, steps_per_epoch) with the documented epochs semantics.
 
     steps / epochs None: not given. E epochs are ceil(E·n / B) steps: every sample is trained E
@@ -163,19 +243,33 @@ def resolve_steps(n_samples: int, global_batch: int, steps: int | None, epochs: 
     from kdcl_dist.curriculum.order import steps_for_epochs
 
     for key, v in (("steps", steps), ("epochs", epochs)):
-        if v is not None and v < 1:  # the config refuses these already (min=1); callers of this function too
-            raise UserError(f"train.{key}: {v} is below the minimum 1; omit --{key} to leave it unset")
+        if (
+            v is not None and v < 1
+        ):  # the config refuses these already (min=1); callers of this function too
+            raise UserError(
+                f"train.{key}: {v} is below the minimum 1; omit --{key} to leave it unset"
+            )
     if n_samples < 1:
-        raise UserError("train.curriculum: the curriculum holds no samples; rebuild it with `kdcl-dist curriculum` "
-                        "(check --exclude-heldout-percent and --nonfinite)")
+        raise UserError(
+            "train.curriculum: the curriculum holds no samples; rebuild it with `kdcl-dist curriculum` "
+            "(check --exclude-heldout-percent and --nonfinite)"
+        )
     spe = n_samples // global_batch
     if spe < 1:
-        raise UserError(f"train.global_batch: {global_batch} exceeds the curriculum's {n_samples} samples; "
-                        f"use a global batch of at most {n_samples}")
-    if steps is not None and epochs is not None and steps > steps_for_epochs(n_samples, global_batch, epochs):
-        raise UserError(f"train.steps: {steps} steps exceed the {epochs} epoch(s) of {n_samples} samples "
-                        f"({steps_for_epochs(n_samples, global_batch, epochs)} steps at global batch {global_batch}); "
-                        "raise --epochs, lower --steps, or give only --steps (it wraps into further epochs)")
+        raise UserError(
+            f"train.global_batch: {global_batch} exceeds the curriculum's {n_samples} samples; "
+            f"use a global batch of at most {n_samples}"
+        )
+    if (
+        steps is not None
+        and epochs is not None
+        and steps > steps_for_epochs(n_samples, global_batch, epochs)
+    ):
+        raise UserError(
+            f"train.steps: {steps} steps exceed the {epochs} epoch(s) of {n_samples} samples "
+            f"({steps_for_epochs(n_samples, global_batch, epochs)} steps at global batch {global_batch}); "
+            "raise --epochs, lower --steps, or give only --steps (it wraps into further epochs)"
+        )
     if steps is not None:
         return steps, spe
     return steps_for_epochs(n_samples, global_batch, epochs or 1), spe
@@ -199,7 +293,9 @@ def teacher_sha(engine) -> str:
 
     module = engine.teacher_engine.module if engine.teacher_engine is not None else engine.teacher
     params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.teacher_engine is not None):
+    with deepspeed.zero.GatheredParameters(
+        params, modifier_rank=None, enabled=engine.teacher_engine is not None
+    ):
         return _tensor_sha(sorted(module.state_dict().items()))
 
 
@@ -209,9 +305,15 @@ def teacher_partition(engine) -> dict:
         return {}
     module = engine.teacher_engine.module if engine.teacher_engine is not None else engine.teacher
     full = sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
-    local = sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
-    return {"teacher_numel": full, "teacher_local_numel": local,
-            "teacher_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+    local = sum(
+        int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+        for p in module.parameters()
+    )
+    return {
+        "teacher_numel": full,
+        "teacher_local_numel": local,
+        "teacher_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -272,6 +374,7 @@ def _worker_init(_):
 # the loop
 # --------------------------------------------------------------------------------------
 
+
 def train(cfg: TrainConfig) -> dict:
     from kdcl_dist import checkpoint as ckpt
     from kdcl_dist.config import write_resolved
@@ -294,7 +397,9 @@ def train(cfg: TrainConfig) -> dict:
     # 2. curriculum and everything decided by the config, the world size and curriculum.json
     cur_dir = Path(cfg.curriculum)
     if not (cur_dir / "curriculum.json").exists():
-        raise UserError(f"{cur_dir}: no curriculum.json; run `kdcl-dist curriculum` first (or pass its --out)")
+        raise UserError(
+            f"{cur_dir}: no curriculum.json; run `kdcl-dist curriculum` first (or pass its --out)"
+        )
     shards = ShardSet(cur_dir, "curriculum.json")
     manifest = shards.manifest
     n = len(shards)
@@ -304,24 +409,34 @@ def train(cfg: TrainConfig) -> dict:
     try:
         order_scores = np.load(scores_path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # a cut header or body: mmap/parse fails
-        raise UserError(f"{scores_path}: cannot read it ({str(e).splitlines()[0][:160]}); the file is cut or "
-                        "corrupt: re-run `kdcl-dist curriculum`") from e
+        raise UserError(
+            f"{scores_path}: cannot read it ({str(e).splitlines()[0][:160]}); the file is cut or "
+            "corrupt: re-run `kdcl-dist curriculum`"
+        ) from e
     if order_scores.ndim != 1 or order_scores.dtype.kind != "f":
-        raise UserError(f"{scores_path}: expected a 1-D float array, found {order_scores.dtype} of shape "
-                        f"{order_scores.shape}; re-run `kdcl-dist curriculum`")
+        raise UserError(
+            f"{scores_path}: expected a 1-D float array, found {order_scores.dtype} of shape "
+            f"{order_scores.shape}; re-run `kdcl-dist curriculum`"
+        )
     if len(order_scores) != n:
-        raise UserError(f"{scores_path}: {len(order_scores)} scores for {n} samples; re-run `kdcl-dist curriculum`")
+        raise UserError(
+            f"{scores_path}: {len(order_scores)} scores for {n} samples; re-run `kdcl-dist curriculum`"
+        )
     fingerprint = shards.fingerprint
     total_steps, spe = resolve_steps(n, cfg.global_batch, cfg.steps, cfg.epochs)
-    kde.grad_accum_steps(cfg.global_batch, cfg.micro_batch, world)  # the batch must split over the ranks
+    kde.grad_accum_steps(
+        cfg.global_batch, cfg.micro_batch, world
+    )  # the batch must split over the ranks
     pacing_steps = cfg.pacing_steps or None  # None: the pool reaches all data after one epoch
 
     # 3. tokenizer and vocabularies (before any model is built)
     tok = load_tokenizer(cfg.student)
     want_fp = (manifest.get("tokenizer") or {}).get("fingerprint")
     if want_fp and want_fp != tokenizer_fingerprint(tok):
-        raise UserError(f"{cur_dir / 'curriculum.json'}: curriculum was tokenized with tokenizer {want_fp}, the "
-                        f"student's is {tokenizer_fingerprint(tok)}; use the student that the data was built for")
+        raise UserError(
+            f"{cur_dir / 'curriculum.json'}: curriculum was tokenized with tokenizer {want_fp}, the "
+            f"student's is {tokenizer_fingerprint(tok)}; use the student that the data was built for"
+        )
     if cfg.teacher:
         check_same_vocabulary(load_tokenizer(cfg.teacher), tok, cfg.teacher, cfg.student)
         if not cfg.allow_new_head:  # a headless local teacher is refused before --out exists
@@ -333,13 +448,25 @@ def train(cfg: TrainConfig) -> dict:
 
     # 4. resume target: decided before the engine, because another world size needs the
     #    DeepSpeed config flag load_universal at initialize time
-    order_info = {"mode": cfg.order, "seed": cfg.seed, "pacing_f0": cfg.pacing_f0, "pacing_steps": pacing_steps}
-    resume_dir = ckpt.find_resume_all_ranks(out, cfg.resume, rank)  # skips damaged checkpoints under auto
+    order_info = {
+        "mode": cfg.order,
+        "seed": cfg.seed,
+        "pacing_f0": cfg.pacing_f0,
+        "pacing_steps": pacing_steps,
+    }
+    resume_dir = ckpt.find_resume_all_ranks(
+        out, cfg.resume, rank
+    )  # skips damaged checkpoints under auto
     marker = None
     if resume_dir is not None:
         marker = ckpt.read_marker(resume_dir)
-        ckpt.check_compatible(marker, fingerprint=fingerprint, global_batch=cfg.global_batch,
-                              order=order_info, path=resume_dir)
+        ckpt.check_compatible(
+            marker,
+            fingerprint=fingerprint,
+            global_batch=cfg.global_batch,
+            order=order_info,
+            path=resume_dir,
+        )
     # every setting that shapes the run must be the checkpoint's (a changed total only with
     # --extend-steps, which adds an lr segment); checkpoints from before run_settings keep their
     # single optimizer group, and their settings cannot be checked
@@ -347,49 +474,99 @@ def train(cfg: TrainConfig) -> dict:
     old_total = None
     if marker is not None and marker.get("run_settings"):
         old_total = int(marker["run_settings"]["total_steps"])
-        lr_segments = check_run_settings(marker["run_settings"], cfg, total_steps, start_step=_marker_step(marker, cfg),
-                                         path=resume_dir)
+        lr_segments = check_run_settings(
+            marker["run_settings"],
+            cfg,
+            total_steps,
+            start_step=_marker_step(marker, cfg),
+            path=resume_dir,
+        )
     elif marker is not None and rank == 0:
-        log.warning("%s: the checkpoint records no run settings (written by an older kdcl-dist): lr, schedule, "
-                    "steps, τ and λ settings could not be checked against this run", resume_dir)
+        log.warning(
+            "%s: the checkpoint records no run settings (written by an older kdcl-dist): lr, schedule, "
+            "steps, τ and λ settings could not be checked against this run",
+            resume_dir,
+        )
     param_groups = "split" if marker is None else marker.get("param_groups", "single")
     universal = resume_dir is not None and ckpt.needs_universal(marker, world)
 
     # 5. DeepSpeed configs, checked against DeepSpeed's own schema (kd/engine.check_ds_config)
     on_gpu = torch.cuda.is_available()
     ds_cfg = kde.prepare_student_config(
-        cfg.ds_config, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, world_size=world,
-        lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=total_steps, lr_schedule=cfg.lr_schedule,
-        min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        on_gpu=on_gpu, load_universal=universal)
+        cfg.ds_config,
+        global_batch=cfg.global_batch,
+        micro_batch=cfg.micro_batch,
+        world_size=world,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=total_steps,
+        lr_schedule=cfg.lr_schedule,
+        min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        on_gpu=on_gpu,
+        load_universal=universal,
+    )
     t_cfg = None
     if cfg.teacher and cfg.teacher_hosting == "zero3":
-        path = cfg.teacher_ds_config or ("teacher_zero3_bf16"
-                                         if on_gpu and kde.precision(ds_cfg) == "bf16" else "teacher_zero3")
-        t_cfg = kde.prepare_teacher_config(path, micro_batch=cfg.micro_batch, world_size=world, on_gpu=on_gpu)
+        path = cfg.teacher_ds_config or (
+            "teacher_zero3_bf16" if on_gpu and kde.precision(ds_cfg) == "bf16" else "teacher_zero3"
+        )
+        t_cfg = kde.prepare_teacher_config(
+            path, micro_batch=cfg.micro_batch, world_size=world, on_gpu=on_gpu
+        )
     stage = kde.zero_stage(ds_cfg)
     if marker is not None and stage is not None and int(marker.get("zero_stage", stage)) != stage:
-        raise UserError(f"{resume_dir}: checkpoint was saved with ZeRO stage {marker.get('zero_stage')}, --ds-config "
-                        f"{cfg.ds_config} uses stage {stage}; resume with a config of the same stage")
+        raise UserError(
+            f"{resume_dir}: checkpoint was saved with ZeRO stage {marker.get('zero_stage')}, --ds-config "
+            f"{cfg.ds_config} uses stage {stage}; resume with a config of the same stage"
+        )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
     # 6. models and engine: the first costly step, after every check above
     ckpt.seed_rng(cfg.seed + rank)
-    student = load_mlm(cfg.student, role="student")   # a new head is a warning: training fits it
-    teacher = load_mlm(cfg.teacher, role="teacher", purpose="teacher targets",
-                       new_head="allow" if cfg.allow_new_head else "refuse") if cfg.teacher else None
-    opts = kde.EngineOptions(temperature=cfg.temperature, kd_positions=cfg.kd_positions,
-                             cosine_weight=cfg.cosine_weight, teacher_hosting=cfg.teacher_hosting)
-    sched = kde.make_lr_scheduler(warmup_steps=cfg.warmup_steps, total_steps=lr_segments[0][1],
-                                  schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio, extensions=lr_segments[1:])
-    engine = kde.KDEngine(student, teacher, ds_cfg, world_size=world, options=opts, teacher_ds_config=t_cfg,
-                          lr_scheduler=sched, param_groups=param_groups)
+    student = load_mlm(cfg.student, role="student")  # a new head is a warning: training fits it
+    teacher = (
+        load_mlm(
+            cfg.teacher,
+            role="teacher",
+            purpose="teacher targets",
+            new_head="allow" if cfg.allow_new_head else "refuse",
+        )
+        if cfg.teacher
+        else None
+    )
+    opts = kde.EngineOptions(
+        temperature=cfg.temperature,
+        kd_positions=cfg.kd_positions,
+        cosine_weight=cfg.cosine_weight,
+        teacher_hosting=cfg.teacher_hosting,
+    )
+    sched = kde.make_lr_scheduler(
+        warmup_steps=cfg.warmup_steps,
+        total_steps=lr_segments[0][1],
+        schedule=cfg.lr_schedule,
+        min_ratio=cfg.min_lr_ratio,
+        extensions=lr_segments[1:],
+    )
+    engine = kde.KDEngine(
+        student,
+        teacher,
+        ds_cfg,
+        world_size=world,
+        options=opts,
+        teacher_ds_config=t_cfg,
+        lr_scheduler=sched,
+        param_groups=param_groups,
+    )
     engine.run_settings = run_settings(cfg, lr_segments)  # saved with every checkpoint (_save)
     if marker is not None and int(marker.get("zero_stage", engine.zero_stage)) != engine.zero_stage:
-        raise UserError(f"{resume_dir}: checkpoint was saved with ZeRO stage {marker.get('zero_stage')}, --ds-config "
-                        f"{cfg.ds_config} uses stage {engine.zero_stage}; resume with a config of the same stage")
+        raise UserError(
+            f"{resume_dir}: checkpoint was saved with ZeRO stage {marker.get('zero_stage')}, --ds-config "
+            f"{cfg.ds_config} uses stage {engine.zero_stage}; resume with a config of the same stage"
+        )
     t_sha_start = teacher_sha(engine)
 
     if rank == 0:
@@ -399,11 +576,20 @@ def train(cfg: TrainConfig) -> dict:
         write_json_atomic(out / "ds_config.json", ds_cfg)
 
     # 7. sampler, reliance
-    spec = OrderSpec(mode=cfg.order, seed=cfg.seed, pacing_f0=cfg.pacing_f0, pacing_steps=pacing_steps)
+    spec = OrderSpec(
+        mode=cfg.order, seed=cfg.seed, pacing_f0=cfg.pacing_f0, pacing_steps=pacing_steps
+    )
     sampler = CurriculumSampler(n, cfg.global_batch, cfg.micro_batch, world, rank, spec)
-    rspec = RelianceSpec(schedule=cfg.reliance, lambda_=cfg.lambda_, lambda_max=cfg.lambda_max,
-                         q_low=cfg.q_low, q_high=cfg.q_high)
-    first_scores = np.asarray(order_scores[np.asarray(sampler.global_positions(0))], dtype=np.float64)
+    rspec = RelianceSpec(
+        schedule=cfg.reliance,
+        lambda_=cfg.lambda_,
+        lambda_max=cfg.lambda_max,
+        q_low=cfg.q_low,
+        q_high=cfg.q_high,
+    )
+    first_scores = np.asarray(
+        order_scores[np.asarray(sampler.global_positions(0))], dtype=np.float64
+    )
     reliance = Reliance(rspec, manifest.get("score_stats") or {}, first_scores, n_samples=n)
 
     # 8. resume
@@ -417,27 +603,54 @@ def train(cfg: TrainConfig) -> dict:
             reliance.load_state_dict(client["reliance"])
         guard.load_state_dict(client.get("nonfinite"))  # continue the count of skipped steps
         if int(sampler.consumed_samples) != start_step * cfg.global_batch:
-            raise UserError(f"{resume_dir}: consumed_samples {sampler.consumed_samples} is not step {start_step} x "
-                            f"global batch {cfg.global_batch}; the checkpoint is inconsistent")
+            raise UserError(
+                f"{resume_dir}: consumed_samples {sampler.consumed_samples} is not step {start_step} x "
+                f"global batch {cfg.global_batch}; the checkpoint is inconsistent"
+            )
         own = ckpt.restore_rank_rng(client, rank, cfg.seed, start_step)
         if engine.global_steps != start_step:
-            raise UserError(f"{resume_dir}: DeepSpeed restored step {engine.global_steps}, client_state says "
-                            f"{start_step}; the checkpoint is inconsistent")
+            raise UserError(
+                f"{resume_dir}: DeepSpeed restored step {engine.global_steps}, client_state says "
+                f"{start_step}; the checkpoint is inconsistent"
+            )
         # record what was loaded, so a resume (also a universal one) can be audited against the files
         loaded = {k: _tensor_sha([(k, v)])[:16] for k, v in engine.student_state_dict().items()}
         if rank == 0:
             with open(out / "resume_log.jsonl", "a") as f:
-                f.write(json.dumps({"step": start_step, "checkpoint": str(resume_dir), "universal": universal,
-                                    "world_size": world, "saved_world_size": marker.get("world_size"),
-                                    "total_steps": total_steps, "saved_total_steps": old_total,
-                                    "student_sha": loaded}) + "\n")
-        log.info("resumed from %s at step %d (%d samples consumed%s)", resume_dir, start_step,
-                 sampler.consumed_samples, "" if own else "; new ranks reseeded")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": start_step,
+                            "checkpoint": str(resume_dir),
+                            "universal": universal,
+                            "world_size": world,
+                            "saved_world_size": marker.get("world_size"),
+                            "total_steps": total_steps,
+                            "saved_total_steps": old_total,
+                            "student_sha": loaded,
+                        }
+                    )
+                    + "\n"
+                )
+        log.info(
+            "resumed from %s at step %d (%d samples consumed%s)",
+            resume_dir,
+            start_step,
+            sampler.consumed_samples,
+            "" if own else "; new ranks reseeded",
+        )
         if old_total is not None and old_total != total_steps:
-            log.info("--extend-steps: total %d -> %d steps from step %d; lr %.6g at the resume step, then %s "
-                     "decay to %.6g at step %d", old_total, total_steps, start_step,
-                     cfg.lr * _lr_at(cfg, lr_segments, start_step), cfg.lr_schedule,
-                     cfg.lr * _lr_at(cfg, lr_segments, total_steps), total_steps)
+            log.info(
+                "--extend-steps: total %d -> %d steps from step %d; lr %.6g at the resume step, then %s "
+                "decay to %.6g at step %d",
+                old_total,
+                total_steps,
+                start_step,
+                cfg.lr * _lr_at(cfg, lr_segments, start_step),
+                cfg.lr_schedule,
+                cfg.lr * _lr_at(cfg, lr_segments, total_steps),
+                total_steps,
+            )
     dist.barrier()
     if rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl"):
@@ -453,11 +666,16 @@ def train(cfg: TrainConfig) -> dict:
             yield from sampler.rank_micro_batch_keys(step)
 
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_ListSampler(batches, (total_steps - start_step) * engine.grad_accum),
-        collate_fn=lambda b: collate(b, pad_id), num_workers=cfg.num_workers,
+        dataset,
+        batch_sampler=_ListSampler(batches, (total_steps - start_step) * engine.grad_accum),
+        collate_fn=lambda b: collate(b, pad_id),
+        num_workers=cfg.num_workers,
         worker_init_fn=_worker_init if cfg.num_workers else None,
-        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
-        generator=torch.Generator().manual_seed(cfg.seed),  # never draw from the global RNG (dropout)
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers else None,
+        generator=torch.Generator().manual_seed(
+            cfg.seed
+        ),  # never draw from the global RNG (dropout)
     )
 
     # distinct samples trained so far (pacing draws with repeats; the stream orders see each once per epoch)
@@ -470,11 +688,23 @@ def train(cfg: TrainConfig) -> dict:
         from kdcl_dist.config import to_dict
         from kdcl_dist.monitor import WandbSpec
 
-        wb = WandbSpec(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=cfg.wandb_name or out.name,
-                       mode=cfg.wandb_mode or None, images_dir=str(cur_dir),
-                       config={**to_dict(cfg), "total_steps": total_steps, "world_size": world,
-                               "zero_stage": engine.zero_stage, "precision": engine.precision})
-    monitor = Monitor(str(out), rank, total_steps, start_step=start_step, progress=cfg.progress, wandb=wb)
+        wb = WandbSpec(
+            project=cfg.wandb_project,
+            entity=cfg.wandb_entity or None,
+            name=cfg.wandb_name or out.name,
+            mode=cfg.wandb_mode or None,
+            images_dir=str(cur_dir),
+            config={
+                **to_dict(cfg),
+                "total_steps": total_steps,
+                "world_size": world,
+                "zero_stage": engine.zero_stage,
+                "precision": engine.precision,
+            },
+        )
+    monitor = Monitor(
+        str(out), rank, total_steps, start_step=start_step, progress=cfg.progress, wandb=wb
+    )
     stop = _StopFlag().install()
     samples_f = open(out / "samples.jsonl", "a") if rank == 0 else None
     step = start_step
@@ -496,49 +726,91 @@ def train(cfg: TrainConfig) -> dict:
                 def lam_fn(p, m=lam_map):
                     return np.array([m[int(x)] for x in p])
             else:
+
                 def lam_fn(p, v=float(lam)):
                     return v
+
             lr = engine.lr()  # the lr this step applies (the scheduler advances after the step)
             res = engine.step(micro, lam_fn)
-            guard.update(step + 1, res["nonfinite"])  # counts and warns; the weights were left as they were
+            guard.update(
+                step + 1, res["nonfinite"]
+            )  # counts and warns; the weights were left as they were
             local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
             ran += 1
             want_stop = stop.requested or (cfg.max_steps_per_run and ran >= cfg.max_steps_per_run)
-            sync = torch.cat([res["acc"], torch.tensor([float(want_stop), local_tokens], dtype=torch.float64)])
+            sync = torch.cat(
+                [res["acc"], torch.tensor([float(want_stop), local_tokens], dtype=torch.float64)]
+            )
             sync = dist.all_reduce_sum(sync.to(engine.device)).cpu()  # NCCL: device tensors only
-            trained = dist.all_gather_object([int(p) for mb in micro for p in np.asarray(mb["positions"])])
+            trained = dist.all_gather_object(
+                [int(p) for mb in micro for p in np.asarray(mb["positions"])]
+            )
             dt = time.perf_counter() - t0
             done = step + 1
             scalars = {
-                "loss": float(sync[0]), "loss_mlm": float(sync[1]), "loss_kd": float(sync[2]),
+                "loss": float(sync[0]),
+                "loss_mlm": float(sync[1]),
+                "loss_kd": float(sync[2]),
                 "lambda": float(np.mean(lam)),
-                "score_mean": float(scores.mean()), "score_min": float(scores.min()), "score_max": float(scores.max()),
-                "curriculum_progress": done * cfg.global_batch / n, "epoch": sampler.epoch(step),
+                "score_mean": float(scores.mean()),
+                "score_min": float(scores.min()),
+                "score_max": float(scores.max()),
+                "curriculum_progress": done * cfg.global_batch / n,
+                "epoch": sampler.epoch(step),
                 "pool_fraction": float(pool_fraction(spec, step, spe)),
-                "agreement": float(sync[3]) / res["n_masked"] if teacher is not None else float("nan"),
-                "lr": lr, "grad_norm": engine.grad_norm(),
-                "samples_per_s": cfg.global_batch / dt, "tokens_per_s": float(sync[6]) / dt,
-                "step_time": dt, "memory_mb": engine.memory_bytes() / 2**20,
-                "masked_tokens": res["n_masked"], "consumed_samples": done * cfg.global_batch,
+                "agreement": float(sync[3]) / res["n_masked"]
+                if teacher is not None
+                else float("nan"),
+                "lr": lr,
+                "grad_norm": engine.grad_norm(),
+                "samples_per_s": cfg.global_batch / dt,
+                "tokens_per_s": float(sync[6]) / dt,
+                "step_time": dt,
+                "memory_mb": engine.memory_bytes() / 2**20,
+                "masked_tokens": res["n_masked"],
+                "consumed_samples": done * cfg.global_batch,
                 "distinct_samples": n_seen,
                 "nonfinite_steps": guard.total,
             }
             if cfg.cosine_weight > 0:
                 scalars["loss_cos"] = float(sync[4])
             if np.ndim(lam):
-                scalars["lambda_min"], scalars["lambda_max"] = float(np.min(lam)), float(np.max(lam))
+                scalars["lambda_min"], scalars["lambda_max"] = (
+                    float(np.min(lam)),
+                    float(np.max(lam)),
+                )
             monitor.log(done, scalars)
             if samples_f is not None:
-                samples_f.write(json.dumps({"step": done, "positions": [p for r in trained for p in r]}) + "\n")
+                samples_f.write(
+                    json.dumps({"step": done, "positions": [p for r in trained for p in r]}) + "\n"
+                )
                 samples_f.flush()
-            sampler.consumed_samples = done * cfg.global_batch  # a skipped step's samples count as consumed
+            sampler.consumed_samples = (
+                done * cfg.global_batch
+            )  # a skipped step's samples count as consumed
             guard.check()  # max_nonfinite_steps in a row: a one-line abort on every rank
             last = done == total_steps
             if float(sync[5]) > 0 and not last:
-                stopped_by = "SIGTERM" if stop.requested or not cfg.max_steps_per_run else "max_steps_per_run"
+                stopped_by = (
+                    "SIGTERM"
+                    if stop.requested or not cfg.max_steps_per_run
+                    else "max_steps_per_run"
+                )
             if last or stopped_by or (cfg.save_every and done % cfg.save_every == 0):
-                _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, rank, order_info,
-                      nonfinite=guard.state_dict())
+                _save(
+                    ckpt,
+                    engine,
+                    out,
+                    done,
+                    cfg,
+                    sampler,
+                    reliance,
+                    fingerprint,
+                    world,
+                    rank,
+                    order_info,
+                    nonfinite=guard.state_dict(),
+                )
             if stopped_by:
                 log.warning("stopping after step %d (%s); checkpoint saved", done, stopped_by)
                 break
@@ -548,15 +820,27 @@ def train(cfg: TrainConfig) -> dict:
         if samples_f is not None:
             samples_f.close()
     t_sha_end = teacher_sha(engine)
-    summary = {"steps_done": step + 1 if total_steps > start_step else start_step, "total_steps": total_steps,
-               "start_step": start_step, "world_size": world, "stopped_by": stopped_by,
-               "teacher_sha_start": t_sha_start, "teacher_sha_end": t_sha_end,
-               "zero_stage": engine.zero_stage, "precision": engine.precision, **teacher_partition(engine),
-               **guard.summary()}
+    summary = {
+        "steps_done": step + 1 if total_steps > start_step else start_step,
+        "total_steps": total_steps,
+        "start_step": start_step,
+        "world_size": world,
+        "stopped_by": stopped_by,
+        "teacher_sha_start": t_sha_start,
+        "teacher_sha_end": t_sha_end,
+        "zero_stage": engine.zero_stage,
+        "precision": engine.precision,
+        **teacher_partition(engine),
+        **guard.summary(),
+    }
     summary["distinct_samples"] = n_seen
     if rank == 0:
-        lams = [r["lambda"] for r in _read_jsonl(out / "metrics.jsonl") if r.get("lambda") is not None]
-        summary["lambda_mean"] = float(np.mean(lams)) if lams else None  # over every step, resumed ones too
+        lams = [
+            r["lambda"] for r in _read_jsonl(out / "metrics.jsonl") if r.get("lambda") is not None
+        ]
+        summary["lambda_mean"] = (
+            float(np.mean(lams)) if lams else None
+        )  # over every step, resumed ones too
         write_json_atomic(out / "train_summary.json", summary)
     dist.barrier()
     return summary
@@ -577,27 +861,60 @@ def _load_checkpoint(ckpt, engine, resume_dir, world, rank) -> dict:
         return engine.load(load_dir, tag)
     except UserError:
         raise
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        KeyError,
+    ) as e:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # a full disk during a universal conversion: the CLI names it
         log.debug("loading %s failed", resume_dir, exc_info=True)
-        raise UserError(f"{resume_dir}: cannot load this checkpoint ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]}); a file is cut or corrupt: resume from an earlier "
-                        "checkpoint (--resume PATH) or start over with --resume none") from e
+        raise UserError(
+            f"{resume_dir}: cannot load this checkpoint ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}); a file is cut or corrupt: resume from an earlier "
+            "checkpoint (--resume PATH) or start over with --resume none"
+        ) from e
 
 
-def _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, rank, order_info, nonfinite=None):
+def _save(
+    ckpt,
+    engine,
+    out,
+    done,
+    cfg,
+    sampler,
+    reliance,
+    fingerprint,
+    world,
+    rank,
+    order_info,
+    nonfinite=None,
+):
     client = {
-        "format_version": FORMAT_VERSION, "step": done, "consumed_samples": done * cfg.global_batch,
+        "format_version": FORMAT_VERSION,
+        "step": done,
+        "consumed_samples": done * cfg.global_batch,
         "sampler": sampler.state_dict(),
-        "reliance": reliance.state_dict() if hasattr(reliance, "state_dict") else dataclasses.asdict(reliance.spec),
-        "curriculum_fingerprint": fingerprint, "global_batch": cfg.global_batch,
+        "reliance": reliance.state_dict()
+        if hasattr(reliance, "state_dict")
+        else dataclasses.asdict(reliance.spec),
+        "curriculum_fingerprint": fingerprint,
+        "global_batch": cfg.global_batch,
         "config": dataclasses.asdict(cfg),
         "nonfinite": nonfinite or {},  # skipped-step record (kd/nonfinite.py), continued on resume
     }
-    marker = {"consumed_samples": done * cfg.global_batch, "curriculum_fingerprint": fingerprint,
-              "global_batch": cfg.global_batch, "world_size": world, "zero_stage": engine.zero_stage,
-              "order": order_info}
+    marker = {
+        "consumed_samples": done * cfg.global_batch,
+        "curriculum_fingerprint": fingerprint,
+        "global_batch": cfg.global_batch,
+        "world_size": world,
+        "zero_stage": engine.zero_stage,
+        "order": order_info,
+    }
     # what a resume checks before building anything (check_run_settings) and the optimizer's layout
     recorded = {"param_groups": engine.param_groups_layout}
     if engine.run_settings:
@@ -613,9 +930,27 @@ def _save(ckpt, engine, out, done, cfg, sampler, reliance, fingerprint, world, r
 
 # TrainConfig fields that shape what is trained (total_steps and the lr segments are added);
 # micro batch, world size, workers, checkpointing and precision may change on resume
-RUN_SETTING_KEYS = ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-                    "temperature", "kd_positions", "cosine_weight", "reliance", "lambda_", "lambda_max",
-                    "q_low", "q_high", "order", "pacing_f0", "pacing_steps", "seed", "global_batch")
+RUN_SETTING_KEYS = (
+    "lr",
+    "lr_schedule",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "grad_clip",
+    "temperature",
+    "kd_positions",
+    "cosine_weight",
+    "reliance",
+    "lambda_",
+    "lambda_max",
+    "q_low",
+    "q_high",
+    "order",
+    "pacing_f0",
+    "pacing_steps",
+    "seed",
+    "global_batch",
+)
 
 
 def run_settings(cfg: TrainConfig, lr_segments) -> dict:
@@ -658,7 +993,9 @@ def _flag_for(key: str, value) -> str:
     return f"{key}={value}"
 
 
-def check_run_settings(saved: dict, cfg: TrainConfig, total_steps: int, *, start_step: int, path) -> list:
+def check_run_settings(
+    saved: dict, cfg: TrainConfig, total_steps: int, *, start_step: int, path
+) -> list:
     """Refuse a resume that would silently change the run; the lr segments of the resumed run.
 
     One-line UserError naming the first changed setting and how to keep it. Another total is
@@ -670,20 +1007,28 @@ def check_run_settings(saved: dict, cfg: TrainConfig, total_steps: int, *, start
             continue
         now, was = getattr(cfg, key), saved[key]
         if now != was:
-            raise UserError(f"{path}: train.{key} is {now} but the checkpoint was trained with {was}; resuming would "
-                            f"silently change the run: pass {_flag_for(key, was)}, or start a new --out (--resume none)")
-    segments = [[int(a), int(b)] for a, b in saved.get("lr_segments") or [[0, saved["total_steps"]]]]
+            raise UserError(
+                f"{path}: train.{key} is {now} but the checkpoint was trained with {was}; resuming would "
+                f"silently change the run: pass {_flag_for(key, was)}, or start a new --out (--resume none)"
+            )
+    segments = [
+        [int(a), int(b)] for a, b in saved.get("lr_segments") or [[0, saved["total_steps"]]]
+    ]
     old_total = int(saved["total_steps"])
     if total_steps == old_total:
         return segments
     if not cfg.extend_steps:
-        raise UserError(f"{path}: train.total_steps is {total_steps} but the checkpoint was trained with {old_total}; "
-                        f"resuming would silently change the run (its lr schedule): pass --steps {old_total}, or "
-                        f"--extend-steps to continue to {total_steps} steps with an extended lr schedule, or start "
-                        "a new --out (--resume none)")
+        raise UserError(
+            f"{path}: train.total_steps is {total_steps} but the checkpoint was trained with {old_total}; "
+            f"resuming would silently change the run (its lr schedule): pass --steps {old_total}, or "
+            f"--extend-steps to continue to {total_steps} steps with an extended lr schedule, or start "
+            "a new --out (--resume none)"
+        )
     if total_steps < start_step:
-        raise UserError(f"{path}: train.total_steps is {total_steps}, below the checkpoint's step {start_step}; "
-                        f"--extend-steps needs a total of at least {start_step} steps (--steps)")
+        raise UserError(
+            f"{path}: train.total_steps is {total_steps}, below the checkpoint's step {start_step}; "
+            f"--extend-steps needs a total of at least {start_step} steps (--steps)"
+        )
     return segments + [[int(start_step), int(total_steps)]]
 
 
@@ -697,8 +1042,14 @@ def _lr_at(cfg: TrainConfig, lr_segments, step: int) -> float:
     """The factor of the peak lr at optimizer step `step` under these lr segments."""
     from kdcl_dist.kd.engine import lr_factor
 
-    return lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=lr_segments[0][1], schedule=cfg.lr_schedule,
-                     min_ratio=cfg.min_lr_ratio, extensions=lr_segments[1:])
+    return lr_factor(
+        step,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=lr_segments[0][1],
+        schedule=cfg.lr_schedule,
+        min_ratio=cfg.min_lr_ratio,
+        extensions=lr_segments[1:],
+    )
 
 
 class _ListSampler:

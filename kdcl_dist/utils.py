@@ -72,7 +72,9 @@ def make_temp_file(directory: str | os.PathLike, prefix: str) -> Path:
     for _ in range(100):
         path = Path(directory) / f"{prefix}{secrets.token_hex(4)}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666
+            )
         except FileExistsError:
             continue
         os.close(fd)
@@ -136,6 +138,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 # ---- output paths ------------------------------------------------------------------------
 
+
 def _nearest_existing(path: Path) -> Path:
     p = path
     while not p.exists() and p != p.parent:
@@ -149,8 +152,9 @@ def _writable(d: Path) -> bool:
     return os.access(d, os.W_OK | os.X_OK)
 
 
-def check_output_path(path: str | os.PathLike, kind: str = "dir", key: str = "--out",
-                      replace: bool = False) -> Path:
+def check_output_path(
+    path: str | os.PathLike, kind: str = "dir", key: str = "--out", replace: bool = False
+) -> Path:
     """Refuse an output path that cannot be written, before any work: one-line UserError.
 
     kind="dir": `path` is a directory the command writes into (created if missing): it must not
@@ -169,13 +173,19 @@ def check_output_path(path: str | os.PathLike, kind: str = "dir", key: str = "--
     p = Path(path)
     anc = _nearest_existing(p)
     if anc != p and not anc.is_dir():
-        raise UserError(f"{p}: cannot create {key} here, {anc} is a file, not a directory; choose another {key}")
+        raise UserError(
+            f"{p}: cannot create {key} here, {anc} is a file, not a directory; choose another {key}"
+        )
     if p.exists():
         if kind == "dir" and not p.is_dir():
-            raise UserError(f"{p}: exists and is a file; {key} must name a directory: remove the file or "
-                            f"choose another {key}")
+            raise UserError(
+                f"{p}: exists and is a file; {key} must name a directory: remove the file or "
+                f"choose another {key}"
+            )
         if kind == "file" and p.is_dir():
-            raise UserError(f"{p}: is a directory; {key} must name a file (e.g. {p / 'result.json'})")
+            raise UserError(
+                f"{p}: is a directory; {key} must name a file (e.g. {p / 'result.json'})"
+            )
     # the directories this command must create entries in: the output directory itself, or the
     # nearest existing parent when it does not exist yet, or (a file) the file's directory
     d = p if (kind == "dir" and p.exists()) else p.parent if p.exists() else anc
@@ -186,8 +196,10 @@ def check_output_path(path: str | os.PathLike, kind: str = "dir", key: str = "--
         subject = f"{key} is" if d == p else f"{key} cannot be written there: {d} is"
         if _read_only_fs(d):
             raise UserError(f"{p}: {subject} on a read-only file system; choose a writable {key}")
-        raise UserError(f"{p}: {subject} not writable by this user ({_mode_owner(d)}); choose a writable {key} "
-                        "or get write permission there")
+        raise UserError(
+            f"{p}: {subject} not writable by this user ({_mode_owner(d)}); choose a writable {key} "
+            "or get write permission there"
+        )
     return p
 
 
@@ -237,7 +249,9 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: {what} is corrupt ({e}); delete it and re-run the stage that writes it") from e
+        raise UserError(
+            f"{path}: {what} is corrupt ({e}); delete it and re-run the stage that writes it"
+        ) from e
 
 
 def _json_default(o: Any) -> Any:
@@ -273,7 +287,9 @@ def fingerprint(obj: Any) -> str:
 
 def id_hash64(sample_id: str) -> int:
     """Stable 64-bit hash of a sample id (independent of Python's hash seed)."""
-    return int.from_bytes(hashlib.blake2b(sample_id.encode("utf-8"), digest_size=8).digest(), "little")
+    return int.from_bytes(
+        hashlib.blake2b(sample_id.encode("utf-8"), digest_size=8).digest(), "little"
+    )
 
 
 def data_dir() -> Path | None:

@@ -36,33 +36,60 @@ def build_curriculum(source_dir, out_dir, shard_size: int = 64) -> dict:
     dtype = np.uint16 if src.manifest["tokenizer"]["vocab_size"] <= 65536 else np.int32
     entries, per_shard, scores = [], [], []
     for start in range(0, len(rows), shard_size):
-        chunk = rows[start:start + shard_size]
+        chunk = rows[start : start + shard_size]
         samples = []
         for j, (score, sid, si, s) in enumerate(chunk):
-            meta = {"id": sid, "n_tokens": len(s.ids), "score": score, "position": start + j,
-                    "source_shard": src.shards[si]["name"]}
+            meta = {
+                "id": sid,
+                "n_tokens": len(s.ids),
+                "score": score,
+                "position": start + j,
+                "source_shard": src.shards[si]["name"],
+            }
             samples.append(Sample(s.key, s.ids, meta))
             scores.append(score)
         entry = write_shard(out / shard_name(len(entries)), samples, dtype=dtype)
         entries.append(entry)
         cs = [r[0] for r in chunk]
-        per_shard.append({"name": entry["name"], "count": len(chunk), "min": min(cs), "max": max(cs),
-                          "mean": float(np.mean(cs))})
+        per_shard.append(
+            {
+                "name": entry["name"],
+                "count": len(chunk),
+                "min": min(cs),
+                "max": max(cs),
+                "mean": float(np.mean(cs)),
+            }
+        )
     arr = np.asarray(scores, dtype=np.float32)
     np.save(out / "order_scores.npy", arr)
     qs = {f"{q:.2f}": float(np.quantile(arr, q)) for q in np.round(np.arange(0, 1.0001, 0.05), 2)}
     tok = src.manifest["tokenizer"]
     manifest = {
-        "format_version": FORMAT_VERSION, "kind": "curriculum",
-        "shards": entries, "num_samples": len(rows), "tokenizer": tok,
-        "score_stats": {"min": float(arr.min()), "max": float(arr.max()), "mean": float(arr.mean()),
-                        "quantiles": qs},
-        "max_confidence": math.exp(-float(arr.min())), "excluded": {},
-        "inputs": {"dataset_fingerprint": src.fingerprint, "scores_fingerprint": "pseudo",
-                   "model_fingerprint": "pseudo", "masks": 1, "seed": 0},
+        "format_version": FORMAT_VERSION,
+        "kind": "curriculum",
+        "shards": entries,
+        "num_samples": len(rows),
+        "tokenizer": tok,
+        "score_stats": {
+            "min": float(arr.min()),
+            "max": float(arr.max()),
+            "mean": float(arr.mean()),
+            "quantiles": qs,
+        },
+        "max_confidence": math.exp(-float(arr.min())),
+        "excluded": {},
+        "inputs": {
+            "dataset_fingerprint": src.fingerprint,
+            "scores_fingerprint": "pseudo",
+            "model_fingerprint": "pseudo",
+            "masks": 1,
+            "seed": 0,
+        },
         "per_shard": per_shard,
     }
-    manifest["fingerprint"] = fingerprint({"m": manifest_fingerprint(entries, tok), "kind": "curriculum"})
+    manifest["fingerprint"] = fingerprint(
+        {"m": manifest_fingerprint(entries, tok), "kind": "curriculum"}
+    )
     write_json_atomic(out / "curriculum.json", manifest)
     return manifest
 
@@ -86,6 +113,7 @@ def curriculum_fixture(shard_size: int = 64):
 
 # ---- launching training runs in real processes -----------------------------------------
 
+
 def free_port() -> int:
     import socket
 
@@ -98,10 +126,26 @@ def train_cmd(nproc: int, cur, assets, out, *flags, overrides=()) -> list[str]:
     """torchrun command line for `kdcl-dist train` on the tiny pair (gloo, CPU)."""
     import sys
 
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), "-m", "kdcl_dist", "train",
-            "--curriculum", str(cur), "--student", str(assets["student"]), "--out", str(out),
-            "--num-workers", "1"]
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "kdcl_dist",
+        "train",
+        "--curriculum",
+        str(cur),
+        "--student",
+        str(assets["student"]),
+        "--out",
+        str(out),
+        "--num-workers",
+        "1",
+    ]
     return base + [str(f) for f in flags] + [str(o) for o in overrides]
 
 
@@ -109,19 +153,31 @@ def train_env() -> dict:
     import os
 
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "KDCL_LOG_LEVEL": "WARNING"})
+    env.update(
+        {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "KDCL_LOG_LEVEL": "WARNING"}
+    )
     return env
 
 
-def run_train(nproc: int, cur, assets, out, *flags, overrides=(), timeout: int = 600, check: bool = True):
+def run_train(
+    nproc: int, cur, assets, out, *flags, overrides=(), timeout: int = 600, check: bool = True
+):
     import subprocess
 
     from conftest import REPO
 
-    p = subprocess.run(train_cmd(nproc, cur, assets, out, *flags, overrides=overrides), cwd=REPO,
-                       env=train_env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        train_cmd(nproc, cur, assets, out, *flags, overrides=overrides),
+        cwd=REPO,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+        raise AssertionError(
+            f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+        )
     return p
 
 
@@ -164,6 +220,8 @@ def student_weights(tag_dir) -> dict:
 
     tag_dir = Path(tag_dir)
     if not list(tag_dir.glob("*optim_states.pt")):  # ZeRO-0: the module file holds everything
-        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = torch.load(
+            tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )["module"]
         return {k: v.float() for k, v in sd.items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

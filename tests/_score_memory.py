@@ -40,7 +40,7 @@ def _trim() -> None:
 
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc
+    except (OSError, AttributeError):  # not glibc
         pass
 
 
@@ -65,8 +65,11 @@ def main(argv=None) -> dict:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     docs = corpus_docs(args.samples)
-    if len(docs) < args.samples:   # fewer real abstracts than asked: top up with synthetic ones
-        docs += [(f"syn-{i}", t) for i, (_, t) in enumerate(synthetic_documents(args.samples - len(docs)))]
+    if len(docs) < args.samples:  # fewer real abstracts than asked: top up with synthetic ones
+        docs += [
+            (f"syn-{i}", t)
+            for i, (_, t) in enumerate(synthetic_documents(args.samples - len(docs)))
+        ]
     student = root / "student"
     if not (student / "config.json").exists():
         tok = train_wordpiece((t for _, t in docs[:2000]), root / "tok", vocab_size=1000)
@@ -93,17 +96,22 @@ def main(argv=None) -> dict:
 
     scoring.Scorer.losses = losses
     gc.collect()
-    _trim()   # hand back what the warm-up freed, so that the delta is what this call needs
+    _trim()  # hand back what the warm-up freed, so that the delta is what this call needs
     before = _kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")   # VmHWM := current RSS
+        f.write("5")  # VmHWM := current RSS
     t0 = time.perf_counter()
     man = scoring.score_shards(big, student, out, cfg, device=cpu)
-    res = {"samples": man["totals"]["samples"], "tokens": man["totals"]["tokens"], "batches": batches[0],
-           "max_length": args.max_length, "rss_before_mib": round(before / 1024, 1),
-           "peak_delta_mib": round((_kb("VmHWM") - before) / 1024, 1),
-           "after_delta_mib": round((_kb("VmRSS") - before) / 1024, 1),
-           "seconds": round(time.perf_counter() - t0, 2)}
+    res = {
+        "samples": man["totals"]["samples"],
+        "tokens": man["totals"]["tokens"],
+        "batches": batches[0],
+        "max_length": args.max_length,
+        "rss_before_mib": round(before / 1024, 1),
+        "peak_delta_mib": round((_kb("VmHWM") - before) / 1024, 1),
+        "after_delta_mib": round((_kb("VmRSS") - before) / 1024, 1),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     print(json.dumps(res), flush=True)
     return res
 

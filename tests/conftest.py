@@ -21,8 +21,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-TINY_TEACHER = {"type": "bert", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
-TINY_STUDENT = {"type": "distilbert", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
+TINY_TEACHER = {
+    "type": "bert",
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 128,
+}
+TINY_STUDENT = {
+    "type": "distilbert",
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 64,
+}
 
 
 def real_data_dir() -> Path | None:
@@ -69,8 +81,14 @@ def tiny_assets(tmp_path_factory):
     init_model_dir(TINY_TEACHER, tok, root / "teacher", seed=1, max_positions=256)
     init_model_dir(TINY_STUDENT, tok, root / "student", seed=2, max_positions=256)
     write_documents(docs, tok, root / "shards", max_length=128, shard_size=100)
-    return {"root": root, "tokenizer": root / "tokenizer", "teacher": root / "teacher",
-            "student": root / "student", "shards": root / "shards", "n_docs": len(docs)}
+    return {
+        "root": root,
+        "tokenizer": root / "tokenizer",
+        "teacher": root / "teacher",
+        "student": root / "student",
+        "shards": root / "shards",
+        "n_docs": len(docs),
+    }
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, check: bool = True):
@@ -79,8 +97,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, check: bool
 
     e = dict(os.environ)
     e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "kdcl_dist", *map(str, args)], cwd=REPO, env=e,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "kdcl_dist", *map(str, args)],
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"kdcl-dist {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        raise AssertionError(
+            f"kdcl-dist {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+        )
     return p

@@ -46,8 +46,12 @@ def unavailable_reason() -> str | None:
     """None when namespaces + sshd + pdsh can be used here; else the reason to skip."""
     if os.geteuid() != 0:
         return "needs root to create network namespaces (CI runs as root)"
-    for tool, hint in (("ip", "iproute2"), ("ssh", "openssh-client"), ("ssh-keygen", "openssh-client"),
-                       ("pdsh", "pdsh")):
+    for tool, hint in (
+        ("ip", "iproute2"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+        ("pdsh", "pdsh"),
+    ):
         if shutil.which(tool) is None:
             return f"`{tool}` not found (apt-get install {hint})"
     if not os.access(SSHD, os.X_OK):
@@ -63,10 +67,26 @@ def unavailable_reason() -> str | None:
 def install_tools(timeout: float = 600) -> None:
     """apt-get openssh-server and pdsh (root only; the caller decides whether this is allowed)."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, capture_output=True, timeout=timeout)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openssh-server",
-                    "openssh-client", "pdsh", "iproute2"], env=env, check=False, capture_output=True,
-                   timeout=timeout)
+    subprocess.run(
+        ["apt-get", "update", "-qq"], env=env, check=False, capture_output=True, timeout=timeout
+    )
+    subprocess.run(
+        [
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "openssh-server",
+            "openssh-client",
+            "pdsh",
+            "iproute2",
+        ],
+        env=env,
+        check=False,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 @dataclass
@@ -91,8 +111,12 @@ class Hosts:
 
     def ssh(self, i: int, command: str, timeout: float = 20) -> subprocess.CompletedProcess:
         """Run `command` on host i through ssh, from host 0's namespace."""
-        return subprocess.run([*self.exec_prefix(0), str(self.bin_dir / "ssh"), self.addrs[i], command],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [*self.exec_prefix(0), str(self.bin_dir / "ssh"), self.addrs[i], command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def kill_leftovers(self) -> None:
         """SIGKILL every process still inside the namespaces (all started by this harness)."""
@@ -108,41 +132,49 @@ def _keygen(path: Path) -> None:
 
 
 def _write_sshd_config(path: Path, addr: str, work: Path) -> None:
-    path.write_text("\n".join([
-        f"ListenAddress {addr}",
-        "Port 22",
-        f"HostKey {work / 'host_key'}",
-        f"AuthorizedKeysFile {work / 'authorized_keys'}",
-        f"PidFile {work / ('sshd-' + addr + '.pid')}",
-        # The keys live in a temporary directory, not in ~/.ssh with ssh's modes.
-        "StrictModes no",
-        "PubkeyAuthentication yes",
-        "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no",
-        "PermitRootLogin prohibit-password",
-        "UsePAM no",
-        "X11Forwarding no",
-        "PrintMotd no",
-        "LogLevel ERROR",
-        "",
-    ]))
+    path.write_text(
+        "\n".join(
+            [
+                f"ListenAddress {addr}",
+                "Port 22",
+                f"HostKey {work / 'host_key'}",
+                f"AuthorizedKeysFile {work / 'authorized_keys'}",
+                f"PidFile {work / ('sshd-' + addr + '.pid')}",
+                # The keys live in a temporary directory, not in ~/.ssh with ssh's modes.
+                "StrictModes no",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                "UsePAM no",
+                "X11Forwarding no",
+                "PrintMotd no",
+                "LogLevel ERROR",
+                "",
+            ]
+        )
+    )
 
 
 def _write_client(work: Path) -> tuple[Path, Path]:
     cfg = work / "ssh_config"
-    cfg.write_text("\n".join([
-        f"Host {SUBNET}.*",
-        "  User root",
-        "  Port 22",
-        f"  IdentityFile {work / 'client_key'}",
-        "  IdentitiesOnly yes",
-        "  BatchMode yes",
-        "  StrictHostKeyChecking no",
-        "  UserKnownHostsFile /dev/null",
-        "  ConnectTimeout 5",
-        "  LogLevel ERROR",
-        "",
-    ]))
+    cfg.write_text(
+        "\n".join(
+            [
+                f"Host {SUBNET}.*",
+                "  User root",
+                "  Port 22",
+                f"  IdentityFile {work / 'client_key'}",
+                "  IdentitiesOnly yes",
+                "  BatchMode yes",
+                "  StrictHostKeyChecking no",
+                "  UserKnownHostsFile /dev/null",
+                "  ConnectTimeout 5",
+                "  LogLevel ERROR",
+                "",
+            ]
+        )
+    )
     # DeepSpeed's runner and pdsh's ssh module both call `ssh` from PATH; the wrapper adds the
     # private config so nothing in ~/.ssh is read or written.
     bin_dir = work / "bin"
@@ -178,8 +210,11 @@ def two_hosts(workdir: Path, startup_timeout: float = 20.0):
             etc[i].mkdir(parents=True, exist_ok=True)
             etc[i].joinpath("hosts").write_text(
                 f"127.0.0.1 localhost\n{ADDRS[i]} {socket.gethostname()}\n"
-                + "".join(f"{a} kdcl-host{j}\n" for j, a in enumerate(ADDRS) if j != i))
-            etc[i].joinpath("resolv.conf").write_text("# empty: no DNS inside the test namespaces\n")
+                + "".join(f"{a} kdcl-host{j}\n" for j, a in enumerate(ADDRS) if j != i)
+            )
+            etc[i].joinpath("resolv.conf").write_text(
+                "# empty: no DNS inside the test namespaces\n"
+            )
             _run("ip", "netns", "add", ns)
         _run("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
         for ns, dev, addr in zip(namespaces, veth, ADDRS):
@@ -192,9 +227,13 @@ def two_hosts(workdir: Path, startup_timeout: float = 20.0):
             conf = work / f"sshd_config.{i}"
             _write_sshd_config(conf, addr, work)
             log = open(work / f"sshd.{i}.log", "w")
-            hosts.sshd_procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f", str(conf)],
-                stdout=log, stderr=subprocess.STDOUT))
+            hosts.sshd_procs.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f", str(conf)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.time() + startup_timeout
         for i in range(2):
             while True:
@@ -203,7 +242,9 @@ def two_hosts(workdir: Path, startup_timeout: float = 20.0):
                     break
                 if time.time() > deadline:
                     logs = "".join((work / f"sshd.{j}.log").read_text() for j in range(2))
-                    raise RuntimeError(f"sshd on {ADDRS[i]} not reachable: {r.stderr.strip()}\n{logs}")
+                    raise RuntimeError(
+                        f"sshd on {ADDRS[i]} not reachable: {r.stderr.strip()}\n{logs}"
+                    )
                 time.sleep(0.3)
         yield hosts
     finally:

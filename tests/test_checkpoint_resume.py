@@ -48,6 +48,7 @@ def _fake(root: Path, step: int, complete: bool, **marker):
 
 # ---- pure parts -------------------------------------------------------------------------
 
+
 def test_latest_complete_ignores_interrupted_and_latest_tag(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     for s in (2, 4, 6):
@@ -65,20 +66,32 @@ def test_latest_complete_ignores_interrupted_and_latest_tag(tmp_path):
         ckpt.find_resume(tmp_path / "run", str(tmp_path / "nowhere"))
     removed = ckpt.rotate(root, keep=2)
     left = sorted(d.name for d in root.iterdir() if d.is_dir())
-    assert left == ["global_step4", "global_step6", "global_step8"]  # newer incomplete kept (may be in flight)
+    assert left == [
+        "global_step4",
+        "global_step6",
+        "global_step8",
+    ]  # newer incomplete kept (may be in flight)
     assert {d.name for d in removed} == {"global_step2", "global_step3"}
     assert ckpt.find_resume(tmp_path / "empty", "auto") is None
 
 
 def test_incompatible_checkpoints_refused():
-    m = {"curriculum_fingerprint": "aaa", "global_batch": 16, "order": {"mode": "sequential", "seed": 1}}
-    ckpt.check_compatible(m, fingerprint="aaa", global_batch=16, order={"mode": "sequential", "seed": 1}, path="c")
+    m = {
+        "curriculum_fingerprint": "aaa",
+        "global_batch": 16,
+        "order": {"mode": "sequential", "seed": 1},
+    }
+    ckpt.check_compatible(
+        m, fingerprint="aaa", global_batch=16, order={"mode": "sequential", "seed": 1}, path="c"
+    )
     with pytest.raises(UserError, match="curriculum aaa but --curriculum has fingerprint bbb"):
         ckpt.check_compatible(m, fingerprint="bbb", global_batch=16, order=m["order"], path="c")
     with pytest.raises(UserError, match="global batch 16, this run uses 32"):
         ckpt.check_compatible(m, fingerprint="aaa", global_batch=32, order=m["order"], path="c")
     with pytest.raises(UserError, match="order"):
-        ckpt.check_compatible(m, fingerprint="aaa", global_batch=16, order={"mode": "random", "seed": 1}, path="c")
+        ckpt.check_compatible(
+            m, fingerprint="aaa", global_batch=16, order={"mode": "random", "seed": 1}, path="c"
+        )
 
 
 def test_rng_state_roundtrip():
@@ -94,8 +107,21 @@ def test_rng_state_roundtrip():
 
 # ---- real processes ---------------------------------------------------------------------
 
-FLAGS = ["--teacher", None, "--ds-config", "ds_configs/zero2.json", "--global-batch", 16, "--micro-batch", 4,
-         "--lr", 3e-3, "--reliance", "sr-paper", "--allow-sr-any-order"]
+FLAGS = [
+    "--teacher",
+    None,
+    "--ds-config",
+    "ds_configs/zero2.json",
+    "--global-batch",
+    16,
+    "--micro-batch",
+    4,
+    "--lr",
+    3e-3,
+    "--reliance",
+    "sr-paper",
+    "--allow-sr-any-order",
+]
 
 
 def _flags(assets, *extra):
@@ -126,7 +152,9 @@ def _wait_step(out: Path, step: int, proc, timeout: float = 300) -> int:
 def _rank_pids(proc) -> list[int]:
     import psutil
 
-    kids = psutil.Process(proc.pid).children(recursive=False)  # the ranks (workers are their children)
+    kids = psutil.Process(proc.pid).children(
+        recursive=False
+    )  # the ranks (workers are their children)
     return [k.pid for k in kids]
 
 
@@ -141,9 +169,15 @@ def test_resume_parity_after_sigkill(tiny_assets, cur, tmp_path):
 
     out = tmp_path / "killed"
     kill_at = random.Random(os.getpid()).randint(3, 9)
-    proc = subprocess.Popen(train_cmd(2, cur, tiny_assets, out, *_flags(tiny_assets, *extra),
-                                      overrides=["warmup_steps=2"]),
-                            cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(
+            2, cur, tiny_assets, out, *_flags(tiny_assets, *extra), overrides=["warmup_steps=2"]
+        ),
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         reached = _wait_step(out, kill_at, proc)
         victim = random.Random(kill_at).choice(_rank_pids(proc))
@@ -156,8 +190,14 @@ def test_resume_parity_after_sigkill(tiny_assets, cur, tmp_path):
     done_before = [s for s, _, ok in ckpt.list_checkpoints(out / "checkpoints") if ok]
     assert done_before and max(done_before) < steps
 
-    run_train(2, cur, tiny_assets, out, *_flags(tiny_assets, *extra, "--resume", "auto"),
-              overrides=["warmup_steps=2"])
+    run_train(
+        2,
+        cur,
+        tiny_assets,
+        out,
+        *_flags(tiny_assets, *extra, "--resume", "auto"),
+        overrides=["warmup_steps=2"],
+    )
     resumed = read_jsonl(out / "resume_log.jsonl")
     assert resumed[-1]["step"] == max(done_before) and resumed[-1]["step"] <= reached
 
@@ -186,12 +226,21 @@ def test_world_size_2_1_2(tiny_assets, cur, tmp_path):
     out = tmp_path / "ws"
     extra = ["--steps", 9, "--save-every", 100, "--order", "sequential"]
     for nproc, limit in ((2, ["max_steps_per_run=3"]), (1, ["max_steps_per_run=3"]), (2, [])):
-        run_train(nproc, cur, tiny_assets, out, *_flags(tiny_assets, *extra), overrides=["warmup_steps=2", *limit])
+        run_train(
+            nproc,
+            cur,
+            tiny_assets,
+            out,
+            *_flags(tiny_assets, *extra),
+            overrides=["warmup_steps=2", *limit],
+        )
         summary = json.loads((out / "train_summary.json").read_text())
         assert summary["world_size"] == nproc
     log = read_jsonl(out / "resume_log.jsonl")
     assert [(r["step"], r["saved_world_size"], r["world_size"], r["universal"]) for r in log] == [
-        (3, 2, 1, True), (6, 1, 2, True)]
+        (3, 2, 1, True),
+        (6, 1, 2, True),
+    ]
     assert (out / "checkpoints" / "global_step3_universal" / ckpt.MARKER).exists()
     # the universal load restored exactly the saved weights
     for r in log:
@@ -204,8 +253,11 @@ def test_world_size_2_1_2(tiny_assets, cur, tmp_path):
     samples = read_jsonl(out / "samples.jsonl")
     assert [s["step"] for s in samples] == list(range(1, 10))
     assert [p for s in samples for p in s["positions"]] == list(range(9 * 16))
-    markers = {s: json.loads((d / ckpt.MARKER).read_text()) for s, d, ok in
-               ckpt.list_checkpoints(out / "checkpoints") if ok}
+    markers = {
+        s: json.loads((d / ckpt.MARKER).read_text())
+        for s, d, ok in ckpt.list_checkpoints(out / "checkpoints")
+        if ok
+    }
     assert all(m["consumed_samples"] == s * 16 for s, m in markers.items())
     assert markers[9]["world_size"] == 2
     m = read_jsonl(out / "metrics.jsonl")
@@ -226,9 +278,16 @@ def test_world_size_2_1_2(tiny_assets, cur, tmp_path):
 @pytest.mark.faults
 def test_sigterm_saves_current_step(tiny_assets, cur, tmp_path):
     out = tmp_path / "term"
-    proc = subprocess.Popen(train_cmd(2, cur, tiny_assets, out,
-                                      *_flags(tiny_assets, "--steps", 200, "--save-every", 1000)),
-                            cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(
+            2, cur, tiny_assets, out, *_flags(tiny_assets, "--steps", 200, "--save-every", 1000)
+        ),
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_step(out, 3, proc)
         os.kill(_rank_pids(proc)[1], signal.SIGTERM)  # one rank only: the stop flag is all-reduced

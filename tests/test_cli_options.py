@@ -51,10 +51,15 @@ def _sub(parser, name):
 def test_every_option_of_every_command_has_help():
     parsers = _all_parsers()
     progs = {prog for prog, _ in parsers}
-    assert {"kdcl-dist eval mlm", "kdcl-dist eval yesno", "kdcl-dist bench score", "kdcl-dist train"} <= progs
+    assert {
+        "kdcl-dist eval mlm",
+        "kdcl-dist eval yesno",
+        "kdcl-dist bench score",
+        "kdcl-dist train",
+    } <= progs
     missing = []
     for prog, p in parsers:
-        p.format_help()   # every help string formats (a stray % would raise here)
+        p.format_help()  # every help string formats (a stray % would raise here)
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
                 continue
@@ -66,7 +71,10 @@ def test_every_option_of_every_command_has_help():
 def test_help_shows_defaults_choices_and_presets():
     text = " ".join(_parser("train").format_help().split())
     assert "--lr LR peak learning rate (at least 0.0; default: 0.0005)" in text
-    assert "one of: sequential, reverse, random, pacing-linear, pacing-root, pacing-exp; default: sequential" in text
+    assert (
+        "one of: sequential, reverse, random, pacing-linear, pacing-root, pacing-exp; default: sequential"
+        in text
+    )
     assert "--progress, --no-progress" in text and "--lambda LAMBDA" in text
     assert "tiny (sets train:" in text
     score = " ".join(_parser("score").format_help().split())
@@ -74,7 +82,7 @@ def test_help_shows_defaults_choices_and_presets():
     yesno = " ".join(_sub(_parser("eval"), "yesno").format_help().split())
     assert "default: 5.537e-05" in yesno
     demo = " ".join(_parser("demo").format_help().split())
-    assert "paper (sets nothing for demo)" in demo     # no promise a preset does not keep
+    assert "paper (sets nothing for demo)" in demo  # no promise a preset does not keep
 
 
 def test_bad_choice_is_one_line_exit_2(capsys):
@@ -89,25 +97,91 @@ def test_bad_choice_is_one_line_exit_2(capsys):
 
 def test_existing_flag_names_still_parse():
     p = _parser("train")
-    a = p.parse_args(["--lambda", "0.3", "--global-batch", "16", "--no-progress", "--wandb", "--extend-steps",
-                      "--allow-new-head", "--allow-sr-any-order", "--kd-positions", "all", "--ds-config", "zero2"])
-    assert (a.lambda_, a.global_batch, a.progress, a.wandb, a.extend_steps) == (0.3, 16, False, True, True)
+    a = p.parse_args(
+        [
+            "--lambda",
+            "0.3",
+            "--global-batch",
+            "16",
+            "--no-progress",
+            "--wandb",
+            "--extend-steps",
+            "--allow-new-head",
+            "--allow-sr-any-order",
+            "--kd-positions",
+            "all",
+            "--ds-config",
+            "zero2",
+        ]
+    )
+    assert (a.lambda_, a.global_batch, a.progress, a.wandb, a.extend_steps) == (
+        0.3,
+        16,
+        False,
+        True,
+        True,
+    )
     assert a.allow_new_head and a.allow_sr_any_order and a.kd_positions == "all"
     unset = p.parse_args([])
-    assert unset.lr is None and unset.progress is None and unset.wandb is None   # unset: overrides nothing
-    a = _parser("curriculum").parse_args(["--shards", "s", "--scores", "c", "--out", "o", "--no-plots",
-                                          "--exclude-heldout-percent", "0", "--in-memory-max", "0"])
+    assert (
+        unset.lr is None and unset.progress is None and unset.wandb is None
+    )  # unset: overrides nothing
+    a = _parser("curriculum").parse_args(
+        [
+            "--shards",
+            "s",
+            "--scores",
+            "c",
+            "--out",
+            "o",
+            "--no-plots",
+            "--exclude-heldout-percent",
+            "0",
+            "--in-memory-max",
+            "0",
+        ]
+    )
     assert a.plots is False and a.exclude_heldout_percent == 0 and a.in_memory_max == 0
-    a = _parser("shard").parse_args(["--input", "x.jsonl", "--tokenizer", "t", "--out", "o", "--no-dedup",
-                                     "--keep-text", "--too-long", "split", "--no-progress"])
+    a = _parser("shard").parse_args(
+        [
+            "--input",
+            "x.jsonl",
+            "--tokenizer",
+            "t",
+            "--out",
+            "o",
+            "--no-dedup",
+            "--keep-text",
+            "--too-long",
+            "split",
+            "--no-progress",
+        ]
+    )
     assert a.dedup is False and a.keep_text and a.too_long == "split" and a.progress is False
-    a = _parser("experiment").parse_args(["--corpus", "c", "--out", "o", "--arms", "kd,kd-cl", "--yesno"])
+    a = _parser("experiment").parse_args(
+        ["--corpus", "c", "--out", "o", "--arms", "kd,kd-cl", "--yesno"]
+    )
     assert a.arms == "kd,kd-cl" and a.yesno and a.preset == "tiny"
 
 
 ROUND_TRIP = [
-    ("train", ["--lr", "0.001", "--order", "random", "--curriculum", "c", "--student", "s", "--out", "o",
-               "--no-progress", "steps=7"]),
+    (
+        "train",
+        [
+            "--lr",
+            "0.001",
+            "--order",
+            "random",
+            "--curriculum",
+            "c",
+            "--student",
+            "s",
+            "--out",
+            "o",
+            "--no-progress",
+            "steps=7",
+        ],
+    ),
     ("score", ["--masks", "3", "--dtype", "bf16", "--preset", "paper"]),
     ("curriculum", ["--shard-size", "50", "--nonfinite", "exclude", "--no-plots"]),
     ("shard", ["--input", "x.jsonl", "max_length=64", "--format", "jsonl", "--no-dedup"]),
@@ -128,10 +202,13 @@ def test_print_config_round_trips(cmd, argv, tmp_path, capsys):
     assert capsys.readouterr().out == printed
     # the same dataclass: resolved from the file alone vs from the original command line
     p = _parser(words[0]) if len(words) == 1 else _sub(_parser(words[0]), words[1])
-    cli._relax_required(p)   # as main() does with --print-config
+    cli._relax_required(p)  # as main() does with --print-config
     args = p.parse_args(argv)
-    overrides = split_overrides(args.input, args.overrides)[1] if isinstance(getattr(args, "input", None), list) \
+    overrides = (
+        split_overrides(args.input, args.overrides)[1]
+        if isinstance(getattr(args, "input", None), list)
         else args.overrides
+    )
     want = resolve_args(args, overrides, check=False)
     got = resolve(type(want), section, config_file=str(cfg_file), check=False)
     assert got == want
@@ -146,7 +223,10 @@ def test_print_config_needs_no_paths_and_does_no_work(tmp_path, capsys, monkeypa
     assert list(tmp_path.iterdir()) == []
     # range errors still apply, one line
     assert cli.main(["score", "--print-config", "--masks", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "kdcl-dist score: error: score.masks: 0 is below the minimum 1"
+    assert (
+        capsys.readouterr().err.strip()
+        == "kdcl-dist score: error: score.masks: 0 is below the minimum 1"
+    )
 
 
 def test_precedence_preset_config_flag_override(tmp_path, capsys):
@@ -154,13 +234,25 @@ def test_precedence_preset_config_flag_override(tmp_path, capsys):
         assert cli.main(["train", *argv, "--print-config"]) == 0
         return yaml.safe_load(capsys.readouterr().out)["train"]
 
-    assert printed()["lr"] == 5e-4                                # dataclass default
-    assert printed("--preset", "paper")["lr"] == 5e-5              # preset
+    assert printed()["lr"] == 5e-4  # dataclass default
+    assert printed("--preset", "paper")["lr"] == 5e-5  # preset
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: 0.002\n  warmup_steps: 3\n")
     got = printed("--preset", "paper", "--config", str(f))
-    assert got["lr"] == 0.002 and got["warmup_steps"] == 3 and got["global_batch"] == 256   # file > preset
+    assert (
+        got["lr"] == 0.002 and got["warmup_steps"] == 3 and got["global_batch"] == 256
+    )  # file > preset
     got = printed("--preset", "paper", "--config", str(f), "--lr", "0.003")
-    assert got["lr"] == 0.003 and got["warmup_steps"] == 3          # flag > file
-    got = printed("--preset", "paper", "--config", str(f), "--lr", "0.003", "train.lr=0.004", "--warmup-steps", "9")
-    assert got["lr"] == 0.004 and got["warmup_steps"] == 9          # override > flag
+    assert got["lr"] == 0.003 and got["warmup_steps"] == 3  # flag > file
+    got = printed(
+        "--preset",
+        "paper",
+        "--config",
+        str(f),
+        "--lr",
+        "0.003",
+        "train.lr=0.004",
+        "--warmup-steps",
+        "9",
+    )
+    assert got["lr"] == 0.004 and got["warmup_steps"] == 9  # override > flag

@@ -35,12 +35,14 @@ def test_masks_are_pure_and_follow_bert_rule():
     assert not (a[1] == c[1]).all()
     inputs, labels = a
     masked = labels != IGNORE_INDEX
-    assert masked.sum() == 30                      # 15% of 200 candidates
-    assert not masked[0] and not masked[-1]        # specials never masked
+    assert masked.sum() == 30  # 15% of 200 candidates
+    assert not masked[0] and not masked[-1]  # specials never masked
     assert (labels[masked] == ids[masked]).all()
     assert (inputs[~masked] == ids[~masked]).all()
     # across many draws, ~80% of masked positions become [MASK]
-    share = np.mean([(mask_sample(ids, "d", k, "train", 0, spec)[0] == 4).sum() / 30 for k in range(200)])
+    share = np.mean(
+        [(mask_sample(ids, "d", k, "train", 0, spec)[0] == 4).sum() / 30 for k in range(200)]
+    )
     assert 0.75 < share < 0.85
 
 
@@ -60,4 +62,7 @@ def test_config_validation_names_key_value_and_allowed():
         build(C, {"steps": 0}, prefix="train")
     with pytest.raises(UserError, match=r"train.bogus: unknown key"):
         build(C, {"bogus": 1}, prefix="train")
-    assert parse_overrides(["train.lr=1e-3", "steps=3", "score.masks=2"], "train") == {"lr": "1e-3", "steps": 3}
+    assert parse_overrides(["train.lr=1e-3", "steps=3", "score.masks=2"], "train") == {
+        "lr": "1e-3",
+        "steps": 3,
+    }

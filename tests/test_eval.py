@@ -95,8 +95,14 @@ def _write_task(root, n_train=96, n_test=40, seed=0):
         out = []
         for i in range(n):
             lab = "A" if rng.random() < p_a else "B"
-            out.append({"id": f"q{i}", "sentence1": "which word is in the context",
-                        "sentence2": f"the {words[lab]} were observed", "label": lab})
+            out.append(
+                {
+                    "id": f"q{i}",
+                    "sentence1": "which word is in the context",
+                    "sentence2": f"the {words[lab]} were observed",
+                    "label": lab,
+                }
+            )
         return out
 
     root.mkdir(parents=True, exist_ok=True)
@@ -118,7 +124,9 @@ def test_yesno_synthetic_labels_from_data(tiny_assets, tmp_path):
     r = evaluate_yesno(str(tiny_assets["student"]), str(task), cfg)
     assert r["labels"] == ["A", "B"]
     assert r["majority_baseline"]["label"] == maj
-    assert r["majority_baseline"]["accuracy"] == pytest.approx(test_labels.count(maj) / len(test_labels))
+    assert r["majority_baseline"]["accuracy"] == pytest.approx(
+        test_labels.count(maj) / len(test_labels)
+    )
     assert len(r["per_seed"]) == 2 and [s["seed"] for s in r["per_seed"]] == [0, 1]
     accs = [s["test_accuracy"] for s in r["per_seed"]]
     assert r["accuracy"]["mean"] == pytest.approx(np.mean(accs))
@@ -150,7 +158,9 @@ def test_heldout_rule_is_fixed_and_about_the_requested_share():
     share = np.mean([is_heldout(i, 5) for i in ids])
     assert 0.045 < share < 0.055
     assert all(is_heldout(i, 5) == (id_hash64(i) % 100 < 5) for i in ids[:200])
-    assert document_id("123_part4") == "123" and is_heldout("123_part4", 50) == is_heldout("123", 50)
+    assert document_id("123_part4") == "123" and is_heldout("123_part4", 50) == is_heldout(
+        "123", 50
+    )
 
 
 def _train_briefly(model_dir, shards_dir, out_dir, steps=60):
@@ -178,7 +188,11 @@ def _train_briefly(model_dir, shards_dir, out_dir, steps=60):
         att = torch.zeros((16, L), dtype=torch.long)
         for r, s in enumerate(batch):
             x, y = mask_sample(s.ids, s.meta["id"], step, "train", 0, spec)
-            inp[r, :len(x)], lab[r, :len(y)], att[r, :len(x)] = torch.from_numpy(x), torch.from_numpy(y), 1
+            inp[r, : len(x)], lab[r, : len(y)], att[r, : len(x)] = (
+                torch.from_numpy(x),
+                torch.from_numpy(y),
+                1,
+            )
         loss = model(input_ids=inp, attention_mask=att, labels=lab).loss
         loss.backward()
         opt.step()
@@ -200,8 +214,11 @@ def test_eval_mlm_deterministic_and_lower_after_training(tiny_assets, tmp_path):
     # a random model of vocabulary V scores about ln V
     assert abs(s1["loss"] - math.log(1000)) < 1.0
     # batch size does not change the result (padding never enters the loss)
-    s3, _ = evaluate_mlm(str(tiny_assets["student"]), str(tiny_assets["shards"]),
-                         EvalMLMConfig(split="all", masks=2, max_samples=120, batch_size=5))
+    s3, _ = evaluate_mlm(
+        str(tiny_assets["student"]),
+        str(tiny_assets["shards"]),
+        EvalMLMConfig(split="all", masks=2, max_samples=120, batch_size=5),
+    )
     assert s3["loss"] == pytest.approx(s1["loss"], rel=1e-5)
     trained = _train_briefly(tiny_assets["student"], tiny_assets["shards"], tmp_path / "trained")
     s4, _ = evaluate_mlm(str(trained), str(tiny_assets["shards"]), cfg)
@@ -214,9 +231,23 @@ def test_eval_mlm_cli_heldout_split(tiny_assets, tmp_path):
     from kdcl_dist.evaluate.mlm import is_heldout
 
     out = tmp_path / "mlm.json"
-    run_cli("eval", "mlm", "--model", tiny_assets["teacher"], "--shards", tiny_assets["shards"],
-            "--heldout-percent", "10", "--masks", "1", "--out", out, "--per-sample", tmp_path / "ps.npz",
-            "--no-progress")
+    run_cli(
+        "eval",
+        "mlm",
+        "--model",
+        tiny_assets["teacher"],
+        "--shards",
+        tiny_assets["shards"],
+        "--heldout-percent",
+        "10",
+        "--masks",
+        "1",
+        "--out",
+        out,
+        "--per-sample",
+        tmp_path / "ps.npz",
+        "--no-progress",
+    )
     r = json.loads(out.read_text())
     expect = [s.meta["id"] for s in ShardSet(tiny_assets["shards"]) if is_heldout(s.meta["id"], 10)]
     assert r["split"] == "heldout" and r["samples"] == len(expect) > 0
@@ -230,6 +261,17 @@ def test_eval_mlm_refuses_other_tokenizer(tiny_assets, tmp_path):
 
     other = tmp_path / "other_tok"
     train_wordpiece(["completely different words here"] * 50, other, vocab_size=200)
-    p = run_cli("eval", "mlm", "--model", tiny_assets["student"], "--tokenizer", other, "--shards",
-                tiny_assets["shards"], "--split", "all", check=False)
+    p = run_cli(
+        "eval",
+        "mlm",
+        "--model",
+        tiny_assets["student"],
+        "--tokenizer",
+        other,
+        "--shards",
+        tiny_assets["shards"],
+        "--split",
+        "all",
+        check=False,
+    )
     assert p.returncode == 2 and "tokenized with tokenizer" in p.stderr

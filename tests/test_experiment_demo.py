@@ -29,7 +29,11 @@ def test_split_corpus_follows_the_heldout_rule(tmp_path):
     info = split_corpus(corpus, tmp_path / "data", heldout_percent=10)
     train = [json.loads(x)["id"] for x in open(tmp_path / "data" / "train.jsonl")]
     held = [json.loads(x)["id"] for x in open(tmp_path / "data" / "heldout.jsonl")]
-    assert info["train"] == len(train) and info["heldout"] == len(held) and len(train) + len(held) == 400
+    assert (
+        info["train"] == len(train)
+        and info["heldout"] == len(held)
+        and len(train) + len(held) == 400
+    )
     assert all(is_heldout(i, 10) for i in held) and not any(is_heldout(i, 10) for i in train)
     assert 20 <= len(held) <= 60
     # a second call with the same settings reuses the files; other settings rewrite them
@@ -52,7 +56,12 @@ def test_runner_skips_done_steps_and_reports_failures(tmp_path):
     r.step("write", ["raise SystemExit(3)"], done, launcher=script)  # would fail, but is skipped
     assert r.records[-1]["status"] == "skipped" and done.read_text() == "kept"
     with pytest.raises(UserError, match="step 'boom' failed.*exit 3"):
-        r.step("boom", ["print('some output'); raise SystemExit(3)"], tmp_path / "never", launcher=script)
+        r.step(
+            "boom",
+            ["print('some output'); raise SystemExit(3)"],
+            tmp_path / "never",
+            launcher=script,
+        )
     assert "some output" in (tmp_path / "logs" / "boom.log").read_text()
     lines = [json.loads(x) for x in open(tmp_path / "steps.jsonl")]
     assert [x["status"] for x in lines] == ["done", "skipped"]
@@ -67,14 +76,27 @@ def _fake_run(root, arm, seed, loss_per_token, n_docs=300, rng=None):
     sums = counts * (loss_per_token + rng.normal(0, 0.3, size=n_docs))
     ev = root / "evals"
     ev.mkdir(parents=True, exist_ok=True)
-    save_per_sample(ev / f"{arm}-s{seed}.mlm.npz",
-                    {"ids": np.array([f"d{i}" for i in range(n_docs)]), "loss_sum": sums, "n_masked": counts})
+    save_per_sample(
+        ev / f"{arm}-s{seed}.mlm.npz",
+        {"ids": np.array([f"d{i}" for i in range(n_docs)]), "loss_sum": sums, "n_masked": counts},
+    )
     m = root / "runs" / f"{arm}-s{seed}" / "train"
     m.mkdir(parents=True, exist_ok=True)
     with open(m / "metrics.jsonl", "w") as f:
         for step in range(1, 11):
-            f.write(json.dumps({"step": step, "loss": 8 - step * 0.1, "loss_mlm": 8 - step * 0.08,
-                                "lambda": 0.5, "tokens_per_s": 1000.0, "step_time": 0.5}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": 8 - step * 0.1,
+                        "loss_mlm": 8 - step * 0.08,
+                        "lambda": 0.5,
+                        "tokens_per_s": 1000.0,
+                        "step_time": 0.5,
+                    }
+                )
+                + "\n"
+            )
 
 
 def test_report_tables_and_significance(tmp_path):
@@ -85,21 +107,29 @@ def test_report_tables_and_significance(tmp_path):
     base_noise = shared.normal(0, 0.01, size=3)
     for s in range(3):
         _fake_run(tmp_path, "kd", s, 6.0 + base_noise[s], rng=np.random.default_rng(100 + s))
-        _fake_run(tmp_path, "kd-cl", s, 6.0 + base_noise[s] + 0.001, rng=np.random.default_rng(100 + s))
-        _fake_run(tmp_path, "student-only", s, 6.5 + base_noise[s], rng=np.random.default_rng(100 + s))
+        _fake_run(
+            tmp_path, "kd-cl", s, 6.0 + base_noise[s] + 0.001, rng=np.random.default_rng(100 + s)
+        )
+        _fake_run(
+            tmp_path, "student-only", s, 6.5 + base_noise[s], rng=np.random.default_rng(100 + s)
+        )
     prep = {"steps": 10, "split": {"corpus": "c.jsonl", "train": 100, "heldout": 10}}
     path = write_report(tmp_path, cfg, prep, 12.0, command="kdcl-dist experiment ...")
     text = path.read_text()
     assert "| KD (random order, constant λ) | 3 |" in text and "student only" in text
     res = json.loads((tmp_path / "report.json").read_text())
     comps = {(c["a"], c["b"]): c for c in res["comparisons"]}
-    assert comps[("student-only", "kd")]["significant"] and comps[("student-only", "kd")]["diff"] == pytest.approx(0.5, abs=0.05)
+    assert comps[("student-only", "kd")]["significant"] and comps[("student-only", "kd")][
+        "diff"
+    ] == pytest.approx(0.5, abs=0.05)
     assert not comps[("kd-cl", "kd")]["significant"]
     assert "**student-only** is worse than **kd**" in text
     assert "Not significant: kd-cl vs kd" in text
     # tokens trained = sum of tokens/s x step time over the steps
     assert res["arms"]["kd"]["tokens"] == [5000.0, 5000.0, 5000.0]
-    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "lambda_schedules.png").exists()
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (
+        tmp_path / "lambda_schedules.png"
+    ).exists()
 
 
 @pytest.mark.slow
@@ -107,9 +137,29 @@ def test_report_tables_and_significance(tmp_path):
 def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus.jsonl", 300)
     out = tmp_path / "exp"
-    args = ["experiment", "--corpus", corpus, "--out", out, "--arms", "kd,kd-cl-sr-paper", "--seeds", "2",
-            "--steps", "3", "--parallel", "2", "--heldout-percent", "10", "teacher_steps=3",
-            "warmup_student_steps=2", "max_length=64", "global_batch=16", "micro_batch=8", "n_boot=500"]
+    args = [
+        "experiment",
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--arms",
+        "kd,kd-cl-sr-paper",
+        "--seeds",
+        "2",
+        "--steps",
+        "3",
+        "--parallel",
+        "2",
+        "--heldout-percent",
+        "10",
+        "teacher_steps=3",
+        "warmup_student_steps=2",
+        "max_length=64",
+        "global_batch=16",
+        "micro_batch=8",
+        "n_boot=500",
+    ]
     p = run_cli(*args, timeout=1200)
     assert "report:" in p.stdout
     res = json.loads((out / "report.json").read_text())
@@ -117,7 +167,10 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     assert all(len(a["losses"]) == 2 for a in res["arms"].values())
     for arm in ("kd", "kd-cl-sr-paper"):
         for s in (0, 1):
-            m = [json.loads(x) for x in open(out / "runs" / f"{arm}-s{s}" / "train" / "metrics.jsonl")]
+            m = [
+                json.loads(x)
+                for x in open(out / "runs" / f"{arm}-s{s}" / "train" / "metrics.jsonl")
+            ]
             assert [x["step"] for x in m] == [1, 2, 3]
     # different seeds give different students; the same masks score every model
     ev = json.loads((out / "evals" / "kd-s0.mlm.json").read_text())
@@ -136,8 +189,17 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path):
 def test_demo_on_synthetic_corpus_and_rerun(tmp_path):
     env = {"KDCL_DATA_DIR": str(tmp_path / "no-data-here")}
     out = tmp_path / "demo"
-    args = ["demo", "--out", out, "--steps", "4", "synthetic_docs=300", "teacher_steps=3",
-            "warmup_student_steps=2", "max_length=64"]
+    args = [
+        "demo",
+        "--out",
+        out,
+        "--steps",
+        "4",
+        "synthetic_docs=300",
+        "teacher_steps=3",
+        "warmup_student_steps=2",
+        "max_length=64",
+    ]
     p = run_cli(*args, env=env, timeout=1200)
     assert "*** SYNTHETIC DATA ***" in p.stdout
     for where in ("TensorBoard logs", "curriculum plot", "metrics", "report"):
@@ -163,9 +225,17 @@ def _fake_yesno(path, gold, acc, ft_seeds, rng):
         runs.append({"test_pred": pred, "test_accuracy": float(np.mean(right))})
     accs = [r["test_accuracy"] for r in runs]
     maj = float(np.mean([g == "yes" for g in gold]))
-    path.write_text(json.dumps({
-        "per_seed": runs, "test_gold": list(gold), "accuracy": {"mean": float(np.mean(accs))},
-        "macro_f1": {"mean": 0.5}, "majority_baseline": {"label": "yes", "accuracy": maj, "macro_f1": 0.4}}))
+    path.write_text(
+        json.dumps(
+            {
+                "per_seed": runs,
+                "test_gold": list(gold),
+                "accuracy": {"mean": float(np.mean(accs))},
+                "macro_f1": {"mean": 0.5},
+                "majority_baseline": {"label": "yes", "accuracy": maj, "macro_f1": 0.4},
+            }
+        )
+    )
 
 
 def test_report_yesno_nests_finetuning_seeds_and_compares_with_majority(tmp_path):

@@ -23,7 +23,9 @@ def toks(tmp_path_factory):
     root = tmp_path_factory.mktemp("toks")
     texts = [t for _, t in corpus_docs(300)]
     train_wordpiece(iter(texts), root / "a", vocab_size=800)
-    train_wordpiece(iter(texts), root / "b", vocab_size=300)  # < what even the synthetic corpus yields
+    train_wordpiece(
+        iter(texts), root / "b", vocab_size=300
+    )  # < what even the synthetic corpus yields
     return root / "a", root / "b"
 
 
@@ -56,19 +58,43 @@ def good_lines(n: int) -> list[str]:
 
 
 def test_missing_file(tmp_path, toks, capsys):
-    rc, err = shard(capsys, "--input", tmp_path / "nope.jsonl", "--tokenizer", toks[0], "--out", tmp_path / "out")
+    rc, err = shard(
+        capsys,
+        "--input",
+        tmp_path / "nope.jsonl",
+        "--tokenizer",
+        toks[0],
+        "--out",
+        tmp_path / "out",
+    )
     assert rc == 2 and "nope.jsonl: input not found" in error_line(err)
     assert not (tmp_path / "out").exists()
 
 
 def test_empty_file(tmp_path, toks, capsys):
     (tmp_path / "empty.jsonl").write_bytes(b"")
-    rc, err = shard(capsys, "--input", tmp_path / "empty.jsonl", "--tokenizer", toks[0], "--out", tmp_path / "out")
+    rc, err = shard(
+        capsys,
+        "--input",
+        tmp_path / "empty.jsonl",
+        "--tokenizer",
+        toks[0],
+        "--out",
+        tmp_path / "out",
+    )
     assert rc == 2 and "empty.jsonl: empty file" in error_line(err)
     assert not (tmp_path / "out").exists()
     # a file of blank lines has no documents at all
     (tmp_path / "blank.jsonl").write_text("\n\n   \n")
-    rc, err = shard(capsys, "--input", tmp_path / "blank.jsonl", "--tokenizer", toks[0], "--out", tmp_path / "out")
+    rc, err = shard(
+        capsys,
+        "--input",
+        tmp_path / "blank.jsonl",
+        "--tokenizer",
+        toks[0],
+        "--out",
+        tmp_path / "out",
+    )
     assert rc == 2 and "blank.jsonl: no documents to write (0 read" in error_line(err)
     assert_nothing_partial(tmp_path / "out")
 
@@ -83,23 +109,47 @@ def test_directory_without_readable_input(tmp_path, toks, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("bad,reason,message", [
-    ("{not json", "invalid_json", "bad.jsonl:3: not valid JSON"),
-    (json.dumps({"id": "x", "abstract": "no text field"}), "missing_field", "bad.jsonl:3: record has no string field 'text'"),
-])
-def test_bad_jsonl_line_names_file_and_line_or_is_counted(tmp_path, toks, capsys, caplog, bad, reason, message):
+@pytest.mark.parametrize(
+    "bad,reason,message",
+    [
+        ("{not json", "invalid_json", "bad.jsonl:3: not valid JSON"),
+        (
+            json.dumps({"id": "x", "abstract": "no text field"}),
+            "missing_field",
+            "bad.jsonl:3: record has no string field 'text'",
+        ),
+    ],
+)
+def test_bad_jsonl_line_names_file_and_line_or_is_counted(
+    tmp_path, toks, capsys, caplog, bad, reason, message
+):
     lines = good_lines(6)
     lines.insert(2, bad)
     src = tmp_path / "bad.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    rc, err = shard(capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "2")
+    rc, err = shard(
+        capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "2"
+    )
     assert rc == 2 and message in error_line(err) and "--skip-bad-lines" in error_line(err)
     assert_nothing_partial(out)
-    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]   # the 2 documents before line 3
+    assert sorted(p.name for p in out.glob("*.tar")) == [
+        "shard-000000.tar"
+    ]  # the 2 documents before line 3
 
-    rc, err = shard(capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "2",
-                    "--skip-bad-lines", "min_tokens=0")
+    rc, err = shard(
+        capsys,
+        "--input",
+        src,
+        "--tokenizer",
+        toks[0],
+        "--out",
+        out,
+        "--shard-size",
+        "2",
+        "--skip-bad-lines",
+        "min_tokens=0",
+    )
     assert rc == 0, err
     m = json.loads((out / "dataset.json").read_text())
     assert m["dropped"][reason] == 1 and m["totals"]["input_documents"] == 7
@@ -132,10 +182,16 @@ def _medline(n: int) -> str:
     cits = []
     for i in range(n):
         body = " ".join(rng.choice(words) for _ in range(60))
-        cits.append(f'<MedlineCitation Owner="NLM" Status="MEDLINE"><PMID Version="1">{1000 + i}</PMID>'
-                    f"<Article><ArticleTitle>Title {i}.</ArticleTitle><Abstract>"
-                    f'<AbstractText Label="RESULTS">{body}</AbstractText></Abstract></Article></MedlineCitation>')
-    return '<?xml version="1.0"?>\n<MedlineCitationSet>\n' + "\n".join(cits) + "\n</MedlineCitationSet>\n"
+        cits.append(
+            f'<MedlineCitation Owner="NLM" Status="MEDLINE"><PMID Version="1">{1000 + i}</PMID>'
+            f"<Article><ArticleTitle>Title {i}.</ArticleTitle><Abstract>"
+            f'<AbstractText Label="RESULTS">{body}</AbstractText></Abstract></Article></MedlineCitation>'
+        )
+    return (
+        '<?xml version="1.0"?>\n<MedlineCitationSet>\n'
+        + "\n".join(cits)
+        + "\n</MedlineCitationSet>\n"
+    )
 
 
 def test_truncated_xml_gz(tmp_path, toks, capsys):
@@ -143,13 +199,17 @@ def test_truncated_xml_gz(tmp_path, toks, capsys):
     src = tmp_path / "pubmed26n0001.xml.gz"
     src.write_bytes(whole[: len(whole) * 2 // 3])
     out = tmp_path / "out"
-    rc, err = shard(capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "50")
+    rc, err = shard(
+        capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "50"
+    )
     line = error_line(err)
     assert rc == 2 and "pubmed26n0001.xml.gz: truncated or corrupt XML/gzip after" in line
     assert_nothing_partial(out)
     # the intact file works
     src.write_bytes(whole)
-    rc, err = shard(capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "50")
+    rc, err = shard(
+        capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "50"
+    )
     assert rc == 0, err
     assert json.loads((out / "dataset.json").read_text())["totals"]["kept_documents"] == 300
 
@@ -165,16 +225,34 @@ def test_one_megabyte_abstract(tmp_path, toks, capsys, policy):
     while len(big) < 1_000_000:
         big += " ".join(rng.choice(words) for _ in range(1000)) + " "
     big = big.strip()
-    recs = [{"id": "before", "text": "The patients were treated with aspirin for two weeks."},
-            {"id": "huge", "text": big},
-            {"id": "after", "text": "Protein expression increased in the treated cells compared to controls."}]
+    recs = [
+        {"id": "before", "text": "The patients were treated with aspirin for two weeks."},
+        {"id": "huge", "text": big},
+        {
+            "id": "after",
+            "text": "Protein expression increased in the treated cells compared to controls.",
+        },
+    ]
     src = tmp_path / "big.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     out = tmp_path / "out"
     # --min-tokens 4: the short neighbours must be kept whatever corpus trained the tokenizer
     # (with the synthetic fallback corpus, real words split into fewer, unknown pieces)
-    rc, err = shard(capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--max-length", "128",
-                    "--too-long", policy, "--min-tokens", "4")
+    rc, err = shard(
+        capsys,
+        "--input",
+        src,
+        "--tokenizer",
+        toks[0],
+        "--out",
+        out,
+        "--max-length",
+        "128",
+        "--too-long",
+        policy,
+        "--min-tokens",
+        "4",
+    )
     assert rc == 0, err
     m = json.loads((out / "dataset.json").read_text())
     s = list(ShardSet(out))
@@ -185,7 +263,9 @@ def test_one_megabyte_abstract(tmp_path, toks, capsys, policy):
     assert m["totals"]["kept_documents"] == 3 and m["totals"]["input_documents"] == 3
     assert len(full) > 100_000
     if policy == "truncate":
-        assert len(huge) == 1 and huge[0].meta["truncated"] and m["totals"]["truncated_documents"] == 1
+        assert (
+            len(huge) == 1 and huge[0].meta["truncated"] and m["totals"]["truncated_documents"] == 1
+        )
         assert huge[0].ids.tolist() == [cls] + full[:126] + [sep]
     else:
         assert len(huge) == -(-len(full) // 126) == m["totals"]["split_samples"]
@@ -199,19 +279,41 @@ def test_output_dir_from_another_tokenizer_refused_unless_overwrite(tmp_path, to
     src = tmp_path / "c.jsonl"
     src.write_text("\n".join(good_lines(30)) + "\n")
     out = tmp_path / "out"
-    rc, err = shard(capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "10")
+    rc, err = shard(
+        capsys, "--input", src, "--tokenizer", toks[0], "--out", out, "--shard-size", "10"
+    )
     assert rc == 0, err
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    rc, err = shard(capsys, "--input", src, "--tokenizer", toks[1], "--out", out, "--shard-size", "10")
+    rc, err = shard(
+        capsys, "--input", src, "--tokenizer", toks[1], "--out", out, "--shard-size", "10"
+    )
     line = error_line(err)
-    assert rc == 2 and f"{out}: holds shards made with another tokenizer" in line and "--overwrite" in line
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before          # untouched
-    rc, err = shard(capsys, "--input", src, "--tokenizer", toks[1], "--out", out, "--shard-size", "10",
-                    "--overwrite")
+    assert (
+        rc == 2
+        and f"{out}: holds shards made with another tokenizer" in line
+        and "--overwrite" in line
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    rc, err = shard(
+        capsys,
+        "--input",
+        src,
+        "--tokenizer",
+        toks[1],
+        "--out",
+        out,
+        "--shard-size",
+        "10",
+        "--overwrite",
+    )
     assert rc == 0, err
     from kdcl_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     m = json.loads((out / "dataset.json").read_text())
     assert m["tokenizer"]["fingerprint"] == tokenizer_fingerprint(load_tokenizer(str(toks[1])))
     # the trained size (a small synthetic corpus can yield fewer pieces than requested)
-    assert m["tokenizer"]["vocab_size"] == len(load_tokenizer(str(toks[1]))) != len(load_tokenizer(str(toks[0])))
+    assert (
+        m["tokenizer"]["vocab_size"]
+        == len(load_tokenizer(str(toks[1])))
+        != len(load_tokenizer(str(toks[0])))
+    )

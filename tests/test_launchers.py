@@ -36,7 +36,13 @@ from _curriculum_fixture import free_port
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launcher"
 TESTS = Path(__file__).resolve().parent
-SCRIPTS = ["local_cpu.sh", "deepspeed_hostfile.sh", "deepspeed_node.sh", "mpirun.sh", "slurm.sbatch"]
+SCRIPTS = [
+    "local_cpu.sh",
+    "deepspeed_hostfile.sh",
+    "deepspeed_node.sh",
+    "mpirun.sh",
+    "slurm.sbatch",
+]
 TIMEOUT = 900  # a fresh machine JIT-builds DeepSpeed's CPU comm op on first use (~1 min on 2 cores)
 
 TRAIN_STEPS = 4
@@ -44,10 +50,24 @@ TRAIN_STEPS = 4
 
 def base_env(**extra) -> dict:
     e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-             TRANSFORMERS_OFFLINE="1", PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    e.update(
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHON=sys.executable,
+        CUDA_VISIBLE_DEVICES="",
+    )
     # Nothing from an outer launcher may leak into the jobs we start.
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "HOSTFILE"):
+    for k in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NODE_RANK",
+        "HOSTFILE",
+    ):
         e.pop(k, None)
     e.update({k: str(v) for k, v in extra.items()})
     return e
@@ -64,8 +84,15 @@ def _kill_group(p: subprocess.Popen) -> None:
 
 
 def run(cmd, env=None, cwd=None, timeout=TIMEOUT, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([str(c) for c in cmd], env=env or base_env(), cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        env=env or base_env(),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -73,8 +100,10 @@ def run(cmd, env=None, cwd=None, timeout=TIMEOUT, check=True) -> subprocess.Comp
         raise
     p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n"
-                             f"--- stdout\n{p.stdout[-6000:]}\n--- stderr\n{p.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n"
+            f"--- stdout\n{p.stdout[-6000:]}\n--- stderr\n{p.stderr[-6000:]}"
+        )
     return p
 
 
@@ -86,12 +115,36 @@ def run_two_nodes(stage_args, workdir: Path, env=None, timeout=TIMEOUT) -> list[
     env = env or base_env()
     procs = []
     for node in (0, 1):
-        cmd = [LAUNCHER / "deepspeed_node.sh", "--hostfile", hostfile, "--node-rank", node,
-               "--master-addr", "127.0.0.1", "--master-port", port, "--num-nodes", 2, "--gpus-per-node", 1,
-               *stage_args]
+        cmd = [
+            LAUNCHER / "deepspeed_node.sh",
+            "--hostfile",
+            hostfile,
+            "--node-rank",
+            node,
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            "--num-nodes",
+            2,
+            "--gpus-per-node",
+            1,
+            *stage_args,
+        ]
         log = open(workdir / f"node{node}.log", "w")
-        procs.append((subprocess.Popen([str(c) for c in cmd], env=env, cwd=workdir, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [str(c) for c in cmd],
+                    env=env,
+                    cwd=workdir,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ),
+                log,
+            )
+        )
     deadline = time.time() + timeout
     rcs = []
     try:
@@ -105,8 +158,10 @@ def run_two_nodes(stage_args, workdir: Path, env=None, timeout=TIMEOUT) -> list[
             log.close()
     logs = [(workdir / f"node{n}.log").read_text() for n in (0, 1)]
     if any(rcs):
-        raise AssertionError(f"2-node job failed (exit codes {rcs}):\n" + "\n".join(
-            f"--- node{n}\n{text[-5000:]}" for n, text in enumerate(logs)))
+        raise AssertionError(
+            f"2-node job failed (exit codes {rcs}):\n"
+            + "\n".join(f"--- node{n}\n{text[-5000:]}" for n, text in enumerate(logs))
+        )
     return logs
 
 
@@ -124,17 +179,28 @@ def test_help_from_any_directory(script, tmp_path):
     assert os.access(LAUNCHER / script, os.X_OK)
 
 
-@pytest.mark.parametrize("script,args,message", [
-    ("local_cpu.sh", [], "no stage given"),
-    ("local_cpu.sh", ["-n", "zero", "score"], "not a positive integer"),
-    ("local_cpu.sh", ["--launcher", "srun", "score"], "not one of torchrun, deepspeed"),
-    ("deepspeed_hostfile.sh", ["score"], "--hostfile is required"),
-    ("deepspeed_hostfile.sh", ["--hostfile", "/nonexistent/hosts", "score"], "does not exist"),
-    ("deepspeed_node.sh", ["--hostfile", "HOSTFILE", "--master-addr", "127.0.0.1", "score"], "--node-rank is required"),
-    ("deepspeed_node.sh", ["--hostfile", "HOSTFILE", "--node-rank", "0", "score"], "--master-addr is required"),
-    ("mpirun.sh", ["--bogus", "score"], "unknown option --bogus"),
-    ("slurm.sbatch", ["score"], "not inside a Slurm allocation"),
-])
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("local_cpu.sh", [], "no stage given"),
+        ("local_cpu.sh", ["-n", "zero", "score"], "not a positive integer"),
+        ("local_cpu.sh", ["--launcher", "srun", "score"], "not one of torchrun, deepspeed"),
+        ("deepspeed_hostfile.sh", ["score"], "--hostfile is required"),
+        ("deepspeed_hostfile.sh", ["--hostfile", "/nonexistent/hosts", "score"], "does not exist"),
+        (
+            "deepspeed_node.sh",
+            ["--hostfile", "HOSTFILE", "--master-addr", "127.0.0.1", "score"],
+            "--node-rank is required",
+        ),
+        (
+            "deepspeed_node.sh",
+            ["--hostfile", "HOSTFILE", "--node-rank", "0", "score"],
+            "--master-addr is required",
+        ),
+        ("mpirun.sh", ["--bogus", "score"], "unknown option --bogus"),
+        ("slurm.sbatch", ["score"], "not inside a Slurm allocation"),
+    ],
+)
 def test_clear_errors(script, args, message, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("a slots=1\nb slots=1\n")
@@ -175,10 +241,15 @@ def read_probe(out: Path, world: int) -> list[dict]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("deepspeed", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "launcher", ["torchrun", pytest.param("deepspeed", marks=pytest.mark.slow)]
+)
 def test_local_cpu_probe(launcher, tmp_path):
-    run([LAUNCHER / "local_cpu.sh", "--launcher", launcher, "-n", 2, tmp_path / "out"],
-        env=probe_env(), cwd=tmp_path)
+    run(
+        [LAUNCHER / "local_cpu.sh", "--launcher", launcher, "-n", 2, tmp_path / "out"],
+        env=probe_env(),
+        cwd=tmp_path,
+    )
     me = read_probe(tmp_path / "out", 2)
     assert [m["local_rank"] for m in me] == [0, 1]
     assert all(m["master"].startswith("127.0.0.1:") for m in me)
@@ -213,11 +284,11 @@ for node in range(nodes):
 sys.exit(max(p.wait() for p in procs))
 '''
 
-FAKE_SCONTROL = r'''#!/bin/sh
+FAKE_SCONTROL = r"""#!/bin/sh
 # Stand-in for `scontrol show hostnames LIST`: node0 .. node{{N-1}} for N = SLURM_NNODES.
 [ "$1 $2" = "show hostnames" ] || {{ echo "fake scontrol: unsupported: $*" >&2; exit 1; }}
 i=0; while [ $i -lt "$SLURM_NNODES" ]; do echo "node$i"; i=$((i+1)); done
-'''
+"""
 
 
 def fake_slurm(tmp_path: Path, nnodes: int, ntasks: int, **extra) -> dict:
@@ -227,10 +298,19 @@ def fake_slurm(tmp_path: Path, nnodes: int, ntasks: int, **extra) -> dict:
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL.format())
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = probe_env(SLURM_JOB_ID=4242, SLURM_JOB_NODELIST=f"node[0-{nnodes - 1}]", SLURM_NNODES=nnodes,
-                    SLURM_NTASKS=ntasks, SLURM_SUBMIT_DIR=tmp_path, GPUS_PER_NODE=ntasks // nnodes,
-                    KDCL_MASTER_ADDR="127.0.0.1", KDCL_MASTER_PORT=free_port(),
-                    FAKE_SRUN_LOG=tmp_path / "srun.log", TMPDIR=tmp_path, **extra)
+    env = probe_env(
+        SLURM_JOB_ID=4242,
+        SLURM_JOB_NODELIST=f"node[0-{nnodes - 1}]",
+        SLURM_NNODES=nnodes,
+        SLURM_NTASKS=ntasks,
+        SLURM_SUBMIT_DIR=tmp_path,
+        GPUS_PER_NODE=ntasks // nnodes,
+        KDCL_MASTER_ADDR="127.0.0.1",
+        KDCL_MASTER_PORT=free_port(),
+        FAKE_SRUN_LOG=tmp_path / "srun.log",
+        TMPDIR=tmp_path,
+        **extra,
+    )
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     return env
 
@@ -268,16 +348,57 @@ def _have(module: str) -> bool:
 
 
 def score_args(assets, out: Path) -> list:
-    return ["score", "--shards", assets["shards"], "--model", assets["student"], "--out", out,
-            "--masks", 2, "--seed", 7, "--no-progress"]
+    return [
+        "score",
+        "--shards",
+        assets["shards"],
+        "--model",
+        assets["student"],
+        "--out",
+        out,
+        "--masks",
+        2,
+        "--seed",
+        7,
+        "--no-progress",
+    ]
 
 
 def train_args(assets, curriculum: Path, out: Path) -> list:
-    return ["train", "--curriculum", curriculum, "--student", assets["student"], "--teacher", assets["teacher"],
-            "--out", out, "--order", "sequential", "--reliance", "constant", "--lambda", 0.5,
-            "--global-batch", 8, "--micro-batch", 4, "--steps", TRAIN_STEPS, "--save-every", 0,
-            "--num-workers", 0, "--seed", 11, "--resume", "none", "--ds-config", REPO / "ds_configs" / "zero2.json",
-            "warmup_steps=1"]
+    return [
+        "train",
+        "--curriculum",
+        curriculum,
+        "--student",
+        assets["student"],
+        "--teacher",
+        assets["teacher"],
+        "--out",
+        out,
+        "--order",
+        "sequential",
+        "--reliance",
+        "constant",
+        "--lambda",
+        0.5,
+        "--global-batch",
+        8,
+        "--micro-batch",
+        4,
+        "--steps",
+        TRAIN_STEPS,
+        "--save-every",
+        0,
+        "--num-workers",
+        0,
+        "--seed",
+        11,
+        "--resume",
+        "none",
+        "--ds-config",
+        REPO / "ds_configs" / "zero2.json",
+        "warmup_steps=1",
+    ]
 
 
 def read_scores(scores_dir: Path) -> dict[str, float]:
@@ -311,21 +432,53 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_assets, tmp_path_factory):
     """One node, 2 processes (torchrun via launcher/local_cpu.sh): scores, curriculum, 4 steps."""
-    for m in ("kdcl_dist.commands.score", "kdcl_dist.commands.curriculum", "kdcl_dist.commands.train"):
+    for m in (
+        "kdcl_dist.commands.score",
+        "kdcl_dist.commands.curriculum",
+        "kdcl_dist.commands.train",
+    ):
         if not _have(m):
             pytest.skip(f"{m} is not there yet")
     work = tmp_path_factory.mktemp("ref")
     run([LAUNCHER / "local_cpu.sh", "-n", 2, *score_args(tiny_assets, work / "scores")], cwd=work)
-    run([sys.executable, "-m", "kdcl_dist", "curriculum", "--shards", tiny_assets["shards"],
-         "--scores", work / "scores", "--out", work / "curriculum"], env=base_env(), cwd=work)
-    run([LAUNCHER / "local_cpu.sh", "-n", 2, *train_args(tiny_assets, work / "curriculum", work / "train")], cwd=work)
-    ref = {"work": work, "scores": read_scores(work / "scores"), "curriculum": work / "curriculum",
-           "weights": final_weights(work / "train")}
+    run(
+        [
+            sys.executable,
+            "-m",
+            "kdcl_dist",
+            "curriculum",
+            "--shards",
+            tiny_assets["shards"],
+            "--scores",
+            work / "scores",
+            "--out",
+            work / "curriculum",
+        ],
+        env=base_env(),
+        cwd=work,
+    )
+    run(
+        [
+            LAUNCHER / "local_cpu.sh",
+            "-n",
+            2,
+            *train_args(tiny_assets, work / "curriculum", work / "train"),
+        ],
+        cwd=work,
+    )
+    ref = {
+        "work": work,
+        "scores": read_scores(work / "scores"),
+        "curriculum": work / "curriculum",
+        "weights": final_weights(work / "train"),
+    }
     # The comparison means something only if training moved the weights.
     from kdcl_dist.kd.models import load_mlm
 
     init = load_mlm(str(tiny_assets["student"])).state_dict()
-    moved = [k for k, v in ref["weights"].items() if k in init and not bool((init[k].float() == v).all())]
+    moved = [
+        k for k, v in ref["weights"].items() if k in init and not bool((init[k].float() == v).all())
+    ]
     assert moved, "training did not change any student weight"
     assert len(ref["scores"]) > 0
     return ref
@@ -339,7 +492,9 @@ def test_two_nodes_on_one_machine_match_one_node(reference, tiny_assets, tmp_pat
     assert got.keys() == reference["scores"].keys()
     assert got == reference["scores"]
 
-    logs = run_two_nodes(train_args(tiny_assets, reference["curriculum"], tmp_path / "train"), tmp_path)
+    logs = run_two_nodes(
+        train_args(tiny_assets, reference["curriculum"], tmp_path / "train"), tmp_path
+    )
     assert all("nnodes=2, num_local_procs=1" in log for log in logs)
     assert_same_weights(final_weights(tmp_path / "train"), reference["weights"])
 
@@ -375,8 +530,20 @@ def test_mpirun_probe(tmp_path):
     if reason:
         pytest.skip(reason)
     port = free_port()
-    run([LAUNCHER / "mpirun.sh", "-np", 2, "--master-addr", "127.0.0.1", "--master-port", port, tmp_path / "out"],
-        env=probe_env(), cwd=tmp_path)
+    run(
+        [
+            LAUNCHER / "mpirun.sh",
+            "-np",
+            2,
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            tmp_path / "out",
+        ],
+        env=probe_env(),
+        cwd=tmp_path,
+    )
     me = read_probe(tmp_path / "out", 2)
     assert [m["local_rank"] for m in me] == [0, 1]
     assert all(m["master"] == f"127.0.0.1:{port}" for m in me)
@@ -394,8 +561,10 @@ def netns_hosts_or_skip(tmp_path: Path):
         netns_ssh.install_tools()
         reason = netns_ssh.unavailable_reason()
     if reason:
-        pytest.skip(f"pdsh/ssh multi-host test: {reason}; CI installs openssh-server and pdsh "
-                    "(or set KDCL_TEST_INSTALL_SSH=1 to let this test apt-get them)")
+        pytest.skip(
+            f"pdsh/ssh multi-host test: {reason}; CI installs openssh-server and pdsh "
+            "(or set KDCL_TEST_INSTALL_SSH=1 to let this test apt-get them)"
+        )
     return netns_ssh.two_hosts(tmp_path / "hosts")
 
 
@@ -413,29 +582,49 @@ def test_pdsh_ssh_two_namespaces(reference, tiny_assets, tmp_path):
         ds_env = tmp_path / "deepspeed_env"
         # PATH too: an ssh session starts with the login PATH, where another `ninja` would make
         # DeepSpeed rebuild its JIT comm op (ninja versions disagree about the build log).
-        ds_env.write_text("\n".join([
-            f"PATH={Path(sys.executable).parent}:{os.environ['PATH']}",
-            f"GLOO_SOCKET_IFNAME={hosts.ifname}", "OMP_NUM_THREADS=1", "TOKENIZERS_PARALLELISM=false",
-            "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "KDCL_PROBE_ENV=propagated",
-        ]) + "\n")
+        ds_env.write_text(
+            "\n".join(
+                [
+                    f"PATH={Path(sys.executable).parent}:{os.environ['PATH']}",
+                    f"GLOO_SOCKET_IFNAME={hosts.ifname}",
+                    "OMP_NUM_THREADS=1",
+                    "TOKENIZERS_PARALLELISM=false",
+                    "HF_HUB_OFFLINE=1",
+                    "TRANSFORMERS_OFFLINE=1",
+                    "KDCL_PROBE_ENV=propagated",
+                ]
+            )
+            + "\n"
+        )
         env = hosts.env(base_env(DS_ENV_FILE=ds_env))
-        launch = [*hosts.exec_prefix(0), LAUNCHER / "deepspeed_hostfile.sh", "--hostfile", hostfile,
-                  "--master-port", free_port()]
+        launch = [
+            *hosts.exec_prefix(0),
+            LAUNCHER / "deepspeed_hostfile.sh",
+            "--hostfile",
+            hostfile,
+            "--master-port",
+            free_port(),
+        ]
 
         # 1) a probe: ranks on distinct hosts, environment propagated
         penv = dict(env, KDCL_MODULE="launch_probe", PYTHONPATH=str(TESTS))
         p = run([*launch, tmp_path / "probe"], env=penv, cwd=tmp_path)
         me = read_probe(tmp_path / "probe", 2)
         assert me[0]["netns"] != me[1]["netns"], "both ranks ran in the same network namespace"
-        assert all(m["master"].startswith(f"{hosts.addrs[0]}:") for m in me)  # from `ssh host0 hostname -I`
+        assert all(
+            m["master"].startswith(f"{hosts.addrs[0]}:") for m in me
+        )  # from `ssh host0 hostname -I`
         assert all(m["env_probe"] == "propagated" for m in me)
         assert all(m["cwd"] == str(tmp_path) for m in me)  # the launch directory, on every host
         assert f"{hosts.addrs[1]}: " in p.stdout  # pdsh prefixes each remote line with its host
 
         # 2) the real job: a few training steps, same weights as the one-node reference
         launch[-1] = free_port()
-        p = run([*launch, *train_args(tiny_assets, reference["curriculum"], tmp_path / "train")],
-                env=env, cwd=tmp_path)
+        p = run(
+            [*launch, *train_args(tiny_assets, reference["curriculum"], tmp_path / "train")],
+            env=env,
+            cwd=tmp_path,
+        )
         for a in hosts.addrs:
             assert f"{a}: " in p.stdout
         assert_same_weights(final_weights(tmp_path / "train"), reference["weights"])

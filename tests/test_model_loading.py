@@ -23,8 +23,15 @@ def tiny_bert_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(d)
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=300,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).save_pretrained(d)
     return d
 
 
@@ -45,9 +52,15 @@ def test_concurrent_loads_give_complete_tied_models(tiny_bert_dir):
                 continue
             if _meta_tensors(m):
                 problems.append(f"meta: {_meta_tensors(m)[:2]}")
-            elif m.cls.predictions.decoder.weight.data_ptr() != m.bert.embeddings.word_embeddings.weight.data_ptr():
+            elif (
+                m.cls.predictions.decoder.weight.data_ptr()
+                != m.bert.embeddings.word_embeddings.weight.data_ptr()
+            ):
                 problems.append("decoder not tied to the word embeddings")
-            elif not torch.equal(m.bert.embeddings.word_embeddings.weight, reference.bert.embeddings.word_embeddings.weight):
+            elif not torch.equal(
+                m.bert.embeddings.word_embeddings.weight,
+                reference.bert.embeddings.word_embeddings.weight,
+            ):
                 problems.append("weights differ from a single-threaded load")
 
     threads = [threading.Thread(target=load_several) for _ in range(4)]
@@ -62,7 +75,16 @@ def test_a_model_left_on_the_meta_device_is_refused_by_name():
     from transformers import BertConfig, BertForMaskedLM
 
     with torch.device("meta"):
-        m = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=16))
-    with pytest.raises(UserError, match=r"some/model: \d+ tensors were not loaded .*bert\.embeddings"):
+        m = BertForMaskedLM(
+            BertConfig(
+                vocab_size=50,
+                hidden_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=16,
+            )
+        )
+    with pytest.raises(
+        UserError, match=r"some/model: \d+ tensors were not loaded .*bert\.embeddings"
+    ):
         check_materialized(m, "some/model")

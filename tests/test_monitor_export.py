@@ -13,7 +13,9 @@ from kdcl_dist.monitor import Monitor, NullMonitor, read_metrics, read_tensorboa
 def test_monitor_writes_and_resumes_without_duplicates(tmp_path):
     m = Monitor(tmp_path, 0, 6)
     for step in range(1, 6):
-        m.log(step, {"loss": 10.0 - step, "lambda": 0.1 * step, "agreement": float("nan"), "epoch": 0})
+        m.log(
+            step, {"loss": 10.0 - step, "lambda": 0.1 * step, "agreement": float("nan"), "epoch": 0}
+        )
     m.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -44,14 +46,16 @@ def test_monitor_other_ranks_are_noops(tmp_path):
 
 
 def test_monitor_explicit_start_step(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 9)))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s}) + "\n" for s in range(1, 9))
+    )
     Monitor(tmp_path, 0, 10, start_step=5, tensorboard=False, progress=False).close()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
 
 
 # ---- export ------------------------------------------------------------------------------
 
-_TRAIN_SCRIPT = r'''
+_TRAIN_SCRIPT = r"""
 import json, os, socket, sys
 from pathlib import Path
 with socket.socket() as s:
@@ -85,11 +89,12 @@ ids = torch.randint(5, V, (3, 20), generator=torch.Generator().manual_seed(2))
 with torch.no_grad():
     logits = engine(input_ids=ids).logits
 torch.save({"ids": ids, "logits": logits.float()}, out / "ref.pt")
-'''
+"""
 
 
-@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2,
-                                   pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage", [pytest.param(0, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)]
+)
 def test_export_matches_trained_student(stage, tiny_assets, tmp_path):
     import os
     import subprocess
@@ -103,12 +108,26 @@ def test_export_matches_trained_student(stage, tiny_assets, tmp_path):
     train_out = tmp_path / "train"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    p = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(tiny_assets["student"]), str(train_out), str(stage)],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _TRAIN_SCRIPT,
+            str(tiny_assets["student"]),
+            str(train_out),
+            str(stage),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ref = torch.load(train_out / "ref.pt")
     run_cli("export", "--checkpoint", train_out, "--out", tmp_path / "hf")
-    assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+    assert (tmp_path / "hf" / "model.safetensors").exists() and (
+        tmp_path / "hf" / "tokenizer.json"
+    ).exists()
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         logits = model(input_ids=ref["ids"]).logits
@@ -133,7 +152,12 @@ def test_export_errors(tmp_path, tiny_assets):
     with pytest.raises(UserError, match="student config not found"):
         export_checkpoint(tmp_path / "run", tmp_path / "o", tag="global_step4")
     with pytest.raises(UserError, match="mp_rank_00_model_states"):
-        export_checkpoint(tmp_path / "run", tmp_path / "o", tag="global_step4", student=str(tiny_assets["student"]))
+        export_checkpoint(
+            tmp_path / "run",
+            tmp_path / "o",
+            tag="global_step4",
+            student=str(tiny_assets["student"]),
+        )
 
 
 def test_bench_flop_model_matches_torch_counter():
@@ -143,13 +167,18 @@ def test_bench_flop_model_matches_torch_counter():
 
     from kdcl_dist.bench.train import Stepper, build_models, forward_flops, make_batch
 
-    preset = {"teacher": {"layers": 1, "hidden": 32, "heads": 2, "ffn": 64},
-              "student": {"layers": 2, "hidden": 32, "heads": 2, "ffn": 48}, "vocab": 300}
+    preset = {
+        "teacher": {"layers": 1, "hidden": 32, "heads": 2, "ffn": 64},
+        "student": {"layers": 2, "hidden": 32, "heads": 2, "ffn": 48},
+        "vocab": 300,
+    }
     teacher, student = build_models(preset)
     batch = make_batch(300, 3, 40)
     st = Stepper(teacher.eval(), student.train(), batch, torch.device("cpu"), torch.float32, 2.0)
     with FlopCounterMode(display=False) as fc:
         st._masked(st.s_enc, st.s_head, st.ids, st.attn).sum().backward()
-    assert fc.get_total_flops() == 3 * forward_flops(preset["student"], 300, 120, 40, len(st.labels))
+    assert fc.get_total_flops() == 3 * forward_flops(
+        preset["student"], 300, 120, 40, len(st.labels)
+    )
     st.step("kd")  # every variant runs
     st.step("kd_full")

@@ -38,7 +38,11 @@ def test_sequential_four_ranks_contiguous_and_epochs():
     # 103 = 6 x 16 + 7: batch 6 ends epoch 0 (its hardest 7) and starts epoch 1 (its easiest 9)
     keys = np.concatenate([k for s in samplers for k in s.rank_micro_batch_keys(6)])
     np.testing.assert_array_equal(keys, np.r_[96:103, n + np.arange(9)])
-    assert epoch_of(spec, n, B, 6) == 0 and epoch_of(spec, n, B, 7) == 1 and epoch_of(spec, n, B, 13) == 2
+    assert (
+        epoch_of(spec, n, B, 6) == 0
+        and epoch_of(spec, n, B, 7) == 1
+        and epoch_of(spec, n, B, 13) == 2
+    )
 
 
 @pytest.mark.parametrize("mode", ["sequential", "reverse", "random"])
@@ -47,7 +51,10 @@ def test_every_sample_trained_once_per_epoch(mode, world):
     """No sample is left out: over the stream, epoch e's items are each position exactly once."""
     n, B = 101, 8
     spec = OrderSpec(mode, seed=5)
-    samplers = [CurriculumSampler(n, B, B // world // 2 if world < 4 else 2, world, r, spec) for r in range(world)]
+    samplers = [
+        CurriculumSampler(n, B, B // world // 2 if world < 4 else 2, world, r, spec)
+        for r in range(world)
+    ]
     epochs = 3
     steps = steps_for_epochs(n, B, epochs)
     seen = {}
@@ -74,13 +81,19 @@ def test_pacing_distinct_samples_rule(world):
     spec = OrderSpec("pacing-root", seed=3, pacing_f0=0.2)
     steps = n // B
     samplers = [CurriculumSampler(n, B, 2, world, r, spec) for r in range(world)]
-    trained = [p for t in range(steps) for s in samplers for mb in s.rank_micro_batches(t) for p in mb.tolist()]
+    trained = [
+        p
+        for t in range(steps)
+        for s in samplers
+        for mb in s.rank_micro_batches(t)
+        for p in mb.tolist()
+    ]
     drawn = np.concatenate([global_batch_positions(spec, n, B, t) for t in range(steps)])
     assert trained == drawn.tolist()
     seen = distinct_positions_seen(spec, n, B, steps)
     assert seen.sum() == len(set(trained)) < n  # some samples are never drawn in epoch 0
     for k in (0, 1, 7):  # the training loop's incremental count equals the rebuilt one at any step
-        assert distinct_positions_seen(spec, n, B, k).sum() == len(set(drawn[:k * B].tolist()))
+        assert distinct_positions_seen(spec, n, B, k).sum() == len(set(drawn[: k * B].tolist()))
 
 
 def test_reverse_and_random():
@@ -92,9 +105,13 @@ def test_reverse_and_random():
     e1 = np.concatenate([global_batch_positions(spec, n, B, t) for t in range(5, 10)])
     assert sorted(e0.tolist()) == list(range(n)) and sorted(e1.tolist()) == list(range(n))
     assert not np.array_equal(e0, e1)
-    again = np.concatenate([global_batch_positions(OrderSpec("random", seed=3), n, B, t) for t in range(5)])
+    again = np.concatenate(
+        [global_batch_positions(OrderSpec("random", seed=3), n, B, t) for t in range(5)]
+    )
     np.testing.assert_array_equal(e0, again)
-    other = np.concatenate([global_batch_positions(OrderSpec("random", seed=4), n, B, t) for t in range(5)])
+    other = np.concatenate(
+        [global_batch_positions(OrderSpec("random", seed=4), n, B, t) for t in range(5)]
+    )
     assert not np.array_equal(e0, other)
 
 
@@ -102,8 +119,11 @@ def test_reverse_and_random():
 def test_pacing_pool(mode):
     f0, T, n, B = 0.2, 10, 1000, 32
     spec = OrderSpec(mode, seed=7, pacing_f0=f0, pacing_steps=T)
-    ref = {"pacing-linear": lambda x: f0 + (1 - f0) * x, "pacing-root": lambda x: f0 + (1 - f0) * math.sqrt(x),
-           "pacing-exp": lambda x: f0 * (1 / f0) ** x}[mode]
+    ref = {
+        "pacing-linear": lambda x: f0 + (1 - f0) * x,
+        "pacing-root": lambda x: f0 + (1 - f0) * math.sqrt(x),
+        "pacing-exp": lambda x: f0 * (1 / f0) ** x,
+    }[mode]
     prev = 0
     for t in range(15):
         f = pool_fraction(spec, t)
@@ -114,7 +134,9 @@ def test_pacing_pool(mode):
         pos = global_batch_positions(spec, n, B, t)
         assert pos.dtype == np.int64 and len(pos) == B and len(set(pos.tolist())) == B
         assert pos.min() >= 0 and pos.max() < k
-        np.testing.assert_array_equal(pos, global_batch_positions(OrderSpec(mode, 7, f0, T), n, B, t))
+        np.testing.assert_array_equal(
+            pos, global_batch_positions(OrderSpec(mode, 7, f0, T), n, B, t)
+        )
     assert pool_fraction(spec, T) == 1.0
     # uniform inside the pool: late steps reach the hardest samples
     late = np.concatenate([global_batch_positions(spec, n, B, t) for t in range(10, 40)])
@@ -136,7 +158,9 @@ def test_pacing_default_steps_and_bad_specs():
 
 
 def test_sampler_divisibility_error_names_numbers():
-    with pytest.raises(UserError, match=r"train.global_batch: 30 .* micro_batch 4 x world size 2 = 8"):
+    with pytest.raises(
+        UserError, match=r"train.global_batch: 30 .* micro_batch 4 x world size 2 = 8"
+    ):
         CurriculumSampler(100, 30, 4, 2, 0, OrderSpec("sequential"))
 
 
@@ -145,12 +169,24 @@ def test_state_dict_roundtrip_and_refusals():
     s = CurriculumSampler(100, 8, 2, 2, 1, spec)
     s.consumed_samples = 24
     sd = s.state_dict()
-    assert set(sd) == {"consumed_samples", "n_samples", "global_batch", "mode", "seed", "pacing_f0", "pacing_steps"}
+    assert set(sd) == {
+        "consumed_samples",
+        "n_samples",
+        "global_batch",
+        "mode",
+        "seed",
+        "pacing_f0",
+        "pacing_steps",
+    }
     t = CurriculumSampler(100, 8, 4, 1, 0, OrderSpec("random", seed=1))  # other world size: fine
     t.load_state_dict(sd)
     assert t.consumed_samples == 24 and t.step == 3
-    for kw, bad in [({"n_samples": 101}, "n_samples"), ({"seed": 2}, "seed"), ({"mode": "sequential"}, "mode"),
-                    ({"global_batch": 16}, "global_batch")]:
+    for kw, bad in [
+        ({"n_samples": 101}, "n_samples"),
+        ({"seed": 2}, "seed"),
+        ({"mode": "sequential"}, "mode"),
+        ({"global_batch": 16}, "global_batch"),
+    ]:
         with pytest.raises(UserError, match=bad):
             t.load_state_dict({**sd, **kw})
     p = CurriculumSampler(100, 8, 4, 1, 0, OrderSpec("pacing-root", pacing_steps=5))
@@ -204,8 +240,9 @@ def test_dataset_through_workers(curriculum, tiny_assets):
     steps = [0, sampler.steps_per_epoch]  # epoch 0 and epoch 1 of the same batch
 
     batches = [mb.tolist() for st in steps for mb in sampler.rank_micro_batch_keys(st)]
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=2,
-                                         collate_fn=lambda b: collate(b, tok.pad_token_id))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=batches, num_workers=2, collate_fn=lambda b: collate(b, tok.pad_token_id)
+    )
     got = list(loader)
     assert len(got) == 2 * sampler.grad_accum
     mspec = MaskSpec.from_tokenizer(tok)
@@ -215,15 +252,21 @@ def test_dataset_through_workers(curriculum, tiny_assets):
         for i, p in enumerate(pos.tolist()):
             s = shards.get(p)
             epoch = int(mb["epochs"][i])
-            ids, labels = mask_sample(s.ids, s.meta["id"], draw=epoch, purpose="train", seed=11, spec=mspec)
+            ids, labels = mask_sample(
+                s.ids, s.meta["id"], draw=epoch, purpose="train", seed=11, spec=mspec
+            )
             k = len(ids)
             assert torch.equal(mb["input_ids"][i, :k], torch.as_tensor(ids))
             assert torch.equal(mb["labels"][i, :k], torch.as_tensor(labels))
             assert int(mb["attention_mask"][i].sum()) == k
-            assert (mb["labels"][i, k:] == -100).all() and (mb["input_ids"][i, k:] == tok.pad_token_id).all()
+            assert (mb["labels"][i, k:] == -100).all() and (
+                mb["input_ids"][i, k:] == tok.pad_token_id
+            ).all()
             assert mb["scores"][i].item() == pytest.approx(s.meta["score"])
     # same samples, another epoch: a fresh mask draw
-    assert [int(e) for e in got[0]["epochs"]] == [0] * 4 and [int(e) for e in got[2]["epochs"]] == [1] * 4
+    assert [int(e) for e in got[0]["epochs"]] == [0] * 4 and [int(e) for e in got[2]["epochs"]] == [
+        1
+    ] * 4
     np.testing.assert_array_equal(got[0]["positions"], got[2]["positions"])
     assert not torch.equal(got[0]["labels"], got[2]["labels"])
     # scores ascend along the curriculum order

@@ -48,12 +48,13 @@ def umask():
 
 # ---- modes -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o027, 0o077])
 def test_writers_honour_the_umask(tmp_path, umask, mask):
     umask(mask)
     assert current_umask() == mask
     with atomic_path(tmp_path / "a.bin") as tmp:
-        assert _mode(tmp) == 0o666 & ~mask   # the temporary file already has its final mode
+        assert _mode(tmp) == 0o666 & ~mask  # the temporary file already has its final mode
         tmp.write_bytes(b"x")
     write_json_atomic(tmp_path / "sub" / "b.json", {"k": 1})
     d = make_temp_dir(tmp_path, ".tmp-d.")
@@ -77,7 +78,7 @@ def test_apply_umask_modes_repairs_a_library_written_tree(tmp_path, umask):
     apply_umask_modes(root)
     assert _mode(root) == 0o775 and _mode(root / "sub") == 0o775
     assert _mode(root / "model.safetensors") == 0o664 and _mode(root / "config.json") == 0o664
-    assert _mode(root / "sub" / "run.sh") == 0o775   # stays executable
+    assert _mode(root / "sub" / "run.sh") == 0o775  # stays executable
 
 
 def test_init_model_dir_weights_are_readable_by_the_group(tiny_assets, tmp_path, umask):
@@ -87,14 +88,20 @@ def test_init_model_dir_weights_are_readable_by_the_group(tiny_assets, tmp_path,
     from kdcl_dist.kd.models import init_model_dir
 
     umask(0o002)
-    init_model_dir(TINY_STUDENT, load_tokenizer(str(tiny_assets["tokenizer"])), tmp_path / "m", seed=0,
-                   max_positions=64)
+    init_model_dir(
+        TINY_STUDENT,
+        load_tokenizer(str(tiny_assets["tokenizer"])),
+        tmp_path / "m",
+        seed=0,
+        max_positions=64,
+    )
     modes = {p.name: _mode(p) for p in (tmp_path / "m").iterdir()}
-    assert modes["model.safetensors"] == 0o664, modes   # safetensors itself writes 0600
+    assert modes["model.safetensors"] == 0o664, modes  # safetensors itself writes 0600
     assert set(modes.values()) == {0o664}, modes
 
 
 # ---- check_output_path ------------------------------------------------------------------------
+
 
 def _err(*a, **k) -> str:
     with pytest.raises(UserError) as e:
@@ -109,7 +116,9 @@ def test_check_output_path_accepts_what_can_be_written(tmp_path):
     (tmp_path / "f.json").write_text("{}")
     assert check_output_path(tmp_path / "d") == tmp_path / "d"
     assert check_output_path(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
-    assert check_output_path(tmp_path / "f.json", "file") == tmp_path / "f.json"   # overwritten on success
+    assert (
+        check_output_path(tmp_path / "f.json", "file") == tmp_path / "f.json"
+    )  # overwritten on success
     assert check_output_path(tmp_path / "new" / "r.json", "file")
     assert check_output_path(tmp_path / "d", "dir", replace=True)
     assert not (tmp_path / "new").exists(), "the check must not create anything"
@@ -118,14 +127,20 @@ def test_check_output_path_accepts_what_can_be_written(tmp_path):
 def test_check_output_path_refusals(tmp_path):
     f = tmp_path / "f.json"
     f.write_text("{}")
-    assert _err(f) == f"{f}: exists and is a file; --out must name a directory: remove the file or choose another --out"
-    assert _err(f / "x", "dir") == (f"{f / 'x'}: cannot create --out here, {f} is a file, not a directory; "
-                                    "choose another --out")
+    assert (
+        _err(f)
+        == f"{f}: exists and is a file; --out must name a directory: remove the file or choose another --out"
+    )
+    assert _err(f / "x", "dir") == (
+        f"{f / 'x'}: cannot create --out here, {f} is a file, not a directory; choose another --out"
+    )
     assert _err(f / "a" / "r.json", "file", key="--per-sample") == (
         f"{f / 'a' / 'r.json'}: cannot create --per-sample here, {f} is a file, not a directory; choose another "
-        "--per-sample")
-    assert _err(tmp_path, "file") == (f"{tmp_path}: is a directory; --out must name a file "
-                                      f"(e.g. {tmp_path / 'result.json'})")
+        "--per-sample"
+    )
+    assert _err(tmp_path, "file") == (
+        f"{tmp_path}: is a directory; --out must name a file (e.g. {tmp_path / 'result.json'})"
+    )
     assert f.read_text() == "{}"
     with pytest.raises(ValueError):
         check_output_path(tmp_path, "folder")
@@ -138,23 +153,33 @@ def test_check_output_path_not_writable_simulated(tmp_path, monkeypatch):
     locked.mkdir()
     os.chmod(locked, 0o555)
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if Path(p) == locked else real(p, m, *a, **k))
+    monkeypatch.setattr(
+        os, "access", lambda p, m, *a, **k: False if Path(p) == locked else real(p, m, *a, **k)
+    )
     own = f"mode 0555, owner uid {os.getuid()}"
-    assert _err(locked) == (f"{locked}: --out is not writable by this user ({own}); choose a writable --out or "
-                            "get write permission there")
+    assert _err(locked) == (
+        f"{locked}: --out is not writable by this user ({own}); choose a writable --out or "
+        "get write permission there"
+    )
     assert _err(locked / "new" / "x") == (
         f"{locked / 'new' / 'x'}: --out cannot be written there: {locked} is not writable by this user ({own}); "
-        "choose a writable --out or get write permission there")
-    assert _err(locked / "r.json", "file").startswith(f"{locked / 'r.json'}: --out cannot be written there: {locked}")
+        "choose a writable --out or get write permission there"
+    )
+    assert _err(locked / "r.json", "file").startswith(
+        f"{locked / 'r.json'}: --out cannot be written there: {locked}"
+    )
     # a directory replaced as a whole (export, tokenizer): its parent must be writable too
     inner = locked / "export"
     os.chmod(locked, 0o755)
     inner.mkdir()
-    assert _err(inner, "dir", replace=True).startswith(f"{inner}: --out cannot be written there: {locked} is not")
-    assert check_output_path(inner, "dir")   # written into, not replaced: the parent does not matter
+    assert _err(inner, "dir", replace=True).startswith(
+        f"{inner}: --out cannot be written there: {locked} is not"
+    )
+    assert check_output_path(inner, "dir")  # written into, not replaced: the parent does not matter
 
 
 # ---- scoring memory -------------------------------------------------------------------------
+
 
 def _shard0(tiny_assets):
     from kdcl_dist.curriculum.scoring import read_shard
@@ -188,9 +213,11 @@ def test_scoring_keeps_nothing_of_a_batch(tiny_assets):
 
     scorer.losses = losses
     arrays = scoring.shard_batch_arrays(sids, toks, cfg, spec, tok.pad_token_id)
-    res = scoring.launch_shard(scorer, scoring._batches_released(arrays, False), len(sids), len(sids) * cfg.masks)
+    res = scoring.launch_shard(
+        scorer, scoring._batches_released(arrays, False), len(sids), len(sids) * cfg.masks
+    )
     assert len(alive_at_start) == len(arrays) > 5
-    assert max(alive_at_start) == 0, alive_at_start   # nothing of batch j reaches batch j+1
+    assert max(alive_at_start) == 0, alive_at_start  # nothing of batch j reaches batch j+1
     assert all(r() is None for r in refs)
     assert all(a is None for a in arrays), "prepared batches are dropped as they are scored"
     assert res.rows == len(sids) * cfg.masks
@@ -207,7 +234,10 @@ def test_shard_result_row_buffer_equals_direct_sums(tiny_assets):
     tok, spec, sids, toks = _shard0(tiny_assets)
     cfg = scoring.ScoreConfig(token_budget=500, window=64, masks=3, progress=False)
     scorer = scoring.Scorer(load_mlm(str(tiny_assets["student"])), torch.device("cpu"))
-    batches = [scoring.to_batch(a) for a in scoring.shard_batch_arrays(sids, toks, cfg, spec, tok.pad_token_id)]
+    batches = [
+        scoring.to_batch(a)
+        for a in scoring.shard_batch_arrays(sids, toks, cfg, spec, tok.pad_token_id)
+    ]
     outs = [scorer.losses(b) for b in batches]
     n = len(sids)
     # the previous computation: all batches kept, concatenated, added in batch order
@@ -228,10 +258,28 @@ def test_shard_result_row_buffer_equals_direct_sums(tiny_assets):
 
 
 def _probe(samples: int, root: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", KDCL_LOG_LEVEL="WARNING",
-               TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, str(REPO / "tests" / "_score_memory.py"), "--samples", str(samples),
-                        "--root", str(root)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        KDCL_LOG_LEVEL="WARNING",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "_score_memory.py"),
+            "--samples",
+            str(samples),
+            "--root",
+            str(root),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 

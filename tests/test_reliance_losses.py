@@ -14,8 +14,14 @@ from kdcl_dist.kd import losses
 from kdcl_dist.kd.reliance import SCHEDULES, Reliance, RelianceSpec, quantile_from_stats
 
 SCORES = np.sort(np.random.default_rng(0).gamma(4.0, 0.7, size=2000))
-STATS = {"min": float(SCORES.min()), "max": float(SCORES.max()), "mean": float(SCORES.mean()),
-         "quantiles": {f"{q:.2f}": float(np.quantile(SCORES, q)) for q in np.round(np.arange(0, 1.0001, 0.05), 2)}}
+STATS = {
+    "min": float(SCORES.min()),
+    "max": float(SCORES.max()),
+    "mean": float(SCORES.mean()),
+    "quantiles": {
+        f"{q:.2f}": float(np.quantile(SCORES, q)) for q in np.round(np.arange(0, 1.0001, 0.05), 2)
+    },
+}
 
 
 def test_none_and_constant():
@@ -32,7 +38,7 @@ def test_sr_paper_formula():
     assert r.batch_lambda(first) == 0.0  # the first batch of the run has λ = 0
     lams = []
     for t in range(0, 2000, 16):
-        b = SCORES[t:t + 16]
+        b = SCORES[t : t + 16]
         want = float(np.clip((1 - np.mean(np.exp(-b))) / cmax - s, 0, 1))
         got = r.batch_lambda(b)
         assert isinstance(got, float) and got == pytest.approx(want, abs=1e-12)
@@ -51,14 +57,18 @@ def test_sr_minmax_and_sample():
     rm = Reliance(RelianceSpec("sr-minmax", lambda_max=0.8), STATS)
     rs = Reliance(RelianceSpec("sr-sample", lambda_max=0.8), STATS)
     for t in (0, 640, 1984):
-        b = SCORES[t:t + 16]
+        b = SCORES[t : t + 16]
         assert rm.batch_lambda(b) == pytest.approx(0.8 * np.clip((b.mean() - lo) / (hi - lo), 0, 1))
         per = rs.batch_lambda(b)
         assert per.shape == (16,)
         np.testing.assert_allclose(per, 0.8 * np.clip((b - lo) / (hi - lo), 0, 1))
-    assert rm.batch_lambda(SCORES[:16]) == 0.0 and rm.batch_lambda(SCORES[-16:]) == pytest.approx(0.8)
+    assert rm.batch_lambda(SCORES[:16]) == 0.0 and rm.batch_lambda(SCORES[-16:]) == pytest.approx(
+        0.8
+    )
     # a quantile between table entries is interpolated
-    assert quantile_from_stats(STATS, 0.075) == pytest.approx((STATS["quantiles"]["0.05"] + STATS["quantiles"]["0.10"]) / 2)
+    assert quantile_from_stats(STATS, 0.075) == pytest.approx(
+        (STATS["quantiles"]["0.05"] + STATS["quantiles"]["0.10"]) / 2
+    )
 
 
 def test_bad_specs():
@@ -114,7 +124,9 @@ def test_ignored_rows_and_split_over_ranks():
     ref = losses.masked_kd_losses(s[keep], t[keep], y2[keep], 0.4, 1.5, 32)
     assert float(whole["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-6)
     # summing 3 "ranks'" losses normalised by the global count equals the whole batch's loss
-    parts = [losses.masked_kd_losses(s[i::3], t[i::3], y2[i::3], 0.4, 1.5, 32)["loss"] for i in range(3)]
+    parts = [
+        losses.masked_kd_losses(s[i::3], t[i::3], y2[i::3], 0.4, 1.5, 32)["loss"] for i in range(3)
+    ]
     assert float(sum(parts)) == pytest.approx(float(whole["loss"]), rel=1e-6)
 
 
@@ -123,8 +135,14 @@ def test_loss_equals_hf_ce_plus_kl_full_batch():
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     student, teacher = BertForMaskedLM(cfg).eval(), BertForMaskedLM(cfg).eval()
     ids = torch.randint(5, 97, (3, 20))
     labels = torch.full_like(ids, -100)
@@ -138,7 +156,9 @@ def test_loss_equals_hf_ce_plus_kl_full_batch():
     out = losses.masked_kd_losses(s_l, t_l, y, lam, tau, int(sel.sum()))
     kl = F.kl_div(F.log_softmax(s_l / tau, -1), F.softmax(t_l / tau, -1), reduction="batchmean")
     assert float(out["mlm"]) == pytest.approx(float(so.loss), rel=1e-5)
-    assert float(out["loss"]) == pytest.approx(float((1 - lam) * so.loss + lam * tau**2 * kl), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(
+        float((1 - lam) * so.loss + lam * tau**2 * kl), rel=1e-5
+    )
 
 
 def test_kd_all_positions_and_cosine_and_agreement():
@@ -162,7 +182,9 @@ def test_kd_all_positions_and_cosine_and_agreement():
     mask = torch.arange(10) < 6
     want = (1 - F.cosine_similarity(h1[:6], h2[:6], dim=-1)).sum() / 6
     assert float(losses.hidden_cosine_loss(h1, h2, mask)) == pytest.approx(float(want), rel=1e-6)
-    assert float(losses.hidden_cosine_loss(h1[:6], h2[:6], 12.0)) == pytest.approx(float(want) / 2, rel=1e-6)
+    assert float(losses.hidden_cosine_loss(h1[:6], h2[:6], 12.0)) == pytest.approx(
+        float(want) / 2, rel=1e-6
+    )
     assert float(losses.hidden_cosine_loss(h1, h1)) == pytest.approx(0.0, abs=1e-6)
 
     a = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
@@ -178,22 +200,35 @@ def test_sr_rank_rises_with_the_curriculum_rank_and_trace_matches_batches():
 
     n, B = 1001, 10
     scores = np.sort(np.random.default_rng(0).gamma(2.0, 1.0, n))
-    stats = {"min": float(scores.min()), "max": float(scores.max()),
-             "quantiles": {f"{q:.2f}": float(np.quantile(scores, q)) for q in np.linspace(0, 1, 21)}}
+    stats = {
+        "min": float(scores.min()),
+        "max": float(scores.max()),
+        "quantiles": {f"{q:.2f}": float(np.quantile(scores, q)) for q in np.linspace(0, 1, 21)},
+    }
     rel = Reliance(RelianceSpec("sr-rank", lambda_max=0.8), stats, scores[:B], n_samples=n)
     assert rel.batch_lambda(scores[:B], np.arange(B)) == pytest.approx(0.8 * 4.5 / 1000)
-    assert rel.batch_lambda(scores[-B:], np.arange(n - B, n)) == pytest.approx(0.8 * (n - 5.5) / 1000)
-    tr = lambda_trace(RelianceSpec("sr-rank", lambda_max=0.8), scores, stats, OrderSpec("sequential"), B, n // B)
+    assert rel.batch_lambda(scores[-B:], np.arange(n - B, n)) == pytest.approx(
+        0.8 * (n - 5.5) / 1000
+    )
+    tr = lambda_trace(
+        RelianceSpec("sr-rank", lambda_max=0.8), scores, stats, OrderSpec("sequential"), B, n // B
+    )
     assert np.all(np.diff(tr) > 0) and tr.mean() == pytest.approx(0.4, abs=0.01)
     # the trace is what the training loop computes, batch by batch, for every schedule
     for sch in ("sr-paper", "sr-minmax", "sr-sample", "sr-rank", "constant"):
         spec = RelianceSpec(sch)
-        for order in (OrderSpec("sequential"), OrderSpec("random", seed=3), OrderSpec("pacing-root", seed=1)):
+        for order in (
+            OrderSpec("sequential"),
+            OrderSpec("random", seed=3),
+            OrderSpec("pacing-root", seed=1),
+        ):
             tr = lambda_trace(spec, scores, stats, order, B, 30)
             first = scores[global_batch_positions(order, n, B, 0)]
             r = Reliance(spec, stats, first, n_samples=n)
-            want = [np.mean(r.batch_lambda(scores[p], p))
-                    for p in (global_batch_positions(order, n, B, t) for t in range(30))]
+            want = [
+                np.mean(r.batch_lambda(scores[p], p))
+                for p in (global_batch_positions(order, n, B, t) for t in range(30))
+            ]
             np.testing.assert_allclose(tr, want)
     with pytest.raises(ValueError, match="positions"):
         rel.batch_lambda(scores[:B])

@@ -22,21 +22,57 @@ from kdcl_dist.errors import UserError
 cur = curriculum_fixture()
 
 LR, WARMUP, MIN_RATIO, STEPS = 3e-3, 2, 0.1, 8
-BASE = ["--global-batch", 8, "--micro-batch", 4, "--lr", LR, "--order", "sequential", "--reliance", "constant",
-        "--ds-config", "ds_configs/cpu_fp32.json", "--num-workers", 0, "--save-every", 4]
+BASE = [
+    "--global-batch",
+    8,
+    "--micro-batch",
+    4,
+    "--lr",
+    LR,
+    "--order",
+    "sequential",
+    "--reliance",
+    "constant",
+    "--ds-config",
+    "ds_configs/cpu_fp32.json",
+    "--num-workers",
+    0,
+    "--save-every",
+    4,
+]
 OVERRIDES = [f"warmup_steps={WARMUP}", f"min_lr_ratio={MIN_RATIO}"]
 
 
 def _train(assets, cur, out, *extra, overrides=(), check=True):
-    return run_cli("train", "--curriculum", cur, "--student", assets["student"], "--teacher", assets["teacher"],
-                   "--out", out, *BASE, *extra, *OVERRIDES, *overrides, check=check)
+    return run_cli(
+        "train",
+        "--curriculum",
+        cur,
+        "--student",
+        assets["student"],
+        "--teacher",
+        assets["teacher"],
+        "--out",
+        out,
+        *BASE,
+        *extra,
+        *OVERRIDES,
+        *overrides,
+        check=check,
+    )
 
 
 def _factor(k: int, extensions=()) -> float:
     from kdcl_dist.kd.engine import lr_factor
 
-    return lr_factor(k, warmup_steps=WARMUP, total_steps=STEPS, schedule="linear", min_ratio=MIN_RATIO,
-                     extensions=extensions)
+    return lr_factor(
+        k,
+        warmup_steps=WARMUP,
+        total_steps=STEPS,
+        schedule="linear",
+        min_ratio=MIN_RATIO,
+        extensions=extensions,
+    )
 
 
 def _error_line(p) -> str:
@@ -69,6 +105,7 @@ def _copy(ref: Path, tmp_path: Path) -> Path:
 
 # ---- sr-paper with an order that makes its first-batch shift meaningless ---------------------
 
+
 def test_sr_paper_with_random_or_reverse_order_refused():
     import argparse
 
@@ -89,8 +126,23 @@ def test_sr_paper_with_random_or_reverse_order_refused():
     # the flag reaches the config (store_true; absent = no override)
     parser = argparse.ArgumentParser()
     cmd.add_arguments(parser)
-    args = parser.parse_args(["--reliance", "sr-paper", "--order", "random", "--allow-sr-any-order",
-                              "--curriculum", "c", "--student", "s", "--out", "o", "--teacher", "t"])
+    args = parser.parse_args(
+        [
+            "--reliance",
+            "sr-paper",
+            "--order",
+            "random",
+            "--allow-sr-any-order",
+            "--curriculum",
+            "c",
+            "--student",
+            "s",
+            "--out",
+            "o",
+            "--teacher",
+            "t",
+        ]
+    )
     cfg = resolve(TrainConfig, "train", flags={f: getattr(args, k) for k, f in cmd.FLAGS.items()})
     assert cfg.allow_sr_any_order and not cfg.extend_steps
     args = parser.parse_args(["--curriculum", "c"])
@@ -99,6 +151,7 @@ def test_sr_paper_with_random_or_reverse_order_refused():
 
 # ---- the lr rule as a pure function ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_lr_extension_rule(schedule):
     import math
@@ -106,13 +159,22 @@ def test_lr_extension_rule(schedule):
     from kdcl_dist.kd.engine import lr_factor
 
     def f(k, ext=(), w=3, t=10, r=0.1):
-        return lr_factor(k, warmup_steps=w, total_steps=t, schedule=schedule, min_ratio=r, extensions=ext)
+        return lr_factor(
+            k, warmup_steps=w, total_steps=t, schedule=schedule, min_ratio=r, extensions=ext
+        )
 
     # no extension: the documented formula, unchanged
     for k in range(12):
         x = min(1.0, max(0, k - 3) / 7)
-        want = (k + 1) / 3 if k < 3 else (1 - 0.9 * x if schedule == "linear" else
-                                          0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * x)))
+        want = (
+            (k + 1) / 3
+            if k < 3
+            else (
+                1 - 0.9 * x
+                if schedule == "linear"
+                else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * x))
+            )
+        )
         assert f(k) == pytest.approx(want, abs=1e-12)
     ext = [(6, 20)]
     # the old curve up to the resume step (exactly), min_ratio at the new total, decreasing between
@@ -120,7 +182,9 @@ def test_lr_extension_rule(schedule):
     assert f(20, ext) == pytest.approx(0.1) and f(25, ext) == pytest.approx(0.1)
     vals = [f(k, ext) for k in range(6, 21)]
     assert all(a > b for a, b in zip(vals, vals[1:]))
-    assert vals[0] - vals[1] < f(6) - f(7)  # no jump at the resume step: the decay is only stretched
+    assert vals[0] - vals[1] < f(6) - f(
+        7
+    )  # no jump at the resume step: the decay is only stretched
     # a second extension keeps the first one's curve up to its own resume step
     ext2 = [(6, 20), (15, 30)]
     assert [f(k, ext2) for k in range(16)] == [f(k, ext) for k in range(16)]
@@ -129,7 +193,12 @@ def test_lr_extension_rule(schedule):
     assert [f(k, [(1, 20)]) for k in range(4)] == [f(k) for k in range(4)]
     assert f(3, [(1, 20)]) == 1.0 and f(20, [(1, 20)]) == pytest.approx(0.1)
     # constant: extensions change nothing
-    assert lr_factor(9, warmup_steps=3, total_steps=10, schedule="constant", min_ratio=0.1, extensions=ext) == 1.0
+    assert (
+        lr_factor(
+            9, warmup_steps=3, total_steps=10, schedule="constant", min_ratio=0.1, extensions=ext
+        )
+        == 1.0
+    )
 
 
 def test_lr_scheduler_with_extensions_reproduced_after_reload():
@@ -137,8 +206,9 @@ def test_lr_scheduler_with_extensions_reproduced_after_reload():
 
     def sched():
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-        return opt, make_lr_scheduler(warmup_steps=2, total_steps=10, schedule="cosine", min_ratio=0.0,
-                                      extensions=[[5, 20]])(opt)
+        return opt, make_lr_scheduler(
+            warmup_steps=2, total_steps=10, schedule="cosine", min_ratio=0.0, extensions=[[5, 20]]
+        )(opt)
 
     opt, s = sched()
     lrs = []
@@ -152,7 +222,9 @@ def test_lr_scheduler_with_extensions_reproduced_after_reload():
         s2.step()
     state = s2.state_dict()
     opt3, s3 = sched()
-    s3.load_state_dict(state)  # what DeepSpeed does on resume: the factor comes from the new partial
+    s3.load_state_dict(
+        state
+    )  # what DeepSpeed does on resume: the factor comes from the new partial
     opt3.param_groups[0]["lr"] = opt2.param_groups[0]["lr"]
     again = []
     for _ in range(8, 20):
@@ -164,6 +236,7 @@ def test_lr_scheduler_with_extensions_reproduced_after_reload():
 
 # ---- run settings checked as a pure function ------------------------------------------------
 
+
 def test_check_run_settings_pure(ref):
     from kdcl_dist.config import resolve
     from kdcl_dist.train import TrainConfig, check_run_settings
@@ -173,13 +246,28 @@ def test_check_run_settings_pure(ref):
     assert saved["lr"] == LR and saved["warmup_steps"] == WARMUP and saved["reliance"] == "constant"
 
     def cfg(**kw):
-        return resolve(TrainConfig, "train", flags={"curriculum": "c", "student": "s", "out": "o", "teacher": "t",
-                                                    "lr": LR, "warmup_steps": WARMUP, "min_lr_ratio": MIN_RATIO,
-                                                    "global_batch": 8, **kw})
+        return resolve(
+            TrainConfig,
+            "train",
+            flags={
+                "curriculum": "c",
+                "student": "s",
+                "out": "o",
+                "teacher": "t",
+                "lr": LR,
+                "warmup_steps": WARMUP,
+                "min_lr_ratio": MIN_RATIO,
+                "global_batch": 8,
+                **kw,
+            },
+        )
 
     assert check_run_settings(saved, cfg(), STEPS, start_step=4, path="ck") == [[0, STEPS]]
-    with pytest.raises(UserError, match=r"^ck: train.temperature is 3.0 but the checkpoint was trained with 2.0; "
-                                        r"resuming would silently change the run: pass --temperature 2.0"):
+    with pytest.raises(
+        UserError,
+        match=r"^ck: train.temperature is 3.0 but the checkpoint was trained with 2.0; "
+        r"resuming would silently change the run: pass --temperature 2.0",
+    ):
         check_run_settings(saved, cfg(temperature=3.0), STEPS, start_step=4, path="ck")
     with pytest.raises(UserError, match=r"train.weight_decay is 0.1 .* pass --weight-decay 0.01"):
         check_run_settings(saved, cfg(weight_decay=0.1), STEPS, start_step=4, path="ck")
@@ -187,26 +275,46 @@ def test_check_run_settings_pure(ref):
     check_run_settings(saved, cfg(lambda_max=0.3), STEPS, start_step=4, path="ck")
     with pytest.raises(UserError, match="--extend-steps"):
         check_run_settings(saved, cfg(), 12, start_step=4, path="ck")
-    assert check_run_settings(saved, cfg(extend_steps=True), 12, start_step=4, path="ck") == [[0, 8], [4, 12]]
-    assert check_run_settings(saved, cfg(extend_steps=True), STEPS, start_step=4, path="ck") == [[0, STEPS]]
+    assert check_run_settings(saved, cfg(extend_steps=True), 12, start_step=4, path="ck") == [
+        [0, 8],
+        [4, 12],
+    ]
+    assert check_run_settings(saved, cfg(extend_steps=True), STEPS, start_step=4, path="ck") == [
+        [0, STEPS]
+    ]
     with pytest.raises(UserError, match="below the checkpoint's step 4"):
         check_run_settings(saved, cfg(extend_steps=True), 3, start_step=4, path="ck")
 
 
 # ---- refusals in real runs ------------------------------------------------------------------
 
+
 def test_resume_with_changed_lr_refused(tiny_assets, cur, ref):
     before = sorted(p.name for p in (ref / "checkpoints").iterdir())
     line = _error_line(_train(tiny_assets, cur, ref, "--steps", STEPS, "--lr", 1e-3, check=False))
     tag = ref / "checkpoints" / f"global_step{STEPS}"
-    assert f"{tag}: train.lr is 0.001 but the checkpoint was trained with 0.003; resuming would silently " \
-           "change the run: pass --lr 0.003, or start a new --out (--resume none)" in line
+    assert (
+        f"{tag}: train.lr is 0.001 but the checkpoint was trained with 0.003; resuming would silently "
+        "change the run: pass --lr 0.003, or start a new --out (--resume none)" in line
+    )
     assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == before
 
 
 def test_resume_with_changed_temperature_refused(tiny_assets, cur, ref):
-    line = _error_line(_train(tiny_assets, cur, ref, "--steps", STEPS, "--temperature", 4,
-                              "--resume", ref / "checkpoints" / "global_step4", check=False))
+    line = _error_line(
+        _train(
+            tiny_assets,
+            cur,
+            ref,
+            "--steps",
+            STEPS,
+            "--temperature",
+            4,
+            "--resume",
+            ref / "checkpoints" / "global_step4",
+            check=False,
+        )
+    )
     assert "train.temperature is 4.0 but the checkpoint was trained with 2.0" in line
     assert "pass --temperature 2.0" in line
 
@@ -219,11 +327,21 @@ def test_resume_with_changed_steps_needs_extend_steps(tiny_assets, cur, ref):
 
 # ---- --extend-steps -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def extended(tiny_assets, cur, ref, tmp_path_factory):
     """The reference run resumed at step 4 with --steps 16 --extend-steps, in one go."""
     out = Path(shutil.copytree(ref, tmp_path_factory.mktemp("ext") / "train"))
-    p = _train(tiny_assets, cur, out, "--steps", 16, "--extend-steps", "--resume", out / "checkpoints" / "global_step4")
+    p = _train(
+        tiny_assets,
+        cur,
+        out,
+        "--steps",
+        16,
+        "--extend-steps",
+        "--resume",
+        out / "checkpoints" / "global_step4",
+    )
     return out, p
 
 
@@ -245,8 +363,14 @@ def test_extend_steps_lr_rule_in_a_real_run(ref, extended):
     rs = _marker(tag)["run_settings"]
     assert rs["total_steps"] == 16 and rs["lr_segments"] == [[0, 8], [4, 16]]
     # one log line with the old and new totals and the lr at the resume step
-    lines = [ln for ln in p.stderr.splitlines() if "--extend-steps: total 8 -> 16 steps from step 4" in ln]
-    assert len(lines) == 1 and f"lr {LR * _factor(4):.6g} at the resume step" in lines[0], p.stderr[-2000:]
+    lines = [
+        ln
+        for ln in p.stderr.splitlines()
+        if "--extend-steps: total 8 -> 16 steps from step 4" in ln
+    ]
+    assert len(lines) == 1 and f"lr {LR * _factor(4):.6g} at the resume step" in lines[0], p.stderr[
+        -2000:
+    ]
     log = read_jsonl(out / "resume_log.jsonl")[-1]
     assert (log["step"], log["total_steps"], log["saved_total_steps"]) == (4, 16, 8)
 
@@ -254,10 +378,22 @@ def test_extend_steps_lr_rule_in_a_real_run(ref, extended):
 def test_extended_run_resumed_again_is_identical(tiny_assets, cur, ref, extended, tmp_path):
     out_full, _ = extended
     out = _copy(ref, tmp_path)
-    _train(tiny_assets, cur, out, "--steps", 16, "--extend-steps", "--resume", out / "checkpoints" / "global_step4",
-           overrides=["max_steps_per_run=5"])
+    _train(
+        tiny_assets,
+        cur,
+        out,
+        "--steps",
+        16,
+        "--extend-steps",
+        "--resume",
+        out / "checkpoints" / "global_step4",
+        overrides=["max_steps_per_run=5"],
+    )
     assert json.loads((out / "train_summary.json").read_text())["stopped_by"] == "max_steps_per_run"
-    assert _marker(out / "checkpoints" / "global_step9")["run_settings"]["lr_segments"] == [[0, 8], [4, 16]]
+    assert _marker(out / "checkpoints" / "global_step9")["run_settings"]["lr_segments"] == [
+        [0, 8],
+        [4, 16],
+    ]
     # the second resume (--extend-steps again is harmless: the total is the checkpoint's)
     _train(tiny_assets, cur, out, "--steps", 16, "--extend-steps")
     assert read_jsonl(out / "resume_log.jsonl")[-1]["step"] == 9
@@ -265,7 +401,10 @@ def test_extended_run_resumed_again_is_identical(tiny_assets, cur, ref, extended
     assert [r["step"] for r in b] == list(range(1, 17))
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert _marker(out / "checkpoints" / "global_step16")["run_settings"]["lr_segments"] == [[0, 8], [4, 16]]
+    assert _marker(out / "checkpoints" / "global_step16")["run_settings"]["lr_segments"] == [
+        [0, 8],
+        [4, 16],
+    ]
 
 
 # ---- checkpoints from before run settings ----------------------------------------------------
@@ -291,15 +430,39 @@ sys.exit(main(sys.argv[1:]))
 
 def test_old_checkpoint_without_run_settings_resumes_with_a_warning(tiny_assets, cur, tmp_path):
     out = tmp_path / "old"
-    argv = ["train", "--curriculum", cur, "--student", tiny_assets["student"], "--teacher", tiny_assets["teacher"],
-            "--out", out, *BASE, "--steps", 6, "--save-every", 2, *OVERRIDES, "max_steps_per_run=4"]
-    p = subprocess.run([sys.executable, "-c", _OLD_STYLE, *map(str, argv)], cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+    argv = [
+        "train",
+        "--curriculum",
+        cur,
+        "--student",
+        tiny_assets["student"],
+        "--teacher",
+        tiny_assets["teacher"],
+        "--out",
+        out,
+        *BASE,
+        "--steps",
+        6,
+        "--save-every",
+        2,
+        *OVERRIDES,
+        "max_steps_per_run=4",
+    ]
+    p = subprocess.run(
+        [sys.executable, "-c", _OLD_STYLE, *map(str, argv)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     old = _marker(out / "checkpoints" / "global_step4")
     assert "run_settings" not in old and "param_groups" not in old
-    sd = torch.load(out / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt", map_location="cpu",
-                    weights_only=False)
+    sd = torch.load(
+        out / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
     assert len(sd["optimizer"]["param_groups"]) == 1
     # resumed by the current code: a warning, the single group kept, settings recorded from now on
     p = _train(tiny_assets, cur, out, "--steps", 6, "--save-every", 2)
@@ -313,13 +476,25 @@ def test_old_checkpoint_without_run_settings_resumes_with_a_warning(tiny_assets,
 
 # ---- two parameter groups ----------------------------------------------------------------------
 
+
 def _tiny_models():
     from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
-    bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=16, max_position_embeddings=32))
-    distil = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=8, n_layers=2, n_heads=2, hidden_dim=16,
-                                                    max_position_embeddings=32))
+    bert = BertForMaskedLM(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=32,
+        )
+    )
+    distil = DistilBertForMaskedLM(
+        DistilBertConfig(
+            vocab_size=50, dim=8, n_layers=2, n_heads=2, hidden_dim=16, max_position_embeddings=32
+        )
+    )
     return {"bert": bert, "distilbert": distil}
 
 
@@ -377,13 +552,20 @@ print("RESULT " + json.dumps(res))
 
 def test_deepspeed_optimizer_gets_two_groups(tiny_assets):
     """ZeRO 0-3 (torch AdamW on CPU): the config's weight decay on the first group, 0.0 on the second."""
-    p = subprocess.run([sys.executable, "-c", _GROUPS_SCRIPT, str(tiny_assets["student"])], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", _GROUPS_SCRIPT, str(tiny_assets["student"])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     for name in ("cpu_fp32", "zero1", "zero2", "zero3"):
         assert res[name] == [0.5, 0.0], (name, res[name])
     moved = res["moved"]
     assert moved and res["scaled"]
-    assert not [n for n in moved if n.endswith("bias") or "layer_norm" in n or "LayerNorm" in n], moved
+    assert not [n for n in moved if n.endswith("bias") or "layer_norm" in n or "LayerNorm" in n], (
+        moved
+    )
     assert any("word_embeddings" in n for n in moved) and any("lin1.weight" in n for n in moved)

@@ -22,18 +22,41 @@ def _port() -> int:
 
 def _env(**extra) -> dict:
     e = dict(os.environ)
-    e.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "KDCL_LOG_LEVEL": "WARNING"})
+    e.update(
+        {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "KDCL_LOG_LEVEL": "WARNING"}
+    )
     e.update(extra)
     return e
 
 
 def torchrun_score(nproc: int, assets, out, *flags, env=None, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_port()), "-m", "kdcl_dist", "score", "--shards", str(assets["shards"]),
-           "--model", str(assets["student"]), "--out", str(out), "--no-progress", *map(str, flags)]
-    p = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_port()),
+        "-m",
+        "kdcl_dist",
+        "score",
+        "--shards",
+        str(assets["shards"]),
+        "--model",
+        str(assets["student"]),
+        "--out",
+        str(out),
+        "--no-progress",
+        *map(str, flags),
+    ]
+    p = subprocess.run(
+        cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"score failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(
+            f"score failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+        )
     return p
 
 
@@ -55,7 +78,7 @@ def _cfg(**kw):
     return ScoreConfig(**kw)
 
 
-@pytest.mark.parametrize("which", ["student", "teacher"])   # DistilBERT and BERT
+@pytest.mark.parametrize("which", ["student", "teacher"])  # DistilBERT and BERT
 def test_score_is_mean_masked_ce_over_k_masks(tiny_assets, which):
     """The batched, masked-positions-only computation equals HF's `labels=` loss per draw."""
     from kdcl_dist.curriculum.scoring import Scorer, score_arrays
@@ -72,13 +95,17 @@ def test_score_is_mean_masked_ce_over_k_masks(tiny_assets, which):
     sids = [s.meta["id"] for s in samples]
     toks = [s.ids for s in samples]
     cfg = _cfg(masks=3, seed=7, token_budget=300)
-    score, masked, ntok = score_arrays(Scorer(model, torch.device("cpu")), sids, toks, cfg, spec, tok.pad_token_id)
+    score, masked, ntok = score_arrays(
+        Scorer(model, torch.device("cpu")), sids, toks, cfg, spec, tok.pad_token_id
+    )
     for i, (sid, t) in enumerate(zip(sids, toks)):
         tot, cnt = 0.0, 0
         for k in range(3):
             inp, lab = mask_sample(t, sid, k, "score", 7, spec)
             with torch.inference_mode():
-                loss = model(input_ids=torch.from_numpy(inp)[None], labels=torch.from_numpy(lab)[None]).loss
+                loss = model(
+                    input_ids=torch.from_numpy(inp)[None], labels=torch.from_numpy(lab)[None]
+                ).loss
             n = int((lab >= 0).sum())
             tot += float(loss) * n
             cnt += n
@@ -92,11 +119,25 @@ def _random_mlm(kind: str, layers: int, vocab: int = 300):
 
     torch.manual_seed(layers)
     if kind == "bert":
-        cfg = BertConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=layers, num_attention_heads=4,
-                         intermediate_size=96, max_position_embeddings=64, pad_token_id=0)
+        cfg = BertConfig(
+            vocab_size=vocab,
+            hidden_size=48,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
     else:
-        cfg = DistilBertConfig(vocab_size=vocab, dim=48, n_layers=layers, n_heads=4, hidden_dim=96,
-                               max_position_embeddings=64, pad_token_id=0)
+        cfg = DistilBertConfig(
+            vocab_size=vocab,
+            dim=48,
+            n_layers=layers,
+            n_heads=4,
+            hidden_dim=96,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
     return AutoModelForMaskedLM.from_config(cfg).eval()
 
 
@@ -120,11 +161,11 @@ def test_encode_masked_equals_full_forward(kind, layers):
     rows, cols = [], []
     for b, n in enumerate(lens):
         if b == 5:
-            continue   # a row with no masked position
+            continue  # a row with no masked position
         c = torch.randperm(n, generator=g)[: max(1, n // 6)]
         rows += [b] * len(c)
         cols += c.tolist()
-    perm = torch.randperm(len(rows), generator=g)   # positions in no particular order
+    perm = torch.randperm(len(rows), generator=g)  # positions in no particular order
     rows, cols = torch.tensor(rows)[perm], torch.tensor(cols)[perm]
     enc, head = mlm_parts(model)
     with torch.inference_mode():
@@ -153,29 +194,32 @@ def test_encode_masked_equals_full_forward(kind, layers):
             fast_h = encode_masked(model, ids, att, rows, cols, q_max=q_max, padded=True)
             ref_full = enc(input_ids=ids, attention_mask=full).last_hidden_state[rows, cols]
             fast_full = encode_masked(model, ids, full, rows, cols, q_max=q_max, padded=False)
-        assert torch.allclose(fast_h, want_h, atol=1e-5, rtol=1e-5), (impl, (fast_h - want_h).abs().max())
+        assert torch.allclose(fast_h, want_h, atol=1e-5, rtol=1e-5), (
+            impl,
+            (fast_h - want_h).abs().max(),
+        )
         assert torch.allclose(fast_h, ref_h, atol=1e-6), impl
         assert torch.allclose(fast_full, ref_full, atol=1e-5, rtol=1e-5), impl
-        assert (fast_full - fast_h).abs().max() > 1e-3   # padding matters when it is there
+        assert (fast_full - fast_h).abs().max() > 1e-3  # padding matters when it is there
 
 
 def test_assign_shards_balances_tokens():
     from kdcl_dist.curriculum.scoring import assign_shards
 
-    costs = [100, 100, 100, 100, 100, 100, 100, 40]   # equal shards + a short last one
+    costs = [100, 100, 100, 100, 100, 100, 100, 40]  # equal shards + a short last one
     plan = assign_shards(costs, 2)
     assert sorted(j for r in plan for j in r) == list(range(8))
     loads = [sum(costs[j] for j in r) for r in plan]
     assert max(loads) - min(loads) <= 60
-    assert plan == assign_shards(costs, 2)   # deterministic
+    assert plan == assign_shards(costs, 2)  # deterministic
     rng = np.random.default_rng(0)
     costs = rng.integers(50, 150, size=37).tolist()
     for world in (1, 2, 3, 8):
         plan = assign_shards(costs, world)
         assert sorted(j for r in plan for j in r) == list(range(37))
         loads = [sum(costs[j] for j in r) for r in plan]
-        assert max(loads) - min(loads) <= max(costs)   # LPT bound
-    assert assign_shards([5, 5], 4)[2:] == [[], []]   # more ranks than shards: idle ranks
+        assert max(loads) - min(loads) <= max(costs)  # LPT bound
+    assert assign_shards([5, 5], 4)[2:] == [[], []]  # more ranks than shards: idle ranks
 
 
 def test_plan_batches_respects_budget_and_covers_rows():
@@ -200,8 +244,13 @@ def test_token_budgets_give_same_scores(tiny_assets, tmp_path):
     results = []
     for budget, window in ((128, 1), (1000, 64), (20000, 8192)):
         out = tmp_path / f"b{budget}"
-        score_shards(tiny_assets["shards"], tiny_assets["student"], out, _cfg(token_budget=budget, window=window),
-                     device=torch.device("cpu"))
+        score_shards(
+            tiny_assets["shards"],
+            tiny_assets["student"],
+            out,
+            _cfg(token_budget=budget, window=window),
+            device=torch.device("cpu"),
+        )
         results.append(load_all(out))
     assert len(results[0]) == tiny_assets["n_docs"]
     for r in results[1:]:
@@ -216,22 +265,43 @@ def test_rerun_skips_scored_shards_and_rescores_on_new_seed(tiny_assets, tmp_pat
     from kdcl_dist.curriculum.scoring import score_file_name, score_shards
 
     out = tmp_path / "s"
-    score_shards(tiny_assets["shards"], tiny_assets["student"], out, _cfg(), device=torch.device("cpu"))
+    score_shards(
+        tiny_assets["shards"], tiny_assets["student"], out, _cfg(), device=torch.device("cpu")
+    )
     f = out / score_file_name("shard-000001.tar")
     before = f.stat().st_mtime_ns
     first = load_all(out)
-    score_shards(tiny_assets["shards"], tiny_assets["student"], out, _cfg(), device=torch.device("cpu"))
+    score_shards(
+        tiny_assets["shards"], tiny_assets["student"], out, _cfg(), device=torch.device("cpu")
+    )
     assert f.stat().st_mtime_ns == before, "an already-scored shard was scored again"
-    man = score_shards(tiny_assets["shards"], tiny_assets["student"], out, _cfg(seed=99), device=torch.device("cpu"))
+    man = score_shards(
+        tiny_assets["shards"],
+        tiny_assets["student"],
+        out,
+        _cfg(seed=99),
+        device=torch.device("cpu"),
+    )
     assert f.stat().st_mtime_ns != before, "a new seed must re-score"
     assert man["seed"] == 99
     second = load_all(out)
-    assert max(abs(second[k] - first[k]) for k in first) > 1e-4   # other masks, other scores
+    assert max(abs(second[k] - first[k]) for k in first) > 1e-4  # other masks, other scores
 
 
 def test_half_precision_refused_on_cpu(tiny_assets, tmp_path):
-    p = run_cli("score", "--shards", tiny_assets["shards"], "--model", tiny_assets["student"], "--out",
-                tmp_path / "s", "--dtype", "bf16", check=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    p = run_cli(
+        "score",
+        "--shards",
+        tiny_assets["shards"],
+        "--model",
+        tiny_assets["student"],
+        "--out",
+        tmp_path / "s",
+        "--dtype",
+        "bf16",
+        check=False,
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     assert p.returncode == 2
     assert "score.dtype: bf16 needs a GPU" in p.stderr
 
@@ -248,8 +318,19 @@ def test_world_size_1_vs_2(tiny_assets, tmp_path, world2_scores):
     """Same per-sample scores on 1 and 2 ranks (and another budget); each id exactly once."""
     import json
 
-    run_cli("score", "--shards", tiny_assets["shards"], "--model", tiny_assets["student"], "--out",
-            tmp_path / "w1", "--no-progress", "--token-budget", "5000", env=_env())
+    run_cli(
+        "score",
+        "--shards",
+        tiny_assets["shards"],
+        "--model",
+        tiny_assets["student"],
+        "--out",
+        tmp_path / "w1",
+        "--no-progress",
+        "--token-budget",
+        "5000",
+        env=_env(),
+    )
     one, two = load_all(tmp_path / "w1"), load_all(world2_scores)
     assert len(one) == tiny_assets["n_docs"] and one.keys() == two.keys()
     assert max(abs(one[k] - two[k]) for k in one) < 1e-4
@@ -268,7 +349,9 @@ def test_sigkill_one_rank_then_rerun(tiny_assets, tmp_path, world2_scores):
     from kdcl_dist.data.reader import ShardSet
 
     ss = ShardSet(tiny_assets["shards"])
-    first, second = assign_shards([shard_tokens(ss, i) for i in range(ss.num_shards)], 2)[1]   # rank 1's shards
+    first, second = assign_shards([shard_tokens(ss, i) for i in range(ss.num_shards)], 2)[
+        1
+    ]  # rank 1's shards
     f1, f2 = (score_file_name(ss.shards[i]["name"]) for i in (first, second))
     out = tmp_path / "s"
     # kill rank 1 half-way through its second shard, counted in batches of this corpus (real
@@ -284,8 +367,15 @@ def test_sigkill_one_rank_then_rerun(tiny_assets, tmp_path, world2_scores):
         return len(shard_batch_arrays(*read_shard(ss, i), cfg, spec, tok.pad_token_id))
 
     kill_at = n_batches(first) + max(1, n_batches(second) // 2)
-    p = torchrun_score(2, tiny_assets, out, "--token-budget", "700", env=_env(KDCL_TEST_KILL_AT=f"1:{kill_at}"),
-                       check=False)
+    p = torchrun_score(
+        2,
+        tiny_assets,
+        out,
+        "--token-budget",
+        "700",
+        env=_env(KDCL_TEST_KILL_AT=f"1:{kill_at}"),
+        check=False,
+    )
     assert p.returncode != 0
     assert not (out / "scores.json").exists()
     assert (out / f1).exists(), "rank 1 should have finished its first shard"
@@ -307,8 +397,16 @@ def test_stale_tokenizer_refused(tiny_assets, tmp_path):
 
     tok = train_wordpiece(["alpha beta gamma delta"] * 50, tmp_path / "tok", vocab_size=200)
     init_model_dir(TINY_STUDENT, tok, tmp_path / "m", seed=0, max_positions=256)
-    p = run_cli("score", "--shards", tiny_assets["shards"], "--model", tmp_path / "m", "--out", tmp_path / "s",
-                check=False)
+    p = run_cli(
+        "score",
+        "--shards",
+        tiny_assets["shards"],
+        "--model",
+        tmp_path / "m",
+        "--out",
+        tmp_path / "s",
+        check=False,
+    )
     assert p.returncode == 2 and "tokenizer differs" in p.stderr
     assert not Path(tmp_path / "s" / "scores.json").exists()
 
@@ -326,9 +424,17 @@ def test_corrupt_source_shard_is_refused(tiny_assets, tmp_path):
     blob[len(blob) // 2] ^= 0x01
     f.write_bytes(bytes(blob))
     with pytest.raises(UserError, match=r"shard-000002\.tar.*sha256"):
-        score_shards(shards, tiny_assets["student"], tmp_path / "s", _cfg(), device=torch.device("cpu"))
+        score_shards(
+            shards, tiny_assets["student"], tmp_path / "s", _cfg(), device=torch.device("cpu")
+        )
     # verification can be switched off (score.verify=false): then the shard is read as is
-    man = score_shards(shards, tiny_assets["student"], tmp_path / "s2", _cfg(verify=False), device=torch.device("cpu"))
+    man = score_shards(
+        shards,
+        tiny_assets["student"],
+        tmp_path / "s2",
+        _cfg(verify=False),
+        device=torch.device("cpu"),
+    )
     assert man["totals"]["samples"] == tiny_assets["n_docs"]
 
 
@@ -351,9 +457,15 @@ def test_masked_path_keeps_half_precision_dtypes(kind):
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want.float(), atol=0.05)
     sc = Scorer(model, torch.device("cpu"))
-    sums, counts = sc.losses(Batch(ids, att, rows, cols, torch.tensor([5, 6, 7, 8]), np.arange(3), 52))
-    assert sums.dtype == torch.float64 and counts.tolist() == [2, 1, 1] and torch.isfinite(sums).all()
-    sums, counts = sc.losses(Batch(ids, att, rows[:0], cols[:0], torch.zeros(0, dtype=torch.long), np.arange(3), 52))
+    sums, counts = sc.losses(
+        Batch(ids, att, rows, cols, torch.tensor([5, 6, 7, 8]), np.arange(3), 52)
+    )
+    assert (
+        sums.dtype == torch.float64 and counts.tolist() == [2, 1, 1] and torch.isfinite(sums).all()
+    )
+    sums, counts = sc.losses(
+        Batch(ids, att, rows[:0], cols[:0], torch.zeros(0, dtype=torch.long), np.arange(3), 52)
+    )
     assert sums.tolist() == [0.0, 0.0, 0.0] and counts.tolist() == [0, 0, 0]
 
 
@@ -383,6 +495,7 @@ def test_masked_only_scores_equal_previous_computation(tiny_assets):
 
 # ---- host side: vectorised masking and collation, worker processes ------------------------------
 
+
 def _shard0(tiny_assets):
     from kdcl_dist.curriculum.scoring import read_shard
     from kdcl_dist.data.masking import MaskSpec
@@ -402,11 +515,15 @@ def test_mask_many_equals_mask_sample(tiny_assets, monkeypatch, fast):
     from kdcl_dist.data.masking import mask_many, mask_sample
 
     tok, spec, sids, toks = _shard0(tiny_assets)
-    assert masking._fast_seeding_ok()   # the replicated seeding matches this numpy
+    assert masking._fast_seeding_ok()  # the replicated seeding matches this numpy
     monkeypatch.setattr(masking, "_FAST_SEEDING", fast)
     cls, sep = tok.cls_token_id, tok.sep_token_id
     sids += ["empty", "specials", "one"]
-    toks += [np.zeros(0, np.uint16), np.array([cls, sep], np.uint16), np.array([cls, 50, sep], np.int32)]
+    toks += [
+        np.zeros(0, np.uint16),
+        np.array([cls, sep], np.uint16),
+        np.array([cls, 50, sep], np.int32),
+    ]
     for K, purpose, seed in ((2, "score", 1234), (3, "train", 2**40 + 7)):
         m = mask_many(toks, sids, K, purpose, seed, spec)
         n_masked = 0
@@ -417,7 +534,7 @@ def test_mask_many_equals_mask_sample(tiny_assets, monkeypatch, fast):
                 for w, g in zip(want, got):
                     assert w.dtype == g.dtype and np.array_equal(w, g), (sid, k)
                 n_masked += int((want[1] >= 0).sum())
-        assert n_masked > 100   # the comparison covers real masks
+        assert n_masked > 100  # the comparison covers real masks
 
 
 def _reference_batches(sids, toks, cfg, spec, pad_id):
@@ -433,7 +550,7 @@ def _reference_batches(sids, toks, cfg, spec, pad_id):
         rr, cc, tt = [], [], []
         for b, r in enumerate(members):
             i, x, pos = rows[r]
-            inp[b, :len(x)], att[b, :len(x)] = x, 1
+            inp[b, : len(x)], att[b, : len(x)] = x, 1
             rr += [b] * len(pos)
             cc += pos.tolist()
             tt += np.asarray(toks[i], dtype=np.int64)[pos].tolist()
@@ -451,7 +568,9 @@ def test_vectorised_batches_equal_row_by_row(tiny_assets, budget, window):
     assert len(got) == len(want) > 1
     for b, (inp, att, rr, cc, tt, sample) in zip(got, want):
         assert b.input_ids.dtype == torch.int64 and b.rows.dtype == torch.int64
-        assert np.array_equal(b.input_ids.numpy(), inp) and np.array_equal(b.attention_mask.numpy(), att)
+        assert np.array_equal(b.input_ids.numpy(), inp) and np.array_equal(
+            b.attention_mask.numpy(), att
+        )
         assert b.rows.tolist() == rr and b.cols.tolist() == cc and b.targets.tolist() == tt
         assert b.sample.tolist() == sample and b.n_tokens == int(att.sum())
 
@@ -467,8 +586,18 @@ def test_compact_batches_give_identical_scores(tiny_assets):
     sc = Scorer(load_mlm(str(tiny_assets["student"])), torch.device("cpu"))
     arrs = shard_batch_arrays(sids, toks, cfg, spec, tok.pad_token_id)
     assert to_batch(arrs[0], compact=True).attention_mask is None
-    a = score_arrays(sc, sids, toks, cfg, spec, tok.pad_token_id, batches=[to_batch(x) for x in arrs])
-    b = score_arrays(sc, sids, toks, cfg, spec, tok.pad_token_id, batches=[to_batch(x, compact=True) for x in arrs])
+    a = score_arrays(
+        sc, sids, toks, cfg, spec, tok.pad_token_id, batches=[to_batch(x) for x in arrs]
+    )
+    b = score_arrays(
+        sc,
+        sids,
+        toks,
+        cfg,
+        spec,
+        tok.pad_token_id,
+        batches=[to_batch(x, compact=True) for x in arrs],
+    )
     for x, y in zip(a, b):
         assert np.array_equal(x, y)
     assert np.std(a[0]) > 1e-3
@@ -481,14 +610,23 @@ def test_workers_give_identical_scores(tiny_assets, tmp_path, monkeypatch):
     from kdcl_dist.curriculum.scoring import load_scores, score_shards
 
     got = []
-    for name, kw in (("w0", {"workers": 0}), ("inline", {"workers": 0, "prefetch": False}), ("w2", {"workers": 2}),
-                     ("w2-defer", {"workers": 2})):
+    for name, kw in (
+        ("w0", {"workers": 0}),
+        ("inline", {"workers": 0, "prefetch": False}),
+        ("w2", {"workers": 2}),
+        ("w2-defer", {"workers": 2}),
+    ):
         monkeypatch.setattr(scoring, "_defer_writes", lambda _dev, _d=name.endswith("defer"): _d)
         out = tmp_path / name
-        score_shards(tiny_assets["shards"], tiny_assets["student"], out, _cfg(token_budget=1000, **kw),
-                     device=torch.device("cpu"))
+        score_shards(
+            tiny_assets["shards"],
+            tiny_assets["student"],
+            out,
+            _cfg(token_budget=1000, **kw),
+            device=torch.device("cpu"),
+        )
         got.append(load_scores(out)[1])
-    assert len(got[0]) == 4   # every shard of the fixture
+    assert len(got[0]) == 4  # every shard of the fixture
     for other in got[1:]:
         for a, b in zip(got[0], other):
             for k in ("ids", "score", "masked", "tokens"):
@@ -499,13 +637,13 @@ def test_effective_workers(monkeypatch):
     from kdcl_dist.curriculum.scoring import ScoreConfig, effective_workers
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert effective_workers(ScoreConfig(), cpu, 100) == 0            # auto on CPU: the model needs the cores
+    assert effective_workers(ScoreConfig(), cpu, 100) == 0  # auto on CPU: the model needs the cores
     assert effective_workers(ScoreConfig(workers=3), cpu, 100) == 3
-    assert effective_workers(ScoreConfig(workers=3), cpu, 2) == 2      # never more than the shards
+    assert effective_workers(ScoreConfig(workers=3), cpu, 2) == 2  # never more than the shards
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert effective_workers(ScoreConfig(), gpu, 100) == 8
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                        # 4 ranks share the node's 16 CPUs
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks share the node's 16 CPUs
     assert effective_workers(ScoreConfig(), gpu, 100) == 3
 
 
@@ -518,15 +656,33 @@ def test_bench_score_prints_the_three_ratios(tmp_path, capsys):
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    args = p.parse_args(["--docs", "40", "--naive-docs", "4", "--no-distilbert", "--no-ranks", "--repeats", "1",
-                         "--host-workers", "0", "--workdir", str(tmp_path)])
+    args = p.parse_args(
+        [
+            "--docs",
+            "40",
+            "--naive-docs",
+            "4",
+            "--no-distilbert",
+            "--no-ranks",
+            "--repeats",
+            "1",
+            "--host-workers",
+            "0",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
     assert bench.run(args) == 0
     out = capsys.readouterr().out
-    row = re.search(r"^tiny preset student\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)x", out, re.M)
+    row = re.search(
+        r"^tiny preset student\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)x", out, re.M
+    )
     assert row, out
     pipe, tight, a, naive, b = (float(x.replace(",", "")) for x in row.groups())
     assert pipe > 0 and tight > 0 and naive > 0
     assert a == pytest.approx(pipe / tight, rel=0.01) and b == pytest.approx(pipe / naive, rel=0.01)
     ceil = bench.flops_per_token(bench._tiny_spec(), 4000, 229, 0.15)
-    assert 2.4 < ceil["ceiling_last_layer"] < 2.8   # the 2.59x quoted in the README (mean length 229)
+    assert (
+        2.4 < ceil["ceiling_last_layer"] < 2.8
+    )  # the 2.59x quoted in the README (mean length 229)
     assert "pipeline" in out and "GFLOP/s" in out and "load average" in out

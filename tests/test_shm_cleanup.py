@@ -11,7 +11,10 @@ from kdcl_dist import dist
 
 
 def _segment(d, port: int, rank: int, age_s: float, uid: int | None = None):
-    p = d / f"deepspeed_allreduce_buffer_{os.getuid() if uid is None else uid}_127.0.0.1_{port}_{rank}"
+    p = (
+        d
+        / f"deepspeed_allreduce_buffer_{os.getuid() if uid is None else uid}_127.0.0.1_{port}_{rank}"
+    )
     p.write_bytes(b"\0" * 4096)
     t = time.time() - age_s
     os.utime(p, (t, t))
@@ -20,16 +23,22 @@ def _segment(d, port: int, rank: int, age_s: float, uid: int | None = None):
 
 def test_only_unmapped_old_segments_of_this_user_are_removed(tmp_path):
     stale = [_segment(tmp_path, 30001, r, age_s=600) for r in range(2)]
-    young = _segment(tmp_path, 30002, 0, age_s=1)           # a peer may be about to map it
+    young = _segment(tmp_path, 30002, 0, age_s=1)  # a peer may be about to map it
     other_user = _segment(tmp_path, 30003, 0, age_s=600, uid=os.getuid() + 1)
     unrelated = tmp_path / "some_other_segment"
     unrelated.write_bytes(b"x")
-    live = _segment(tmp_path, 30004, 0, age_s=600)          # an old segment a running job maps
+    live = _segment(tmp_path, 30004, 0, age_s=600)  # an old segment a running job maps
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import mmap, sys, time\n"
-         f"f = open({str(live)!r}, 'r+b'); m = mmap.mmap(f.fileno(), 0); f.close()\n"
-         "print('mapped', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import mmap, sys, time\n"
+            f"f = open({str(live)!r}, 'r+b'); m = mmap.mmap(f.fileno(), 0); f.close()\n"
+            "print('mapped', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "mapped"
         n, size = dist.remove_stale_shm(min_age_s=30, shm_dir=tmp_path)

@@ -18,12 +18,27 @@ from kdcl_dist.evaluate import stats
 # -- Student t (own implementation: scipy is not installed) ------------------------------------
 
 
-@pytest.mark.parametrize("q,df,expected", [
-    (0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 3, 3.182446), (0.975, 4, 2.776445),
-    (0.975, 5, 2.570582), (0.975, 10, 2.228139), (0.975, 30, 2.042272), (0.975, math.inf, 1.959964),
-    (0.8, 1, 1.376382), (0.8, 2, 1.060660), (0.8, 4, 0.940965), (0.8, 10, 0.879058),
-    (0.995, 5, 4.032143), (0.95, 3, 2.353363), (0.9, 20, 1.325341), (0.025, 4, -2.776445),
-])
+@pytest.mark.parametrize(
+    "q,df,expected",
+    [
+        (0.975, 1, 12.706205),
+        (0.975, 2, 4.302653),
+        (0.975, 3, 3.182446),
+        (0.975, 4, 2.776445),
+        (0.975, 5, 2.570582),
+        (0.975, 10, 2.228139),
+        (0.975, 30, 2.042272),
+        (0.975, math.inf, 1.959964),
+        (0.8, 1, 1.376382),
+        (0.8, 2, 1.060660),
+        (0.8, 4, 0.940965),
+        (0.8, 10, 0.879058),
+        (0.995, 5, 4.032143),
+        (0.95, 3, 2.353363),
+        (0.9, 20, 1.325341),
+        (0.025, 4, -2.776445),
+    ],
+)
 def test_t_ppf_table_values(q, df, expected):
     assert float(stats.t_ppf(q, df)) == pytest.approx(expected, abs=2e-6)
 
@@ -47,7 +62,7 @@ def test_t_cdf_closed_forms_and_known_values():
 def test_betainc_identities():
     x = np.linspace(0.0, 1.0, 11)
     assert stats.betainc(1.0, 1.0, x) == pytest.approx(x, abs=1e-14)
-    assert stats.betainc(3.0, 1.0, x) == pytest.approx(x ** 3, abs=1e-13)
+    assert stats.betainc(3.0, 1.0, x) == pytest.approx(x**3, abs=1e-13)
     assert float(stats.betainc(7.5, 7.5, 0.5)) == pytest.approx(0.5, abs=1e-13)
 
 
@@ -55,8 +70,17 @@ def test_betainc_identities():
 
 
 def test_nest_seeds_averages_within_training_seed():
-    rows = np.array([[1, 0, 1], [1, 1, 1], [0, 0, 1],   # training seed 0
-                     [0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=float)  # training seed 1
+    rows = np.array(
+        [
+            [1, 0, 1],
+            [1, 1, 1],
+            [0, 0, 1],  # training seed 0
+            [0, 0, 0],
+            [1, 0, 0],
+            [1, 1, 0],
+        ],
+        dtype=float,
+    )  # training seed 1
     out = stats.nest_seeds(rows, [0, 0, 0, 1, 1, 1])
     assert out.shape == (2, 3)
     assert out == pytest.approx(np.array([[2 / 3, 1 / 3, 1.0], [2 / 3, 1 / 3, 0.0]]))
@@ -73,11 +97,24 @@ def test_nest_seeds_averages_within_training_seed():
 def test_compare_seeds_fields_and_batched_core_agree():
     a, b, den = cal.simulate_mlm(cal.MLMDesign(), 3, delta=0.004, rng=7)
     r = stats.compare_seeds(a[1], b[1], den[1], den[1])
-    for key in ("diff", "ci", "p", "se", "df", "mde", "underpowered", "method", "seeds_a", "seeds_b"):
+    for key in (
+        "diff",
+        "ci",
+        "p",
+        "se",
+        "df",
+        "mde",
+        "underpowered",
+        "method",
+        "seeds_a",
+        "seeds_b",
+    ):
         assert key in r
     assert r["seeds_a"] == r["seeds_b"] == 3 and r["items"] == 631
     # diff: the pooled difference, as compare_ratio defines it
-    assert r["diff"] == pytest.approx(stats.compare_ratio(a[1], b[1], den[1], den[1], n_boot=10)["diff"], abs=1e-12)
+    assert r["diff"] == pytest.approx(
+        stats.compare_ratio(a[1], b[1], den[1], den[1], n_boot=10)["diff"], abs=1e-12
+    )
     assert r["ci"][0] < r["diff"] < r["ci"][1]
     assert 2 < r["df"] < 5  # Welch df of 3 vs 3 seeds (the item part is ~0 here)
     # p and CI agree: p < 0.05 exactly when 0 is outside the 95% interval
@@ -101,8 +138,11 @@ def test_compare_seeds_known_welch_value():
     # independent check for a fractional df: integrate the t density numerically over [0, t]
     t, nu = 2.25 / se, df
     x = np.linspace(0.0, t, 20001)
-    dens = math.exp(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2)) / math.sqrt(nu * math.pi) \
+    dens = (
+        math.exp(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2))
+        / math.sqrt(nu * math.pi)
         * (1 + x * x / nu) ** (-(nu + 1) / 2)
+    )
     inner = float(np.sum((dens[1:] + dens[:-1]) / 2 * np.diff(x)))
     assert r["p"] == pytest.approx(1.0 - 2.0 * inner, abs=1e-7)
     assert r["p"] == pytest.approx(0.0428, abs=1e-4)  # t = 3.576, df = 2.755
@@ -141,7 +181,9 @@ def test_compare_to_constant_and_per_item_reference():
 def test_compare_to_constant_calibration_small():
     design = cal.MLMDesign()
     a, _, den = cal.simulate_mlm(design, 300, rng=11)
-    rej = [stats.compare_to_constant(a[i], den[i], value=design.value)["p"] < 0.05 for i in range(300)]
+    rej = [
+        stats.compare_to_constant(a[i], den[i], value=design.value)["p"] < 0.05 for i in range(300)
+    ]
     assert np.mean(rej) <= 0.08  # nominal 0.05; binomial sd with 300 sims ~0.013
 
 

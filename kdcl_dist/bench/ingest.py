@@ -38,18 +38,36 @@ TARGET = 0.8
 
 
 def add_arguments(p):
-    p.add_argument("--input", default=None, help="jsonl corpus (default: the real abstracts, else synthetic)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: train an 8k WordPiece on the corpus)")
+    p.add_argument(
+        "--input", default=None, help="jsonl corpus (default: the real abstracts, else synthetic)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer dir (default: train an 8k WordPiece on the corpus)",
+    )
     p.add_argument("--docs", type=int, default=0, help="use the first N documents (0 = all)")
-    p.add_argument("--repeats", type=int, default=3, help="repeats per side (median reported; >= 3)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="repeats per side (median reported; >= 3)"
+    )
     p.add_argument("--max-length", type=int, default=256, help="tokens per sample (default 256)")
     p.add_argument("--shard-size", type=int, default=2000, help="samples per shard (default 2000)")
-    p.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer call (default 1000)")
+    p.add_argument(
+        "--batch-size", type=int, default=1000, help="documents per tokenizer call (default 1000)"
+    )
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="pin to this many CPU cores and size the tokenizer pool to match (0 = every core)")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the per-part CPU breakdown of the stage")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="pin to this many CPU cores and size the tokenizer pool to match (0 = every core)",
+    )
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the per-part CPU breakdown of the stage",
+    )
 
 
 def _corpus(args, work: Path) -> tuple[Path, str]:
@@ -86,10 +104,16 @@ def _pin_threads(n: int) -> tuple[int, str]:
 
     Must run before the tokenizer's first parallel call in this process (the pool is made
     once); returns (cores used, how the tokenizer pool was sized)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = (
+        sorted(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else list(range(os.cpu_count() or 1))
+    )
     if n <= 0:
         env = os.environ.get("RAYON_NUM_THREADS")
-        return len(cores), f"RAYON_NUM_THREADS={env}" if env else "rayon's default (one thread per core)"
+        return len(
+            cores
+        ), f"RAYON_NUM_THREADS={env}" if env else "rayon's default (one thread per core)"
     n = min(n, len(cores))
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores[:n])
@@ -112,22 +136,39 @@ def _breakdown(corpus: Path, tok, cfg, work: Path) -> list[tuple[str, float]]:
         parts.append((name, time.process_time() - c))
         return out
 
-    docs = timed("read + parse + clean (dedup hash)", lambda: list(enumerate(ingest.iter_clean_documents(
-        [str(corpus)], cfg.read_options(verbose=False)))))
+    docs = timed(
+        "read + parse + clean (dedup hash)",
+        lambda: list(
+            enumerate(ingest.iter_clean_documents([str(corpus)], cfg.read_options(verbose=False)))
+        ),
+    )
     bs = cfg.batch_size
-    raw = timed("tokenize (Rust, encode_batch_fast)", lambda: [enc.encode_raw([d.text for _, d in docs[i:i + bs]])
-                                                               for i in range(0, len(docs), bs)])
+    raw = timed(
+        "tokenize (Rust, encode_batch_fast)",
+        lambda: [
+            enc.encode_raw([d.text for _, d in docs[i : i + bs]]) for i in range(0, len(docs), bs)
+        ],
+    )
     ids = timed("token ids to Python lists", lambda: [enc.ids(r) for r in raw])
     counts = _new_counts()
-    samples = timed("samples (special tokens, truncation, meta)", lambda: [
-        s for k, i in enumerate(range(0, len(docs), bs)) for s in _batch_samples(docs[i:i + bs], ids[k], enc, cfg,
-                                                                                counts)])
+    samples = timed(
+        "samples (special tokens, truncation, meta)",
+        lambda: [
+            s
+            for k, i in enumerate(range(0, len(docs), bs))
+            for s in _batch_samples(docs[i : i + bs], ids[k], enc, cfg, counts)
+        ],
+    )
     out = work / "breakdown"
     out.mkdir(parents=True, exist_ok=True)
     n = cfg.shard_size
-    timed("write shards (tar, index, sha256, fsync)", lambda: [
-        write_shard(out / f"shard-{j:06d}.tar", samples[j * n:(j + 1) * n], dtype=enc.dtype)
-        for j in range((len(samples) + n - 1) // n)])
+    timed(
+        "write shards (tar, index, sha256, fsync)",
+        lambda: [
+            write_shard(out / f"shard-{j:06d}.tar", samples[j * n : (j + 1) * n], dtype=enc.dtype)
+            for j in range((len(samples) + n - 1) // n)
+        ],
+    )
     return parts
 
 
@@ -138,12 +179,18 @@ def run(args) -> int:
 
     n_cores, pool = _pin_threads(args.threads)
     repeats = max(3, args.repeats)
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kdcl-bench-ingest-"))
+    work = (
+        Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kdcl-bench-ingest-"))
+    )
     work.mkdir(parents=True, exist_ok=True)
     try:
         corpus, label = _corpus(args, work)
-        cfg = ShardConfig(max_length=args.max_length, shard_size=args.shard_size, batch_size=args.batch_size,
-                          overwrite=True)
+        cfg = ShardConfig(
+            max_length=args.max_length,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            overwrite=True,
+        )
         opts = cfg.read_options(verbose=False)
         texts = [d.text for d in ingest.iter_clean_documents([str(corpus)], opts)]
         if args.tokenizer:
@@ -159,29 +206,38 @@ def run(args) -> int:
         def hf_call() -> tuple[float, float]:
             t, c = time.perf_counter(), time.process_time()
             for i in range(0, n_docs, bs):
-                tok(texts[i:i + bs], truncation=True, max_length=cfg.max_length)
+                tok(texts[i : i + bs], truncation=True, max_length=cfg.max_length)
             return time.perf_counter() - t, time.process_time() - c
 
         def stage_call() -> tuple[float, float]:
             t, c = time.perf_counter(), time.process_time()
             for i in range(0, n_docs, bs):
-                enc.encode(texts[i:i + bs])
+                enc.encode(texts[i : i + bs])
             return time.perf_counter() - t, time.process_time() - c
 
         def stage() -> tuple[float, float]:
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             t, c = time.perf_counter(), time.process_time()
-            build_dataset([str(corpus)], tok, out, cfg, tokenizer_name="bench", rank=0, world=1, progress=False)
+            build_dataset(
+                [str(corpus)],
+                tok,
+                out,
+                cfg,
+                tokenizer_name="bench",
+                rank=0,
+                world=1,
+                progress=False,
+            )
             return time.perf_counter() - t, time.process_time() - c
 
-        hf_call()   # warm-up: page cache, tokenizer thread pool
+        hf_call()  # warm-up: page cache, tokenizer thread pool
         runs: dict[str, list] = {"hf": [], "lean": [], "stage": []}
         sides = (("hf", hf_call), ("lean", stage_call), ("stage", stage))
         for r in range(repeats):
             # the order alternates (hf, lean, stage / stage, lean, hf) so that a load that
             # rises or falls during a repeat favours neither side
-            for k, fn in (sides if r % 2 == 0 else sides[::-1]):
+            for k, fn in sides if r % 2 == 0 else sides[::-1]:
                 runs[k].append(fn())
         manifest = json.loads((work / "out" / "dataset.json").read_text())
         parts = _breakdown(corpus, tok, cfg, work) if args.breakdown else []
@@ -189,39 +245,65 @@ def run(args) -> int:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
-    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
-    print(f"corpus: {label}: {n_docs} documents, {mb:.1f} MB of text; tokenizer {tok.__class__.__name__} "
-          f"vocab {len(tok)}; max_length {cfg.max_length}, shard_size {cfg.shard_size}, batch {bs}")
-    print(f"stage output: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
-          f"{sum(s['bytes'] for s in manifest['shards']) / 1e6:.1f} MB")
-    print(f"threads: every side on the same {n_cores} CPU core(s); tokenizer pool sized by {pool}; the stage "
-          "adds a reading thread (main) and a writer thread on those cores")
-    print("tokenizer settings: HF call tok(batch, truncation=True, max_length=L) (offsets and masks as a user gets "
-          "them); the stage's call and the stage: encode_batch_fast, no truncation (the stage truncates after)")
+    med = {
+        k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+        for k, v in runs.items()
+    }
+    print(
+        f"corpus: {label}: {n_docs} documents, {mb:.1f} MB of text; tokenizer {tok.__class__.__name__} "
+        f"vocab {len(tok)}; max_length {cfg.max_length}, shard_size {cfg.shard_size}, batch {bs}"
+    )
+    print(
+        f"stage output: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+        f"{sum(s['bytes'] for s in manifest['shards']) / 1e6:.1f} MB"
+    )
+    print(
+        f"threads: every side on the same {n_cores} CPU core(s); tokenizer pool sized by {pool}; the stage "
+        "adds a reading thread (main) and a writer thread on those cores"
+    )
+    print(
+        "tokenizer settings: HF call tok(batch, truncation=True, max_length=L) (offsets and masks as a user gets "
+        "them); the stage's call and the stage: encode_batch_fast, no truncation (the stage truncates after)"
+    )
     print(f"medians of {repeats} interleaved repeats (wall seconds; process CPU seconds beside)")
     print(f"{'':36}{'MB/s':>8}{'docs/s':>9}{'wall s':>8}{'cpu s':>8}")
-    names = {"hf": "tokenizer alone (HF call)", "lean": "tokenizer alone (the stage's call)",
-             "stage": "shard stage (end to end)"}
+    names = {
+        "hf": "tokenizer alone (HF call)",
+        "lean": "tokenizer alone (the stage's call)",
+        "stage": "shard stage (end to end)",
+    }
     for k, name in names.items():
         w, c = med[k]
         print(f"{name:36}{mb / w:8.2f}{n_docs / w:9.0f}{w:8.2f}{c:8.2f}")
     sw, sc = med["stage"]
     r_hf, r_lean = med["hf"][0] / sw, med["lean"][0] / sw
-    print(f"ratio stage / tokenizer alone (HF call):      {r_hf:.2f}  "
-          f"({'meets' if r_hf >= TARGET else 'BELOW'} the target >= {TARGET}); CPU {med['hf'][1] / sc:.2f}")
-    print(f"ratio stage / tokenizer alone (stage's call): {r_lean:.2f}  "
-          f"({'meets' if r_lean >= TARGET else 'BELOW'} the target >= {TARGET}); CPU {med['lean'][1] / sc:.2f}")
+    print(
+        f"ratio stage / tokenizer alone (HF call):      {r_hf:.2f}  "
+        f"({'meets' if r_hf >= TARGET else 'BELOW'} the target >= {TARGET}); CPU {med['hf'][1] / sc:.2f}"
+    )
+    print(
+        f"ratio stage / tokenizer alone (stage's call): {r_lean:.2f}  "
+        f"({'meets' if r_lean >= TARGET else 'BELOW'} the target >= {TARGET}); CPU {med['lean'][1] / sc:.2f}"
+    )
     # each repeat's sides ran next to each other under about the same load: the median of
     # the per-repeat ratios is the figure least moved by other jobs on a shared machine
     per = {k: [b[0] / a[0] for a, b in zip(runs["stage"], runs[k])] for k in ("hf", "lean")}
-    print(f"median of per-repeat ratios: vs HF call {statistics.median(per['hf']):.2f}, vs the stage's call "
-          f"{statistics.median(per['lean']):.2f} (each repeat: " +
-          ", ".join(f"{x:.2f}" for x in per["lean"]) + ")")
+    print(
+        f"median of per-repeat ratios: vs HF call {statistics.median(per['hf']):.2f}, vs the stage's call "
+        f"{statistics.median(per['lean']):.2f} (each repeat: "
+        + ", ".join(f"{x:.2f}" for x in per["lean"])
+        + ")"
+    )
     if parts:
         total = sum(c for _, c in parts)
         print("stage parts, one after another (CPU s, share of the sum):")
         for name, c in parts:
             print(f"  {name:44}{c:7.2f}  {100 * c / total:5.1f}%")
-    print("all repeats (HF call, stage's call, stage) wall s: " + ", ".join(
-        f"({a:.2f}, {b:.2f}, {c:.2f})" for (a, _), (b, _), (c, _) in zip(runs["hf"], runs["lean"], runs["stage"])))
+    print(
+        "all repeats (HF call, stage's call, stage) wall s: "
+        + ", ".join(
+            f"({a:.2f}, {b:.2f}, {c:.2f})"
+            for (a, _), (b, _), (c, _) in zip(runs["hf"], runs["lean"], runs["stage"])
+        )
+    )
     return 0

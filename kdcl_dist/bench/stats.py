@@ -17,18 +17,42 @@ import time
 
 
 def add_arguments(p):
-    p.add_argument("--sims", type=int, default=4000, help="simulations per cell for the t-based procedures")
-    p.add_argument("--old-sims", dest="old_sims", type=int, default=400,
-                   help="simulations per cell for the old compare_ratio bootstrap (slow; 0: skip it)")
-    p.add_argument("--n-boot", dest="n_boot", type=int, default=1000, help="bootstrap replicates of the old procedure")
+    p.add_argument(
+        "--sims", type=int, default=4000, help="simulations per cell for the t-based procedures"
+    )
+    p.add_argument(
+        "--old-sims",
+        dest="old_sims",
+        type=int,
+        default=400,
+        help="simulations per cell for the old compare_ratio bootstrap (slow; 0: skip it)",
+    )
+    p.add_argument(
+        "--n-boot",
+        dest="n_boot",
+        type=int,
+        default=1000,
+        help="bootstrap replicates of the old procedure",
+    )
     p.add_argument("--seeds", default="3,5", help="comma-separated training-seed counts per arm")
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulation")
-    p.add_argument("--mlm-effects", dest="mlm_effects", default="0.003,0.026",
-                   help="true MLM-loss differences (nats) for the power columns")
-    p.add_argument("--shares", default="0,0.1,0.5",
-                   help="MLM design: shares of the seed variance that are seed x document noise (rest: global shift)")
-    p.add_argument("--yesno-effects", dest="yesno_effects", default="0.03,0.06",
-                   help="true accuracy differences (fractions) for the power columns")
+    p.add_argument(
+        "--mlm-effects",
+        dest="mlm_effects",
+        default="0.003,0.026",
+        help="true MLM-loss differences (nats) for the power columns",
+    )
+    p.add_argument(
+        "--shares",
+        default="0,0.1,0.5",
+        help="MLM design: shares of the seed variance that are seed x document noise (rest: global shift)",
+    )
+    p.add_argument(
+        "--yesno-effects",
+        dest="yesno_effects",
+        default="0.03,0.06",
+        help="true accuracy differences (fractions) for the power columns",
+    )
 
 
 def _fmt(row: dict) -> str:
@@ -50,13 +74,25 @@ def run(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     mlm_effects = [float(x) for x in args.mlm_effects.split(",") if x]
     yesno_effects = [float(x) for x in args.yesno_effects.split(",") if x]
-    print("α = 0.05; false-positive rate = share of null comparisons with p < 0.05 (95% Wilson CI); "
-          f"old bootstrap: {args.old_sims} simulations, n_boot = {args.n_boot}; t procedures: {args.sims}.")
-    print(f"{'procedure':<48} {'design':<44} {'sims':>6}  {'false-positive rate':<24} power at a true difference")
+    print(
+        "α = 0.05; false-positive rate = share of null comparisons with p < 0.05 (95% Wilson CI); "
+        f"old bootstrap: {args.old_sims} simulations, n_boot = {args.n_boot}; t procedures: {args.sims}."
+    )
+    print(
+        f"{'procedure':<48} {'design':<44} {'sims':>6}  {'false-positive rate':<24} power at a true difference"
+    )
     t0 = time.perf_counter()
-    calibration_table(seeds=seeds, sims=args.sims, old_sims=args.old_sims, n_boot=args.n_boot, seed=args.seed,
-                      mlm_effects=mlm_effects, yesno_effects=yesno_effects, old=args.old_sims > 0,
-                      shares=[float(x) for x in args.shares.split(",") if x],
-                      progress=lambda row: print(_fmt(row), flush=True))
+    calibration_table(
+        seeds=seeds,
+        sims=args.sims,
+        old_sims=args.old_sims,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        mlm_effects=mlm_effects,
+        yesno_effects=yesno_effects,
+        old=args.old_sims > 0,
+        shares=[float(x) for x in args.shares.split(",") if x],
+        progress=lambda row: print(_fmt(row), flush=True),
+    )
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -35,36 +35,77 @@ import statistics
 import time
 
 PRESETS = {
-    "tiny": {"teacher": {"layers": 4, "hidden": 256, "heads": 4, "ffn": 1024},
-             "student": {"layers": 2, "hidden": 256, "heads": 4, "ffn": 1024},
-             "vocab": 8000, "batch": 16, "seq_len": 128},
-    "paper-size": {"teacher": {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072},
-                   "student": {"layers": 6, "hidden": 768, "heads": 12, "ffn": 3072},
-                   "vocab": 28996, "batch": 32, "seq_len": 128},
+    "tiny": {
+        "teacher": {"layers": 4, "hidden": 256, "heads": 4, "ffn": 1024},
+        "student": {"layers": 2, "hidden": 256, "heads": 4, "ffn": 1024},
+        "vocab": 8000,
+        "batch": 16,
+        "seq_len": 128,
+    },
+    "paper-size": {
+        "teacher": {"layers": 12, "hidden": 768, "heads": 12, "ffn": 3072},
+        "student": {"layers": 6, "hidden": 768, "heads": 12, "ffn": 3072},
+        "vocab": 28996,
+        "batch": 32,
+        "seq_len": 128,
+    },
 }
 VARIANTS = ("student", "kd", "kd_full")  # student-only, KD masked-only heads, KD full-vocab logits
 
 
 def add_arguments(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model sizes to time (default tiny)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda when available")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="GPU: autocast dtype of the student and dtype of the teacher (default bf16); CPU: fp32")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="model sizes to time (default tiny)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="default auto: cuda when available",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="GPU: autocast dtype of the student and dtype of the teacher (default bf16); CPU: fp32",
+    )
     p.add_argument("--batch", type=int, help="samples per step (default: preset)")
-    p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sample (default: preset; 128 or 256)")
-    p.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
+    p.add_argument(
+        "--seq-len",
+        dest="seq_len",
+        type=int,
+        help="tokens per sample (default: preset; 128 or 256)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=7, help="timed steps per variant (median reported)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)"
+    )
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (default 2.0)")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
-    p.add_argument("--engine", action="store_true",
-                   help="also time the real KDEngine step (DeepSpeed, ZeRO config --ds-config) KD vs student-only")
-    p.add_argument("--ds-config", dest="ds_config", default=None,
-                   help="DeepSpeed config for --engine, a packaged name or a file (default cpu_fp32 on CPU, zero2_bf16 on GPU)")
+    p.add_argument(
+        "--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement"
+    )
+    p.add_argument(
+        "--engine",
+        action="store_true",
+        help="also time the real KDEngine step (DeepSpeed, ZeRO config --ds-config) KD vs student-only",
+    )
+    p.add_argument(
+        "--ds-config",
+        dest="ds_config",
+        default=None,
+        help="DeepSpeed config for --engine, a packaged name or a file (default cpu_fp32 on CPU, zero2_bf16 on GPU)",
+    )
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
 
 
 # ---- models and batch ---------------------------------------------------------------------
+
 
 def build_models(preset: dict, seed: int = 0):
     import torch
@@ -72,12 +113,28 @@ def build_models(preset: dict, seed: int = 0):
 
     t, s, V = preset["teacher"], preset["student"], preset["vocab"]
     torch.manual_seed(seed)
-    teacher = AutoModelForMaskedLM.from_config(BertConfig(
-        vocab_size=V, hidden_size=t["hidden"], num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
-        intermediate_size=t["ffn"], max_position_embeddings=512, pad_token_id=0))
-    student = AutoModelForMaskedLM.from_config(DistilBertConfig(
-        vocab_size=V, dim=s["hidden"], n_layers=s["layers"], n_heads=s["heads"], hidden_dim=s["ffn"],
-        max_position_embeddings=512, pad_token_id=0))
+    teacher = AutoModelForMaskedLM.from_config(
+        BertConfig(
+            vocab_size=V,
+            hidden_size=t["hidden"],
+            num_hidden_layers=t["layers"],
+            num_attention_heads=t["heads"],
+            intermediate_size=t["ffn"],
+            max_position_embeddings=512,
+            pad_token_id=0,
+        )
+    )
+    student = AutoModelForMaskedLM.from_config(
+        DistilBertConfig(
+            vocab_size=V,
+            dim=s["hidden"],
+            n_layers=s["layers"],
+            n_heads=s["heads"],
+            hidden_dim=s["ffn"],
+            max_position_embeddings=512,
+            pad_token_id=0,
+        )
+    )
     return teacher, student
 
 
@@ -91,7 +148,12 @@ def make_batch(V: int, batch: int, seq_len: int, seed: int = 0, mask_prob: float
     pick = torch.rand(batch, seq_len, generator=g) < mask_prob
     pick[:, 0] = True  # at least one masked token per sample
     labels[pick] = ids[pick]
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "positions": torch.arange(batch)}
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "labels": labels,
+        "positions": torch.arange(batch),
+    }
 
 
 def forward_flops(spec: dict, V: int, tokens: int, seq_len: int, head_rows: int) -> float:
@@ -102,6 +164,7 @@ def forward_flops(spec: dict, V: int, tokens: int, seq_len: int, head_rows: int)
 
 
 # ---- one step of each variant -------------------------------------------------------------
+
 
 class Stepper:
     """Runs one optimizer step of a variant on a fixed batch (models already on the device)."""
@@ -122,8 +185,11 @@ class Stepper:
         labels = batch["labels"].reshape(-1)
         self.flat = torch.nonzero(labels != -100).squeeze(1).to(device)
         self.labels = labels[labels != -100].to(device)
-        self.autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
-                         else _nullcontext())
+        self.autocast = (
+            torch.autocast("cuda", dtype=dtype)
+            if device.type == "cuda" and dtype != torch.float32
+            else _nullcontext()
+        )
 
     def init_optimizer_state(self):
         """Allocate AdamW's moments now (zero grads) so memory deltas measure activations only."""
@@ -147,17 +213,28 @@ class Stepper:
         full = variant == "kd_full"
         if variant != "student":
             with torch.inference_mode():
-                t_logits = (self._full(self.teacher, self.ids, self.attn) if full
-                            else self._masked(self.t_enc, self.t_head, self.ids, self.attn))
+                t_logits = (
+                    self._full(self.teacher, self.ids, self.attn)
+                    if full
+                    else self._masked(self.t_enc, self.t_head, self.ids, self.attn)
+                )
             t_logits = t_logits.float().clone()  # inference tensors cannot enter the graph
         with self.autocast:
-            s_logits = (self._full(self.student, self.ids, self.attn) if full
-                        else self._masked(self.s_enc, self.s_head, self.ids, self.attn))
+            s_logits = (
+                self._full(self.student, self.ids, self.attn)
+                if full
+                else self._masked(self.s_enc, self.s_head, self.ids, self.attn)
+            )
         n = float(len(self.labels))
         if variant == "student":
-            loss = torch.nn.functional.cross_entropy(s_logits.float(), self.labels, reduction="sum") / n
+            loss = (
+                torch.nn.functional.cross_entropy(s_logits.float(), self.labels, reduction="sum")
+                / n
+            )
         else:
-            loss = losses.masked_kd_losses(s_logits, t_logits, self.labels, 0.5, self.tau, n)["loss"]
+            loss = losses.masked_kd_losses(s_logits, t_logits, self.labels, 0.5, self.tau, n)[
+                "loss"
+            ]
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -192,7 +269,9 @@ def _setup(args, preset):
     if dev == "cpu" and dtype_name != "fp32":
         from kdcl_dist.errors import UserError
 
-        raise UserError(f"bench train --dtype {dtype_name}: reduced precision is for GPUs; use --dtype fp32 on CPU")
+        raise UserError(
+            f"bench train --dtype {dtype_name}: reduced precision is for GPUs; use --dtype fp32 on CPU"
+        )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     teacher, student = build_models(preset)
     teacher = teacher.to(device=device, dtype=dtype if dev == "cuda" else torch.float32).eval()
@@ -218,6 +297,7 @@ def _time_variants(stepper, variants, repeats: int, warmup: int) -> dict:
 
 
 # ---- memory ---------------------------------------------------------------------------------
+
 
 def _proc_status_kb(field: str) -> int | None:
     try:
@@ -269,8 +349,10 @@ def measure_memory(args, preset, device, stepper) -> dict:
             torch.cuda.reset_peak_memory_stats()
             stepper.step(v)
             torch.cuda.synchronize()
-            out[v] = {"peak_delta_mb": (torch.cuda.max_memory_allocated() - base) / 2**20,
-                      "method": "torch.cuda.max_memory_allocated"}
+            out[v] = {
+                "peak_delta_mb": (torch.cuda.max_memory_allocated() - base) / 2**20,
+                "method": "torch.cuda.max_memory_allocated",
+            }
         return out
     import concurrent.futures
     import multiprocessing
@@ -283,6 +365,7 @@ def measure_memory(args, preset, device, stepper) -> dict:
 
 
 # ---- the real engine (optional) -----------------------------------------------------------------
+
 
 def time_engine(args, preset, device, batch) -> dict:
     """KDEngine.step (DeepSpeed) with and without a teacher, single process."""
@@ -298,10 +381,23 @@ def time_engine(args, preset, device, batch) -> dict:
     res = {}
     teacher0, student0 = build_models(preset)
     for name, with_teacher in (("student", False), ("kd", True)):
-        cfg = kde.prepare_student_config(ds_path, global_batch=B, micro_batch=B, world_size=1, lr=1e-4,
-                                         warmup_steps=0, total_steps=10**6, on_gpu=on_gpu)
-        eng = kde.KDEngine(copy.deepcopy(student0), copy.deepcopy(teacher0) if with_teacher else None, cfg,
-                           world_size=1, options=kde.EngineOptions(temperature=args.temperature))
+        cfg = kde.prepare_student_config(
+            ds_path,
+            global_batch=B,
+            micro_batch=B,
+            world_size=1,
+            lr=1e-4,
+            warmup_steps=0,
+            total_steps=10**6,
+            on_gpu=on_gpu,
+        )
+        eng = kde.KDEngine(
+            copy.deepcopy(student0),
+            copy.deepcopy(teacher0) if with_teacher else None,
+            cfg,
+            world_size=1,
+            options=kde.EngineOptions(temperature=args.temperature),
+        )
         times = []
         for i in range(args.warmup + args.repeats):
             t0 = time.perf_counter()
@@ -319,6 +415,7 @@ def time_engine(args, preset, device, batch) -> dict:
 
 
 # ---- the command ---------------------------------------------------------------------------------
+
 
 def run(args) -> int:
     preset = json.loads(json.dumps(PRESETS[args.preset]))
@@ -344,42 +441,69 @@ def run(args) -> int:
     import torch
 
     threads = torch.get_num_threads()
-    print(f"bench train: preset {args.preset}, device {device.type}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else f' ({threads} threads)'}, "
-          f"dtype {dtype_name}, batch {B} x {L} tokens, {M} masked, vocab {V}; "
-          f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up")
-    print(f"  teacher {preset['teacher']['layers']}x{preset['teacher']['hidden']} fwd {f_t / 1e9:.2f} GFLOP   "
-          f"student {preset['student']['layers']}x{preset['student']['hidden']} fwd+bwd {f_s / 1e9:.2f} GFLOP")
+    print(
+        f"bench train: preset {args.preset}, device {device.type}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else f' ({threads} threads)'}, "
+        f"dtype {dtype_name}, batch {B} x {L} tokens, {M} masked, vocab {V}; "
+        f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up"
+    )
+    print(
+        f"  teacher {preset['teacher']['layers']}x{preset['teacher']['hidden']} fwd {f_t / 1e9:.2f} GFLOP   "
+        f"student {preset['student']['layers']}x{preset['student']['hidden']} fwd+bwd {f_s / 1e9:.2f} GFLOP"
+    )
     print()
     print(f"  {'':34s}{'measured':>12s}{'predicted':>12s}")
     ok = measured <= 1.10 * predicted
-    print(f"  {'KD step / student-only step':34s}{measured:12.3f}{predicted:12.3f}   measured/predicted "
-          f"{measured / predicted:.3f} (target <= 1.10: {'met' if ok else 'NOT met'})")
+    print(
+        f"  {'KD step / student-only step':34s}{measured:12.3f}{predicted:12.3f}   measured/predicted "
+        f"{measured / predicted:.3f} (target <= 1.10: {'met' if ok else 'NOT met'})"
+    )
     print()
     print(f"  {'step':34s}{'time s':>12s}{'samples/s':>12s}{'tokens/s':>12s}")
-    label = {"student": "student-only (masked-only head)", "kd": "KD (masked-only heads)",
-             "kd_full": "KD (full-vocabulary logits)"}
+    label = {
+        "student": "student-only (masked-only head)",
+        "kd": "KD (masked-only heads)",
+        "kd_full": "KD (full-vocabulary logits)",
+    }
     for v in VARIANTS:
         print(f"  {label[v]:34s}{med[v]:12.4f}{B / med[v]:12.1f}{T / med[v]:12.0f}")
     speedup = med["kd_full"] / med["kd"]
     print(f"  masked-only head speed-up over full-vocabulary logits (KD step): {speedup:.2f}x")
     if mem:
         mk, mf = mem["kd"]["peak_delta_mb"], mem["kd_full"]["peak_delta_mb"]
-        print(f"  peak memory of one KD step ({mem['kd']['method']}): masked-only {mk:.1f} MB   "
-              f"full-vocabulary {mf:.1f} MB   ratio {mf / max(mk, 1e-9):.2f}x   "
-              f"(one fp32 logits tensor: [M, V] {M * V * 4 / 2**20:.1f} MB vs [B*T, V] {T * V * 4 / 2**20:.1f} MB)")
-    result = {"preset": args.preset, "device": device.type, "dtype": dtype_name, "batch": B, "seq_len": L,
-              "masked": M, "vocab": V, "threads": threads, "repeats": args.repeats,
-              "median_s": med, "times_s": times, "kd_over_student": measured, "predicted": predicted,
-              "ratio_to_prediction": measured / predicted, "target_met": ok,
-              "masked_head_speedup": speedup, "memory": mem,
-              "flops": {"teacher_fwd": f_t, "student_fwd_bwd": f_s}}
+        print(
+            f"  peak memory of one KD step ({mem['kd']['method']}): masked-only {mk:.1f} MB   "
+            f"full-vocabulary {mf:.1f} MB   ratio {mf / max(mk, 1e-9):.2f}x   "
+            f"(one fp32 logits tensor: [M, V] {M * V * 4 / 2**20:.1f} MB vs [B*T, V] {T * V * 4 / 2**20:.1f} MB)"
+        )
+    result = {
+        "preset": args.preset,
+        "device": device.type,
+        "dtype": dtype_name,
+        "batch": B,
+        "seq_len": L,
+        "masked": M,
+        "vocab": V,
+        "threads": threads,
+        "repeats": args.repeats,
+        "median_s": med,
+        "times_s": times,
+        "kd_over_student": measured,
+        "predicted": predicted,
+        "ratio_to_prediction": measured / predicted,
+        "target_met": ok,
+        "masked_head_speedup": speedup,
+        "memory": mem,
+        "flops": {"teacher_fwd": f_t, "student_fwd_bwd": f_s},
+    }
     if eng is not None:
         me = {k: statistics.median(v) for k, v in eng.items() if k != "ds_config"}
         r = me["kd"] / me["student"]
-        print(f"  KDEngine ({eng['ds_config']}): KD {me['kd']:.4f} s   student-only {me['student']:.4f} s   "
-              f"ratio {r:.3f} (predicted {predicted:.3f}; measured/predicted {r / predicted:.3f})   "
-              f"{B / me['kd']:.1f} samples/s")
+        print(
+            f"  KDEngine ({eng['ds_config']}): KD {me['kd']:.4f} s   student-only {me['student']:.4f} s   "
+            f"ratio {r:.3f} (predicted {predicted:.3f}; measured/predicted {r / predicted:.3f})   "
+            f"{B / me['kd']:.1f} samples/s"
+        )
         result["engine"] = {"median_s": me, "ratio": r, "ds_config": eng["ds_config"]}
     if args.json_out:
         from kdcl_dist.utils import write_json_atomic

@@ -8,11 +8,20 @@ from kdcl_dist.commands._dispatch import add_nested, run_nested
 
 BENCHES = {
     "ingest": ("kdcl_dist.bench.ingest", "shard stage throughput vs the tokenizer alone"),
-    "score": ("kdcl_dist.bench.score", "scoring pipeline vs tight loop, vs naive per-abstract loop, 2 vs 1 rank"),
+    "score": (
+        "kdcl_dist.bench.score",
+        "scoring pipeline vs tight loop, vs naive per-abstract loop, 2 vs 1 rank",
+    ),
     "sort": ("kdcl_dist.bench.sort", "global sort + curriculum re-shard of 1.8M synthetic scores"),
-    "train": ("kdcl_dist.bench.train", "KD step vs student-only step vs FLOP prediction; masked-only LM head"),
+    "train": (
+        "kdcl_dist.bench.train",
+        "KD step vs student-only step vs FLOP prediction; masked-only LM head",
+    ),
     "all": ("kdcl_dist.bench.all", "every benchmark above with its default (CPU-sized) settings"),
-    "stats": ("kdcl_dist.bench.stats", "false-positive rate and power of the arm comparisons (simulation)"),
+    "stats": (
+        "kdcl_dist.bench.stats",
+        "false-positive rate and power of the arm comparisons (simulation)",
+    ),
 }
 
 

@@ -26,15 +26,18 @@ def add_arguments(p):
     add_options(p, CurriculumConfig, "curriculum")
     add_config_args(p, "curriculum")
 
+
 def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.curriculum.build import build_curriculum
     from kdcl_dist.utils import check_output_path
 
-    check_output_path(args.out, "dir")   # every rank, before the process group and any work
+    check_output_path(args.out, "dir")  # every rank, before the process group and any work
     cfg = resolve_args(args)
     with dist.stage() as info:
-        build_curriculum(args.shards, args.scores, args.out, cfg, rank=info.rank, world=info.world_size)
+        build_curriculum(
+            args.shards, args.scores, args.out, cfg, rank=info.rank, world=info.world_size
+        )
         if info.rank == 0:
             write_resolved(cfg, Path(args.out), "curriculum")
     return 0

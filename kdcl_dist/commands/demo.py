@@ -14,7 +14,11 @@ from kdcl_dist.config import add_config_args, add_options, resolve_args
 
 def add_arguments(p):
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--corpus", default=None, help="jsonl corpus (default: real abstracts if present, else synthetic)")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="jsonl corpus (default: real abstracts if present, else synthetic)",
+    )
     from kdcl_dist.demo import DemoConfig
 
     add_options(p, DemoConfig, "demo")

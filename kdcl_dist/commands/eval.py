@@ -4,7 +4,10 @@ from kdcl_dist.commands._dispatch import add_nested, run_nested
 
 EVALS = {
     "mlm": ("kdcl_dist.evaluate.mlm", "held-out masked-LM loss and perplexity with fixed masks"),
-    "yesno": ("kdcl_dist.evaluate.yesno", "fine-tune and test on a BLURB-format yes/no task over N seeds"),
+    "yesno": (
+        "kdcl_dist.evaluate.yesno",
+        "fine-tune and test on a BLURB-format yes/no task over N seeds",
+    ),
 }
 
 

@@ -22,9 +22,15 @@ def add_arguments(p):
     from kdcl_dist.experiment import ExperimentConfig
 
     add_options(p, ExperimentConfig, "experiment", helps={"arms": "comma-separated arms to run"})
-    p.add_argument("--report-only", action="store_true", help="rebuild report.md from finished runs")
-    add_config_args(p, None, preset_note="default tiny; the experiment section configures the grid and the "
-                    "preset's other sections every stage of each run")
+    p.add_argument(
+        "--report-only", action="store_true", help="rebuild report.md from finished runs"
+    )
+    add_config_args(
+        p,
+        None,
+        preset_note="default tiny; the experiment section configures the grid and the "
+        "preset's other sections every stage of each run",
+    )
     p.set_defaults(preset="tiny")
 
 
@@ -38,7 +44,9 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, out, "experiment")
-    command = "kdcl-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    command = (
+        "kdcl-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    )
     exp = Experiment(Path(args.corpus), out, cfg, preset=args.preset, command=command)
     if args.report_only:
         prep = {"steps": exp.steps(), "split": read_json(out / "data" / "split.json")}

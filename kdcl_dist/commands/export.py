@@ -18,12 +18,26 @@ from __future__ import annotations
 
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True, help="training out dir, checkpoints/ dir or global_stepN dir")
+    p.add_argument(
+        "--checkpoint", required=True, help="training out dir, checkpoints/ dir or global_stepN dir"
+    )
     p.add_argument("--out", required=True, help="HF model directory to write")
-    p.add_argument("--tag", help="checkpoint tag (global_stepN); default: newest complete and intact checkpoint")
-    p.add_argument("--student", help="student model dir or name for config+tokenizer (default: <train out>/student_config)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out that is not an earlier export")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload-and-compare check")
+    p.add_argument(
+        "--tag",
+        help="checkpoint tag (global_stepN); default: newest complete and intact checkpoint",
+    )
+    p.add_argument(
+        "--student",
+        help="student model dir or name for config+tokenizer (default: <train out>/student_config)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a non-empty --out that is not an earlier export",
+    )
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip the reload-and-compare check"
+    )
 
 
 def run(args) -> int:
@@ -31,11 +45,13 @@ def run(args) -> int:
 
     from kdcl_dist.utils import check_output_path, setup_logging
 
-    check_output_path(args.out, "dir", replace=True)   # before consolidating anything
+    check_output_path(args.out, "dir", replace=True)  # before consolidating anything
     from kdcl_dist.export import export_checkpoint, verify_export
 
     setup_logging(0)
-    out = export_checkpoint(args.checkpoint, args.out, tag=args.tag, student=args.student, force=args.force)
+    out = export_checkpoint(
+        args.checkpoint, args.out, tag=args.tag, student=args.student, force=args.force
+    )
     info = json.loads((out / "export.json").read_text())
     msg = f"exported {info['tag']} (step {info['step']}) -> {out}"
     if args.verify:

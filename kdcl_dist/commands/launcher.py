@@ -14,9 +14,13 @@ from __future__ import annotations
 
 
 def add_arguments(parser):
-    parser.add_argument("name", nargs="?", default=None,
-                        help="a script (local_cpu, deepspeed_hostfile, deepspeed_node, mpirun, slurm); "
-                             "omit for the directory")
+    parser.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        help="a script (local_cpu, deepspeed_hostfile, deepspeed_node, mpirun, slurm); "
+        "omit for the directory",
+    )
     parser.add_argument("--list", action="store_true", help="list the scripts")
 
 

@@ -18,23 +18,26 @@ from kdcl_dist.config import add_config_args, add_options, resolve_args, write_r
 
 def add_arguments(p):
     p.add_argument("--shards", required=True, help="source shard directory (dataset.json)")
-    p.add_argument("--model", required=True, help="scoring model: HF model directory or name (the student)")
+    p.add_argument(
+        "--model", required=True, help="scoring model: HF model directory or name (the student)"
+    )
     p.add_argument("--out", required=True, help="scores directory to write")
     from kdcl_dist.curriculum.scoring import ScoreConfig
 
     add_options(p, ScoreConfig, "score")
     add_config_args(p, "score")
 
+
 def run(args) -> int:
     from kdcl_dist import dist
     from kdcl_dist.curriculum.scoring import precheck_head, score_shards
     from kdcl_dist.utils import check_output_path
 
-    check_output_path(args.out, "dir")   # every rank, before the process group and any work
+    check_output_path(args.out, "dir")  # every rank, before the process group and any work
     cfg = resolve_args(args)
     precheck_head(args.model, cfg.allow_new_head, "scores")
     with dist.stage() as info:
-        if info.rank == 0:   # before the work: scores.json, written last, marks a finished run
+        if info.rank == 0:  # before the work: scores.json, written last, marks a finished run
             Path(args.out).mkdir(parents=True, exist_ok=True)
             write_resolved(cfg, Path(args.out), "score")
         score_shards(args.shards, args.model, args.out, cfg, rank=info.rank, world=info.world_size)

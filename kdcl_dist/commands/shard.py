@@ -13,19 +13,32 @@ from __future__ import annotations
 
 from kdcl_dist.config import add_config_args, add_options, resolve_args, split_overrides
 
-__all__ = ["add_arguments", "run", "split_overrides"]   # split_overrides: kept importable from here
+__all__ = ["add_arguments", "run", "split_overrides"]  # split_overrides: kept importable from here
 
 
 def add_arguments(p):
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="files or directories (jsonl, json, txt, xml/xml.gz, parquet, HF dataset dir or hub name)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name (fast tokenizer)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="files or directories (jsonl, json, txt, xml/xml.gz, parquet, HF dataset dir or hub name)",
+    )
+    p.add_argument(
+        "--tokenizer", required=True, help="tokenizer directory or hub name (fast tokenizer)"
+    )
     p.add_argument("--out", required=True, help="output directory for shards and dataset.json")
     from kdcl_dist.data.build import ShardConfig
 
     add_options(p, ShardConfig, "shard")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar (by default shown only on a terminal)")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=True,
+        help="no progress bar (by default shown only on a terminal)",
+    )
     add_config_args(p, "shard")
 
 
@@ -35,16 +48,26 @@ def run(args) -> int:
     from kdcl_dist.data.tokenizer import load_tokenizer
     from kdcl_dist.utils import check_output_path
 
-    check_output_path(args.out, "dir")   # every rank, before the process group and any work
+    check_output_path(args.out, "dir")  # every rank, before the process group and any work
     inputs, overrides = split_overrides(args.input, args.overrides)
     cfg = resolve_args(args, overrides)
     with dist.stage() as info:
         tok = load_tokenizer(args.tokenizer)
-        manifest = build_dataset(inputs, tok, args.out, cfg, tokenizer_name=args.tokenizer,
-                                 rank=info.rank, world=info.world_size, progress=args.progress)
+        manifest = build_dataset(
+            inputs,
+            tok,
+            args.out,
+            cfg,
+            tokenizer_name=args.tokenizer,
+            rank=info.rank,
+            world=info.world_size,
+            progress=args.progress,
+        )
     if info.rank == 0:
         t = manifest["totals"]
-        print(f"{args.out}: {t['input_documents']} documents read, {t['kept_documents']} kept, "
-              f"{t['dropped_documents']} dropped -> {t['samples']} samples, {t['tokens']} tokens, "
-              f"{len(manifest['shards'])} shards")
+        print(
+            f"{args.out}: {t['input_documents']} documents read, {t['kept_documents']} kept, "
+            f"{t['dropped_documents']} dropped -> {t['samples']} samples, {t['tokens']} tokens, "
+            f"{len(manifest['shards'])} shards"
+        )
     return 0

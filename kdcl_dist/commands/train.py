@@ -27,7 +27,9 @@ def run(args) -> int:
     from kdcl_dist.train import train
 
     cfg = resolve_args(args)
-    if cfg.out:   # every rank, before the process group and any work (train.out may come from --config)
+    if (
+        cfg.out
+    ):  # every rank, before the process group and any work (train.out may come from --config)
         from kdcl_dist.utils import check_output_path
 
         check_output_path(cfg.out, "dir")

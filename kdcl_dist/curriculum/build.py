@@ -54,29 +54,46 @@ QUANTILES = [round(q, 2) for q in np.arange(0.0, 1.0001, 0.05)]
 @dataclass
 class CurriculumConfig:
     shard_size: int = option(2000, help="samples per curriculum shard", min=1)
-    nonfinite: str | None = option(None, help="non-finite score policy (default: the one in scores.json)",
-                                   choices=NONFINITE)
+    nonfinite: str | None = option(
+        None, help="non-finite score policy (default: the one in scores.json)", choices=NONFINITE
+    )
     plots: bool = option(True, help="write curriculum.png and score_histogram.png")
     progress: bool = option(True, help="tqdm progress bar on rank 0")
-    in_memory_max: int = option(20_000_000, help="samples up to which the global sort runs in memory; above "
-                                "it, the external merge sort (bounded memory, the same order)", min=0)
-    merge_chunk: int = option(65536, help="rows per run paged in at a time by the external merge", min=1)
+    in_memory_max: int = option(
+        20_000_000,
+        help="samples up to which the global sort runs in memory; above "
+        "it, the external merge sort (bounded memory, the same order)",
+        min=0,
+    )
+    merge_chunk: int = option(
+        65536, help="rows per run paged in at a time by the external merge", min=1
+    )
     exclude_heldout_percent: int = option(
-        5, help="leave out the documents that `eval mlm --split heldout --heldout-percent N` evaluates "
+        5,
+        help="leave out the documents that `eval mlm --split heldout --heldout-percent N` evaluates "
         "(id hash % 100 < N; eval mlm's default is 5), so training never sees them; 0 keeps every document",
-        min=0, max=99, hint="100 would leave every document out (0 keeps them all)")
-    lambda_plot_batch: int = option(32, help="global batch of the λ-over-one-epoch plot (lambda_schedules.png)",
-                                    min=1)
+        min=0,
+        max=99,
+        hint="100 would leave every document out (0 keeps them all)",
+    )
+    lambda_plot_batch: int = option(
+        32, help="global batch of the λ-over-one-epoch plot (lambda_schedules.png)", min=1
+    )
 
 
 # ---- step 1: the global order ------------------------------------------------------------
 
+
 def _check_score_file(scores_dir, entry: dict, s: dict, a: dict) -> None:
     if a["info"].get("shard_sha256") != entry.get("sha256"):
-        raise UserError(f"{Path(scores_dir) / s['file']}: scored a different version of {entry['name']} "
-                        "(checksum differs); re-run `kdcl-dist score`")
+        raise UserError(
+            f"{Path(scores_dir) / s['file']}: scored a different version of {entry['name']} "
+            "(checksum differs); re-run `kdcl-dist score`"
+        )
     if len(a["ids"]) != entry["count"]:
-        raise UserError(f"{Path(scores_dir) / s['file']}: {len(a['ids'])} scores for {entry['count']} samples")
+        raise UserError(
+            f"{Path(scores_dir) / s['file']}: {len(a['ids'])} scores for {entry['count']} samples"
+        )
 
 
 def gather_scores(src: ShardSet, scores_dir) -> tuple[dict, dict]:
@@ -90,8 +107,12 @@ def gather_scores(src: ShardSet, scores_dir) -> tuple[dict, dict]:
     flat = {
         "ids": np.concatenate([a["ids"] for a in arrays]) if arrays else np.zeros(0, dtype=str),
         "score": np.concatenate([a["score"] for a in arrays]) if arrays else np.zeros(0),
-        "shard": np.concatenate([np.full(k, i, dtype=np.int64) for i, k in enumerate(n)]) if arrays else np.zeros(0, np.int64),
-        "local": np.concatenate([np.arange(k, dtype=np.int64) for k in n]) if arrays else np.zeros(0, np.int64),
+        "shard": np.concatenate([np.full(k, i, dtype=np.int64) for i, k in enumerate(n)])
+        if arrays
+        else np.zeros(0, np.int64),
+        "local": np.concatenate([np.arange(k, dtype=np.int64) for k in n])
+        if arrays
+        else np.zeros(0, np.int64),
     }
     return man, flat
 
@@ -117,13 +138,17 @@ def excluded_counts(policy: str, n_bad: int, n_held: int, heldout_percent: int) 
     return out
 
 
-def check_not_empty(n: int, n_source: int, n_held: int, n_bad: int, policy: str, heldout_percent: int) -> None:
+def check_not_empty(
+    n: int, n_source: int, n_held: int, n_bad: int, policy: str, heldout_percent: int
+) -> None:
     """Refuse a curriculum without samples, naming the option that left them all out (training would
     otherwise fail later with a misleading "use a smaller global batch")."""
     if n:
         return
     if not n_source:
-        raise UserError("curriculum: the source shards hold no samples; re-run `kdcl-dist shard` on a non-empty corpus")
+        raise UserError(
+            "curriculum: the source shards hold no samples; re-run `kdcl-dist shard` on a non-empty corpus"
+        )
     why, fix = [], []
     if n_held:
         why.append(f"{n_held} held out by curriculum.exclude_heldout_percent={heldout_percent}")
@@ -131,8 +156,10 @@ def check_not_empty(n: int, n_source: int, n_held: int, n_bad: int, policy: str,
     if n_bad and policy == "exclude":
         why.append(f"{n_bad} with a non-finite score dropped by curriculum.nonfinite=exclude")
         fix.append("use --nonfinite last (or re-score)")
-    raise UserError(f"curriculum.{'exclude_heldout_percent' if n_held else 'nonfinite'}: the curriculum would be "
-                    f"empty: all {n_source} samples are left out ({', '.join(why)}); {' or '.join(fix)}")
+    raise UserError(
+        f"curriculum.{'exclude_heldout_percent' if n_held else 'nonfinite'}: the curriculum would be "
+        f"empty: all {n_source} samples are left out ({', '.join(why)}); {' or '.join(fix)}"
+    )
 
 
 def _heldout_key(cfg: CurriculumConfig) -> dict:
@@ -145,8 +172,12 @@ def compute_order(flat: dict, policy: str, heldout_percent: int = 0) -> dict:
     scores, keep, n_bad, n_held = select(flat["score"], flat["ids"], policy, heldout_percent)
     idx = np.flatnonzero(keep)
     perm = idx[sort_order(scores[idx], flat["ids"][idx])]
-    return {"perm": perm, "scores": scores[perm], "excluded": excluded_counts(policy, n_bad, n_held, heldout_percent),
-            "nonfinite": n_bad}
+    return {
+        "perm": perm,
+        "scores": scores[perm],
+        "excluded": excluded_counts(policy, n_bad, n_held, heldout_percent),
+        "nonfinite": n_bad,
+    }
 
 
 def write_order(out: Path, flat: dict, order: dict) -> None:
@@ -156,7 +187,9 @@ def write_order(out: Path, flat: dict, order: dict) -> None:
     arrays = {
         "order_scores.npy": order["scores"].astype(np.float32),
         "order_scores_f64.npy": order["scores"].astype(np.float64),
-        "order_source.npy": np.stack([flat["shard"][perm], flat["local"][perm]], axis=1).astype(np.int64),
+        "order_source.npy": np.stack([flat["shard"][perm], flat["local"][perm]], axis=1).astype(
+            np.int64
+        ),
     }
     for name, arr in arrays.items():
         with atomic_path(out / name) as tmp:
@@ -167,8 +200,15 @@ def write_order(out: Path, flat: dict, order: dict) -> None:
 ORDER_FILES = ("order_scores.npy", "order_scores_f64.npy", "order_source.npy")
 
 
-def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path, chunk: int = 65536,
-                   heldout_percent: int = 0) -> dict:
+def external_order(
+    src: ShardSet,
+    scores_dir,
+    man: dict,
+    policy: str,
+    out: Path,
+    chunk: int = 65536,
+    heldout_percent: int = 0,
+) -> dict:
     """The global order by an external merge sort, written straight to the order files.
 
     Each score file is one run: the policy is applied, the run is sorted by (score, id)
@@ -195,7 +235,12 @@ def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path,
         n_held += held
         idx = np.flatnonzero(keep)
         if len(idx):
-            p = write_run(runs_dir / f"run-{i:06d}", scores[idx], a["ids"][idx], (np.int64(i) << 32) | idx.astype(np.int64))
+            p = write_run(
+                runs_dir / f"run-{i:06d}",
+                scores[idx],
+                a["ids"][idx],
+                (np.int64(i) << 32) | idx.astype(np.int64),
+            )
             np.save(f"{p}.idsorted.npy", np.sort(a["ids"][idx]))
             runs.append(p)
         n_source += len(a["ids"])
@@ -206,29 +251,39 @@ def external_order(src: ShardSet, scores_dir, man: dict, policy: str, out: Path,
         check_not_empty(n, n_source, n_held, n_bad, policy, heldout_percent)
     _check_unique_runs(runs, chunk, Path(scores_dir) / "scores.json")
     tmp = {name: out / f".tmp-{name}" for name in ORDER_FILES}
-    f32 = np.lib.format.open_memmap(tmp["order_scores.npy"], mode="w+", dtype=np.float32, shape=(n,))
-    f64 = np.lib.format.open_memmap(tmp["order_scores_f64.npy"], mode="w+", dtype=np.float64, shape=(n,))
-    srcs = np.lib.format.open_memmap(tmp["order_source.npy"], mode="w+", dtype=np.int64, shape=(n, 2))
+    f32 = np.lib.format.open_memmap(
+        tmp["order_scores.npy"], mode="w+", dtype=np.float32, shape=(n,)
+    )
+    f64 = np.lib.format.open_memmap(
+        tmp["order_scores_f64.npy"], mode="w+", dtype=np.float64, shape=(n,)
+    )
+    srcs = np.lib.format.open_memmap(
+        tmp["order_source.npy"], mode="w+", dtype=np.int64, shape=(n, 2)
+    )
     pos = 0
     for sc, _ids, pay in merged_arrays(merge_runs(runs, chunk), chunk):
         k = len(sc)
-        f32[pos:pos + k] = sc
-        f64[pos:pos + k] = sc
+        f32[pos : pos + k] = sc
+        f64[pos : pos + k] = sc
         pay = pay.astype(np.int64)
-        srcs[pos:pos + k, 0] = pay >> 32
-        srcs[pos:pos + k, 1] = pay & 0xFFFFFFFF
+        srcs[pos : pos + k, 0] = pay >> 32
+        srcs[pos : pos + k, 1] = pay & 0xFFFFFFFF
         pos += k
     assert pos == n, (pos, n)
     for arr in (f32, f64, srcs):
         arr.flush()
     del f32, f64, srcs
-    for name in ORDER_FILES:   # durable, then renamed into place (as atomic_path does)
+    for name in ORDER_FILES:  # durable, then renamed into place (as atomic_path does)
         with open(tmp[name], "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp[name], out / name)
     shutil.rmtree(runs_dir, ignore_errors=True)
-    return {"n": n, "excluded": excluded_counts(policy, n_bad, n_held, heldout_percent), "nonfinite": n_bad,
-            "n_source": n_source}
+    return {
+        "n": n,
+        "excluded": excluded_counts(policy, n_bad, n_held, heldout_percent),
+        "nonfinite": n_bad,
+        "n_source": n_source,
+    }
 
 
 def _check_unique_runs(runs, chunk: int, where: Path) -> None:
@@ -237,17 +292,20 @@ def _check_unique_runs(runs, chunk: int, where: Path) -> None:
     def stream(p):
         ids = np.load(f"{p}.idsorted.npy", mmap_mode="r")
         for a in range(0, len(ids), chunk):
-            yield from ids[a:a + chunk].tolist()
+            yield from ids[a : a + chunk].tolist()
 
     prev = None
     for sid in heapq.merge(*(stream(p) for p in runs)):
         if sid == prev:
-            raise UserError(f"{where}: sample id {sid!r} appears more than once; ids must be unique "
-                            "(re-run `kdcl-dist shard`, which drops duplicates)")
+            raise UserError(
+                f"{where}: sample id {sid!r} appears more than once; ids must be unique "
+                "(re-run `kdcl-dist shard`, which drops duplicates)"
+            )
         prev = sid
 
 
 # ---- step 2: output shards -------------------------------------------------------------------
+
 
 class _Fetcher:
     """Random access to source samples with one positioned read per sample (ids + meta members)."""
@@ -260,22 +318,33 @@ class _Fetcher:
     def fetch(self, shard: int, local: int) -> tuple[str, bytes, bytes]:
         """(key, `.npy` bytes of the token ids, `.json` bytes of the metadata), undecoded."""
         cols = self.cols.get(shard)
-        if cols is None:   # plain lists: indexing numpy arrays per sample costs more than the read
+        if cols is None:  # plain lists: indexing numpy arrays per sample costs more than the read
             idx = self.src.index(shard)
-            cols = self.cols[shard] = (idx["keys"], *(np.asarray(idx[k]).tolist() for k in
-                                                       ("ids_offset", "ids_size", "meta_offset", "meta_size")))
+            cols = self.cols[shard] = (
+                idx["keys"],
+                *(
+                    np.asarray(idx[k]).tolist()
+                    for k in ("ids_offset", "ids_size", "meta_offset", "meta_size")
+                ),
+            )
         keys, i_off, i_size, m_off, m_size = cols
         io_, is_, mo, ms = i_off[local], i_size[local], m_off[local], m_size[local]
         if io_ < 0 or mo < 0:
-            raise UserError(f"{self.src.dir / self.src.shards[shard]['name']}: sample {keys[local]} lacks ids or json")
+            raise UserError(
+                f"{self.src.dir / self.src.shards[shard]['name']}: sample {keys[local]} lacks ids or json"
+            )
         fd = self.fds.get(shard)
         if fd is None:
-            fd = self.fds[shard] = os.open(self.src.dir / self.src.shards[shard]["name"], os.O_RDONLY)
+            fd = self.fds[shard] = os.open(
+                self.src.dir / self.src.shards[shard]["name"], os.O_RDONLY
+            )
         lo, hi = min(io_, mo), max(io_ + is_, mo + ms)
-        blob = os.pread(fd, hi - lo, lo)   # the members are adjacent in the tar: one read for both
+        blob = os.pread(fd, hi - lo, lo)  # the members are adjacent in the tar: one read for both
         if len(blob) != hi - lo:
-            raise UserError(f"{self.src.dir / self.src.shards[shard]['name']}: truncated shard; re-create it")
-        return keys[local], blob[io_ - lo: io_ - lo + is_], blob[mo - lo: mo - lo + ms]
+            raise UserError(
+                f"{self.src.dir / self.src.shards[shard]['name']}: truncated shard; re-create it"
+            )
+        return keys[local], blob[io_ - lo : io_ - lo + is_], blob[mo - lo : mo - lo + ms]
 
     def close(self):
         for fd in self.fds.values():
@@ -283,16 +352,25 @@ class _Fetcher:
         self.fds = {}
 
 
-def write_output_shard(out: Path, j: int, src: ShardSet, fetcher: _Fetcher, source: np.ndarray,
-                       scores64: np.ndarray, start: int, stop: int, dtype) -> dict:
+def write_output_shard(
+    out: Path,
+    j: int,
+    src: ShardSet,
+    fetcher: _Fetcher,
+    source: np.ndarray,
+    scores64: np.ndarray,
+    start: int,
+    stop: int,
+    dtype,
+) -> dict:
     loc = np.asarray(source[start:stop])
-    read_order = np.lexsort((loc[:, 1], loc[:, 0])).tolist()   # file order within each source shard
+    read_order = np.lexsort((loc[:, 1], loc[:, 0])).tolist()  # file order within each source shard
     got: list = [None] * (stop - start)
     sh, lo = loc[:, 0].tolist(), loc[:, 1].tolist()
     for r in read_order:
         got[r] = fetcher.fetch(sh[r], lo[r])
     samples = []
-    sc_list = np.asarray(scores64[start:stop]).tolist()   # one memmap read, not one per sample
+    sc_list = np.asarray(scores64[start:stop]).tolist()  # one memmap read, not one per sample
     src_names = [e["name"] for e in src.shards]
     src_of = loc[:, 0].tolist()
     for k, (key, npy, meta) in enumerate(got):
@@ -301,9 +379,13 @@ def write_output_shard(out: Path, j: int, src: ShardSet, fetcher: _Fetcher, sour
     entry = fast_write_shard(out / shard_name(j), samples, dtype=dtype)
     sc = np.asarray(scores64[start:stop])
     fin = sc[np.isfinite(sc)]
-    stats = {"name": entry["name"], "count": int(stop - start),
-             "min": float(sc.min()), "max": float(sc.max()),
-             "mean": float(fin.mean()) if len(fin) else math.nan}
+    stats = {
+        "name": entry["name"],
+        "count": int(stop - start),
+        "min": float(sc.min()),
+        "max": float(sc.max()),
+        "mean": float(fin.mean()) if len(fin) else math.nan,
+    }
     return {"entry": entry, "stats": stats}
 
 
@@ -327,12 +409,21 @@ def _meta_json(src_json: bytes, extra: dict) -> bytes:
     decode + merge + encode.
     """
     s = src_json.rstrip()
-    if s.endswith(b"}") and len(s) > 2 and b'"n_tokens"' in s and not any(k in s for k in _STAGE_KEYS):
+    if (
+        s.endswith(b"}")
+        and len(s) > 2
+        and b'"n_tokens"' in s
+        and not any(k in s for k in _STAGE_KEYS)
+    ):
         sc, name = extra["score"], extra["source_shard"]
         if math.isfinite(sc) and name.isascii() and '"' not in name and "\\" not in name:
             # what json.dumps writes for these three keys (float repr == JSON repr when finite)
             return b'%s, "score": %s, "position": %d, "source_shard": "%s"}' % (
-                s[:-1], repr(sc).encode(), extra["position"], name.encode())
+                s[:-1],
+                repr(sc).encode(),
+                extra["position"],
+                name.encode(),
+            )
         return s[:-1] + b", " + json.dumps(extra).encode("utf-8")[1:]
     meta = json.loads(src_json)
     meta.update(extra)
@@ -348,7 +439,7 @@ def _npy_of(s, dtype) -> bytes:
         from kdcl_dist.curriculum.scoring import _ids_from_npy
 
         if s.npy[6] == 1 and _descr_token(dtype) in s.npy[10:64]:
-            return s.npy   # the source's bytes already are np.save(ids.astype(dtype))
+            return s.npy  # the source's bytes already are np.save(ids.astype(dtype))
         return npy_bytes(np.asarray(_ids_from_npy(s.npy), dtype=dtype))
     return npy_bytes(np.asarray(s.ids, dtype=dtype))
 
@@ -367,9 +458,15 @@ def fast_write_shard(path: Path, samples: list, dtype) -> dict:
     from kdcl_dist.data.shards import INDEX_FORMAT, index_name, member_header
     from kdcl_dist.utils import atomic_path
 
-    if member_header(b"x", 0) is None or any(s.text is not None or len(s.key.encode()) > 90 for s in samples):
-        samples = [s if not isinstance(s, _Encoded) else
-                   Sample(s.key, _ids_from_npy(s.npy), json.loads(s.meta_json)) for s in samples]
+    if member_header(b"x", 0) is None or any(
+        s.text is not None or len(s.key.encode()) > 90 for s in samples
+    ):
+        samples = [
+            s
+            if not isinstance(s, _Encoded)
+            else Sample(s.key, _ids_from_npy(s.npy), json.loads(s.meta_json))
+            for s in samples
+        ]
         return write_shard(path, samples, dtype=dtype)
     parts = []
     keys, ids_off, ids_size, meta_off, meta_size = [], [], [], [], []
@@ -378,8 +475,10 @@ def fast_write_shard(path: Path, samples: list, dtype) -> dict:
         key = s.key.encode()
         keys.append(s.key)
         meta = s.meta_json if isinstance(s, _Encoded) else json.dumps(s.meta).encode("utf-8")
-        for ext, data, offs, sizes in ((b".ids.npy", _npy_of(s, dtype), ids_off, ids_size),
-                                       (b".json", meta, meta_off, meta_size)):
+        for ext, data, offs, sizes in (
+            (b".ids.npy", _npy_of(s, dtype), ids_off, ids_size),
+            (b".json", meta, meta_off, meta_size),
+        ):
             # members in the order TarWriter writes them (sorted extensions); the offset index
             # is known while writing, no second scan of the tar
             parts.append(member_header(key + ext, len(data)))
@@ -390,22 +489,35 @@ def fast_write_shard(path: Path, samples: list, dtype) -> dict:
             if pad:
                 parts.append(b"\0" * pad)
             at += 512 + len(data) + pad
-    parts.append(b"\0" * 1024)   # end-of-archive blocks, then pad to tarfile's 10240-byte record
+    parts.append(b"\0" * 1024)  # end-of-archive blocks, then pad to tarfile's 10240-byte record
     at += 1024
     if at % 10240:
         parts.append(b"\0" * (10240 - at % 10240))
     blob = b"".join(parts)
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
-    index = {"format": INDEX_FORMAT, "count": len(keys), "keys": keys, "ids_offset": ids_off,
-             "ids_size": ids_size, "meta_offset": meta_off, "meta_size": meta_size}
+    index = {
+        "format": INDEX_FORMAT,
+        "count": len(keys),
+        "keys": keys,
+        "ids_offset": ids_off,
+        "ids_size": ids_size,
+        "meta_offset": meta_off,
+        "meta_size": meta_size,
+    }
     with atomic_path(Path(path.parent) / index_name(path.name)) as tmp:
-        tmp.write_text(json.dumps(index))   # compact: the C encoder, ~10x faster than indent=2
-    return {"name": path.name, "index": index_name(path.name), "count": len(keys), "bytes": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest()}
+        tmp.write_text(json.dumps(index))  # compact: the C encoder, ~10x faster than indent=2
+    return {
+        "name": path.name,
+        "index": index_name(path.name),
+        "count": len(keys),
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
 
 
 # ---- step 3: manifest and plots ----------------------------------------------------------------
+
 
 def score_stats(scores: np.ndarray) -> dict:
     fin = np.asarray(scores, dtype=np.float64)
@@ -413,9 +525,14 @@ def score_stats(scores: np.ndarray) -> dict:
     if len(fin) == 0:
         return {"min": None, "max": None, "mean": None, "quantiles": {}}
     qs = np.quantile(fin, QUANTILES)
-    return {"min": float(fin.min()), "max": float(fin.max()), "mean": float(fin.mean()),
-            "std": float(fin.std()), "finite": int(len(fin)),
-            "quantiles": {f"{q:.2f}": float(v) for q, v in zip(QUANTILES, qs)}}
+    return {
+        "min": float(fin.min()),
+        "max": float(fin.max()),
+        "mean": float(fin.mean()),
+        "std": float(fin.std()),
+        "finite": int(len(fin)),
+        "quantiles": {f"{q:.2f}": float(v) for q, v in zip(QUANTILES, qs)},
+    }
 
 
 def write_plots(out: Path, scores: np.ndarray) -> list[str]:
@@ -427,7 +544,7 @@ def write_plots(out: Path, scores: np.ndarray) -> list[str]:
     s = np.asarray(scores, dtype=np.float64)
     fin = np.isfinite(s)
     n = len(s)
-    step = max(1, n // 20000)   # a plot never needs more than ~20k points
+    step = max(1, n // 20000)  # a plot never needs more than ~20k points
     pos = np.arange(0, n, step)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(pos[fin[pos]], s[pos][fin[pos]], lw=1.2)
@@ -469,7 +586,9 @@ def write_lambda_plot(out: Path, order_scores: np.ndarray, stats: dict, global_b
     spe = max(1, n // B)
     at = np.unique(np.linspace(0, spe - 1, min(spe, 2000)).astype(np.int64))
     scores = np.asarray(order_scores, dtype=np.float64)
-    if not np.isfinite(scores).all():  # kept non-finite scores (policy 'last'): λ of those batches is not plotted
+    if not np.isfinite(
+        scores
+    ).all():  # kept non-finite scores (policy 'last'): λ of those batches is not plotted
         scores = np.where(np.isfinite(scores), scores, np.nan)
     res = {"global_batch": B, "steps_per_epoch": spe, "order": "sequential", "schedules": {}}
     traces = {}
@@ -480,7 +599,10 @@ def write_lambda_plot(out: Path, order_scores: np.ndarray, stats: dict, global_b
             log.warning("lambda plot: %s skipped (%s)", sch, e)
             continue
         traces[sch] = tr
-        frac = {f"{f:.2f}": float(np.interp(f * (spe - 1), at, tr)) for f in (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 1.0)}
+        frac = {
+            f"{f:.2f}": float(np.interp(f * (spe - 1), at, tr))
+            for f in (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 1.0)
+        }
         res["schedules"][sch] = {"mean": float(np.nanmean(tr)), "at_fraction_of_epoch": frac}
     import matplotlib
 
@@ -489,7 +611,9 @@ def write_lambda_plot(out: Path, order_scores: np.ndarray, stats: dict, global_b
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     for sch, tr in traces.items():
-        label = f"{sch} (mean {res['schedules'][sch]['mean']:.2f})" + (" [variant]" if sch == "sr-rank" else "")
+        label = f"{sch} (mean {res['schedules'][sch]['mean']:.2f})" + (
+            " [variant]" if sch == "sr-rank" else ""
+        )
         ax.plot(at / max(1, spe - 1), tr, lw=1.2, label=label)
     ax.set_xlabel("fraction of one epoch (sequential order, easy → hard)")
     ax.set_ylabel("λ (batch mean)")
@@ -507,15 +631,19 @@ def write_lambda_plot(out: Path, order_scores: np.ndarray, stats: dict, global_b
 
 # ---- the stage ------------------------------------------------------------------------------
 
-def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, rank: int = 0,
-                     world: int = 1) -> dict | None:
+
+def build_curriculum(
+    shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, rank: int = 0, world: int = 1
+) -> dict | None:
     """Write the curriculum directory; returns curriculum.json on rank 0 (None elsewhere)."""
     from kdcl_dist import dist
 
     out = Path(out_dir)
     src_path = Path(shards_dir)
     if not (src_path / "dataset.json").exists():
-        raise UserError(f"{src_path}: no dataset.json; --shards must be the source shards from `kdcl-dist shard`")
+        raise UserError(
+            f"{src_path}: no dataset.json; --shards must be the source shards from `kdcl-dist shard`"
+        )
     src = ShardSet(src_path, "dataset.json")
     t0 = time.perf_counter()
     state = None
@@ -533,26 +661,60 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
 
                 man = load_scores_manifest(scores_dir, src.manifest)
                 policy = cfg.nonfinite or man.get("nonfinite_policy", "last")
-                log.info("external merge sort: %d samples > curriculum.in_memory_max=%d", len(src), cfg.in_memory_max)
-                res = external_order(src, scores_dir, man, policy, out, cfg.merge_chunk, cfg.exclude_heldout_percent)
+                log.info(
+                    "external merge sort: %d samples > curriculum.in_memory_max=%d",
+                    len(src),
+                    cfg.in_memory_max,
+                )
+                res = external_order(
+                    src, scores_dir, man, policy, out, cfg.merge_chunk, cfg.exclude_heldout_percent
+                )
             else:
                 man, flat = gather_scores(src, scores_dir)
                 check_unique(flat["ids"], f"{Path(scores_dir) / 'scores.json'}")
                 policy = cfg.nonfinite or man.get("nonfinite_policy", "last")
                 order = compute_order(flat, policy, cfg.exclude_heldout_percent)
-                check_not_empty(len(order["perm"]), len(flat["ids"]), order["excluded"].get("heldout", 0),
-                                order["nonfinite"], policy, cfg.exclude_heldout_percent)
+                check_not_empty(
+                    len(order["perm"]),
+                    len(flat["ids"]),
+                    order["excluded"].get("heldout", 0),
+                    order["nonfinite"],
+                    policy,
+                    cfg.exclude_heldout_percent,
+                )
                 write_order(out, flat, order)
-                res = {"n": int(len(order["perm"])), "excluded": order["excluded"], "nonfinite": order["nonfinite"],
-                       "n_source": int(len(flat["ids"]))}
+                res = {
+                    "n": int(len(order["perm"])),
+                    "excluded": order["excluded"],
+                    "nonfinite": order["nonfinite"],
+                    "n_source": int(len(flat["ids"])),
+                }
                 del flat, order
-            inputs = {"dataset_fingerprint": src.fingerprint, "scores_fingerprint": man.get("fingerprint"),
-                      "model_fingerprint": man.get("model_fingerprint"), "masks": man.get("masks"),
-                      "seed": man.get("seed")}
-            order_fp = fingerprint({"inputs": inputs, "policy": policy, "shard_size": cfg.shard_size,
-                                    "n": res["n"], **_heldout_key(cfg)})
-            state = {"ok": True, "order_fp": order_fp, "policy": policy, "inputs": inputs, **res,
-                     "sort": "external" if external else "in_memory", "sort_s": time.perf_counter() - t0}
+            inputs = {
+                "dataset_fingerprint": src.fingerprint,
+                "scores_fingerprint": man.get("fingerprint"),
+                "model_fingerprint": man.get("model_fingerprint"),
+                "masks": man.get("masks"),
+                "seed": man.get("seed"),
+            }
+            order_fp = fingerprint(
+                {
+                    "inputs": inputs,
+                    "policy": policy,
+                    "shard_size": cfg.shard_size,
+                    "n": res["n"],
+                    **_heldout_key(cfg),
+                }
+            )
+            state = {
+                "ok": True,
+                "order_fp": order_fp,
+                "policy": policy,
+                "inputs": inputs,
+                **res,
+                "sort": "external" if external else "in_memory",
+                "sort_s": time.perf_counter() - t0,
+            }
         except UserError as e:
             state = {"ok": False, "error": str(e)}
             if created:  # nothing of this run is kept: it wrote nothing else yet
@@ -563,7 +725,7 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
     if not state["ok"]:
         if rank == 0:
             raise UserError(state["error"])
-        return None   # rank 0 reports the error
+        return None  # rank 0 reports the error
     n, S = state["n"], cfg.shard_size
     source = np.load(out / "order_source.npy", mmap_mode="r")
     scores64 = np.load(out / "order_scores_f64.npy", mmap_mode="r")
@@ -576,17 +738,25 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
     if rank == 0 and mine:  # a bar on a terminal, else a progress line every $KDCL_PROGRESS_EVERY s
         from kdcl_dist.progress import progress_bar
 
-        bar = progress_bar(len(mine) * world, "curriculum", "shard", progress=cfg.progress, dynamic_ncols=True)
+        bar = progress_bar(
+            len(mine) * world, "curriculum", "shard", progress=cfg.progress, dynamic_ncols=True
+        )
     fetcher = _Fetcher(src)
     results, skipped = [], 0
     for j in mine:
         part = parts / f"{shard_name(j)}.json"
         prev = _read_part(part)
-        if prev is not None and prev.get("order_fp") == state["order_fp"] and (out / shard_name(j)).exists():
+        if (
+            prev is not None
+            and prev.get("order_fp") == state["order_fp"]
+            and (out / shard_name(j)).exists()
+        ):
             results.append(prev["result"])
             skipped += 1
         else:
-            res = write_output_shard(out, j, src, fetcher, source, scores64, j * S, min(n, (j + 1) * S), dtype)
+            res = write_output_shard(
+                out, j, src, fetcher, source, scores64, j * S, min(n, (j + 1) * S), dtype
+            )
             write_json_atomic(part, {"order_fp": state["order_fp"], "result": res})
             results.append(res)
         if bar is not None:
@@ -595,10 +765,14 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
     if bar is not None:
         bar.close()
     if skipped:
-        log.warning("rank %d: %d curriculum shards already written for these inputs; kept them", rank, skipped)
+        log.warning(
+            "rank %d: %d curriculum shards already written for these inputs; kept them",
+            rank,
+            skipped,
+        )
     import resource
 
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     gathered = dist.all_gather_object({"results": results, "peak_rss_mib": rss_mib})
     peak_rss = [g["peak_rss_mib"] for g in gathered]
     gathered = [g["results"] for g in gathered]
@@ -607,39 +781,66 @@ def build_curriculum(shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, ran
     res_all = sorted((r for rs in gathered for r in rs), key=lambda r: r["entry"]["name"])
     entries = [r["entry"] for r in res_all]
     if sum(e["count"] for e in entries) != n:
-        raise UserError(f"{out}: curriculum shards hold {sum(e['count'] for e in entries)} samples, expected {n}")
+        raise UserError(
+            f"{out}: curriculum shards hold {sum(e['count'] for e in entries)} samples, expected {n}"
+        )
     _remove_stale_shards(out, n_out)
     order_scores = np.load(out / "order_scores.npy")
     stats = score_stats(np.load(out / "order_scores_f64.npy"))
     tok = src.manifest.get("tokenizer")
     manifest = {
-        "format_version": FORMAT_VERSION, "kind": "curriculum",
-        "shards": entries, "num_samples": n, "tokenizer": tok,
+        "format_version": FORMAT_VERSION,
+        "kind": "curriculum",
+        "shards": entries,
+        "num_samples": n,
+        "tokenizer": tok,
         "score_stats": stats,
         "max_confidence": math.exp(-stats["min"]) if stats["min"] is not None else None,
         "excluded": state["excluded"],
         "nonfinite": {"count": state["nonfinite"], "policy": state["policy"]},
-        "heldout": {"excluded_percent": cfg.exclude_heldout_percent,
-                    "rule": "evaluate.mlm.is_heldout: id_hash64(doc id without _partK) % 100 < excluded_percent"},
+        "heldout": {
+            "excluded_percent": cfg.exclude_heldout_percent,
+            "rule": "evaluate.mlm.is_heldout: id_hash64(doc id without _partK) % 100 < excluded_percent",
+        },
         "source_samples": state["n_source"],
         "inputs": state["inputs"],
         "per_shard": [r["stats"] for r in res_all],
-        "order_files": {"scores": "order_scores.npy", "scores_f64": "order_scores_f64.npy",
-                        "source": "order_source.npy"},
-        "build": {"world_size": world, "shard_size": S, "sort": state["sort"], "sort_s": state["sort_s"],
-                  "peak_rss_mib": peak_rss,
-                  "elapsed_s": time.perf_counter() - t0},
+        "order_files": {
+            "scores": "order_scores.npy",
+            "scores_f64": "order_scores_f64.npy",
+            "source": "order_source.npy",
+        },
+        "build": {
+            "world_size": world,
+            "shard_size": S,
+            "sort": state["sort"],
+            "sort_s": state["sort_s"],
+            "peak_rss_mib": peak_rss,
+            "elapsed_s": time.perf_counter() - t0,
+        },
     }
-    manifest["fingerprint"] = fingerprint({"m": manifest_fingerprint(entries, tok), "kind": "curriculum",
-                                           "inputs": state["inputs"], **_heldout_key(cfg)})
+    manifest["fingerprint"] = fingerprint(
+        {
+            "m": manifest_fingerprint(entries, tok),
+            "kind": "curriculum",
+            "inputs": state["inputs"],
+            **_heldout_key(cfg),
+        }
+    )
     if cfg.plots:
         manifest["plots"] = write_plots(out, order_scores)
         if n:
             write_lambda_plot(out, order_scores, stats, cfg.lambda_plot_batch)
             manifest["plots"] += ["lambda_schedules.png"]
     write_json_atomic(out / "curriculum.json", manifest)
-    log.info("curriculum: %d samples in %d shards (%s excluded) written to %s in %.1f s",
-             n, len(entries), sum(state["excluded"].values()), out, manifest["build"]["elapsed_s"])
+    log.info(
+        "curriculum: %d samples in %d shards (%s excluded) written to %s in %.1f s",
+        n,
+        len(entries),
+        sum(state["excluded"].values()),
+        out,
+        manifest["build"]["elapsed_s"],
+    )
     return manifest
 
 

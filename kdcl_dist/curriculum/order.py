@@ -60,13 +60,21 @@ class OrderSpec:
 
     def __post_init__(self):
         if self.mode not in ORDERS:
-            raise UserError(f"train.order: unknown order '{self.mode}'; allowed: {', '.join(ORDERS)}")
+            raise UserError(
+                f"train.order: unknown order '{self.mode}'; allowed: {', '.join(ORDERS)}"
+            )
         if self.mode in PACING:
-            if not 0.0 <= float(self.pacing_f0) <= 1.0 or (self.mode == "pacing-exp" and self.pacing_f0 <= 0):
-                raise UserError(f"train.pacing_f0: {self.pacing_f0} is out of range; use a fraction in "
-                                f"{'(0' if self.mode == 'pacing-exp' else '[0'}, 1]")
+            if not 0.0 <= float(self.pacing_f0) <= 1.0 or (
+                self.mode == "pacing-exp" and self.pacing_f0 <= 0
+            ):
+                raise UserError(
+                    f"train.pacing_f0: {self.pacing_f0} is out of range; use a fraction in "
+                    f"{'(0' if self.mode == 'pacing-exp' else '[0'}, 1]"
+                )
             if self.pacing_steps is not None and int(self.pacing_steps) < 1:
-                raise UserError(f"train.pacing_steps: {self.pacing_steps} must be >= 1 (or unset for one epoch)")
+                raise UserError(
+                    f"train.pacing_steps: {self.pacing_steps} must be >= 1 (or unset for one epoch)"
+                )
 
     @property
     def is_pacing(self) -> bool:
@@ -79,8 +87,10 @@ def steps_per_epoch(n_samples: int, global_batch: int) -> int:
         raise UserError(f"train.global_batch: {global_batch} must be >= 1")
     spe = int(n_samples) // int(global_batch)
     if spe < 1:
-        raise UserError(f"train.global_batch: {global_batch} exceeds the {n_samples} samples of the "
-                        "curriculum; use a smaller global batch or a larger curriculum")
+        raise UserError(
+            f"train.global_batch: {global_batch} exceeds the {n_samples} samples of the "
+            "curriculum; use a smaller global batch or a larger curriculum"
+        )
     return spe
 
 
@@ -106,7 +116,9 @@ def pool_fraction(spec: OrderSpec, step: int, default_steps: int | None = None) 
         return 1.0
     T = spec.pacing_steps if spec.pacing_steps is not None else default_steps
     if T is None:
-        raise ValueError("pool_fraction: pacing_steps is unset; pass default_steps (steps per epoch)")
+        raise ValueError(
+            "pool_fraction: pacing_steps is unset; pass default_steps (steps per epoch)"
+        )
     x = min(1.0, max(0.0, float(step) / float(T)))
     f0 = float(spec.pacing_f0)
     if spec.mode == "pacing-linear":
@@ -126,7 +138,9 @@ def pool_size(spec: OrderSpec, n_samples: int, global_batch: int, step: int) -> 
 
 @lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, _TAG_RANDOM, epoch])))
+    rng = np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, _TAG_RANDOM, epoch]))
+    )
     p = rng.permutation(n).astype(np.int64)
     p.setflags(write=False)
     return p
@@ -143,7 +157,9 @@ def epoch_order(spec: OrderSpec, n_samples: int, epoch: int) -> np.ndarray:
     raise ValueError(f"epoch_order: pacing order '{spec.mode}' has no fixed epoch order")
 
 
-def global_batch_items(spec: OrderSpec, n_samples: int, global_batch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+def global_batch_items(
+    spec: OrderSpec, n_samples: int, global_batch: int, step: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(positions, epochs) of global batch `step`: curriculum positions and each item's epoch
     (its mask draw), both int64 of length global_batch."""
     if step < 0:
@@ -152,8 +168,11 @@ def global_batch_items(spec: OrderSpec, n_samples: int, global_batch: int, step:
     n, B = int(n_samples), int(global_batch)
     if spec.is_pacing:
         k = pool_size(spec, n, B, step)
-        rng = np.random.Generator(np.random.PCG64(
-            np.random.SeedSequence([int(spec.seed) & 0xFFFFFFFF, _TAG_PACING, int(step)])))
+        rng = np.random.Generator(
+            np.random.PCG64(
+                np.random.SeedSequence([int(spec.seed) & 0xFFFFFFFF, _TAG_PACING, int(step)])
+            )
+        )
         pos = rng.choice(k, size=B, replace=False).astype(np.int64)
         return pos, np.full(B, epoch_of(spec, n, B, step), dtype=np.int64)
     stream = np.arange(int(step) * B, (int(step) + 1) * B, dtype=np.int64)
@@ -165,12 +184,16 @@ def global_batch_items(spec: OrderSpec, n_samples: int, global_batch: int, step:
     return pos, epochs
 
 
-def global_batch_positions(spec: OrderSpec, n_samples: int, global_batch: int, step: int) -> np.ndarray:
+def global_batch_positions(
+    spec: OrderSpec, n_samples: int, global_batch: int, step: int
+) -> np.ndarray:
     """Curriculum positions of global batch `step` (int64, length global_batch)."""
     return global_batch_items(spec, n_samples, global_batch, step)[0]
 
 
-def distinct_positions_seen(spec: OrderSpec, n_samples: int, global_batch: int, steps: int) -> np.ndarray:
+def distinct_positions_seen(
+    spec: OrderSpec, n_samples: int, global_batch: int, steps: int
+) -> np.ndarray:
     """Boolean mask of the positions trained in steps [0, steps) (a pure function, like the order).
 
     The training loop keeps it up to date step by step and rebuilds it from here on resume.

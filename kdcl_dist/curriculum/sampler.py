@@ -39,15 +39,25 @@ IGNORE_INDEX = -100
 
 
 class CurriculumSampler:
-    def __init__(self, n_samples: int, global_batch: int, micro_batch: int, world_size: int, rank: int,
-                 spec: OrderSpec):
+    def __init__(
+        self,
+        n_samples: int,
+        global_batch: int,
+        micro_batch: int,
+        world_size: int,
+        rank: int,
+        spec: OrderSpec,
+    ):
         if micro_batch < 1 or world_size < 1:
-            raise UserError(f"train.micro_batch: micro batch {micro_batch} and world size {world_size} must be >= 1")
+            raise UserError(
+                f"train.micro_batch: micro batch {micro_batch} and world size {world_size} must be >= 1"
+            )
         per_step = micro_batch * world_size
         if global_batch % per_step != 0:
             raise UserError(
                 f"train.global_batch: {global_batch} is not divisible by micro_batch {micro_batch} x world size "
-                f"{world_size} = {per_step}; choose a global batch that is a multiple of {per_step}")
+                f"{world_size} = {per_step}; choose a global batch that is a multiple of {per_step}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.n_samples = int(n_samples)
@@ -81,7 +91,7 @@ class CurriculumSampler:
 
     def _split(self, block: np.ndarray) -> list[np.ndarray]:
         m = self.micro_batch
-        return [block[i * m:(i + 1) * m] for i in range(self.grad_accum)]
+        return [block[i * m : (i + 1) * m] for i in range(self.grad_accum)]
 
     def rank_micro_batches(self, step: int, rank: int | None = None) -> list[np.ndarray]:
         """This rank's `grad_accum` micro-batches (positions) of global batch `step`."""
@@ -97,8 +107,11 @@ class CurriculumSampler:
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "consumed_samples": int(self.consumed_samples), "n_samples": self.n_samples,
-            "global_batch": self.global_batch, "mode": self.spec.mode, "seed": int(self.spec.seed),
+            "consumed_samples": int(self.consumed_samples),
+            "n_samples": self.n_samples,
+            "global_batch": self.global_batch,
+            "mode": self.spec.mode,
+            "seed": int(self.spec.seed),
             "pacing_f0": float(self.spec.pacing_f0),
             "pacing_steps": None if self.spec.pacing_steps is None else int(self.spec.pacing_steps),
         }
@@ -111,16 +124,21 @@ class CurriculumSampler:
             keys += ["pacing_f0", "pacing_steps"]
         for k in keys:
             if k not in sd:
-                raise UserError(f"checkpoint sampler state: key '{k}' missing; the checkpoint is from an "
-                                "incompatible version, start a new run")
+                raise UserError(
+                    f"checkpoint sampler state: key '{k}' missing; the checkpoint is from an "
+                    "incompatible version, start a new run"
+                )
             if sd[k] != mine[k]:
                 raise UserError(
                     f"checkpoint sampler state: {k} = {sd[k]!r} but this run has {mine[k]!r}; resuming would "
-                    f"not continue the same order; rerun with train.{_flag(k)} = {sd[k]!r} or start a new --out")
+                    f"not continue the same order; rerun with train.{_flag(k)} = {sd[k]!r} or start a new --out"
+                )
         consumed = int(sd["consumed_samples"])
         if consumed % self.global_batch:
-            raise UserError(f"checkpoint sampler state: consumed_samples {consumed} is not a multiple of the "
-                            f"global batch {self.global_batch}; the checkpoint is inconsistent")
+            raise UserError(
+                f"checkpoint sampler state: consumed_samples {consumed} is not a multiple of the "
+                f"global batch {self.global_batch}; the checkpoint is inconsistent"
+            )
         self.consumed_samples = consumed
 
 
@@ -136,12 +154,21 @@ class CurriculumDataset(torch.utils.data.Dataset):
     sample and epoch, so any worker, rank or resume produces the same tensors.
     """
 
-    def __init__(self, shards, masker, seed: int = 0, spec: OrderSpec | None = None,
-                 purpose: str = "train", mask_prob: float = 0.15):
+    def __init__(
+        self,
+        shards,
+        masker,
+        seed: int = 0,
+        spec: OrderSpec | None = None,
+        purpose: str = "train",
+        mask_prob: float = 0.15,
+    ):
         from kdcl_dist.data.masking import MaskSpec
 
         self.shards = shards
-        self.mask_spec = masker if isinstance(masker, MaskSpec) else MaskSpec.from_tokenizer(masker, mask_prob)
+        self.mask_spec = (
+            masker if isinstance(masker, MaskSpec) else MaskSpec.from_tokenizer(masker, mask_prob)
+        )
         self.seed = int(seed)
         self.spec = spec
         self.purpose = purpose
@@ -163,10 +190,17 @@ class CurriculumDataset(torch.utils.data.Dataset):
         position, epoch = self.decode_key(key)
         s = self.shards.get(position)
         sid = s.meta.get("id", s.key)
-        input_ids, labels = mask_sample(s.ids, sid, draw=epoch, purpose=self.purpose, seed=self.seed,
-                                        spec=self.mask_spec)
-        return {"position": position, "epoch": epoch, "id": sid, "input_ids": input_ids, "labels": labels,
-                "score": float(s.meta.get("score", float("nan")))}
+        input_ids, labels = mask_sample(
+            s.ids, sid, draw=epoch, purpose=self.purpose, seed=self.seed, spec=self.mask_spec
+        )
+        return {
+            "position": position,
+            "epoch": epoch,
+            "id": sid,
+            "input_ids": input_ids,
+            "labels": labels,
+            "score": float(s.meta.get("score", float("nan"))),
+        }
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
@@ -183,7 +217,9 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         labels[i, :k] = torch.as_tensor(b["labels"], dtype=torch.long)
         attn[i, :k] = 1
     return {
-        "input_ids": input_ids, "attention_mask": attn, "labels": labels,
+        "input_ids": input_ids,
+        "attention_mask": attn,
+        "labels": labels,
         "positions": torch.tensor([b["position"] for b in batch], dtype=torch.long),
         "epochs": torch.tensor([b.get("epoch", 0) for b in batch], dtype=torch.long),
         "scores": torch.tensor([b["score"] for b in batch], dtype=torch.float64),

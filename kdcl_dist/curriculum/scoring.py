@@ -59,31 +59,54 @@ log = logging.getLogger("kdcl_dist.score")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONFINITE = ("last", "exclude")
-DEFINITION = ("mean masked-token cross-entropy (nats) over all masked tokens of K fixed masks "
-              "mask_sample(ids, id, draw=k, purpose='score', seed), k=0..K-1")
+DEFINITION = (
+    "mean masked-token cross-entropy (nats) over all masked tokens of K fixed masks "
+    "mask_sample(ids, id, draw=k, purpose='score', seed), k=0..K-1"
+)
 
 
 @dataclass
 class ScoreConfig:
     masks: int = option(2, help="K fixed masks per sample (the paper used 1)", min=1, max=64)
     seed: int = option(1234, help="seed of the fixed scoring masks")
-    mask_prob: float = option(0.15, help="share of non-special tokens masked per draw", min=0.01, max=0.9)
-    token_budget: int = option(0, help="max rows x padded length per batch; 0 = auto: "
-                               f"{4096} on CPU (cache-sized, measured), {65536} on GPU", min=0)
-    window: int = option(8192, help="rows sorted by length together before packing (bounds memory)", min=1)
+    mask_prob: float = option(
+        0.15, help="share of non-special tokens masked per draw", min=0.01, max=0.9
+    )
+    token_budget: int = option(
+        0,
+        help="max rows x padded length per batch; 0 = auto: "
+        f"{4096} on CPU (cache-sized, measured), {65536} on GPU",
+        min=0,
+    )
+    window: int = option(
+        8192, help="rows sorted by length together before packing (bounds memory)", min=1
+    )
     dtype: str = option("fp32", help="model dtype; bf16/fp16 only on GPU", choices=tuple(DTYPES))
-    nonfinite: str = option("last", help="policy for non-finite scores in the curriculum", choices=NONFINITE)
+    nonfinite: str = option(
+        "last", help="policy for non-finite scores in the curriculum", choices=NONFINITE
+    )
     threads: int = option(0, help="torch CPU threads per rank (0: leave torch's default)", min=0)
     progress: bool = option(True, help="tqdm progress bar on rank 0")
-    allow_new_head: bool = option(False, help="score with a checkpoint whose MLM head is missing (freshly "
-                                  "initialised from seed 0: noise scores); refused by default")
+    allow_new_head: bool = option(
+        False,
+        help="score with a checkpoint whose MLM head is missing (freshly "
+        "initialised from seed 0: noise scores); refused by default",
+    )
     log_every: float = option(10.0, help="seconds between throughput log lines", min=0.1)
-    verify: bool = option(True, help="check each source shard's sha256 (dataset.json) before scoring it")
-    prefetch: bool = option(True, help="prepare the next shard's batches in a helper thread while scoring "
-                            "(when workers=0)")
-    workers: int = option(-1, help="processes preparing batches (read, verify, mask, collate) ahead of the model; "
-                          "-1 = auto: min(8, this rank's CPUs - 1) on GPU, 0 on CPU (the model needs the cores)",
-                          min=-1, max=256)
+    verify: bool = option(
+        True, help="check each source shard's sha256 (dataset.json) before scoring it"
+    )
+    prefetch: bool = option(
+        True,
+        help="prepare the next shard's batches in a helper thread while scoring (when workers=0)",
+    )
+    workers: int = option(
+        -1,
+        help="processes preparing batches (read, verify, mask, collate) ahead of the model; "
+        "-1 = auto: min(8, this rank's CPUs - 1) on GPU, 0 on CPU (the model needs the cores)",
+        min=-1,
+        max=256,
+    )
 
 
 AUTO_BUDGET = {"cpu": 4096, "cuda": 65536}
@@ -128,7 +151,7 @@ def _ids_from_npy(blob: bytes) -> np.ndarray:
         hlen, start = int.from_bytes(blob[8:10], "little"), 10
     else:
         hlen, start = int.from_bytes(blob[8:12], "little"), 12
-    header = blob[start:start + hlen]
+    header = blob[start : start + hlen]
     dt = _NPY_DTYPES.get(header)
     if dt is None:
         d = ast.literal_eval(header.decode("latin1"))
@@ -140,7 +163,9 @@ def _ids_from_npy(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype=dt, offset=start + hlen)
 
 
-def read_shard(ss: ShardSet, shard: int, verify: bool = False) -> tuple[list[str], list[np.ndarray]]:
+def read_shard(
+    ss: ShardSet, shard: int, verify: bool = False
+) -> tuple[list[str], list[np.ndarray]]:
     """(sample ids, token id arrays) of one shard: one sequential read, sliced by the offset index.
 
     verify: check the bytes against the size and sha256 in the manifest first (one hash
@@ -154,30 +179,36 @@ def read_shard(ss: ShardSet, shard: int, verify: bool = False) -> tuple[list[str
         mo, ms = int(idx["meta_offset"][j]), int(idx["meta_size"][j])
         io_, is_ = int(idx["ids_offset"][j]), int(idx["ids_size"][j])
         if mo < 0 or io_ < 0 or mo + ms > len(blob) or io_ + is_ > len(blob):
-            raise UserError(f"{path}: sample {idx['keys'][j]} is missing a member or the shard is truncated; re-create it")
-        ids.append(str(json.loads(blob[mo:mo + ms])["id"]))
-        toks.append(_ids_from_npy(blob[io_:io_ + is_]))
+            raise UserError(
+                f"{path}: sample {idx['keys'][j]} is missing a member or the shard is truncated; re-create it"
+            )
+        ids.append(str(json.loads(blob[mo : mo + ms])["id"]))
+        toks.append(_ids_from_npy(blob[io_ : io_ + is_]))
     return ids, toks
 
 
 # ---- batch plan --------------------------------------------------------------------------
 
+
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # [B, L] int64 (int32 when compact), padded with pad_id
-    attention_mask: torch.Tensor | None  # [B, L]; None when compact (built from lengths on the device)
-    rows: torch.Tensor            # [M] row of each masked position
-    cols: torch.Tensor            # [M] column of each masked position
-    targets: torch.Tensor         # [M] original token ids
-    sample: np.ndarray            # [B] sample index (within the shard) of each row
-    n_tokens: int                 # real (non-pad) tokens in the batch
-    lengths: torch.Tensor | None = None   # [B] real tokens of each row (compact batches)
-    q_max: int | None = None      # most masked positions in one row (known here: no GPU sync)
-    padded: bool | None = None    # any row shorter than the batch (decides the attention mask)
+    input_ids: torch.Tensor  # [B, L] int64 (int32 when compact), padded with pad_id
+    attention_mask: (
+        torch.Tensor | None
+    )  # [B, L]; None when compact (built from lengths on the device)
+    rows: torch.Tensor  # [M] row of each masked position
+    cols: torch.Tensor  # [M] column of each masked position
+    targets: torch.Tensor  # [M] original token ids
+    sample: np.ndarray  # [B] sample index (within the shard) of each row
+    n_tokens: int  # real (non-pad) tokens in the batch
+    lengths: torch.Tensor | None = None  # [B] real tokens of each row (compact batches)
+    q_max: int | None = None  # most masked positions in one row (known here: no GPU sync)
+    padded: bool | None = None  # any row shorter than the batch (decides the attention mask)
 
 
-def mask_rows(sample_ids: list[str], toks: list[np.ndarray], masks: int, seed: int,
-              spec: MaskSpec) -> list[tuple[int, np.ndarray, np.ndarray]]:
+def mask_rows(
+    sample_ids: list[str], toks: list[np.ndarray], masks: int, seed: int, spec: MaskSpec
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(sample index, masked input ids, masked positions) for every sample and draw (pure).
 
     Row r = i*masks + k. (Reference form, row by row; the pass uses `mask_many`, same rows.)"""
@@ -200,8 +231,8 @@ def plan_batches(lengths: np.ndarray, token_budget: int, window: int) -> list[np
     n = len(lengths)
     budget = int(token_budget)
     for w0 in range(0, n, window):
-        order = w0 + np.argsort(lengths[w0:w0 + window], kind="stable")
-        ls = lengths[order].tolist()   # ascending within the window: the newest row is the longest
+        order = w0 + np.argsort(lengths[w0 : w0 + window], kind="stable")
+        ls = lengths[order].tolist()  # ascending within the window: the newest row is the longest
         j, m = 0, len(ls)
         while j < m:
             # rows j..e-1 fit while (e - j) x ls[e-1] <= budget (ls ascending); always >= 1 row
@@ -261,20 +292,39 @@ def to_batch(arr: BatchArrays, compact: bool = False) -> Batch:
     q_max = int(np.bincount(rows).max()) if len(rows) else 0
     padded = bool(len(lens) and int(lens.min()) < inp.shape[1])
     if compact:
-        return Batch(t(inp), None, t(rows), t(cols), t(targets), sample, n_tok, t(lens), q_max, padded)
+        return Batch(
+            t(inp), None, t(rows), t(cols), t(targets), sample, n_tok, t(lens), q_max, padded
+        )
     att = (np.arange(inp.shape[1], dtype=np.int64)[None, :] < lens[:, None]).astype(np.int64)
-    return Batch(t(inp.astype(np.int64)), t(att), t(rows.astype(np.int64)), t(cols.astype(np.int64)),
-                 t(targets.astype(np.int64)), sample, n_tok, None, q_max, padded)
+    return Batch(
+        t(inp.astype(np.int64)),
+        t(att),
+        t(rows.astype(np.int64)),
+        t(cols.astype(np.int64)),
+        t(targets.astype(np.int64)),
+        sample,
+        n_tok,
+        None,
+        q_max,
+        padded,
+    )
 
 
-def shard_batch_arrays(sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int) -> list[BatchArrays]:
+def shard_batch_arrays(
+    sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int
+) -> list[BatchArrays]:
     """All batches of one shard as numpy arrays: mask (all rows at once), plan, collate."""
     m = mask_many(toks, sample_ids, cfg.masks, "score", cfg.seed, spec)
     if len(m.flat) and (int(m.flat.max()) >= 2**31 or int(m.flat.min()) < 0):
-        raise UserError(f"token ids outside [0, 2**31) in a shard of {sample_ids[0]!r}...; re-create the shards "
-                        "with the model's tokenizer")
+        raise UserError(
+            f"token ids outside [0, 2**31) in a shard of {sample_ids[0]!r}...; re-create the shards "
+            "with the model's tokenizer"
+        )
     lengths = np.repeat(np.diff(m.start), cfg.masks)
-    return [collate_rows(m, members, pad_id) for members in plan_batches(lengths, cfg.token_budget, cfg.window)]
+    return [
+        collate_rows(m, members, pad_id)
+        for members in plan_batches(lengths, cfg.token_budget, cfg.window)
+    ]
 
 
 def batches_for_shard(sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int):
@@ -287,7 +337,7 @@ def shard_tokens(ss: ShardSet, shard: int) -> int:
     """Approximate token count of a shard from its offset index (token-array bytes / item size)."""
     idx = ss.index(shard)
     n = len(idx["ids_size"])
-    payload = int(np.sum(idx["ids_size"])) - 128 * n   # minus the .npy headers (128 bytes each)
+    payload = int(np.sum(idx["ids_size"])) - 128 * n  # minus the .npy headers (128 bytes each)
     return max(n, payload // 2)
 
 
@@ -310,6 +360,7 @@ def assign_shards(costs: list[int], world: int) -> list[list[int]]:
 
 # ---- the model computation ------------------------------------------------------------
 
+
 class Scorer:
     """Masked-positions-only model computation: CE per masked token, summed per row.
 
@@ -326,7 +377,9 @@ class Scorer:
         self.model = model.eval().to(device)
         self.encoder, self.head = mlm_parts(self.model)
         if self.head is None:
-            raise UserError(f"{type(model).__name__}: no known MLM head to split off; supported: BERT, DistilBERT")
+            raise UserError(
+                f"{type(model).__name__}: no known MLM head to split off; supported: BERT, DistilBERT"
+            )
         self.masked_only = bool(masked_only) and supports_encode_masked(self.model)
         self.device = device
 
@@ -339,8 +392,10 @@ class Scorer:
         from kdcl_dist.kd.models import encode_masked, row_counts
 
         dev = self.device
-        ids, rows, cols, tgt = (self._to_dev(t).long() for t in (b.input_ids, b.rows, b.cols, b.targets))
-        if b.attention_mask is None:   # compact batch: the mask from the row lengths, on the device
+        ids, rows, cols, tgt = (
+            self._to_dev(t).long() for t in (b.input_ids, b.rows, b.cols, b.targets)
+        )
+        if b.attention_mask is None:  # compact batch: the mask from the row lengths, on the device
             lens = self._to_dev(b.lengths)
             att = (torch.arange(ids.shape[1], device=dev)[None, :] < lens[:, None]).long()
         else:
@@ -352,7 +407,7 @@ class Scorer:
         ce = self.token_ce(hm, tgt)
         B = ids.shape[0]
         sums = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, rows, ce.double())
-        counts = row_counts(rows, B)   # not torch.bincount: on CUDA it syncs to size its output
+        counts = row_counts(rows, B)  # not torch.bincount: on CUDA it syncs to size its output
         return sums, counts
 
     def _to_dev(self, t: torch.Tensor) -> torch.Tensor:
@@ -383,7 +438,9 @@ class ShardResult:
     the same batch order. Both orders equal the earlier concatenate-then-add, bitwise.
     """
 
-    def __init__(self, n_samples: int, n_rows: int, device: torch.device, buffered: bool | None = None):
+    def __init__(
+        self, n_samples: int, n_rows: int, device: torch.device, buffered: bool | None = None
+    ):
         self.n = int(n_samples)
         self.loss = np.zeros(self.n, dtype=np.float64)
         self.masked = np.zeros(self.n, dtype=np.int64)
@@ -399,10 +456,12 @@ class ShardResult:
         B = len(sample)
         if self.on_device:
             if self.rows + B > len(self.sample):
-                raise RuntimeError(f"shard result: {self.rows + B} rows scored, {len(self.sample)} expected")
-            self.sample[self.rows:self.rows + B] = sample
-            self.dev_sums[self.rows:self.rows + B].copy_(sums, non_blocking=True)
-            self.dev_counts[self.rows:self.rows + B].copy_(counts, non_blocking=True)
+                raise RuntimeError(
+                    f"shard result: {self.rows + B} rows scored, {len(self.sample)} expected"
+                )
+            self.sample[self.rows : self.rows + B] = sample
+            self.dev_sums[self.rows : self.rows + B].copy_(sums, non_blocking=True)
+            self.dev_counts[self.rows : self.rows + B].copy_(counts, non_blocking=True)
         else:
             np.add.at(self.loss, sample, sums.numpy())
             np.add.at(self.masked, sample, counts.numpy())
@@ -420,7 +479,9 @@ class ShardResult:
         return score, self.masked, np.asarray(ntok, dtype=np.int64)
 
 
-def launch_shard(scorer: Scorer, batches, n_samples: int, n_rows: int, on_batch=None) -> ShardResult:
+def launch_shard(
+    scorer: Scorer, batches, n_samples: int, n_rows: int, on_batch=None
+) -> ShardResult:
     """Run the model over a shard's batches (`n_rows` rows of `n_samples` samples in all); each
     batch's results are copied into the shard's `ShardResult` and the batch released. On a GPU
     nothing waits for the device here. `ShardResult.finish` gives the arrays."""
@@ -441,15 +502,28 @@ def finish_shard(launched: ShardResult, n: int, ntok) -> tuple[np.ndarray, np.nd
     return launched.finish(ntok)
 
 
-def score_arrays(scorer: Scorer, sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int,
-                 on_batch=None, batches=None):
+def score_arrays(
+    scorer: Scorer,
+    sample_ids,
+    toks,
+    cfg: ScoreConfig,
+    spec: MaskSpec,
+    pad_id: int,
+    on_batch=None,
+    batches=None,
+):
     """Score one shard's samples: (score float64, masked count int64, token count int64).
 
     batches: the shard's collated batches when prepared ahead (else built here, lazily)."""
     n = len(sample_ids)
     ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=n)
-    launched = launch_shard(scorer, batches if batches is not None else
-                            batches_for_shard(sample_ids, toks, cfg, spec, pad_id), n, n * cfg.masks, on_batch)
+    launched = launch_shard(
+        scorer,
+        batches if batches is not None else batches_for_shard(sample_ids, toks, cfg, spec, pad_id),
+        n,
+        n * cfg.masks,
+        on_batch,
+    )
     return finish_shard(launched, n, ntok)
 
 
@@ -472,21 +546,33 @@ def _defer_writes(device: torch.device) -> bool:
 
 # ---- score files ---------------------------------------------------------------------------
 
+
 def score_file_name(shard_name: str) -> str:
     return shard_name[: -len(".tar")] + ".scores.npz"
 
 
 def identity(model_fp: str, cfg: ScoreConfig, dataset_fp: str) -> dict:
     """What a score file must match to be reused (token budget and world size do not matter)."""
-    return {"model_fingerprint": model_fp, "masks": cfg.masks, "seed": cfg.seed,
-            "dataset_fingerprint": dataset_fp, "dtype": cfg.dtype, "mask_prob": cfg.mask_prob}
+    return {
+        "model_fingerprint": model_fp,
+        "masks": cfg.masks,
+        "seed": cfg.seed,
+        "dataset_fingerprint": dataset_fp,
+        "dtype": cfg.dtype,
+        "mask_prob": cfg.mask_prob,
+    }
 
 
 def write_score_file(path: Path, ids, score, masked, ntok, info: dict) -> None:
     buf = io.BytesIO()
-    np.savez(buf, ids=np.asarray(ids, dtype=str), score=score.astype(np.float64),
-             masked=masked.astype(np.int32), tokens=ntok.astype(np.int32),
-             info=np.asarray(json.dumps(info, sort_keys=True)))
+    np.savez(
+        buf,
+        ids=np.asarray(ids, dtype=str),
+        score=score.astype(np.float64),
+        masked=masked.astype(np.int32),
+        tokens=ntok.astype(np.int32),
+        info=np.asarray(json.dumps(info, sort_keys=True)),
+    )
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
 
@@ -501,16 +587,29 @@ def read_score_file(path: Path) -> dict:
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in ("ids", "score", "masked", "tokens")}
             out["info"] = json.loads(str(z["info"]))
-    except (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError,
-            zipfile.BadZipFile, zlib.error,
-            json.JSONDecodeError) as e:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        RuntimeError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+        json.JSONDecodeError,
+    ) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: unreadable score file ({type(e).__name__}: {reason}); "
-                        "re-run `kdcl-dist score` with the same arguments (it re-scores that shard)") from e
+        raise UserError(
+            f"{path}: unreadable score file ({type(e).__name__}: {reason}); "
+            "re-run `kdcl-dist score` with the same arguments (it re-scores that shard)"
+        ) from e
     n = len(out["ids"])
     if any(len(out[k]) != n for k in ("score", "masked", "tokens")):
-        raise UserError(f"{path}: score file arrays differ in length; re-run `kdcl-dist score` with the same "
-                        "arguments (it re-scores that shard)")
+        raise UserError(
+            f"{path}: score file arrays differ in length; re-run `kdcl-dist score` with the same "
+            "arguments (it re-scores that shard)"
+        )
     return out
 
 
@@ -521,10 +620,13 @@ def existing_matches(path: Path, ident: dict, shard_entry: dict) -> bool:
         info = read_score_file(path)["info"]
     except UserError:
         return False
-    return all(info.get(k) == v for k, v in ident.items()) and info.get("shard_sha256") == shard_entry.get("sha256")
+    return all(info.get(k) == v for k, v in ident.items()) and info.get(
+        "shard_sha256"
+    ) == shard_entry.get("sha256")
 
 
 # ---- global progress (no collectives: ranks score different amounts) -----------------------
+
 
 class Progress:
     """Each rank writes its done counts to `<out>/.progress/rank-N.json`; rank 0 sums them.
@@ -541,10 +643,14 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last_write = self._last_log = self.t0
         self.bar = None
-        if show and rank == 0 and total > 0:  # a bar on a terminal only: the periodic log lines cover the rest
+        if (
+            show and rank == 0 and total > 0
+        ):  # a bar on a terminal only: the periodic log lines cover the rest
             from kdcl_dist.progress import progress_bar
 
-            self.bar = progress_bar(total, "score", "sample", lines=False, dynamic_ncols=True, mininterval=1.0)
+            self.bar = progress_bar(
+                total, "score", "sample", lines=False, dynamic_ncols=True, mininterval=1.0
+            )
         self._shown = 0
         # zero this rank's counts now: a file left by an earlier (killed) run must not count
         self._write()
@@ -563,15 +669,22 @@ class Progress:
                     self._shown = min(g_samples, self.total)
                 if now - self._last_log >= log_every or force:
                     dt = max(now - self.t0, 1e-9)
-                    log.info("scored %d/%d samples, %.0f tokens/s (all ranks), %.0f tokens/s (rank 0)",
-                             g_samples, self.total, g_tokens / dt, self.tokens / dt)
+                    log.info(
+                        "scored %d/%d samples, %.0f tokens/s (all ranks), %.0f tokens/s (rank 0)",
+                        g_samples,
+                        self.total,
+                        g_tokens / dt,
+                        self.tokens / dt,
+                    )
                     self._last_log = now
 
     def _write(self) -> None:
         # A plain write, not temp+rename: the file is advisory (the reader skips a torn one),
         # and a time-driven rename would make the number of file renames of a run depend on
         # its speed (the fault suite kills ranks at seeded rename/batch counts).
-        (self.dir / f"rank-{self.rank}.json").write_text(json.dumps({"samples": self.samples, "tokens": self.tokens}))
+        (self.dir / f"rank-{self.rank}.json").write_text(
+            json.dumps({"samples": self.samples, "tokens": self.tokens})
+        )
 
     def _global(self) -> tuple[int, int]:
         s = t = 0
@@ -610,11 +723,14 @@ def _fault_hook(rank: int):
 
 # ---- preparing shards ahead of the model -----------------------------------------------------
 
+
 class ShardPrep(torch.utils.data.Dataset):
     """Item j: (sample ids, token counts, batch arrays) of shard `shards[j]`, or the UserError
     that reading it raised (returned, not raised, so it reaches the caller as one line)."""
 
-    def __init__(self, ss: ShardSet, shards: list[int], cfg: ScoreConfig, spec: MaskSpec, pad_id: int):
+    def __init__(
+        self, ss: ShardSet, shards: list[int], cfg: ScoreConfig, spec: MaskSpec, pad_id: int
+    ):
         self.ss, self.shards, self.cfg, self.spec, self.pad_id = ss, list(shards), cfg, spec, pad_id
 
     def __len__(self) -> int:
@@ -626,7 +742,11 @@ class ShardPrep(torch.utils.data.Dataset):
         except UserError as e:
             return e
         ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
-        return sample_ids, ntok, shard_batch_arrays(sample_ids, toks, self.cfg, self.spec, self.pad_id)
+        return (
+            sample_ids,
+            ntok,
+            shard_batch_arrays(sample_ids, toks, self.cfg, self.spec, self.pad_id),
+        )
 
 
 def _as_is(x):
@@ -640,8 +760,14 @@ def prepared_shards(prep: ShardPrep, workers: int, prefetch: bool = True):
     workers/thread."""
     n = len(prep)
     if workers > 0:
-        loader = torch.utils.data.DataLoader(prep, batch_size=None, shuffle=False, num_workers=workers,
-                                             collate_fn=_as_is, prefetch_factor=2)
+        loader = torch.utils.data.DataLoader(
+            prep,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_as_is,
+            prefetch_factor=2,
+        )
         it = iter(loader)
         try:
             for _ in range(n):
@@ -669,13 +795,19 @@ def prepared_shards(prep: ShardPrep, workers: int, prefetch: bool = True):
 
 # ---- the stage ---------------------------------------------------------------------------
 
+
 def load_scoring_model(model_name: str, cfg: ScoreConfig, device: torch.device):
     from kdcl_dist.kd.models import load_mlm
 
     if cfg.dtype != "fp32" and device.type != "cuda":
         raise UserError(f"score.dtype: {cfg.dtype} needs a GPU; use dtype=fp32 on CPU")
-    return load_mlm(str(model_name), dtype=DTYPES[cfg.dtype], role="scoring model", purpose="scores",
-                    new_head="allow" if cfg.allow_new_head else "refuse")
+    return load_mlm(
+        str(model_name),
+        dtype=DTYPES[cfg.dtype],
+        role="scoring model",
+        purpose="scores",
+        new_head="allow" if cfg.allow_new_head else "refuse",
+    )
 
 
 def precheck_head(model_name, allow: bool, purpose: str) -> None:
@@ -687,8 +819,15 @@ def precheck_head(model_name, allow: bool, purpose: str) -> None:
         raise new_head_error(str(model_name), head, purpose)
 
 
-def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 0, world: int = 1,
-                 device: torch.device | None = None) -> dict | None:
+def score_shards(
+    shards_dir,
+    model_name,
+    out_dir,
+    cfg: ScoreConfig,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+) -> dict | None:
     """Score this rank's source shards; rank 0 writes `scores.json` after all ranks finish.
 
     Returns the scores.json content on rank 0 (None on other ranks). Requires a process
@@ -701,7 +840,11 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ss = ShardSet(shards_dir, "dataset.json") if (Path(shards_dir) / "dataset.json").exists() else ShardSet(shards_dir)
+    ss = (
+        ShardSet(shards_dir, "dataset.json")
+        if (Path(shards_dir) / "dataset.json").exists()
+        else ShardSet(shards_dir)
+    )
     dataset_fp = ss.fingerprint
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -710,10 +853,14 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
     tok = load_tokenizer(str(model_name))
     want_tok = (ss.manifest.get("tokenizer") or {}).get("fingerprint")
     if want_tok and tokenizer_fingerprint(tok) != want_tok:
-        raise UserError(f"{model_name}: its tokenizer differs from the one that built {ss.manifest_path} "
-                        "(fingerprints differ); score with a model trained on the shards' tokenizer")
+        raise UserError(
+            f"{model_name}: its tokenizer differs from the one that built {ss.manifest_path} "
+            "(fingerprints differ); score with a model trained on the shards' tokenizer"
+        )
     if model.config.vocab_size < len(tok):
-        raise UserError(f"{model_name}: model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tok)})")
+        raise UserError(
+            f"{model_name}: model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tok)})"
+        )
     spec = MaskSpec.from_tokenizer(tok, mask_prob=cfg.mask_prob)
     pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
     model_fp = model_fingerprint(model)
@@ -727,19 +874,41 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
     # writes one.)
     plan = None
     if rank == 0:
-        todo_all = [i for i in range(ss.num_shards)
-                    if not existing_matches(out / score_file_name(ss.shards[i]["name"]), ident, ss.shards[i])]
+        todo_all = [
+            i
+            for i in range(ss.num_shards)
+            if not existing_matches(
+                out / score_file_name(ss.shards[i]["name"]), ident, ss.shards[i]
+            )
+        ]
         costs = [shard_tokens(ss, i) for i in todo_all]
-        plan = {"todo": todo_all, "assign": assign_shards(costs, world), "total": sum(ss.shards[i]["count"] for i in todo_all)}
+        plan = {
+            "todo": todo_all,
+            "assign": assign_shards(costs, world),
+            "total": sum(ss.shards[i]["count"] for i in todo_all),
+        }
     plan = dist.broadcast_object(plan) if world > 1 else plan
     todo = [plan["todo"][j] for j in plan["assign"][rank]]
     total = plan["total"]
     skipped = ss.num_shards - len(plan["todo"])
     if skipped and rank == 0:
-        log.warning("%d of the %d shards already scored with this model/K/seed; skipping them", skipped, ss.num_shards)
+        log.warning(
+            "%d of the %d shards already scored with this model/K/seed; skipping them",
+            skipped,
+            ss.num_shards,
+        )
     if rank == 0:
-        log.info("scoring %d samples in %d shards on %d rank(s); model %s (%s), K=%d, seed=%d, budget=%d tokens",
-                 total, len(plan["todo"]), world, model_name, model_fp, cfg.masks, cfg.seed, cfg.token_budget)
+        log.info(
+            "scoring %d samples in %d shards on %d rank(s); model %s (%s), K=%d, seed=%d, budget=%d tokens",
+            total,
+            len(plan["todo"]),
+            world,
+            model_name,
+            model_fp,
+            cfg.masks,
+            cfg.seed,
+            cfg.token_budget,
+        )
     prog = Progress(out, rank, world, total, cfg.progress)
     hook = _fault_hook(rank)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -757,9 +926,17 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
     def write(pending):
         entry, sample_ids, ntok_i, launched = pending
         score, masked, ntok = finish_shard(launched, len(sample_ids), ntok_i)
-        info = {**ident, "shard": entry["name"], "shard_sha256": entry.get("sha256"), "count": len(sample_ids),
-                "definition": DEFINITION, "format_version": FORMAT_VERSION}
-        write_score_file(out / score_file_name(entry["name"]), sample_ids, score, masked, ntok, info)
+        info = {
+            **ident,
+            "shard": entry["name"],
+            "shard_sha256": entry.get("sha256"),
+            "count": len(sample_ids),
+            "definition": DEFINITION,
+            "format_version": FORMAT_VERSION,
+        }
+        write_score_file(
+            out / score_file_name(entry["name"]), sample_ids, score, masked, ntok, info
+        )
         prog.add(len(sample_ids), 0, cfg.log_every)
 
     def on_batch(b, _hook=hook):
@@ -772,13 +949,18 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
         for i in todo:
             got = next(source)
             if isinstance(got, UserError):
-                if pending is not None:   # the earlier shards are written first
+                if pending is not None:  # the earlier shards are written first
                     write(pending)
                     pending = None
                 raise got
             sample_ids, ntok_i, batches = got
-            launched = launch_shard(scorer, _batches_released(batches, compact), len(sample_ids),
-                                    len(sample_ids) * cfg.masks, on_batch)
+            launched = launch_shard(
+                scorer,
+                _batches_released(batches, compact),
+                len(sample_ids),
+                len(sample_ids) * cfg.masks,
+                on_batch,
+            )
             del got, batches
             if pending is not None:
                 write(pending)
@@ -789,14 +971,21 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
         if pending is not None:
             write(pending)
     finally:
-        source.close()   # no worker process or thread outlives the call (an error included)
+        source.close()  # no worker process or thread outlives the call (an error included)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     prog.add(0, 0, cfg.log_every, force=True)
     # elapsed_s: this rank's scoring loop (read, mask, batch, model, write), wall clock; the
     # run's figure is the max over ranks. cpu_s: CPU time of this process in that loop (on a
     # shared machine it shows what the work cost without the time other jobs took the core).
-    rank_stats = {"rank": rank, "elapsed_s": elapsed, "cpu_s": cpu, "tokens": prog.tokens,
-                  "samples": prog.samples, "shards": len(todo), "setup_s": t0 - t_start}
+    rank_stats = {
+        "rank": rank,
+        "elapsed_s": elapsed,
+        "cpu_s": cpu,
+        "tokens": prog.tokens,
+        "samples": prog.samples,
+        "shards": len(todo),
+        "setup_s": t0 - t_start,
+    }
     stats = dist.all_gather_object(rank_stats)
     prog.close()
     if rank != 0:
@@ -804,42 +993,74 @@ def score_shards(shards_dir, model_name, out_dir, cfg: ScoreConfig, rank: int = 
     return write_scores_manifest(ss, out, ident, cfg, str(model_name), stats)
 
 
-def write_scores_manifest(ss: ShardSet, out: Path, ident: dict, cfg: ScoreConfig, model_name: str,
-                          rank_stats: list[dict]) -> dict:
+def write_scores_manifest(
+    ss: ShardSet, out: Path, ident: dict, cfg: ScoreConfig, model_name: str, rank_stats: list[dict]
+) -> dict:
     shards, nonfinite = [], 0
     tot = {"samples": 0, "tokens": 0, "masked_tokens": 0}
     for i, entry in enumerate(ss.shards):
         path = out / score_file_name(entry["name"])
         if not existing_matches(path, ident, entry):
-            raise UserError(f"{path}: missing or stale after scoring (shard {i}); re-run `kdcl-dist score`")
+            raise UserError(
+                f"{path}: missing or stale after scoring (shard {i}); re-run `kdcl-dist score`"
+            )
         d = read_score_file(path)
         if len(d["ids"]) != entry["count"]:
-            raise UserError(f"{path}: {len(d['ids'])} scores for a shard of {entry['count']} samples; delete it and re-run")
+            raise UserError(
+                f"{path}: {len(d['ids'])} scores for a shard of {entry['count']} samples; delete it and re-run"
+            )
         nf = int((~np.isfinite(d["score"])).sum())
         nonfinite += nf
-        shards.append({"name": entry["name"], "file": path.name, "count": int(entry["count"]),
-                       "nonfinite": nf, "tokens": int(d["tokens"].sum()), "masked_tokens": int(d["masked"].sum()),
-                       "sha256": sha256_file(path)})
+        shards.append(
+            {
+                "name": entry["name"],
+                "file": path.name,
+                "count": int(entry["count"]),
+                "nonfinite": nf,
+                "tokens": int(d["tokens"].sum()),
+                "masked_tokens": int(d["masked"].sum()),
+                "sha256": sha256_file(path),
+            }
+        )
         tot["samples"] += int(entry["count"])
         tot["tokens"] += int(d["tokens"].sum())
         tot["masked_tokens"] += int(d["masked"].sum())
     elapsed = max((s["elapsed_s"] for s in rank_stats), default=0.0)
     scored_tokens = sum(s["tokens"] for s in rank_stats)
     manifest = {
-        "format_version": FORMAT_VERSION, "kind": "scores", **ident, "model": model_name,
-        "definition": DEFINITION, "nonfinite_policy": cfg.nonfinite,
-        "shards": shards, "totals": {**tot, "nonfinite": nonfinite},
-        "run": {"world_size": len(rank_stats), "token_budget": cfg.token_budget, "elapsed_s": elapsed,
-                "scored_tokens": scored_tokens,
-                "tokens_per_s": scored_tokens / elapsed if elapsed > 0 else None, "ranks": rank_stats},
+        "format_version": FORMAT_VERSION,
+        "kind": "scores",
+        **ident,
+        "model": model_name,
+        "definition": DEFINITION,
+        "nonfinite_policy": cfg.nonfinite,
+        "shards": shards,
+        "totals": {**tot, "nonfinite": nonfinite},
+        "run": {
+            "world_size": len(rank_stats),
+            "token_budget": cfg.token_budget,
+            "elapsed_s": elapsed,
+            "scored_tokens": scored_tokens,
+            "tokens_per_s": scored_tokens / elapsed if elapsed > 0 else None,
+            "ranks": rank_stats,
+        },
     }
     manifest["fingerprint"] = fingerprint({"ident": ident, "files": [s["sha256"] for s in shards]})
     write_json_atomic(out / "scores.json", manifest)
     if nonfinite:
-        log.warning("%d samples have a non-finite score; policy '%s' applies in `kdcl-dist curriculum`",
-                    nonfinite, cfg.nonfinite)
-    log.info("scores written to %s (%d samples, %d scored tokens in %.1f s: %.0f tokens/s)",
-             out, tot["samples"], scored_tokens, elapsed, scored_tokens / elapsed if elapsed > 0 else math.nan)
+        log.warning(
+            "%d samples have a non-finite score; policy '%s' applies in `kdcl-dist curriculum`",
+            nonfinite,
+            cfg.nonfinite,
+        )
+    log.info(
+        "scores written to %s (%d samples, %d scored tokens in %.1f s: %.0f tokens/s)",
+        out,
+        tot["samples"],
+        scored_tokens,
+        elapsed,
+        scored_tokens / elapsed if elapsed > 0 else math.nan,
+    )
     return manifest
 
 
@@ -854,10 +1075,13 @@ def load_scores_manifest(scores_dir, dataset_manifest: dict | None = None) -> di
         if man.get("dataset_fingerprint") != want:
             raise UserError(
                 f"{d / 'scores.json'}: scores were made for dataset fingerprint {man.get('dataset_fingerprint')}, "
-                f"but the shards have {want}; re-run `kdcl-dist score` on these shards (or pass the matching --shards)")
+                f"but the shards have {want}; re-run `kdcl-dist score` on these shards (or pass the matching --shards)"
+            )
         names = [s["name"] for s in dataset_manifest["shards"]]
         if [s["name"] for s in man["shards"]] != names:
-            raise UserError(f"{d / 'scores.json'}: its shard list differs from the dataset's; re-run `kdcl-dist score`")
+            raise UserError(
+                f"{d / 'scores.json'}: its shard list differs from the dataset's; re-run `kdcl-dist score`"
+            )
     return man
 
 
@@ -866,8 +1090,10 @@ def read_listed_score_file(scores_dir, entry: dict) -> dict:
     d = Path(scores_dir)
     a = read_score_file(d / entry["file"])
     if len(a["ids"]) != entry["count"]:
-        raise UserError(f"{d / entry['file']}: holds {len(a['ids'])} scores, scores.json says {entry['count']}; "
-                        "re-run scoring")
+        raise UserError(
+            f"{d / entry['file']}: holds {len(a['ids'])} scores, scores.json says {entry['count']}; "
+            "re-run scoring"
+        )
     return a
 
 

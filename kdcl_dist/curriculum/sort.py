@@ -58,11 +58,14 @@ def sort_order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def check_unique(ids: np.ndarray, where: str = "scores") -> None:
     u, c = np.unique(np.asarray(ids), return_counts=True)
     if (c > 1).any():
-        raise UserError(f"{where}: sample id {u[c > 1][0]!r} appears {int(c[c > 1][0])} times; "
-                        "ids must be unique (re-run `kdcl-dist shard`, which drops duplicates)")
+        raise UserError(
+            f"{where}: sample id {u[c > 1][0]!r} appears {int(c[c > 1][0])} times; "
+            "ids must be unique (re-run `kdcl-dist shard`, which drops duplicates)"
+        )
 
 
 # ---- out-of-core path: sorted runs + k-way merge ----------------------------------------
+
 
 def write_run(path: str | Path, scores: np.ndarray, ids: np.ndarray, payload: np.ndarray) -> Path:
     """Sort one run by (score, id) and save it as `<path>.{score,id,payload}.npy`."""
@@ -78,12 +81,18 @@ def _iter_run(p: Path, chunk: int) -> Iterator[tuple[float, str, object]]:
     s = np.load(f"{p}.score.npy", mmap_mode="r")
     i = np.load(f"{p}.id.npy", mmap_mode="r")
     pay = np.load(f"{p}.payload.npy", mmap_mode="r")
-    for a in range(0, len(s), chunk):   # only `chunk` rows of each run are paged in at a time
-        ss, ii, pp = s[a:a + chunk].tolist(), i[a:a + chunk].tolist(), pay[a:a + chunk].tolist()
+    for a in range(0, len(s), chunk):  # only `chunk` rows of each run are paged in at a time
+        ss, ii, pp = (
+            s[a : a + chunk].tolist(),
+            i[a : a + chunk].tolist(),
+            pay[a : a + chunk].tolist(),
+        )
         yield from zip(ss, ii, pp)
 
 
-def merge_runs(runs: Sequence[str | Path], chunk: int = 65536) -> Iterator[tuple[float, str, object]]:
+def merge_runs(
+    runs: Sequence[str | Path], chunk: int = 65536
+) -> Iterator[tuple[float, str, object]]:
     """k-way merge of sorted runs: yields (score, id, payload) in global (score, id) order."""
     return heapq.merge(*(_iter_run(Path(r), chunk) for r in runs), key=lambda t: (t[0], t[1]))
 

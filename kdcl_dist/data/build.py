@@ -60,7 +60,7 @@ from kdcl_dist.utils import read_json, sha256_file, write_json_atomic
 
 log = logging.getLogger("kdcl_dist.shard")
 
-STATS_FORMAT = 2      # 2: a block's stats list its shards ("entries"); 1 had one "entry"
+STATS_FORMAT = 2  # 2: a block's stats list its shards ("entries"); 1 had one "entry"
 # Sample keys: 2 = shards.sample_key (injective escape); 1 = the lossy sanitising of earlier
 # versions. Part of the settings key, so a re-run over shards of the old scheme rewrites them
 # rather than mixing the two in one dataset (old shard sets stay readable as they are).
@@ -70,36 +70,66 @@ KEY_SCHEME = 2
 @dataclass
 class ShardConfig:
     max_length: int = option(256, help="tokens per sample including special tokens", min=8)
-    shard_size: int = option(2000, help="most samples per output shard; also the documents per block (the unit "
-                             "of distribution and re-use): a block yielding more samples (split documents) "
-                             "fills several shards", min=1)
-    min_tokens: int = option(16, help="drop documents with fewer tokens (special tokens not counted)", min=0)
+    shard_size: int = option(
+        2000,
+        help="most samples per output shard; also the documents per block (the unit "
+        "of distribution and re-use): a block yielding more samples (split documents) "
+        "fills several shards",
+        min=1,
+    )
+    min_tokens: int = option(
+        16, help="drop documents with fewer tokens (special tokens not counted)", min=0
+    )
     format: str = option("auto", help="input format; auto = by file suffix", choices=ingest.FORMATS)
     text_field: str = option("text", help="jsonl/parquet/hf: field holding the document body")
     title_field: str = option("title", help="field prefixed to the body when present; '' disables")
     id_field: str = option("id", help="field holding the document id; '' uses <file>:<line>")
-    text_unit: str = option("line", help="txt inputs: one document per line, per blank-line separated paragraph, "
-                            "or per file (id = the file's path)", choices=ingest.TEXT_UNITS)
-    too_long: str = option("truncate", help="documents over max_length: keep the first max_length tokens, "
-                           "or split into several samples", choices=("truncate", "split"))
-    skip_bad_lines: bool = option(False, help="count and skip invalid JSON lines / records without the text field "
-                                  "or with an unusable id")
-    dedup: bool = option(True, help="drop documents whose whitespace-normalised text was seen before")
+    text_unit: str = option(
+        "line",
+        help="txt inputs: one document per line, per blank-line separated paragraph, "
+        "or per file (id = the file's path)",
+        choices=ingest.TEXT_UNITS,
+    )
+    too_long: str = option(
+        "truncate",
+        help="documents over max_length: keep the first max_length tokens, "
+        "or split into several samples",
+        choices=("truncate", "split"),
+    )
+    skip_bad_lines: bool = option(
+        False,
+        help="count and skip invalid JSON lines / records without the text field "
+        "or with an unusable id",
+    )
+    dedup: bool = option(
+        True, help="drop documents whose whitespace-normalised text was seen before"
+    )
     keep_text: bool = option(False, help="store the raw text beside the token ids (<key>.txt)")
-    overwrite: bool = option(False, help="replace shards in --out made with another tokenizer or of unknown origin")
+    overwrite: bool = option(
+        False, help="replace shards in --out made with another tokenizer or of unknown origin"
+    )
     batch_size: int = option(1000, help="documents per tokenizer call", min=1)
     hf_split: str = option("train", help="hf inputs: split to read")
 
     def validate(self) -> None:
         if self.min_tokens > self.max_length:
-            raise UserError(f"shard.min_tokens: {self.min_tokens} is above shard.max_length {self.max_length}; "
-                            "lower min_tokens or raise max_length")
+            raise UserError(
+                f"shard.min_tokens: {self.min_tokens} is above shard.max_length {self.max_length}; "
+                "lower min_tokens or raise max_length"
+            )
 
     def read_options(self, verbose: bool) -> ingest.ReadOptions:
-        return ingest.ReadOptions(format=self.format, text_field=self.text_field, title_field=self.title_field,
-                                  id_field=self.id_field, text_unit=self.text_unit,
-                                  skip_bad_lines=self.skip_bad_lines, hf_split=self.hf_split,
-                                  dedup=self.dedup, verbose=verbose)
+        return ingest.ReadOptions(
+            format=self.format,
+            text_field=self.text_field,
+            title_field=self.title_field,
+            id_field=self.id_field,
+            text_unit=self.text_unit,
+            skip_bad_lines=self.skip_bad_lines,
+            hf_split=self.hf_split,
+            dedup=self.dedup,
+            verbose=verbose,
+        )
 
 
 _PART_SUFFIX = re.compile(r"\.\d+$")
@@ -123,16 +153,19 @@ def _block_of(name: str) -> int | None:
 
 # --------------------------------------------------------------------------- tokenization
 
+
 def _special_template(tok) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a single sequence (e.g. [CLS], [SEP])."""
     probe = "the"
     full = tok(probe, add_special_tokens=True)["input_ids"]
     body = tok(probe, add_special_tokens=False)["input_ids"]
     for at in range(len(full) - len(body) + 1):
-        if full[at:at + len(body)] == body:
-            return list(full[:at]), list(full[at + len(body):])
-    raise UserError(f"{getattr(tok, 'name_or_path', 'tokenizer')}: cannot find the special-token template "
-                    "of a single sequence; use a BERT-style fast tokenizer")
+        if full[at : at + len(body)] == body:
+            return list(full[:at]), list(full[at + len(body) :])
+    raise UserError(
+        f"{getattr(tok, 'name_or_path', 'tokenizer')}: cannot find the special-token template "
+        "of a single sequence; use a BERT-style fast tokenizer"
+    )
 
 
 class _Encoder:
@@ -149,8 +182,10 @@ class _Encoder:
         self.prefix, self.suffix = _special_template(tok)
         self.room = cfg.max_length - len(self.prefix) - len(self.suffix)
         if self.room < 1:
-            raise UserError(f"shard.max_length: {cfg.max_length} leaves no room for tokens after "
-                            f"{len(self.prefix) + len(self.suffix)} special tokens")
+            raise UserError(
+                f"shard.max_length: {cfg.max_length} leaves no room for tokens after "
+                f"{len(self.prefix) + len(self.suffix)} special tokens"
+            )
         self.dtype = ids_dtype(len(tok))
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -175,10 +210,16 @@ class _Encoder:
         """
         bk = getattr(self.tok, "backend_tokenizer", None)
         if bk is None:
-            return self.tok(texts, add_special_tokens=False, truncation=False, padding=False,
-                            return_attention_mask=False, return_token_type_ids=False,
-                            verbose=False)["input_ids"]
-        if bk.truncation is not None:   # an earlier tok(..., truncation=True) call leaves it set
+            return self.tok(
+                texts,
+                add_special_tokens=False,
+                truncation=False,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                verbose=False,
+            )["input_ids"]
+        if bk.truncation is not None:  # an earlier tok(..., truncation=True) call leaves it set
             bk.no_truncation()
         if bk.padding is not None:
             bk.no_padding()
@@ -192,17 +233,31 @@ class _Encoder:
             return [np.asarray(self.prefix + ids + self.suffix, dtype=self.dtype)], False
         if self.cfg.too_long == "truncate":
             return [np.asarray(self.prefix + ids[:room] + self.suffix, dtype=self.dtype)], True
-        return [np.asarray(self.prefix + ids[i:i + room] + self.suffix, dtype=self.dtype)
-                for i in range(0, len(ids), room)], True
+        return [
+            np.asarray(self.prefix + ids[i : i + room] + self.suffix, dtype=self.dtype)
+            for i in range(0, len(ids), room)
+        ], True
 
 
 def _new_counts() -> dict:
-    return {"too_short": 0, "truncated": 0, "split": 0, "split_parts": 0, "tokens": 0, "text_bytes": 0,
-            "kept_documents": 0}
+    return {
+        "too_short": 0,
+        "truncated": 0,
+        "split": 0,
+        "split_parts": 0,
+        "tokens": 0,
+        "text_bytes": 0,
+        "kept_documents": 0,
+    }
 
 
-def _batch_samples(chunk: list[tuple[int, ingest.Document]], all_ids: list[list[int]], enc: _Encoder,
-                   cfg: ShardConfig, c: dict) -> list[Sample]:
+def _batch_samples(
+    chunk: list[tuple[int, ingest.Document]],
+    all_ids: list[list[int]],
+    enc: _Encoder,
+    cfg: ShardConfig,
+    c: dict,
+) -> list[Sample]:
     """The samples of one tokenized batch of a shard's documents, updating the counters `c`."""
     samples: list[Sample] = []
     for (g, doc), ids in zip(chunk, all_ids):
@@ -213,18 +268,33 @@ def _batch_samples(chunk: list[tuple[int, ingest.Document]], all_ids: list[list[
         c["kept_documents"] += 1
         c["text_bytes"] += len(doc.text.encode("utf-8"))
         if len(parts) == 1:
-            meta = {"id": doc.id, "source": doc.source, "n_tokens": int(parts[0].size),
-                    "truncated": too_long, "doc_index": g}
+            meta = {
+                "id": doc.id,
+                "source": doc.source,
+                "n_tokens": int(parts[0].size),
+                "truncated": too_long,
+                "doc_index": g,
+            }
             c["truncated"] += int(too_long)
-            samples.append(Sample(sample_key(doc.id), parts[0], meta, doc.text if cfg.keep_text else None))
+            samples.append(
+                Sample(sample_key(doc.id), parts[0], meta, doc.text if cfg.keep_text else None)
+            )
             c["tokens"] += int(parts[0].size)
             continue
         c["split"] += 1
         c["split_parts"] += len(parts)
         for k, arr in enumerate(parts):
             sid = f"{doc.id}_part{k}"
-            meta = {"id": sid, "source": doc.source, "n_tokens": int(arr.size),
-                    "truncated": False, "doc_index": g, "doc_id": doc.id, "part": k, "parts": len(parts)}
+            meta = {
+                "id": sid,
+                "source": doc.source,
+                "n_tokens": int(arr.size),
+                "truncated": False,
+                "doc_index": g,
+                "doc_id": doc.id,
+                "part": k,
+                "parts": len(parts),
+            }
             samples.append(Sample(sample_key(sid), arr, meta, None))
             c["tokens"] += int(arr.size)
     return samples
@@ -301,7 +371,7 @@ class _BackgroundWriter:
         self.feed = None
 
     def close(self, abort: bool = False) -> None:
-        if abort and self.feed is not None:   # a shard half fed: its temporary file is dropped
+        if abort and self.feed is not None:  # a shard half fed: its temporary file is dropped
             with contextlib.suppress(BaseException):
                 self.feed.put(self._ABORT, timeout=5)
         with contextlib.suppress(BaseException):
@@ -315,12 +385,12 @@ class _BackgroundWriter:
 class _Batch:
     """One tokenizer batch of a block on its way through the pipeline."""
 
-    chunk: list          # [(global document index, Document)]
-    ids: Future          # the tokenizer's Encodings, computed on the tokenizer thread
-    counts: dict         # the block's counters (shared by its batches)
+    chunk: list  # [(global document index, Document)]
+    ids: Future  # the tokenizer's Encodings, computed on the tokenizer thread
+    counts: dict  # the block's counters (shared by its batches)
     first: bool
     last: bool
-    block: _BlockFeed    # where its samples go
+    block: _BlockFeed  # where its samples go
 
 
 class _BlockFeed:
@@ -332,9 +402,16 @@ class _BlockFeed:
     """
 
     def __init__(self, out: Path, j: int, cap: int, dtype, writer: _BackgroundWriter, on_done):
-        self.out, self.j, self.cap, self.dtype, self.writer, self.on_done = out, j, cap, dtype, writer, on_done
+        self.out, self.j, self.cap, self.dtype, self.writer, self.on_done = (
+            out,
+            j,
+            cap,
+            dtype,
+            writer,
+            on_done,
+        )
         self.entries: list[dict] = []
-        self.parts: int | None = None    # number of shards, set at the block's end
+        self.parts: int | None = None  # number of shards, set at the block's end
         self.part = -1
         self.filled = 0
         self.tokens = [0]
@@ -343,10 +420,13 @@ class _BlockFeed:
         self.part += 1
         self.filled = 0
         self.tokens = tokens = [0]
-        self.writer.start(self.out / part_name(self.j, self.part), self.dtype,
-                          lambda entry: self._done(entry, tokens))
+        self.writer.start(
+            self.out / part_name(self.j, self.part),
+            self.dtype,
+            lambda entry: self._done(entry, tokens),
+        )
 
-    def _done(self, entry: dict, tokens: list) -> None:   # writer thread, shards in order
+    def _done(self, entry: dict, tokens: list) -> None:  # writer thread, shards in order
         entry["tokens"] = tokens[0]
         self.entries.append(entry)
         if self.parts is not None and len(self.entries) == self.parts:
@@ -360,13 +440,13 @@ class _BlockFeed:
             if self.filled == self.cap:
                 self.writer.end()
                 self._open()
-            take = samples[at:at + self.cap - self.filled]
+            take = samples[at : at + self.cap - self.filled]
             at += len(take)
             self.filled += len(take)
             self.tokens[0] += sum(int(x.ids.size) for x in take)
             self.writer.add(take)
         if last:
-            self.parts = self.part + 1     # before the end: the writer reads it after the shard
+            self.parts = self.part + 1  # before the end: the writer reads it after the shard
             self.writer.end()
 
 
@@ -376,8 +456,15 @@ class _BlockFeed:
 # tar left without its stats file by a kill (between the tar's rename and the stats file's)
 # is known to be this stage's own unfinished work, not a stranger's file.
 RUN_MARKER = ".shard-run.json"
-_OUR_PATTERNS = ("shard-*.tar", "shard-*.idx.json", "shard-*.stats.json", "dataset.json", "config.yaml", ".tmp-*",
-                 RUN_MARKER)
+_OUR_PATTERNS = (
+    "shard-*.tar",
+    "shard-*.idx.json",
+    "shard-*.stats.json",
+    "dataset.json",
+    "config.yaml",
+    ".tmp-*",
+    RUN_MARKER,
+)
 
 
 def _marker_fingerprint(out: Path) -> str | None:
@@ -416,7 +503,11 @@ def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
                 foreign = f"{st.name} was made with tokenizer fingerprint {fp}"
                 break
     if foreign is None:
-        orphans = [t.name for t in sorted(out.glob("shard-*.tar")) if not (out / stats_name(t.name)).exists()]
+        orphans = [
+            t.name
+            for t in sorted(out.glob("shard-*.tar"))
+            if not (out / stats_name(t.name)).exists()
+        ]
         if orphans and not manifest.exists():
             marker = _marker_fingerprint(out)
             if marker is not None and marker != tinfo["fingerprint"]:
@@ -424,8 +515,13 @@ def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
             elif marker is None and not any(out.glob("shard-*.stats.json")):
                 foreign = f"{orphans[0]} has no stats file (unknown origin)"
             else:
-                log.info("%s: %d shard(s) without a stats file (%s) are unfinished work of an interrupted "
-                         "run; they will be rewritten", out, len(orphans), ", ".join(orphans[:4]))
+                log.info(
+                    "%s: %d shard(s) without a stats file (%s) are unfinished work of an interrupted "
+                    "run; they will be rewritten",
+                    out,
+                    len(orphans),
+                    ", ".join(orphans[:4]),
+                )
     if foreign is not None and not overwrite:
         raise UserError(
             f"{out}: holds shards made with another tokenizer ({foreign}; this run uses "
@@ -435,9 +531,15 @@ def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
     # that describes shards this run has since replaced. Finished shards stay for reuse.
     # The marker is written first, so at no moment can a kill leave shards without evidence
     # of their origin.
-    write_json_atomic(out / RUN_MARKER, {"tokenizer_fingerprint": tinfo["fingerprint"], "tokenizer": tinfo["name"]})
-    patterns = ([pat for pat in _OUR_PATTERNS if pat != RUN_MARKER] if (foreign is not None and overwrite)
-                else (".tmp-*", "dataset.json"))
+    write_json_atomic(
+        out / RUN_MARKER,
+        {"tokenizer_fingerprint": tinfo["fingerprint"], "tokenizer": tinfo["name"]},
+    )
+    patterns = (
+        [pat for pat in _OUR_PATTERNS if pat != RUN_MARKER]
+        if (foreign is not None and overwrite)
+        else (".tmp-*", "dataset.json")
+    )
     for pat in patterns:
         for p in out.glob(pat):
             if p.is_file():
@@ -457,12 +559,21 @@ def _remove_stale(out: Path, n_blocks: int, keep: set[str]) -> None:
 
 # --------------------------------------------------------------------------- the stage
 
+
 def _settings_key(cfg: ShardConfig, tinfo: dict, dtype) -> dict:
     from kdcl_dist import FORMAT_VERSION
 
-    return {"format_version": FORMAT_VERSION, "tokenizer": tinfo["fingerprint"], "max_length": cfg.max_length,
-            "min_tokens": cfg.min_tokens, "too_long": cfg.too_long, "keep_text": cfg.keep_text,
-            "dtype": np.dtype(dtype).name, "key_scheme": KEY_SCHEME, "shard_samples": cfg.shard_size}
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tinfo["fingerprint"],
+        "max_length": cfg.max_length,
+        "min_tokens": cfg.min_tokens,
+        "too_long": cfg.too_long,
+        "keep_text": cfg.keep_text,
+        "dtype": np.dtype(dtype).name,
+        "key_scheme": KEY_SCHEME,
+        "shard_samples": cfg.shard_size,
+    }
 
 
 def _finished(out: Path, j: int, key: str) -> dict | None:
@@ -480,8 +591,14 @@ def _finished(out: Path, j: int, key: str) -> dict | None:
     except UserError:
         return None
     entries, idx_sums = st.get("entries"), st.get("index_sha256")
-    if (st.get("format") != STATS_FORMAT or st.get("key") != key or not isinstance(entries, list) or not entries
-            or not isinstance(idx_sums, list) or len(idx_sums) != len(entries)):
+    if (
+        st.get("format") != STATS_FORMAT
+        or st.get("key") != key
+        or not isinstance(entries, list)
+        or not entries
+        or not isinstance(idx_sums, list)
+        or len(idx_sums) != len(entries)
+    ):
         return None
     for entry, idx_sum in zip(entries, idx_sums):
         tar = out / entry.get("name", "")
@@ -489,10 +606,14 @@ def _finished(out: Path, j: int, key: str) -> dict | None:
         if not tar.is_file() or not idx.is_file() or tar.stat().st_size != entry.get("bytes"):
             return None
         if sha256_file(tar) != entry.get("sha256"):
-            log.warning("%s: sha256 differs from %s (corrupt); rewriting the shard", tar, st_path.name)
+            log.warning(
+                "%s: sha256 differs from %s (corrupt); rewriting the shard", tar, st_path.name
+            )
             return None
         if sha256_file(idx) != idx_sum:
-            log.warning("%s: sha256 differs from %s (corrupt); rewriting the shard", idx, st_path.name)
+            log.warning(
+                "%s: sha256 differs from %s (corrupt); rewriting the shard", idx, st_path.name
+            )
             return None
     return st
 
@@ -518,7 +639,7 @@ def _gc_frozen():
     transformers, ...: ~200k objects in the CLI): ~5% of the stage's CPU time. None of those
     objects becomes garbage during the stage, so they are frozen (`gc.freeze`) until it ends.
     """
-    if gc.get_freeze_count():   # the caller froze the heap itself: leave its choice alone
+    if gc.get_freeze_count():  # the caller froze the heap itself: leave its choice alone
         yield
         return
     gc.freeze()
@@ -528,9 +649,17 @@ def _gc_frozen():
         gc.unfreeze()
 
 
-def build_dataset(inputs: Iterable[str], tok, out_dir: str | os.PathLike, cfg: ShardConfig, *,
-                  tokenizer_name: str = "", rank: int | None = None, world: int | None = None,
-                  progress: bool = True) -> dict:
+def build_dataset(
+    inputs: Iterable[str],
+    tok,
+    out_dir: str | os.PathLike,
+    cfg: ShardConfig,
+    *,
+    tokenizer_name: str = "",
+    rank: int | None = None,
+    world: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Run the shard stage (on every rank when distributed); returns the merged manifest."""
     from kdcl_dist import dist
 
@@ -553,7 +682,9 @@ def build_dataset(inputs: Iterable[str], tok, out_dir: str | os.PathLike, cfg: S
     if bad:
         r, e = bad[0]
         kind, _, msg = e.partition(":")
-        raise UserError(msg if kind == "UserError" or world == 1 else f"rank {r} failed: {kind}: {msg}")
+        raise UserError(
+            msg if kind == "UserError" or world == 1 else f"rank {r} failed: {kind}: {msg}"
+        )
     manifest: dict | None = None
     if rank == 0:
         result["written"] = sum(c[0] for _, c in gathered)
@@ -563,7 +694,7 @@ def build_dataset(inputs: Iterable[str], tok, out_dir: str | os.PathLike, cfg: S
         except UserError as e:
             if world == 1:
                 raise
-            manifest = {"__error__": str(e)}   # every rank raises it, none waits
+            manifest = {"__error__": str(e)}  # every rank raises it, none waits
     if world > 1:
         manifest = dist.broadcast_object(manifest)
         if manifest is not None and "__error__" in manifest:
@@ -575,7 +706,7 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
     from kdcl_dist import dist
     from kdcl_dist.data.tokenizer import check_mlm_tokenizer, tokenizer_info
 
-    specs = ingest.resolve_inputs(inputs, cfg.format)   # same error on every rank
+    specs = ingest.resolve_inputs(inputs, cfg.format)  # same error on every rank
     check_mlm_tokenizer(tok, tokenizer_name or getattr(tok, "name_or_path", "") or "the tokenizer")
     tinfo = tokenizer_info(tok, tokenizer_name or getattr(tok, "name_or_path", ""))
     enc = _Encoder(tok, cfg)
@@ -600,10 +731,14 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
     docs = ingest.clean(ingest.read_documents(specs, opts, stats), opts, stats)
 
     bar = None
-    if rank == 0:  # a bar on a terminal, else a progress line every $KDCL_PROGRESS_EVERY s (kdcl_dist/progress.py)
+    if (
+        rank == 0
+    ):  # a bar on a terminal, else a progress line every $KDCL_PROGRESS_EVERY s (kdcl_dist/progress.py)
         from kdcl_dist.progress import progress_bar
 
-        bar = progress_bar(None, "shard", "doc", progress=progress, mininterval=1.0, dynamic_ncols=True)
+        bar = progress_bar(
+            None, "shard", "doc", progress=progress, mininterval=1.0, dynamic_ncols=True
+        )
     written = skipped = 0
     cur: list[tuple[int, ingest.Document]] = []
     digest = None
@@ -632,18 +767,28 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
         counts = _new_counts()
         docs_j = list(cur)
 
-        def done(entries: list[dict]) -> None:  # on the writer thread, after the block's tars and indexes exist
-            write_json_atomic(out / stats_name(shard_name(j)), {
-                "format": STATS_FORMAT, "key": key, "tokenizer_fingerprint": tinfo["fingerprint"],
-                "entries": entries, "index_sha256": [sha256_file(out / e["index"]) for e in entries],
-                "first_doc": docs_j[0][0], "documents": len(docs_j), **counts,
-            })
+        def done(
+            entries: list[dict],
+        ) -> None:  # on the writer thread, after the block's tars and indexes exist
+            write_json_atomic(
+                out / stats_name(shard_name(j)),
+                {
+                    "format": STATS_FORMAT,
+                    "key": key,
+                    "tokenizer_fingerprint": tinfo["fingerprint"],
+                    "entries": entries,
+                    "index_sha256": [sha256_file(out / e["index"]) for e in entries],
+                    "first_doc": docs_j[0][0],
+                    "documents": len(docs_j),
+                    **counts,
+                },
+            )
 
         block = _BlockFeed(out, j, cfg.shard_size, enc.dtype, writer, done)
         bs = cfg.batch_size
         starts = range(0, len(docs_j), bs)
         for start in starts:
-            chunk = docs_j[start:start + bs]
+            chunk = docs_j[start : start + bs]
             fut = tokenizer.submit(enc.encode_raw, [d.text for _, d in chunk])
             pending.append(_Batch(chunk, fut, counts, start == 0, start == starts[-1], block))
         # the newest batch keeps tokenizing while the next shard's documents are read
@@ -655,7 +800,7 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
     def guarded(it):
         try:
             yield from it
-        except Exception as e:   # bad input: the shards completed before it are still written
+        except Exception as e:  # bad input: the shards completed before it are still written
             failure.append(e)
 
     try:
@@ -688,11 +833,21 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
         raise failure[0]
     n_docs = g + 1
     if n_docs == 0:
-        raise UserError(f"{', '.join(s.path for s in specs)}: no documents to write ({stats.documents} read; "
-                        f"dropped: {ingest.describe_drops(stats)})")
+        raise UserError(
+            f"{', '.join(s.path for s in specs)}: no documents to write ({stats.documents} read; "
+            f"dropped: {ingest.describe_drops(stats)})"
+        )
     n_shards = (n_docs + cfg.shard_size - 1) // cfg.shard_size
-    return {"stats": stats, "specs": specs, "tinfo": tinfo, "n_docs": n_docs, "n_shards": n_shards,
-            "written": written, "skipped": skipped, "dtype": np.dtype(enc.dtype).name}
+    return {
+        "stats": stats,
+        "specs": specs,
+        "tinfo": tinfo,
+        "n_docs": n_docs,
+        "n_shards": n_shards,
+        "written": written,
+        "skipped": skipped,
+        "dtype": np.dtype(enc.dtype).name,
+    }
 
 
 def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -> dict:
@@ -703,8 +858,15 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
 
     stats: ingest.IngestStats = res["stats"]
     entries, keys_seen = [], {}
-    sums = {"too_short": 0, "truncated": 0, "split": 0, "split_parts": 0, "tokens": 0, "text_bytes": 0,
-            "kept_documents": 0}
+    sums = {
+        "too_short": 0,
+        "truncated": 0,
+        "split": 0,
+        "split_parts": 0,
+        "tokens": 0,
+        "text_bytes": 0,
+        "kept_documents": 0,
+    }
     for j in range(res["n_shards"]):
         st_path = out / stats_name(shard_name(j))
         if not st_path.exists():
@@ -715,13 +877,15 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
         for entry in st["entries"]:
             entries.append(entry)
             for key in read_json(out / entry["index"], "shard offset index")["keys"]:
-                if key in keys_seen:   # keys are injective in the sample id: the id itself repeats
+                if key in keys_seen:  # keys are injective in the sample id: the id itself repeats
                     shown = key_to_id(key)
-                    raise UserError(f"{out / entry['name']}: sample key '{key}'"
-                                    + (f" (id {shown!r})" if shown is not None else "")
-                                    + f" also in {keys_seen[key]}; sample ids must be unique: a document id "
-                                    "equals the `<id>_part<k>` id of a part of a split document, rename that "
-                                    "document or use --too-long truncate")
+                    raise UserError(
+                        f"{out / entry['name']}: sample key '{key}'"
+                        + (f" (id {shown!r})" if shown is not None else "")
+                        + f" also in {keys_seen[key]}; sample ids must be unique: a document id "
+                        "equals the `<id>_part<k>` id of a part of a split document, rename that "
+                        "document or use --too-long truncate"
+                    )
                 keys_seen[key] = entry["name"]
     _remove_stale(out, res["n_shards"], {n for e in entries for n in (e["name"], e["index"])})
     dropped = {r: 0 for r in ingest.DROP_REASONS}
@@ -730,7 +894,9 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
     n_dropped = sum(dropped.values())
     kept = sums["kept_documents"]
     if kept + n_dropped != stats.documents:  # the accounting contract itself; a bug if violated
-        raise RuntimeError(f"count mismatch: kept {kept} + dropped {n_dropped} != read {stats.documents}")
+        raise RuntimeError(
+            f"count mismatch: kept {kept} + dropped {n_dropped} != read {stats.documents}"
+        )
     tinfo = res["tinfo"]
     num_samples = sum(e["count"] for e in entries)
     manifest = {
@@ -754,16 +920,34 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
             "split_samples": sums["split_parts"],
         },
         "dropped": dropped,
-        "inputs": [{"path": s.path, "format": s.format, "source": s.source, "bytes": s.bytes,
-                    "documents": stats.per_input.get(s.source, 0)} for s in res["specs"]],
+        "inputs": [
+            {
+                "path": s.path,
+                "format": s.format,
+                "source": s.source,
+                "bytes": s.bytes,
+                "documents": stats.per_input.get(s.source, 0),
+            }
+            for s in res["specs"]
+        ],
         "config": to_dict(cfg),
     }
     write_resolved(cfg, out, "shard")
     write_json_atomic(out / "dataset.json", manifest)
-    with contextlib.suppress(FileNotFoundError):   # dataset.json now vouches for the shards
+    with contextlib.suppress(FileNotFoundError):  # dataset.json now vouches for the shards
         (out / RUN_MARKER).unlink()
-    log.info("%s: %d documents read, %d kept -> %d samples in %d shards (%d written now, %d reused); "
-             "dropped: %s; %.1fs on %d rank(s)", out, stats.documents, kept, num_samples, len(entries),
-             res["written"], res["skipped"], ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none",
-             seconds, world)
+    log.info(
+        "%s: %d documents read, %d kept -> %d samples in %d shards (%d written now, %d reused); "
+        "dropped: %s; %.1fs on %d rank(s)",
+        out,
+        stats.documents,
+        kept,
+        num_samples,
+        len(entries),
+        res["written"],
+        res["skipped"],
+        ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none",
+        seconds,
+        world,
+    )
     return manifest

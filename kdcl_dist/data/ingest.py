@@ -68,12 +68,24 @@ log = logging.getLogger("kdcl_dist.ingest")
 
 FORMATS = ("auto", "jsonl", "json", "txt", "xml", "parquet", "hf")
 TEXT_UNITS = ("line", "paragraph", "file")
-DROP_REASONS = ("invalid_json", "missing_field", "bad_id", "undecodable", "no_abstract", "empty",
-                "duplicate", "duplicate_id", "too_short")
+DROP_REASONS = (
+    "invalid_json",
+    "missing_field",
+    "bad_id",
+    "undecodable",
+    "no_abstract",
+    "empty",
+    "duplicate",
+    "duplicate_id",
+    "too_short",
+)
 _BOM = b"\xef\xbb\xbf"
 _SUFFIXES = {
-    ".jsonl": "jsonl", ".json": "json", ".ndjson": "jsonl",
-    ".txt": "txt", ".text": "txt",
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".ndjson": "jsonl",
+    ".txt": "txt",
+    ".text": "txt",
     ".xml": "xml",
     ".parquet": "parquet",
 }
@@ -90,40 +102,48 @@ class Document(NamedTuple):
 class ReadOptions:
     format: str = "auto"
     text_field: str = "text"
-    title_field: str = "title"      # "" disables the title prefix
-    id_field: str = "id"            # "" always uses <file>:<line>
-    text_unit: str = "line"         # txt: "line", "paragraph" or "file"
+    title_field: str = "title"  # "" disables the title prefix
+    id_field: str = "id"  # "" always uses <file>:<line>
+    text_unit: str = "line"  # txt: "line", "paragraph" or "file"
     skip_bad_lines: bool = False
     hf_split: str = "train"
     dedup: bool = True
-    verbose: bool = True            # log the first few drops per reason (rank 0 only)
+    verbose: bool = True  # log the first few drops per reason (rank 0 only)
 
 
 @dataclass
 class InputSpec:
-    path: str           # file, directory (hf) or hub name
+    path: str  # file, directory (hf) or hub name
     format: str
-    source: str         # short name recorded in each sample's metadata
+    source: str  # short name recorded in each sample's metadata
     bytes: int = 0
 
 
 @dataclass
 class IngestStats:
     """Counts shared by the readers and the cleaner; `documents` = every record seen."""
+
     documents: int = 0
     dropped: Counter = field(default_factory=Counter)
-    per_input: dict = field(default_factory=dict)   # source -> records seen
+    per_input: dict = field(default_factory=dict)  # source -> records seen
     _warned: Counter = field(default_factory=Counter)
 
     def drop(self, reason: str, where: str, verbose: bool, detail: str = "") -> None:
         self.dropped[reason] += 1
         if verbose and self._warned[reason] < _WARN_PER_REASON:
             self._warned[reason] += 1
-            more = " (further ones are only counted)" if self._warned[reason] == _WARN_PER_REASON else ""
-            log.warning("%s: dropped (%s)%s%s", where, reason, f": {detail}" if detail else "", more)
+            more = (
+                " (further ones are only counted)"
+                if self._warned[reason] == _WARN_PER_REASON
+                else ""
+            )
+            log.warning(
+                "%s: dropped (%s)%s%s", where, reason, f": {detail}" if detail else "", more
+            )
 
 
 # --------------------------------------------------------------------------- inputs
+
 
 def _suffix_format(p: Path) -> str | None:
     suffixes = [s.lower() for s in p.suffixes]
@@ -152,9 +172,13 @@ def resolve_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputSpec]:
         p = Path(raw)
         if fmt == "hf" or (fmt == "auto" and _is_hf_dir(p)):
             if p.exists() and not _is_hf_dir(p):
-                raise UserError(f"{p}: not a `datasets` directory (no dataset_dict.json or state.json); "
-                                "write it with Dataset.save_to_disk or pass a hub dataset name")
-            out.append(InputSpec(str(p) if p.exists() else raw, "hf", p.name if p.exists() else raw))
+                raise UserError(
+                    f"{p}: not a `datasets` directory (no dataset_dict.json or state.json); "
+                    "write it with Dataset.save_to_disk or pass a hub dataset name"
+                )
+            out.append(
+                InputSpec(str(p) if p.exists() else raw, "hf", p.name if p.exists() else raw)
+            )
             continue
         if not p.exists():
             raise UserError(f"{p}: input not found; check the path given to --input")
@@ -162,12 +186,18 @@ def resolve_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputSpec]:
             found = []
             all_files = sorted(p.rglob("*"))
             hf_dirs = [d for d in all_files if fmt == "auto" and _is_hf_dir(d)]
-            for d in hf_dirs:   # a saved HF dataset inside the directory is one input, not JSON files
+            for (
+                d
+            ) in hf_dirs:  # a saved HF dataset inside the directory is one input, not JSON files
                 out.append(InputSpec(str(d), "hf", str(d.relative_to(p.parent))))
             for f in all_files:
                 if any(h in f.parents for h in hf_dirs):
                     continue
-                if f.is_file() and not f.name.startswith(".") and (fmt != "auto" or _suffix_format(f)):
+                if (
+                    f.is_file()
+                    and not f.name.startswith(".")
+                    and (fmt != "auto" or _suffix_format(f))
+                ):
                     found.append(f)
             if hf_dirs and not found:
                 continue
@@ -190,8 +220,10 @@ def resolve_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputSpec]:
 def _file_spec(f: Path, fmt: str, source: str) -> InputSpec:
     kind = fmt if fmt != "auto" else _suffix_format(f)
     if kind is None:
-        raise UserError(f"{f}: cannot tell the input format from the file name; pass --format "
-                        f"({', '.join(FORMATS[1:])})")
+        raise UserError(
+            f"{f}: cannot tell the input format from the file name; pass --format "
+            f"({', '.join(FORMATS[1:])})"
+        )
     size = f.stat().st_size
     if size == 0:
         raise UserError(f"{f}: empty file (0 bytes); nothing to ingest, remove it from --input")
@@ -203,6 +235,7 @@ def _open_binary(path: str):
 
 
 # --------------------------------------------------------------------------- readers
+
 
 def _text_ok(text: str) -> bool:
     """False for strings that cannot be written as UTF-8 (lone surrogates from JSON escapes)."""
@@ -219,13 +252,18 @@ def _join_title(title, body: str) -> str:
     return body
 
 
-def _record_to_doc(rec, opts: ReadOptions, fallback_id: str, where: str, spec: InputSpec,
-                   stats: IngestStats) -> Document | None:
+def _record_to_doc(
+    rec, opts: ReadOptions, fallback_id: str, where: str, spec: InputSpec, stats: IngestStats
+) -> Document | None:
     """Shared by jsonl, parquet and hf rows: pick fields, build the document or count a drop."""
     body = rec.get(opts.text_field) if isinstance(rec, dict) else None
     if not isinstance(body, str):
         if not opts.skip_bad_lines:
-            have = ", ".join(sorted(map(str, rec))[:8]) if isinstance(rec, dict) else type(rec).__name__
+            have = (
+                ", ".join(sorted(map(str, rec))[:8])
+                if isinstance(rec, dict)
+                else type(rec).__name__
+            )
             raise UserError(
                 f"{where}: record has no string field '{opts.text_field}' (fields: {have}); "
                 "set --text-field, or pass --skip-bad-lines to count and skip such records"
@@ -244,11 +282,20 @@ def _record_to_doc(rec, opts: ReadOptions, fallback_id: str, where: str, spec: I
     return None if doc_id is None else Document(doc_id, text, spec.source)
 
 
-_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object", str: "string",
-               type(None): "null"}
+_JSON_TYPES = {
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    list: "list",
+    dict: "object",
+    str: "string",
+    type(None): "null",
+}
 
 
-def document_id(raw_id, fallback_id: str, where: str, opts: ReadOptions, stats: IngestStats) -> str | None:
+def document_id(
+    raw_id, fallback_id: str, where: str, opts: ReadOptions, stats: IngestStats
+) -> str | None:
     """The id rule: a string as is, an integer as its decimal string, missing/null/"" ->
     `fallback_id`; anything else is refused (UserError naming `where`) or, with
     skip_bad_lines, counted as `bad_id` (None). Lone surrogates: `undecodable` (None)."""
@@ -266,8 +313,12 @@ def document_id(raw_id, fallback_id: str, where: str, opts: ReadOptions, stats: 
             shown = repr(raw_id)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
         article = "an" if kind[:1] in "aeiou" else "a"
-        return _bad_id(f"id field '{opts.id_field}' holds {article} {kind} ({shown}), not a string or an integer",
-                       where, opts, stats)
+        return _bad_id(
+            f"id field '{opts.id_field}' holds {article} {kind} ({shown}), not a string or an integer",
+            where,
+            opts,
+            stats,
+        )
     if "\0" in doc_id:
         return _bad_id(f"id {doc_id!r} contains the character U+0000", where, opts, stats)
     if not _text_ok(doc_id):
@@ -278,8 +329,10 @@ def document_id(raw_id, fallback_id: str, where: str, opts: ReadOptions, stats: 
 
 def _bad_id(what: str, where: str, opts: ReadOptions, stats: IngestStats) -> None:
     if not opts.skip_bad_lines:
-        raise UserError(f"{where}: {what}; give every record a string id, set --id-field '' to number "
-                        "documents by file:line, or pass --skip-bad-lines to count and skip such records")
+        raise UserError(
+            f"{where}: {what}; give every record a string id, set --id-field '' to number "
+            "documents by file:line, or pass --skip-bad-lines to count and skip such records"
+        )
     stats.drop("bad_id", where, opts.verbose, what)
     return None
 
@@ -299,22 +352,31 @@ def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Itera
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     undecodable += 1
-                    stats.drop("undecodable", where, opts.verbose, f"not UTF-8 ({e.reason} at byte {e.start})")
+                    stats.drop(
+                        "undecodable",
+                        where,
+                        opts.verbose,
+                        f"not UTF-8 ({e.reason} at byte {e.start})",
+                    )
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     if not opts.skip_bad_lines:
-                        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                                        f"{_pretty_hint(line, lineno)}fix the line or pass --skip-bad-lines "
-                                        "to count and skip it") from None
+                        raise UserError(
+                            f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                            f"{_pretty_hint(line, lineno)}fix the line or pass --skip-bad-lines "
+                            "to count and skip it"
+                        ) from None
                     stats.drop("invalid_json", where, opts.verbose, e.msg)
                     continue
                 if not isinstance(rec, dict):
                     if not opts.skip_bad_lines:
-                        raise UserError(f"{where}: a JSON {type(rec).__name__}, not an object; "
-                                        f"{_pretty_hint(line, lineno)}each line must be a JSON object, or pass "
-                                        "--skip-bad-lines to count and skip it")
+                        raise UserError(
+                            f"{where}: a JSON {type(rec).__name__}, not an object; "
+                            f"{_pretty_hint(line, lineno)}each line must be a JSON object, or pass "
+                            "--skip-bad-lines to count and skip it"
+                        )
                     stats.drop("invalid_json", where, opts.verbose, "not an object")
                     continue
                 doc = _record_to_doc(rec, opts, f"{spec.source}:{lineno}", where, spec, stats)
@@ -322,7 +384,9 @@ def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Itera
                     seen_ok += 1
                     yield doc
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
+        raise UserError(
+            f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it"
+        ) from None
     _check_not_binary(spec, seen_ok, undecodable)
 
 
@@ -331,7 +395,7 @@ def _lines(f, every_line: bool = False) -> Iterator[tuple[int, bytes]]:
     (or, with every_line, at the start of any line)."""
     for lineno, raw in enumerate(f, 1):
         if (lineno == 1 or every_line) and raw.startswith(_BOM):
-            raw = raw[len(_BOM):]
+            raw = raw[len(_BOM) :]
         yield lineno, raw
 
 
@@ -339,15 +403,19 @@ def _pretty_hint(line: str, lineno: int) -> str:
     """A hint for a JSON Lines error on a line that starts a pretty-printed JSON document."""
     s = line.strip()
     if lineno <= 2 and (s.startswith("[") or s == "{"):
-        return ("the file looks like one JSON document, not JSON Lines: name it .json "
-                "or pass --format json; otherwise ")
+        return (
+            "the file looks like one JSON document, not JSON Lines: name it .json "
+            "or pass --format json; otherwise "
+        )
     return ""
 
 
 def _check_not_binary(spec: InputSpec, ok: int, undecodable: int) -> None:
     if undecodable and not ok:
-        raise UserError(f"{spec.path}: not UTF-8 text ({undecodable} undecodable records, none readable); "
-                        "convert it (e.g. iconv -f latin1 -t utf-8) or check that it is the right file")
+        raise UserError(
+            f"{spec.path}: not UTF-8 text ({undecodable} undecodable records, none readable); "
+            "convert it (e.g. iconv -f latin1 -t utf-8) or check that it is the right file"
+        )
 
 
 def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
@@ -376,14 +444,19 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
             if opts.text_unit == "file":
                 data = f.read()
                 if data.startswith(_BOM):
-                    data = data[len(_BOM):]
+                    data = data[len(_BOM) :]
                 stats.documents += 1
                 stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
                 try:
                     text = data.decode("utf-8").strip()
                 except UnicodeDecodeError as e:
                     undecodable += 1
-                    stats.drop("undecodable", spec.path, opts.verbose, f"not UTF-8 ({e.reason} at byte {e.start})")
+                    stats.drop(
+                        "undecodable",
+                        spec.path,
+                        opts.verbose,
+                        f"not UTF-8 ({e.reason} at byte {e.start})",
+                    )
                 else:
                     if not text:
                         stats.drop("empty", spec.path, opts.verbose)
@@ -414,7 +487,9 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
                     if doc is not None:
                         yield doc
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
+        raise UserError(
+            f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it"
+        ) from None
     _check_not_binary(spec, seen_ok, undecodable)
 
 
@@ -424,7 +499,9 @@ def _read_json(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterat
     try:
         lines_format = _sniff_json_lines(spec, opts)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
+        raise UserError(
+            f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it"
+        ) from None
     if lines_format:
         spec.format = "jsonl"
         yield from _read_jsonl(spec, opts, stats)
@@ -448,16 +525,20 @@ def _sniff_json_lines(spec: InputSpec, opts: ReadOptions) -> bool:
         return False
     try:
         rec = json.loads(first[0])
-    except ValueError:   # JSONDecodeError or not UTF-8
+    except ValueError:  # JSONDecodeError or not UTF-8
         if first[0].startswith(b"{") and len(first) == 2:
-            try:         # a broken first line of JSON Lines: the next line is a whole object
+            try:  # a broken first line of JSON Lines: the next line is a whole object
                 return isinstance(json.loads(first[1]), dict)
             except ValueError:
                 return False
         return not first[0].startswith(b"{")
-    if (isinstance(rec, dict) and len(first) == 1 and not isinstance(rec.get(opts.text_field), str)
-            and _record_lists(rec)):
-        return False     # one line holding {"data": [...]}: a (minified) JSON document
+    if (
+        isinstance(rec, dict)
+        and len(first) == 1
+        and not isinstance(rec.get(opts.text_field), str)
+        and _record_lists(rec)
+    ):
+        return False  # one line holding {"data": [...]}: a (minified) JSON document
     return True
 
 
@@ -479,7 +560,7 @@ def _member_value_pos(text: str, pos: int, key: str) -> int:
     found = -1
     while text[pos] != "}":
         k, pos = dec.raw_decode(text, pos)
-        pos = _skip_ws(text, _skip_ws(text, pos) + 1)          # past the ':'
+        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past the ':'
         if k == key:
             found = pos
         _, pos = dec.raw_decode(text, pos)
@@ -501,43 +582,58 @@ def _array_items(text: str, pos: int) -> Iterator[tuple[int, object]]:
             pos = _skip_ws(text, pos + 1)
 
 
-def _read_json_document(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+def _read_json_document(
+    spec: InputSpec, opts: ReadOptions, stats: IngestStats
+) -> Iterator[Document]:
     try:
         with _open_binary(spec.path) as f:
             data = f.read()
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UserError(f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it") from None
+        raise UserError(
+            f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it"
+        ) from None
     if data.startswith(_BOM):
-        data = data[len(_BOM):]
+        data = data[len(_BOM) :]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{spec.path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); convert the file "
-                        "(e.g. iconv -f latin1 -t utf-8) or check that it is the right file") from None
+        raise UserError(
+            f"{spec.path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); convert the file "
+            "(e.g. iconv -f latin1 -t utf-8) or check that it is the right file"
+        ) from None
     del data
-    what = ("a .json corpus is one JSON document: a list of records, or an object holding one; "
-            "or JSON Lines, one object per line")
+    what = (
+        "a .json corpus is one JSON document: a list of records, or an object holding one; "
+        "or JSON Lines, one object per line"
+    )
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{spec.path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file "
-                        f"({what})") from None
+        raise UserError(
+            f"{spec.path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file "
+            f"({what})"
+        ) from None
     start = _skip_ws(text, 0)
     if isinstance(doc, dict) and isinstance(doc.get(opts.text_field), str):
-        items: Iterable[tuple[int, object]] = [(start, doc)]            # a single record
+        items: Iterable[tuple[int, object]] = [(start, doc)]  # a single record
     elif isinstance(doc, dict):
         keys = _record_lists(doc)
-        if len(keys) > 1:   # prefer the one list whose records have the text field
+        if len(keys) > 1:  # prefer the one list whose records have the text field
             with_text = [k for k in keys if isinstance(doc[k][0].get(opts.text_field), str)]
             keys = with_text if len(with_text) == 1 else keys
         if len(keys) != 1:
             have = ", ".join(map(repr, list(doc)[:8]))
-            why = (f"holds several lists of records ({', '.join(map(repr, keys))})" if keys
-                   else f"has no list of records (keys: {have or 'none'})")
-            raise UserError(f"{spec.path}: the JSON object {why}; expected a list of "
-                            f"{{\"{opts.id_field or 'id'}\": ..., \"{opts.text_field}\": ...}} objects or an object "
-                            "holding exactly one such list (or write JSON Lines, one object per line)")
+            why = (
+                f"holds several lists of records ({', '.join(map(repr, keys))})"
+                if keys
+                else f"has no list of records (keys: {have or 'none'})"
+            )
+            raise UserError(
+                f"{spec.path}: the JSON object {why}; expected a list of "
+                f'{{"{opts.id_field or "id"}": ..., "{opts.text_field}": ...}} objects or an object '
+                "holding exactly one such list (or write JSON Lines, one object per line)"
+            )
         pos = _member_value_pos(text, start, keys[0])
         del doc
         items = _array_items(text, pos)
@@ -545,8 +641,10 @@ def _read_json_document(spec: InputSpec, opts: ReadOptions, stats: IngestStats) 
         del doc
         items = _array_items(text, start)
     else:
-        raise UserError(f"{spec.path}: a JSON {_JSON_TYPES.get(type(doc), type(doc).__name__)}, not a list of "
-                        f"records; {what}")
+        raise UserError(
+            f"{spec.path}: a JSON {_JSON_TYPES.get(type(doc), type(doc).__name__)}, not a list of "
+            f"records; {what}"
+        )
     line, last = 1, 0
     for n, (pos, rec) in enumerate(items, 1):
         line += text.count("\n", last, pos)
@@ -557,8 +655,10 @@ def _read_json_document(spec: InputSpec, opts: ReadOptions, stats: IngestStats) 
         if not isinstance(rec, dict):
             kind = _JSON_TYPES.get(type(rec), type(rec).__name__)
             if not opts.skip_bad_lines:
-                raise UserError(f"{where}: a JSON {kind}, not an object; each record must be a JSON object, "
-                                "or pass --skip-bad-lines to count and skip it")
+                raise UserError(
+                    f"{where}: a JSON {kind}, not an object; each record must be a JSON object, "
+                    "or pass --skip-bad-lines to count and skip it"
+                )
             stats.drop("invalid_json", where, opts.verbose, "not an object")
             continue
         d = _record_to_doc(rec, opts, f"{spec.source}#{n}", where, spec, stats)
@@ -584,7 +684,7 @@ def _citation_to_doc(el, spec: InputSpec, index: int, opts: ReadOptions, stats: 
             label = a.get("Label")
             parts.append(f"{label}: {body}" if label else body)
     if not parts:
-        stats.drop("no_abstract", where, False)   # common in MEDLINE: only counted
+        stats.drop("no_abstract", where, False)  # common in MEDLINE: only counted
         return None
     title = ""
     if article is not None:
@@ -619,12 +719,16 @@ def _read_xml(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
                     if doc is not None:
                         yield doc
                 if depth == 1 and root is not None:
-                    root.clear()   # finished a top-level record: free it (streaming)
+                    root.clear()  # finished a top-level record: free it (streaming)
     except (EOFError, zlib.error, gzip.BadGzipFile, ET.ParseError) as e:
-        raise UserError(f"{spec.path}: truncated or corrupt XML/gzip after {count} citations ({e}); "
-                        "re-download the file (NLM publishes an .md5 beside each baseline file)") from None
+        raise UserError(
+            f"{spec.path}: truncated or corrupt XML/gzip after {count} citations ({e}); "
+            "re-download the file (NLM publishes an .md5 beside each baseline file)"
+        ) from None
     if count == 0:
-        raise UserError(f"{spec.path}: no <MedlineCitation> records; is this a PubMed/MEDLINE XML file?")
+        raise UserError(
+            f"{spec.path}: no <MedlineCitation> records; is this a PubMed/MEDLINE XML file?"
+        )
 
 
 def _read_parquet(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
@@ -636,7 +740,9 @@ def _read_parquet(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Ite
         raise UserError(f"{spec.path}: not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
     if opts.text_field not in names:
-        raise UserError(f"{spec.path}: no column '{opts.text_field}' (columns: {', '.join(names)}); set --text-field")
+        raise UserError(
+            f"{spec.path}: no column '{opts.text_field}' (columns: {', '.join(names)}); set --text-field"
+        )
     cols = [c for c in (opts.text_field, opts.title_field, opts.id_field) if c and c in names]
     row = 0
     for batch in pf.iter_batches(batch_size=4096, columns=cols):
@@ -644,7 +750,9 @@ def _read_parquet(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Ite
             row += 1
             stats.documents += 1
             stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
-            doc = _record_to_doc(rec, opts, f"{spec.source}:{row}", f"{spec.path}: row {row}", spec, stats)
+            doc = _record_to_doc(
+                rec, opts, f"{spec.source}:{row}", f"{spec.path}: row {row}", spec, stats
+            )
             if doc is not None:
                 yield doc
 
@@ -656,29 +764,46 @@ def _read_hf(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator
         ds = datasets.load_from_disk(spec.path)
         if isinstance(ds, datasets.DatasetDict):
             if opts.hf_split not in ds:
-                raise UserError(f"{spec.path}: no split '{opts.hf_split}' (splits: {', '.join(ds)}); set hf_split=")
+                raise UserError(
+                    f"{spec.path}: no split '{opts.hf_split}' (splits: {', '.join(ds)}); set hf_split="
+                )
             ds = ds[opts.hf_split]
     else:
         try:  # a hub name: streamed, never downloaded whole
             ds = datasets.load_dataset(spec.path, split=opts.hf_split, streaming=True)
         except Exception as e:
-            raise UserError(f"{spec.path}: cannot load the dataset from the hub ({str(e).splitlines()[0]}); "
-                            "pass a load_from_disk directory or a reachable dataset name") from None
+            raise UserError(
+                f"{spec.path}: cannot load the dataset from the hub ({str(e).splitlines()[0]}); "
+                "pass a load_from_disk directory or a reachable dataset name"
+            ) from None
     names = getattr(ds, "column_names", None)
     if names is not None and opts.text_field not in names:
-        raise UserError(f"{spec.path}: no column '{opts.text_field}' (columns: {', '.join(names)}); set --text-field")
+        raise UserError(
+            f"{spec.path}: no column '{opts.text_field}' (columns: {', '.join(names)}); set --text-field"
+        )
     for row, rec in enumerate(ds, 1):
         stats.documents += 1
         stats.per_input[spec.source] = stats.per_input.get(spec.source, 0) + 1
-        doc = _record_to_doc(rec, opts, f"{spec.source}:{row}", f"{spec.path}: row {row}", spec, stats)
+        doc = _record_to_doc(
+            rec, opts, f"{spec.source}:{row}", f"{spec.path}: row {row}", spec, stats
+        )
         if doc is not None:
             yield doc
 
 
-_READERS = {"jsonl": _read_jsonl, "json": _read_json, "txt": _read_txt, "xml": _read_xml, "parquet": _read_parquet, "hf": _read_hf}
+_READERS = {
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "txt": _read_txt,
+    "xml": _read_xml,
+    "parquet": _read_parquet,
+    "hf": _read_hf,
+}
 
 
-def read_documents(inputs: list[InputSpec], opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
+def read_documents(
+    inputs: list[InputSpec], opts: ReadOptions, stats: IngestStats
+) -> Iterator[Document]:
     """Raw documents from every input in order (format-level drops counted in `stats`)."""
     for spec in inputs:
         stats.per_input.setdefault(spec.source, 0)
@@ -686,6 +811,7 @@ def read_documents(inputs: list[InputSpec], opts: ReadOptions, stats: IngestStat
 
 
 # --------------------------------------------------------------------------- cleaning
+
 
 def content_hash(text: str) -> bytes:
     """Duplicate detection key: whitespace-normalised text (tokenizers ignore whitespace runs)."""
@@ -717,8 +843,12 @@ def clean(docs: Iterable[Document], opts: ReadOptions, stats: IngestStats) -> It
                 continue
             seen_text.add(h)
         if doc.id in seen_id:
-            stats.drop("duplicate_id", f"{doc.source}: {_shown(doc.id)}", opts.verbose,
-                       "another document already has this id (set --id-field, or id_field='' for file:line ids)")
+            stats.drop(
+                "duplicate_id",
+                f"{doc.source}: {_shown(doc.id)}",
+                opts.verbose,
+                "another document already has this id (set --id-field, or id_field='' for file:line ids)",
+            )
             continue
         seen_id.add(doc.id)
         yield doc
@@ -729,8 +859,9 @@ def _shown(doc_id: str) -> str:
     return doc_id if doc_id.isprintable() else repr(doc_id)
 
 
-def iter_clean_documents(paths: Iterable[str], opts: ReadOptions, stats: IngestStats | None = None
-                         ) -> Iterator[Document]:
+def iter_clean_documents(
+    paths: Iterable[str], opts: ReadOptions, stats: IngestStats | None = None
+) -> Iterator[Document]:
     """Convenience: resolve inputs, read and clean (used by `kdcl-dist tokenizer`)."""
     stats = stats if stats is not None else IngestStats()
     yield from clean(read_documents(resolve_inputs(paths, opts.format), opts, stats), opts, stats)
@@ -741,6 +872,18 @@ def describe_drops(stats: IngestStats) -> str:
     return ", ".join(items) if items else "none"
 
 
-__all__ = ["Document", "ReadOptions", "InputSpec", "IngestStats", "resolve_inputs", "read_documents",
-           "clean", "iter_clean_documents", "content_hash", "document_id", "FORMATS", "TEXT_UNITS",
-           "DROP_REASONS"]
+__all__ = [
+    "Document",
+    "ReadOptions",
+    "InputSpec",
+    "IngestStats",
+    "resolve_inputs",
+    "read_documents",
+    "clean",
+    "iter_clean_documents",
+    "content_hash",
+    "document_id",
+    "FORMATS",
+    "TEXT_UNITS",
+    "DROP_REASONS",
+]

@@ -47,12 +47,15 @@ class MaskSpec:
 
 def mask_rng(sample_id: str, draw: int, purpose: str, seed: int) -> np.random.Generator:
     h = id_hash64(sample_id)
-    ss = np.random.SeedSequence([seed & 0xFFFFFFFF, PURPOSES[purpose], draw, h & 0xFFFFFFFF, h >> 32])
+    ss = np.random.SeedSequence(
+        [seed & 0xFFFFFFFF, PURPOSES[purpose], draw, h & 0xFFFFFFFF, h >> 32]
+    )
     return np.random.Generator(np.random.PCG64(ss))
 
 
-def mask_sample(ids: np.ndarray, sample_id: str, draw: int, purpose: str, seed: int,
-                spec: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
+def mask_sample(
+    ids: np.ndarray, sample_id: str, draw: int, purpose: str, seed: int, spec: MaskSpec
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (input_ids, labels) as int64; labels are IGNORE_INDEX except at masked positions."""
     ids = np.asarray(ids, dtype=np.int64)
     rng = mask_rng(sample_id, draw, purpose, seed)
@@ -133,10 +136,15 @@ def _pcg64_state(words) -> dict:
     """PCG64's state after seeding with generate_state(4, uint64) = words (pcg64_set_seed)."""
     seed = (int(words[0]) << 64) | int(words[1])
     inc = ((((int(words[2]) << 64) | int(words[3])) << 1) | 1) & _M128
-    s = inc                                   # state 0, one step
+    s = inc  # state 0, one step
     s = (s + seed) & _M128
     s = (s * _PCG_MULT + inc) & _M128
-    return {"bit_generator": "PCG64", "state": {"state": s, "inc": inc}, "has_uint32": 0, "uinteger": 0}
+    return {
+        "bit_generator": "PCG64",
+        "state": {"state": s, "inc": inc},
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
 
 
 def _entropy(hashes: np.ndarray, draws: np.ndarray, purpose: str, seed: int) -> np.ndarray:
@@ -168,11 +176,15 @@ def _fast_seeding_ok() -> bool:
                 for j, s in enumerate(ids):
                     bg.state = _pcg64_state(words[j])
                     want = mask_rng(s, int(draws[j]), "score", seed)
-                    if bg.state != want.bit_generator.state or bg.random_raw(3).tolist() != \
-                            want.bit_generator.random_raw(3).tolist():
+                    if (
+                        bg.state != want.bit_generator.state
+                        or bg.random_raw(3).tolist() != want.bit_generator.random_raw(3).tolist()
+                    ):
                         raise ValueError("seeding differs")
             _FAST_SEEDING = True
-        except Exception:   # a numpy whose internals differ: use its own objects (slower, same masks)
+        except (
+            Exception
+        ):  # a numpy whose internals differ: use its own objects (slower, same masks)
             _FAST_SEEDING = False
     return _FAST_SEEDING
 
@@ -186,6 +198,7 @@ class MaskedRows:
     pos/pos_start: masked positions of row r, sorted, as positions *within the sample*, in
              pos[pos_start[r]:pos_start[r+1]];
     flat:    [T] the original ids (int64), concatenated."""
+
     inputs: np.ndarray
     start: np.ndarray
     pos: np.ndarray
@@ -198,7 +211,7 @@ class MaskedRows:
         i, k = divmod(r, self.draws)
         a, b = int(self.start[i]), int(self.start[i + 1])
         labels = np.full(b - a, IGNORE_INDEX, dtype=np.int64)
-        p = self.pos[self.pos_start[r]:self.pos_start[r + 1]]
+        p = self.pos[self.pos_start[r] : self.pos_start[r + 1]]
         labels[p] = self.flat[a + p]
         return self.inputs[k, a:b].copy(), labels
 
@@ -214,33 +227,52 @@ def _special_flags(flat: np.ndarray, spec: MaskSpec) -> np.ndarray:
     return lut[flat]
 
 
-def mask_many(toks: list[np.ndarray], sample_ids: list[str], draws: int, purpose: str, seed: int,
-              spec: MaskSpec) -> MaskedRows:
+def mask_many(
+    toks: list[np.ndarray],
+    sample_ids: list[str],
+    draws: int,
+    purpose: str,
+    seed: int,
+    spec: MaskSpec,
+) -> MaskedRows:
     """`mask_sample(toks[i], sample_ids[i], k, purpose, seed, spec)` for all i and k < draws (same output)."""
     n = len(toks)
     lens = np.fromiter((len(t) for t in toks), dtype=np.int64, count=n)
     start = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lens, out=start[1:])
-    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in toks]) if n else np.zeros(0, np.int64)
+    flat = (
+        np.concatenate([np.asarray(t, dtype=np.int64) for t in toks])
+        if n
+        else np.zeros(0, np.int64)
+    )
     cand_flag = ~_special_flags(flat, spec)
-    cand = np.flatnonzero(cand_flag)                         # global positions of candidates
-    cstart = np.concatenate([[0], np.cumsum(cand_flag, dtype=np.int64)])[start]   # candidates before sample i
+    cand = np.flatnonzero(cand_flag)  # global positions of candidates
+    cstart = np.concatenate([[0], np.cumsum(cand_flag, dtype=np.int64)])[
+        start
+    ]  # candidates before sample i
     ncand = np.diff(cstart)
-    nmask = np.where(ncand > 0, np.maximum(1, np.rint(spec.mask_prob * ncand.astype(np.float64))), 0).astype(np.int64)
+    nmask = np.where(
+        ncand > 0, np.maximum(1, np.rint(spec.mask_prob * ncand.astype(np.float64))), 0
+    ).astype(np.int64)
 
     K = int(draws)
     rows = n * K
     hashes = np.fromiter((id_hash64(s) for s in sample_ids), dtype=np.uint64, count=n)
     fast = _fast_seeding_ok()
-    words = _seed_words(_entropy(np.repeat(hashes, K), np.tile(np.arange(K, dtype=np.int64), n), purpose, seed)) \
-        if fast and rows else None
+    words = (
+        _seed_words(
+            _entropy(np.repeat(hashes, K), np.tile(np.arange(K, dtype=np.int64), n), purpose, seed)
+        )
+        if fast and rows
+        else None
+    )
     bg = np.random.PCG64()
     gen = np.random.Generator(bg)
     chosen_l, u_l, rnd_l = [], [], []
     r = 0
     for i in range(n):
         m = int(nmask[i])
-        c = cand[cstart[i]:cstart[i + 1]]
+        c = cand[cstart[i] : cstart[i + 1]]
         for k in range(K):
             if m:
                 if fast:
@@ -253,11 +285,11 @@ def mask_many(toks: list[np.ndarray], sample_ids: list[str], draws: int, purpose
                 rnd_l.append(g.integers(0, spec.vocab_size, size=m))
             r += 1
     inputs = np.broadcast_to(flat, (K, len(flat))).copy()
-    per_row = np.repeat(nmask, K)                            # masked count of row r
+    per_row = np.repeat(nmask, K)  # masked count of row r
     pos_start = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(per_row, out=pos_start[1:])
     if chosen_l:
-        chosen = np.concatenate(chosen_l)                    # global positions, row-major
+        chosen = np.concatenate(chosen_l)  # global positions, row-major
         u = np.concatenate(u_l)
         rnd = np.concatenate(rnd_l)
         draw_of = np.repeat(np.tile(np.arange(K), n), per_row)

@@ -39,13 +39,17 @@ def find_manifest(directory: str | os.PathLike) -> Path:
     for name in MANIFEST_NAMES:
         if (d / name).exists():
             return d / name
-    raise UserError(f"{d}: no dataset.json or curriculum.json; run `kdcl-dist shard` (or `curriculum`) to create it")
+    raise UserError(
+        f"{d}: no dataset.json or curriculum.json; run `kdcl-dist shard` (or `curriculum`) to create it"
+    )
 
 
 class ShardSet:
-    def __init__(self, directory: str | os.PathLike, manifest_name: str | None = None, verify: bool = False):
+    def __init__(
+        self, directory: str | os.PathLike, manifest_name: str | None = None, verify: bool = False
+    ):
         self.dir = Path(directory)
-        self.verify_reads = bool(verify)   # check size + sha256 before a shard's first read
+        self.verify_reads = bool(verify)  # check size + sha256 before a shard's first read
         self._verified: set[int] = set()
         path = self.dir / manifest_name if manifest_name else find_manifest(self.dir)
         self.manifest_path = path
@@ -96,10 +100,15 @@ class ShardSet:
 
     # -- integrity ------------------------------------------------------------------
     def _rerun_hint(self) -> str:
-        if self.manifest.get("kind") == "curriculum" or self.manifest_path.name == "curriculum.json":
+        if (
+            self.manifest.get("kind") == "curriculum"
+            or self.manifest_path.name == "curriculum.json"
+        ):
             return "re-run `kdcl-dist curriculum` with the same arguments to rewrite it"
-        return ("re-run `kdcl-dist shard` with the same arguments to rewrite it (the re-run checks every "
-                "shard's sha256 and rewrites only the corrupt ones)")
+        return (
+            "re-run `kdcl-dist shard` with the same arguments to rewrite it (the re-run checks every "
+            "shard's sha256 and rewrites only the corrupt ones)"
+        )
 
     def verify_shard(self, shard: int, blob: bytes | None = None) -> None:
         """Check shard `shard` against the size and sha256 recorded in the manifest.
@@ -113,23 +122,29 @@ class ShardSet:
         want = entry.get("sha256")
         if blob is None:
             if not path.exists():
-                raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing; {self._rerun_hint()}")
+                raise UserError(
+                    f"{path}: shard listed in {self.manifest_path.name} is missing; {self._rerun_hint()}"
+                )
             size = path.stat().st_size
         else:
             size = len(blob)
         if entry.get("bytes") and size != entry["bytes"]:
-            raise UserError(f"{path}: {size} bytes, {self.manifest_path.name} records {entry['bytes']}; "
-                            f"the shard is truncated or corrupt, {self._rerun_hint()}")
+            raise UserError(
+                f"{path}: {size} bytes, {self.manifest_path.name} records {entry['bytes']}; "
+                f"the shard is truncated or corrupt, {self._rerun_hint()}"
+            )
         if want:
             got = sha256_file(path) if blob is None else hashlib.sha256(blob).hexdigest()
             if got != want:
-                raise UserError(f"{path}: sha256 {got[:16]}... differs from {want[:16]}... recorded in "
-                                f"{self.manifest_path.name}; the shard is corrupt, {self._rerun_hint()}")
+                raise UserError(
+                    f"{path}: sha256 {got[:16]}... differs from {want[:16]}... recorded in "
+                    f"{self.manifest_path.name}; the shard is corrupt, {self._rerun_hint()}"
+                )
         self._verified.add(shard)
 
     def verify(self, shards=None) -> None:
         """Check every shard (or the given shard numbers) against the manifest; see `verify_shard`."""
-        for s in (range(self.num_shards) if shards is None else shards):
+        for s in range(self.num_shards) if shards is None else shards:
             self.verify_shard(int(s))
 
     def _check(self, shard: int) -> None:
@@ -144,7 +159,7 @@ class ShardSet:
             raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
         blob = path.read_bytes()
         if self.verify_reads if verify is None else verify:
-            self.verify_shard(shard, blob)   # the bytes handed out are the ones checked
+            self.verify_shard(shard, blob)  # the bytes handed out are the ones checked
         return blob
 
     # -- random access --------------------------------------------------------------
@@ -166,7 +181,9 @@ class ShardSet:
         f.seek(offset)
         blob = f.read(size)
         if len(blob) != size:
-            raise UserError(f"{self.dir / self.shards[shard]['name']}: truncated shard (short read); re-create it")
+            raise UserError(
+                f"{self.dir / self.shards[shard]['name']}: truncated shard (short read); re-create it"
+            )
         return blob
 
     def get(self, position: int, with_meta: bool = True) -> Sample:
@@ -175,10 +192,15 @@ class ShardSet:
 
     def get_local(self, shard: int, local: int, with_meta: bool = True) -> Sample:
         idx = self.index(shard)
-        ids = decode_ids(self._read(shard, int(idx["ids_offset"][local]), int(idx["ids_size"][local])))
+        ids = decode_ids(
+            self._read(shard, int(idx["ids_offset"][local]), int(idx["ids_size"][local]))
+        )
         meta = (
-            decode_meta(self._read(shard, int(idx["meta_offset"][local]), int(idx["meta_size"][local])))
-            if with_meta else {"id": idx["keys"][local]}
+            decode_meta(
+                self._read(shard, int(idx["meta_offset"][local]), int(idx["meta_size"][local]))
+            )
+            if with_meta
+            else {"id": idx["keys"][local]}
         )
         return Sample(idx["keys"][local], ids, meta)
 

@@ -36,14 +36,14 @@ INDEX_FORMAT = 1
 SHARD_MTIME = 0
 _KEY_PLAIN = re.compile(r"[A-Za-z0-9_\-]+")
 _KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-KEY_MAX = 120        # escaped keys longer than this end in a hash instead (see sample_key)
+KEY_MAX = 120  # escaped keys longer than this end in a hash instead (see sample_key)
 _KEY_HASH_PREFIX = 64
 
 
 class Sample(NamedTuple):
-    key: str            # tar key: sample_key(meta["id"]), unique within a dataset
-    ids: np.ndarray     # token ids
-    meta: dict          # at least {"id", "n_tokens"}
+    key: str  # tar key: sample_key(meta["id"]), unique within a dataset
+    ids: np.ndarray  # token ids
+    meta: dict  # at least {"id", "n_tokens"}
     text: str | None = None
 
 
@@ -69,16 +69,22 @@ def sample_key(sample_id: str) -> str:
     s = str(sample_id)
     if _KEY_PLAIN.fullmatch(s):
         return s
-    key = "".join(c if c in _KEY_SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
-                  for c in s)
+    key = "".join(
+        c if c in _KEY_SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in s
+    )
     if len(key) > KEY_MAX or not key:
         import hashlib
 
         cut = key[:_KEY_HASH_PREFIX]
         pct = cut.rfind("%", len(cut) - 2)
-        if pct >= 0:                      # do not cut an escape in half
+        if pct >= 0:  # do not cut an escape in half
             cut = cut[:pct]
-        key = cut + "%h" + hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        key = (
+            cut
+            + "%h"
+            + hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        )
     return key
 
 
@@ -93,7 +99,7 @@ def key_to_id(key: str) -> str | None:
     return unquote(key, errors="surrogatepass")
 
 
-sanitize_key = sample_key   # the name earlier versions used
+sanitize_key = sample_key  # the name earlier versions used
 
 
 def shard_name(index: int) -> str:
@@ -130,13 +136,18 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample], dtype=np.int
     writer.tarstream = _ShardTarFile(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT)
     seen: set[str] = set()
     for s in samples:
-        if s.key in seen:   # the index would merge the two samples' members: refuse instead
-            raise UserError(f"{path}: sample key '{s.key}' (id {s.meta.get('id')!r}) twice in this shard; sample ids must "
-                            "be unique: a document id equals the `<id>_part<k>` id of a part of a split document, "
-                            "rename that document or use --too-long truncate")
+        if s.key in seen:  # the index would merge the two samples' members: refuse instead
+            raise UserError(
+                f"{path}: sample key '{s.key}' (id {s.meta.get('id')!r}) twice in this shard; sample ids must "
+                "be unique: a document id equals the `<id>_part<k>` id of a part of a split document, "
+                "rename that document or use --too-long truncate"
+            )
         seen.add(s.key)
-        rec = {"__key__": s.key, "ids.npy": npy_bytes(np.asarray(s.ids, dtype=dtype)),
-               "json": json.dumps(s.meta).encode("utf-8")}
+        rec = {
+            "__key__": s.key,
+            "ids.npy": npy_bytes(np.asarray(s.ids, dtype=dtype)),
+            "json": json.dumps(s.meta).encode("utf-8"),
+        }
         if s.text is not None:
             rec["txt"] = s.text.encode("utf-8")
         writer.write(rec)
@@ -175,26 +186,35 @@ class _ShardTarFile(tarfile.TarFile):
     formats) goes through tarfile's `addfile`. The bytes written are identical.
     """
 
-    _templates: dict = {}   # header fields -> (template bytes, checksum of its fixed part) or None
+    _templates: dict = {}  # header fields -> (template bytes, checksum of its fixed part) or None
 
     def __init__(self, *args, **kwargs):
-        self.placed: list[tuple[str, int, int]] = []   # (name, data offset, size) of each regular member
+        self.placed: list[
+            tuple[str, int, int]
+        ] = []  # (name, data offset, size) of each regular member
         super().__init__(*args, **kwargs)
 
     def addfile(self, tarinfo, fileobj=None):
         name = tarinfo.name
         size = tarinfo.size
         tpl = self._template(tarinfo) if fileobj is not None else None
-        if tpl is None or not name.isascii() or len(name) >= tarfile.LENGTH_NAME or not 0 <= size < 8 ** 11:
+        if (
+            tpl is None
+            or not name.isascii()
+            or len(name) >= tarfile.LENGTH_NAME
+            or not 0 <= size < 8**11
+        ):
             super().addfile(tarinfo, fileobj)
         else:
             self._check("awx")
             data = fileobj.read(size)
             if len(data) != size:
                 raise OSError("unexpected end of data")
-            self.fileobj.write(_fast_header(tpl, name.encode("ascii"), size) + data + tarfile.NUL * (-size % 512))
+            self.fileobj.write(
+                _fast_header(tpl, name.encode("ascii"), size) + data + tarfile.NUL * (-size % 512)
+            )
             self.offset += 512 + size + (-size % 512)
-        if tarinfo.isreg():   # where its data landed: the last blocks written
+        if tarinfo.isreg():  # where its data landed: the last blocks written
             self.placed.append((name, self.offset - (size + 511) // 512 * 512, size))
 
     def offset_index(self) -> dict:
@@ -206,11 +226,26 @@ class _ShardTarFile(tarfile.TarFile):
         return {"format": INDEX_FORMAT, "count": len(keys), "keys": keys, **cols}
 
     def _template(self, ti):
-        if ti.type != tarfile.REGTYPE or ti.linkname or type(ti.mtime) is not int or \
-                self.format not in (tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        if (
+            ti.type != tarfile.REGTYPE
+            or ti.linkname
+            or type(ti.mtime) is not int
+            or self.format not in (tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT)
+        ):
             return None
-        key = (ti.mode, ti.uid, ti.gid, ti.mtime, ti.uname, ti.gname, ti.devmajor, ti.devminor,
-               self.format, self.encoding, self.errors)
+        key = (
+            ti.mode,
+            ti.uid,
+            ti.gid,
+            ti.mtime,
+            ti.uname,
+            ti.gname,
+            ti.devmajor,
+            ti.devminor,
+            self.format,
+            self.encoding,
+            self.errors,
+        )
         if key not in self._templates:
             self._templates[key] = _make_template(ti, self.format, self.encoding, self.errors)
         return self._templates[key]
@@ -220,8 +255,17 @@ def _fast_header(tpl: tuple[bytes, int], name: bytes, size: int) -> bytes:
     base, fixed_sum = tpl
     size_field = b"%011o\0" % size
     chk = fixed_sum + sum(name) + sum(size_field)
-    return b"".join((name, bytes(100 - len(name)), base[100:124], size_field, base[136:148],
-                     b"%06o\0" % chk, base[155:]))
+    return b"".join(
+        (
+            name,
+            bytes(100 - len(name)),
+            base[100:124],
+            size_field,
+            base[136:148],
+            b"%06o\0" % chk,
+            base[155:],
+        )
+    )
 
 
 def member_header(name: bytes, size: int) -> bytes | None:
@@ -253,7 +297,12 @@ def _make_template(ti: tarfile.TarInfo, fmt: int, encoding: str, errors: str):
     blank = base[:148] + b" " * 8 + base[156:]
     fixed_sum = sum(blank) - sum(blank[0:100]) - sum(blank[124:136])
     tpl = (blank, fixed_sum)
-    for name, size in (("a", 0), ("pmid-1.ids.npy", 1234), ("k" * 99, 8 ** 11 - 1), ("x_9.json", 511)):
+    for name, size in (
+        ("a", 0),
+        ("pmid-1.ids.npy", 1234),
+        ("k" * 99, 8**11 - 1),
+        ("x_9.json", 511),
+    ):
         probe.name, probe.size = name, size
         if probe.tobuf(fmt, encoding, errors) != _fast_header(tpl, name.encode("ascii"), size):
             return None
@@ -306,7 +355,7 @@ def index_tar_bytes(blob: bytes) -> dict:
     at, n = 0, len(blob)
     pax: dict[str, str] = {}
     while at + 512 <= n:
-        hdr = blob[at:at + 512]
+        hdr = blob[at : at + 512]
         if hdr.count(0) == 512:
             break
         size_field = hdr[124:136].strip(b"\0 ")
@@ -317,12 +366,12 @@ def index_tar_bytes(blob: bytes) -> dict:
         data_at = at + 512
         at = data_at + (size + 511) // 512 * 512
         if kind == b"x":
-            pax = _parse_pax(blob[data_at:data_at + size])
+            pax = _parse_pax(blob[data_at : data_at + size])
             continue
         if kind == b"g":
             continue
-        if kind == b"L":   # GNU long name: the data is the next member's name
-            pax = {"path": blob[data_at:data_at + size].split(b"\0", 1)[0].decode("utf-8")}
+        if kind == b"L":  # GNU long name: the data is the next member's name
+            pax = {"path": blob[data_at : data_at + size].split(b"\0", 1)[0].decode("utf-8")}
             continue
         if kind not in (b"0", b"\0"):
             if kind in (b"5", b"1", b"2"):  # directories and links hold no sample data
@@ -346,7 +395,7 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     while i < len(data):
         sp = data.index(b" ", i)
         length = int(data[i:sp])
-        rec = data[sp + 1:i + length - 1].decode("utf-8")
+        rec = data[sp + 1 : i + length - 1].decode("utf-8")
         k, _, v = rec.partition("=")
         out[k] = v
         i += length
@@ -357,7 +406,11 @@ def build_index(tar_path) -> dict:
     """Scan a finished tar with `tarfile`: per sample key, (offset, size) of its ids and json members."""
     keys, cols = _new_index()
     pos: dict[str, int] = {}
-    opener = tarfile.open(fileobj=tar_path, mode="r:") if hasattr(tar_path, "read") else tarfile.open(tar_path, "r:")
+    opener = (
+        tarfile.open(fileobj=tar_path, mode="r:")
+        if hasattr(tar_path, "read")
+        else tarfile.open(tar_path, "r:")
+    )
     with opener as tf:
         for m in tf:
             if m.isfile():
@@ -376,15 +429,25 @@ def decode_meta(blob: bytes) -> dict:
 def manifest_fingerprint(shards: list[dict], tokenizer: dict | None) -> str:
     from kdcl_dist.utils import fingerprint
 
-    return fingerprint({
-        "shards": [(s["name"], s["count"], s["sha256"]) for s in shards],
-        "tokenizer": (tokenizer or {}).get("fingerprint"),
-    })
+    return fingerprint(
+        {
+            "shards": [(s["name"], s["count"], s["sha256"]) for s in shards],
+            "tokenizer": (tokenizer or {}).get("fingerprint"),
+        }
+    )
 
 
-def write_documents(docs, tok, out_dir: str | os.PathLike, *, max_length: int = 256,
-                    shard_size: int = 2000, batch_size: int = 256, keep_text: bool = False,
-                    extra_manifest: dict | None = None) -> dict:
+def write_documents(
+    docs,
+    tok,
+    out_dir: str | os.PathLike,
+    *,
+    max_length: int = 256,
+    shard_size: int = 2000,
+    batch_size: int = 256,
+    keep_text: bool = False,
+    extra_manifest: dict | None = None,
+) -> dict:
     """Minimal single-process path: tokenize `(id, text)` pairs and write shards + dataset.json.
 
     The full ingestion stage (`kdcl-dist shard`: input formats, cleaning, distribution,
@@ -406,12 +469,18 @@ def write_documents(docs, tok, out_dir: str | os.PathLike, *, max_length: int = 
 
     docs = list(docs)
     for start in range(0, len(docs), batch_size):
-        chunk = docs[start: start + batch_size]
+        chunk = docs[start : start + batch_size]
         enc = tok([t for _, t in chunk], truncation=True, max_length=max_length)["input_ids"]
         for (doc_id, text), ids in zip(chunk, enc):
             key = sample_key(str(doc_id))
-            buf.append(Sample(key, np.asarray(ids), {"id": str(doc_id), "n_tokens": len(ids)},
-                              text if keep_text else None))
+            buf.append(
+                Sample(
+                    key,
+                    np.asarray(ids),
+                    {"id": str(doc_id), "n_tokens": len(ids)},
+                    text if keep_text else None,
+                )
+            )
             if len(buf) >= shard_size:
                 flush()
     flush()
@@ -422,8 +491,7 @@ def write_documents(docs, tok, out_dir: str | os.PathLike, *, max_length: int = 
         "tokenizer": tinfo,
         "max_length": max_length,
         "shards": entries,
-        "totals": {"kept": sum(e["count"] for e in entries),
-                   "tokens": None},
+        "totals": {"kept": sum(e["count"] for e in entries), "tokens": None},
         **(extra_manifest or {}),
     }
     manifest["fingerprint"] = manifest_fingerprint(entries, tinfo)

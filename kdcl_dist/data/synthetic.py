@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import random
 
-_COMMON = ("the patients were treated with and the results of study showed that in a significant "
-           "increase decrease was observed among group compared to control after weeks of therapy "
-           "clinical trial response rate disease cells protein expression levels").split()
-_RARE = ("cyclooxygenase thrombocytopenia angiotensin glomerulonephritis immunohistochemistry "
-         "pharmacokinetics metalloproteinase hepatocellular cardiomyopathy leukocytosis "
-         "phosphorylation transcriptional mitochondrial apoptosis endothelial cytokine "
-         "interleukin lymphocyte carcinoma neuropathy").split()
+_COMMON = (
+    "the patients were treated with and the results of study showed that in a significant "
+    "increase decrease was observed among group compared to control after weeks of therapy "
+    "clinical trial response rate disease cells protein expression levels"
+).split()
+_RARE = (
+    "cyclooxygenase thrombocytopenia angiotensin glomerulonephritis immunohistochemistry "
+    "pharmacokinetics metalloproteinase hepatocellular cardiomyopathy leukocytosis "
+    "phosphorylation transcriptional mitochondrial apoptosis endothelial cytokine "
+    "interleukin lymphocyte carcinoma neuropathy"
+).split()
 
 
 def synthetic_documents(n: int = 2000, seed: int = 0):
@@ -24,7 +28,9 @@ def synthetic_documents(n: int = 2000, seed: int = 0):
         rare_share = rng.random() * 0.6
         sentences = []
         for _ in range(rng.randint(2, 8)):
-            words = [rng.choice(_RARE) if rng.random() < rare_share else rng.choice(_COMMON)
-                     for _ in range(rng.randint(6, 18))]
+            words = [
+                rng.choice(_RARE) if rng.random() < rare_share else rng.choice(_COMMON)
+                for _ in range(rng.randint(6, 18))
+            ]
             sentences.append(" ".join(words).capitalize() + ".")
         yield f"synthetic-{i:07d}", " ".join(sentences)

@@ -46,29 +46,29 @@ ALPHA = 0.05
 
 @dataclass(frozen=True)
 class MLMDesign:
-    seeds: int = 3                 # training seeds per arm
-    items: int = 631               # held-out documents
+    seeds: int = 3  # training seeds per arm
+    items: int = 631  # held-out documents
     tokens_per_item: float = 36.5  # masked tokens per document (2 masks; ~23,000 in all)
-    value: float = 7.03            # held-out loss (nats / masked token)
-    item_std: float = 0.5          # document difficulty (per-token loss), shared by both arms
-    seed_std: float = 0.002        # between-seed std of an arm's held-out loss (measured 0.0005-0.003)
+    value: float = 7.03  # held-out loss (nats / masked token)
+    item_std: float = 0.5  # document difficulty (per-token loss), shared by both arms
+    seed_std: float = 0.002  # between-seed std of an arm's held-out loss (measured 0.0005-0.003)
     # share of the seed variance that is seed x document noise (the rest: a global shift of the
     # seed's loss). Not measured (it needs per-document outputs of several seeds); runs this
     # close to a shared starting point are assumed to differ mostly by global shifts. The new
     # procedure is calibrated at any share; the old bootstrap is not (`bench stats` shows both).
     item_seed_share: float = 0.1
-    arm_item_std: float = 0.0      # arm x document interaction (0: the arms only differ by delta)
+    arm_item_std: float = 0.0  # arm x document interaction (0: the arms only differ by delta)
 
 
 @dataclass(frozen=True)
 class YesNoDesign:
-    questions: int = 166    # test questions
-    train_seeds: int = 3    # training seeds per arm
-    ft_seeds: int = 3       # fine-tuning seeds per training seed
+    questions: int = 166  # test questions
+    train_seeds: int = 3  # training seeds per arm
+    ft_seeds: int = 3  # fine-tuning seeds per training seed
     accuracy: float = 0.70  # mean accuracy over the population of questions
     question_std: float = 3.0  # question difficulty (logit), shared by both arms
-    train_std: float = 0.15    # training-seed shift (logit)
-    ft_std: float = 0.10       # fine-tuning-seed shift (logit)
+    train_std: float = 0.15  # training-seed shift (logit)
+    ft_std: float = 0.10  # fine-tuning-seed shift (logit)
     # with these defaults: accuracy 70.0%, std over training seeds (of the fine-tuning
     # average, as the report shows it) ~1.9 points, run-to-run std ~2.8 points
 
@@ -82,14 +82,22 @@ def simulate_mlm(design: MLMDesign, n: int, delta: float = 0.0, rng=None):
     s, u = design.seeds, design.items
     m = 1.0 + rng.poisson(design.tokens_per_item - 1.0, size=(n, 1, u))
     total = m.sum(axis=(1, 2))[:, None, None]
-    tau = math.sqrt(design.item_seed_share) * design.seed_std * np.sqrt(total)  # value noise var = tau^2 / total
+    tau = (
+        math.sqrt(design.item_seed_share) * design.seed_std * np.sqrt(total)
+    )  # value noise var = tau^2 / total
     shift_sd = math.sqrt(1.0 - design.item_seed_share) * design.seed_std
     item = rng.normal(0.0, design.item_std, size=(n, 1, u))
 
     def arm(d: float) -> np.ndarray:
         inter = rng.normal(0.0, design.arm_item_std, size=(n, 1, u)) if design.arm_item_std else 0.0
-        loss = (design.value + d + item + inter + rng.normal(0.0, shift_sd, size=(n, s, 1))
-                + rng.normal(size=(n, s, u)) * tau / np.sqrt(m))
+        loss = (
+            design.value
+            + d
+            + item
+            + inter
+            + rng.normal(0.0, shift_sd, size=(n, s, 1))
+            + rng.normal(size=(n, s, u)) * tau / np.sqrt(m)
+        )
         return loss * m
 
     den = np.broadcast_to(m, (n, s, u))
@@ -125,8 +133,12 @@ def simulate_yesno(design: YesNoDesign, n: int, delta: float = 0.0, rng=None):
     b = rng.normal(0.0, design.question_std, size=(n, 1, 1, q))
 
     def arm(mu: float) -> np.ndarray:
-        logit = (mu + b + rng.normal(0.0, design.train_std, size=(n, t, 1, 1))
-                 + rng.normal(0.0, design.ft_std, size=(n, t, f, 1)))
+        logit = (
+            mu
+            + b
+            + rng.normal(0.0, design.train_std, size=(n, t, 1, 1))
+            + rng.normal(0.0, design.ft_std, size=(n, t, f, 1))
+        )
         p = 1.0 / (1.0 + np.exp(-logit))
         return (rng.random((n, t, f, q)) < p).astype(np.float64).reshape(n, t * f, q)
 
@@ -139,8 +151,11 @@ def yesno_spread(design: YesNoDesign = YesNoDesign(), n: int = 2000, rng=0) -> d
     a, _, _ = simulate_yesno(design, n, rng=rng)
     acc = a.mean(-1)
     per_train = acc.reshape(n, design.train_seeds, design.ft_seeds).mean(-1)
-    return {"accuracy": 100 * float(acc.mean()), "run_std": 100 * float(acc.std(-1, ddof=1).mean()),
-            "train_seed_std": 100 * float(per_train.std(-1, ddof=1).mean())}
+    return {
+        "accuracy": 100 * float(acc.mean()),
+        "run_std": 100 * float(acc.std(-1, ddof=1).mean()),
+        "train_seed_std": 100 * float(per_train.std(-1, ddof=1).mean()),
+    }
 
 
 # -- rejection rates ------------------------------------------------------------------------------
@@ -176,8 +191,14 @@ def _batched(sims: int, chunk: int, make, test) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(rej), np.concatenate(mde)
 
 
-def new_mlm(design: MLMDesign = MLMDesign(), sims: int = 2000, delta: float = 0.0, seed: int = 0,
-            items: bool = True, chunk: int = 500) -> dict:
+def new_mlm(
+    design: MLMDesign = MLMDesign(),
+    sims: int = 2000,
+    delta: float = 0.0,
+    seed: int = 0,
+    items: bool = True,
+    chunk: int = 500,
+) -> dict:
     """Rejection rate at α = 0.05 of `compare_seeds` on the MLM design (delta = 0: false-positive rate)."""
     rng = np.random.default_rng(seed)
 
@@ -192,8 +213,13 @@ def new_mlm(design: MLMDesign = MLMDesign(), sims: int = 2000, delta: float = 0.
     return _rate(rej, mde_median=float(np.median(mde)))
 
 
-def old_mlm(design: MLMDesign = MLMDesign(), sims: int = 400, delta: float = 0.0, seed: int = 0,
-            n_boot: int = 1000) -> dict:
+def old_mlm(
+    design: MLMDesign = MLMDesign(),
+    sims: int = 400,
+    delta: float = 0.0,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> dict:
     """Rejection rate at α = 0.05 of the old `compare_ratio` bootstrap on the MLM design."""
     rng = np.random.default_rng(seed)
     rej = np.zeros(sims, dtype=bool)
@@ -204,8 +230,14 @@ def old_mlm(design: MLMDesign = MLMDesign(), sims: int = 400, delta: float = 0.0
     return _rate(rej, n_boot=n_boot)
 
 
-def new_yesno(design: YesNoDesign = YesNoDesign(), sims: int = 2000, delta: float = 0.0, seed: int = 0,
-              nested: bool = True, chunk: int = 500) -> dict:
+def new_yesno(
+    design: YesNoDesign = YesNoDesign(),
+    sims: int = 2000,
+    delta: float = 0.0,
+    seed: int = 0,
+    nested: bool = True,
+    chunk: int = 500,
+) -> dict:
     """Rejection rate of `compare_seeds` on yes/no rows, nested per training seed (or, nested=False,
     every fine-tuning run as if it were an independent seed)."""
     rng = np.random.default_rng(seed)
@@ -225,8 +257,13 @@ def new_yesno(design: YesNoDesign = YesNoDesign(), sims: int = 2000, delta: floa
     return _rate(rej, mde_median=float(np.median(mde)))
 
 
-def old_yesno(design: YesNoDesign = YesNoDesign(), sims: int = 400, delta: float = 0.0, seed: int = 0,
-              n_boot: int = 1000) -> dict:
+def old_yesno(
+    design: YesNoDesign = YesNoDesign(),
+    sims: int = 400,
+    delta: float = 0.0,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> dict:
     """Rejection rate of the old yes/no treatment: `compare_ratio` with all train x fine-tune runs as seeds."""
     rng = np.random.default_rng(seed)
     rej = np.zeros(sims, dtype=bool)
@@ -236,10 +273,20 @@ def old_yesno(design: YesNoDesign = YesNoDesign(), sims: int = 400, delta: float
     return _rate(rej, n_boot=n_boot)
 
 
-def calibration_table(seeds=(3, 5), sims: int = 4000, old_sims: int = 400, n_boot: int = 1000, seed: int = 0,
-                      mlm_effects=(0.003, 0.026), yesno_effects=(0.03, 0.06), shares=(0.0, 0.1, 0.5),
-                      old: bool = True, mlm: MLMDesign = MLMDesign(), yesno: YesNoDesign = YesNoDesign(),
-                      progress=None) -> list[dict]:
+def calibration_table(
+    seeds=(3, 5),
+    sims: int = 4000,
+    old_sims: int = 400,
+    n_boot: int = 1000,
+    seed: int = 0,
+    mlm_effects=(0.003, 0.026),
+    yesno_effects=(0.03, 0.06),
+    shares=(0.0, 0.1, 0.5),
+    old: bool = True,
+    mlm: MLMDesign = MLMDesign(),
+    yesno: YesNoDesign = YesNoDesign(),
+    progress=None,
+) -> list[dict]:
     """Rows of (procedure, design, false-positive rate, power at the given effects) per seed count.
 
     The MLM rows are repeated for each `shares` value (the part of the between-seed variance
@@ -249,7 +296,9 @@ def calibration_table(seeds=(3, 5), sims: int = 4000, old_sims: int = 400, n_boo
     rows = []
 
     def add(procedure, design, fpr, powers, unit):
-        rows.append({"procedure": procedure, "design": design, "fpr": fpr, "power": powers, "unit": unit})
+        rows.append(
+            {"procedure": procedure, "design": design, "fpr": fpr, "power": powers, "unit": unit}
+        )
         if progress:
             progress(rows[-1])
 
@@ -261,16 +310,42 @@ def calibration_table(seeds=(3, 5), sims: int = 4000, old_sims: int = 400, n_boo
             mdesc = f"MLM loss, {s} seeds, {md.items} docs, share {share:g}"
             b = base + 100 * j
             if old:
-                add("old: compare_ratio bootstrap", mdesc, old_mlm(md, old_sims, 0.0, b, n_boot), {}, "nats")
-            add("new: compare_seeds", mdesc, new_mlm(md, sims, 0.0, b + 1),
-                {e: new_mlm(md, sims, e, b + 2 + i) for i, e in enumerate(mlm_effects)}, "nats")
+                add(
+                    "old: compare_ratio bootstrap",
+                    mdesc,
+                    old_mlm(md, old_sims, 0.0, b, n_boot),
+                    {},
+                    "nats",
+                )
+            add(
+                "new: compare_seeds",
+                mdesc,
+                new_mlm(md, sims, 0.0, b + 1),
+                {e: new_mlm(md, sims, e, b + 2 + i) for i, e in enumerate(mlm_effects)},
+                "nats",
+            )
         ydesc = f"yes/no, {s} train x {yd.ft_seeds} fine-tune seeds, {yd.questions} q"
         base += 900
         if old:
-            add(f"old: compare_ratio, {s * yd.ft_seeds} runs as seeds", ydesc,
-                old_yesno(yd, old_sims, 0.0, base, n_boot), {}, "points")
-        add(f"compare_seeds, {s * yd.ft_seeds} runs as seeds (not nested)", ydesc,
-            new_yesno(yd, sims, 0.0, base + 1, nested=False), {}, "points")
-        add("new: compare_seeds on nest_seeds", ydesc, new_yesno(yd, sims, 0.0, base + 2),
-            {e: new_yesno(yd, sims, e, base + 3 + i) for i, e in enumerate(yesno_effects)}, "points")
+            add(
+                f"old: compare_ratio, {s * yd.ft_seeds} runs as seeds",
+                ydesc,
+                old_yesno(yd, old_sims, 0.0, base, n_boot),
+                {},
+                "points",
+            )
+        add(
+            f"compare_seeds, {s * yd.ft_seeds} runs as seeds (not nested)",
+            ydesc,
+            new_yesno(yd, sims, 0.0, base + 1, nested=False),
+            {},
+            "points",
+        )
+        add(
+            "new: compare_seeds on nest_seeds",
+            ydesc,
+            new_yesno(yd, sims, 0.0, base + 2),
+            {e: new_yesno(yd, sims, e, base + 3 + i) for i, e in enumerate(yesno_effects)},
+            "points",
+        )
     return rows

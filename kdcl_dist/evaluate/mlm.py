@@ -49,13 +49,19 @@ def heldout_mask(sample_ids, percent: int) -> np.ndarray:
     """`is_heldout` of each id, as a boolean array (all False when percent is 0)."""
     if percent <= 0:
         return np.zeros(len(sample_ids), dtype=bool)
-    return np.fromiter((is_heldout(str(s), percent) for s in sample_ids), dtype=bool, count=len(sample_ids))
+    return np.fromiter(
+        (is_heldout(str(s), percent) for s in sample_ids), dtype=bool, count=len(sample_ids)
+    )
 
 
 @dataclass
 class EvalMLMConfig:
-    split: str = option("heldout", help="heldout: only held-out ids; all: every sample", choices=("heldout", "all"))
-    heldout_percent: int = option(DEFAULT_HELDOUT_PERCENT, help="percent of documents held out (by id hash)", min=0, max=100)
+    split: str = option(
+        "heldout", help="heldout: only held-out ids; all: every sample", choices=("heldout", "all")
+    )
+    heldout_percent: int = option(
+        DEFAULT_HELDOUT_PERCENT, help="percent of documents held out (by id hash)", min=0, max=100
+    )
     masks: int = option(2, help="fixed masks per sample (K)", min=1)
     seed: int = option(0, help="mask seed (purpose 'eval')")
     max_samples: int = option(0, help="evaluate the first N selected samples (0: all)", min=0)
@@ -64,15 +70,28 @@ class EvalMLMConfig:
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="HF masked-LM directory (export, init-models) or hub name")
-    p.add_argument("--shards", required=True, help="shard directory (dataset.json or curriculum.json)")
+    p.add_argument(
+        "--model", required=True, help="HF masked-LM directory (export, init-models) or hub name"
+    )
+    p.add_argument(
+        "--shards", required=True, help="shard directory (dataset.json or curriculum.json)"
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
     add_options(p, EvalMLMConfig, "eval_mlm")
     p.add_argument("--out", default=None, help="write the summary JSON here")
-    p.add_argument("--per-sample", dest="per_sample", default=None,
-                   help="write per-sample loss sums and masked counts (.npz) for paired statistics")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar (by default shown only on a terminal)")
+    p.add_argument(
+        "--per-sample",
+        dest="per_sample",
+        default=None,
+        help="write per-sample loss sums and masked counts (.npz) for paired statistics",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=True,
+        help="no progress bar (by default shown only on a terminal)",
+    )
     add_config_args(p, "eval_mlm")
 
 
@@ -104,8 +123,16 @@ def _check_tokenizer(ss, tok, tok_name: str) -> None:
         )
 
 
-def score_samples(model, samples, spec, masks: int, seed: int, batch_size: int = 32,
-                  progress: bool = False, device=None):
+def score_samples(
+    model,
+    samples,
+    spec,
+    masks: int,
+    seed: int,
+    batch_size: int = 32,
+    progress: bool = False,
+    device=None,
+):
     """Per-sample (loss_sum, n_masked) arrays over K fixed eval masks; LM head on masked positions."""
     import torch
 
@@ -119,14 +146,16 @@ def score_samples(model, samples, spec, masks: int, seed: int, batch_size: int =
     loss_sum = np.zeros(len(samples), dtype=np.float64)
     n_masked = np.zeros(len(samples), dtype=np.int64)
     # (sample index, draw) units sorted by length: batches of similar length waste little padding
-    units = sorted(((i, k) for i in range(len(samples)) for k in range(masks)),
-                   key=lambda u: (len(samples[u[0]][1]), u))
+    units = sorted(
+        ((i, k) for i in range(len(samples)) for k in range(masks)),
+        key=lambda u: (len(samples[u[0]][1]), u),
+    )
     from kdcl_dist.progress import progress_bar
 
     bar = progress_bar(len(units), "eval mlm", "seq", progress=progress, leave=False)
     with torch.inference_mode():
         for start in range(0, len(units), batch_size):
-            chunk = units[start:start + batch_size]
+            chunk = units[start : start + batch_size]
             L = max(len(samples[i][1]) for i, _ in chunk)
             inp = np.full((len(chunk), L), pad, dtype=np.int64)
             lab = np.full((len(chunk), L), -100, dtype=np.int64)
@@ -134,7 +163,7 @@ def score_samples(model, samples, spec, masks: int, seed: int, batch_size: int =
             for r, (i, k) in enumerate(chunk):
                 sid, ids = samples[i]
                 x, y = mask_sample(ids, sid, k, "eval", seed, spec)
-                inp[r, :len(x)], lab[r, :len(y)], att[r, :len(x)] = x, y, 1
+                inp[r, : len(x)], lab[r, : len(y)], att[r, : len(x)] = x, y, 1
             inp_t, lab_t, att_t = (torch.from_numpy(a).to(device) for a in (inp, lab, att))
             sel = lab_t != -100
             if head is not None:
@@ -142,7 +171,12 @@ def score_samples(model, samples, spec, masks: int, seed: int, batch_size: int =
                 logits = head(hidden[sel]).float()
             else:  # unknown architecture: full logits, then the masked positions
                 logits = model(input_ids=inp_t, attention_mask=att_t).logits[sel].float()
-            tok_loss = torch.nn.functional.cross_entropy(logits, lab_t[sel], reduction="none").double().cpu().numpy()
+            tok_loss = (
+                torch.nn.functional.cross_entropy(logits, lab_t[sel], reduction="none")
+                .double()
+                .cpu()
+                .numpy()
+            )
             rows = sel.nonzero()[:, 0].cpu().numpy()
             row_unit = np.array([chunk[r][0] for r in range(len(chunk))])
             np.add.at(loss_sum, row_unit[rows], tok_loss)
@@ -154,8 +188,13 @@ def score_samples(model, samples, spec, masks: int, seed: int, batch_size: int =
     return loss_sum, n_masked
 
 
-def evaluate_mlm(model: str, shards: str, cfg: EvalMLMConfig | None = None, tokenizer: str | None = None,
-                 progress: bool = False) -> tuple[dict, dict]:
+def evaluate_mlm(
+    model: str,
+    shards: str,
+    cfg: EvalMLMConfig | None = None,
+    tokenizer: str | None = None,
+    progress: bool = False,
+) -> tuple[dict, dict]:
     """Return (summary, per_sample) for one model on one shard set."""
     import torch
 
@@ -165,7 +204,9 @@ def evaluate_mlm(model: str, shards: str, cfg: EvalMLMConfig | None = None, toke
 
     cfg = cfg or EvalMLMConfig()
     t0 = time.time()
-    ss, samples = select_samples(shards, cfg.split, cfg.heldout_percent, cfg.max_samples)  # fails fast on a bad dir
+    ss, samples = select_samples(
+        shards, cfg.split, cfg.heldout_percent, cfg.max_samples
+    )  # fails fast on a bad dir
     tok_name = tokenizer or str(model)
     tok = load_tokenizer(tok_name)
     _check_tokenizer(ss, tok, tok_name)
@@ -176,21 +217,38 @@ def evaluate_mlm(model: str, shards: str, cfg: EvalMLMConfig | None = None, toke
         )
     m = load_mlm(str(model))
     if m.config.vocab_size < len(tok):
-        raise UserError(f"{model}: vocabulary of {m.config.vocab_size} tokens is smaller than the tokenizer's {len(tok)}")
+        raise UserError(
+            f"{model}: vocabulary of {m.config.vocab_size} tokens is smaller than the tokenizer's {len(tok)}"
+        )
     spec = MaskSpec.from_tokenizer(tok, mask_prob=cfg.mask_prob)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loss_sum, n_masked = score_samples(m, samples, spec, cfg.masks, cfg.seed, cfg.batch_size, progress, device)
+    loss_sum, n_masked = score_samples(
+        m, samples, spec, cfg.masks, cfg.seed, cfg.batch_size, progress, device
+    )
     total = float(loss_sum.sum())
     count = int(n_masked.sum())
     loss = total / max(count, 1)
     summary = {
-        "model": str(model), "model_fingerprint": model_fingerprint(m), "shards": str(shards),
-        "shards_fingerprint": ss.fingerprint, "split": cfg.split, "heldout_percent": cfg.heldout_percent,
-        "masks": cfg.masks, "seed": cfg.seed, "samples": len(samples), "masked_tokens": count,
-        "tokens": int(sum(len(ids) for _, ids in samples)), "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)), "seconds": round(time.time() - t0, 2),
+        "model": str(model),
+        "model_fingerprint": model_fingerprint(m),
+        "shards": str(shards),
+        "shards_fingerprint": ss.fingerprint,
+        "split": cfg.split,
+        "heldout_percent": cfg.heldout_percent,
+        "masks": cfg.masks,
+        "seed": cfg.seed,
+        "samples": len(samples),
+        "masked_tokens": count,
+        "tokens": int(sum(len(ids) for _, ids in samples)),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "seconds": round(time.time() - t0, 2),
     }
-    per_sample = {"ids": np.array([s for s, _ in samples]), "loss_sum": loss_sum, "n_masked": n_masked}
+    per_sample = {
+        "ids": np.array([s for s, _ in samples]),
+        "loss_sum": loss_sum,
+        "n_masked": n_masked,
+    }
     return summary, per_sample
 
 
@@ -210,15 +268,19 @@ def load_per_sample(path: str | Path) -> dict:
 def run(args) -> int:
     from kdcl_dist.utils import check_output_path, write_json_atomic
 
-    if args.out:   # before loading the model: a bad path fails in a second, not after the evaluation
+    if args.out:  # before loading the model: a bad path fails in a second, not after the evaluation
         check_output_path(args.out, "file")
     if args.per_sample:
         check_output_path(args.per_sample, "file", key="--per-sample")
     cfg = resolve_args(args)
-    summary, per_sample = evaluate_mlm(args.model, args.shards, cfg, args.tokenizer, progress=args.progress)
-    print(f"eval mlm  model={summary['model']}  split={summary['split']}  samples={summary['samples']}  "
-          f"masked tokens={summary['masked_tokens']}  loss={summary['loss']:.4f}  "
-          f"perplexity={summary['perplexity']:.2f}  ({summary['seconds']}s)")
+    summary, per_sample = evaluate_mlm(
+        args.model, args.shards, cfg, args.tokenizer, progress=args.progress
+    )
+    print(
+        f"eval mlm  model={summary['model']}  split={summary['split']}  samples={summary['samples']}  "
+        f"masked tokens={summary['masked_tokens']}  loss={summary['loss']:.4f}  "
+        f"perplexity={summary['perplexity']:.2f}  ({summary['seconds']}s)"
+    )
     if args.out:
         write_json_atomic(args.out, summary)
         print(f"wrote {args.out}")

@@ -53,8 +53,9 @@ def _percentile_ci(stats: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 10000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 10000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of `values`."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
@@ -90,8 +91,14 @@ def _boot_ratio(num: np.ndarray, den: np.ndarray, rows: np.ndarray, cols: np.nda
     return top / bot
 
 
-def ratio_bootstrap(num, den=None, n_boot: int = 10000, level: float = 0.95, seed: int = 0,
-                    resample_seeds: bool = True) -> dict:
+def ratio_bootstrap(
+    num,
+    den=None,
+    n_boot: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+    resample_seeds: bool = True,
+) -> dict:
     """Point estimate and two-level bootstrap CI of sum(num)/sum(den) over a (seeds x units) matrix."""
     num = _as_matrix(num)
     den = np.ones_like(num) if den is None else _as_matrix(den)
@@ -99,16 +106,27 @@ def ratio_bootstrap(num, den=None, n_boot: int = 10000, level: float = 0.95, see
         raise ValueError(f"num {num.shape} and den {den.shape} differ in shape")
     rng = np.random.default_rng(seed)
     s, u = num.shape
-    rows = rng.integers(0, s, size=(n_boot, s)) if resample_seeds else np.tile(np.arange(s), (n_boot, 1))
+    rows = (
+        rng.integers(0, s, size=(n_boot, s))
+        if resample_seeds
+        else np.tile(np.arange(s), (n_boot, 1))
+    )
     cols = rng.integers(0, u, size=(n_boot, u))
     stats = _boot_ratio(num, den, rows, cols)
     lo, hi = _percentile_ci(stats, level)
-    return {"value": float(num.sum() / den.sum()), "ci": [lo, hi], "level": level, "n_boot": n_boot,
-            "seeds": s, "units": u}
+    return {
+        "value": float(num.sum() / den.sum()),
+        "ci": [lo, hi],
+        "level": level,
+        "n_boot": n_boot,
+        "seeds": s,
+        "units": u,
+    }
 
 
-def compare_ratio(a_num, b_num, a_den=None, b_den=None, n_boot: int = 10000, level: float = 0.95,
-                  seed: int = 0) -> dict:
+def compare_ratio(
+    a_num, b_num, a_den=None, b_den=None, n_boot: int = 10000, level: float = 0.95, seed: int = 0
+) -> dict:
     """Difference (A - B) of two arms' ratios with a paired-units, independent-seeds bootstrap.
 
     p is the two-sided bootstrap p-value: twice the smaller tail mass of the replicate
@@ -128,12 +146,18 @@ def compare_ratio(a_num, b_num, a_den=None, b_den=None, n_boot: int = 10000, lev
     diff = float(a_num.sum() / a_den.sum() - b_num.sum() / b_den.sum())
     lo, hi = _percentile_ci(d, level)
     p = 2.0 * min(float((d <= 0).mean()), float((d >= 0).mean()))
-    return {"diff": diff, "ci": [lo, hi], "p": float(min(1.0, max(p, 1.0 / n_boot))), "level": level,
-            "n_boot": n_boot}
+    return {
+        "diff": diff,
+        "ci": [lo, hi],
+        "p": float(min(1.0, max(p, 1.0 / n_boot))),
+        "level": level,
+        "n_boot": n_boot,
+    }
 
 
-def permutation_test(a: Sequence[float], b: Sequence[float], paired: bool = False,
-                     n_perm: int = 20000, seed: int = 0) -> float:
+def permutation_test(
+    a: Sequence[float], b: Sequence[float], paired: bool = False, n_perm: int = 20000, seed: int = 0
+) -> float:
     """Two-sided permutation p-value for mean(a) - mean(b).
 
     Exact enumeration when the number of permutations is at most `n_perm`, else Monte Carlo
@@ -148,7 +172,7 @@ def permutation_test(a: Sequence[float], b: Sequence[float], paired: bool = Fals
         d = a - b
         obs = abs(d.mean())
         n = d.size
-        if 2 ** n <= n_perm:
+        if 2**n <= n_perm:
             signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
             stats = np.abs((signs * d).mean(axis=1))
             return float((stats >= obs - eps).mean())
@@ -207,7 +231,9 @@ def majority_label(labels: Sequence) -> object:
     return sorted(k for k, v in counts.items() if v == best)[0]
 
 
-def majority_baseline(train_labels: Sequence, test_labels: Sequence, labels: Sequence | None = None) -> dict:
+def majority_baseline(
+    train_labels: Sequence, test_labels: Sequence, labels: Sequence | None = None
+) -> dict:
     """Accuracy and macro-F1 of always predicting the train split's majority label on test."""
     maj = majority_label(train_labels)
     test_labels = list(test_labels)
@@ -263,16 +289,20 @@ def _betacf(a: np.ndarray, b: np.ndarray, x: np.ndarray, max_iter: int = 3000) -
 
 def betainc(a, b, x) -> np.ndarray:
     """Regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1 (broadcast)."""
-    a, b, x = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                                  np.asarray(x, np.float64))
+    a, b, x = np.broadcast_arrays(
+        np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(x, np.float64)
+    )
     out = np.empty(x.shape)
     inner = (x > 0) & (x < 1)
     out[x <= 0] = 0.0
     out[x >= 1] = 1.0
     if inner.any():
         a, b, x = a[inner], b[inner], x[inner]
-        log_front = (_lgamma(a + b) - _lgamma(a) - _lgamma(b)).astype(np.float64) \
-            + a * np.log(x) + b * np.log1p(-x)
+        log_front = (
+            (_lgamma(a + b) - _lgamma(a) - _lgamma(b)).astype(np.float64)
+            + a * np.log(x)
+            + b * np.log1p(-x)
+        )
         front = np.exp(log_front)
         direct = x < (a + 1.0) / (a + b + 2.0)
         res = np.empty(x.shape)
@@ -316,8 +346,11 @@ def t_cdf(t, df) -> np.ndarray:
 def _t_logpdf(t: np.ndarray, df: np.ndarray) -> np.ndarray:
     normal = df > _NORMAL_DF
     nu = np.where(normal, 1.0, df)
-    student = ((_lgamma((nu + 1) / 2) - _lgamma(nu / 2)).astype(np.float64) - 0.5 * np.log(nu * math.pi)
-               - (nu + 1) / 2 * np.log1p(t * t / nu))
+    student = (
+        (_lgamma((nu + 1) / 2) - _lgamma(nu / 2)).astype(np.float64)
+        - 0.5 * np.log(nu * math.pi)
+        - (nu + 1) / 2 * np.log1p(t * t / nu)
+    )
     return np.where(normal, -0.5 * math.log(2 * math.pi) - 0.5 * t * t, student)
 
 
@@ -339,10 +372,11 @@ def t_ppf(q, df) -> np.ndarray:
         nu = df[work]
         # start: normal quantile (Abramowitz & Stegun 26.2.23) + Cornish-Fisher terms for t
         w = np.sqrt(-2.0 * np.log(tail))
-        z = w - (2.515517 + 0.802853 * w + 0.010328 * w * w) / (1 + 1.432788 * w + 0.189269 * w * w
-                                                                  + 0.001308 * w ** 3)
+        z = w - (2.515517 + 0.802853 * w + 0.010328 * w * w) / (
+            1 + 1.432788 * w + 0.189269 * w * w + 0.001308 * w**3
+        )
         z = np.maximum(z, 1e-3)
-        t0 = z + (z ** 3 + z) / (4 * nu) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * nu * nu)
+        t0 = z + (z**3 + z) / (4 * nu) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * nu * nu)
         s = np.log(np.maximum(t0, 1e-6))
         lo = np.full(tail.shape, -50.0)  # bracket on log t
         hi = np.full(tail.shape, 50.0)
@@ -416,8 +450,15 @@ def _arm_parts(num: np.ndarray, den: np.ndarray) -> dict:
     else:
         seed_var = np.full(v.shape[:-1], np.nan)
         inter = np.zeros(v.shape[:-1])
-    return {"v": v, "pooled": num.sum((-2, -1)) / den.sum((-2, -1)), "infl": infl, "inter": inter,
-            "seed_var": seed_var, "seeds": s, "items": u}
+    return {
+        "v": v,
+        "pooled": num.sum((-2, -1)) / den.sum((-2, -1)),
+        "infl": infl,
+        "inter": inter,
+        "seed_var": seed_var,
+        "seeds": s,
+        "items": u,
+    }
 
 
 def _t_result(diff, seed_parts, item_var, item_df, alpha: float, power: float) -> dict:
@@ -434,16 +475,27 @@ def _t_result(diff, seed_parts, item_var, item_df, alpha: float, power: float) -
         df = np.where(den > 0, var * var / np.where(den > 0, den, 1.0), np.nan)
         se = np.sqrt(var)
         t = diff / se
-    p = np.where(var > 0, 2.0 * t_sf(np.abs(np.where(var > 0, t, 0.0)), np.where(var > 0, df, 1.0)),
-                 np.where(diff == 0, 1.0, 0.0))
+    p = np.where(
+        var > 0,
+        2.0 * t_sf(np.abs(np.where(var > 0, t, 0.0)), np.where(var > 0, df, 1.0)),
+        np.where(diff == 0, 1.0, 0.0),
+    )
     p = np.where(np.isnan(var), np.nan, np.minimum(p, 1.0))
     df_ok = np.where(np.isfinite(df), df, 1.0)
     tcrit = np.where(var > 0, t_ppf(1.0 - alpha / 2.0, df_ok), 0.0)
     tpow = np.where(var > 0, t_ppf(power, df_ok), 0.0)
     half = tcrit * se
     mde = (tcrit + tpow) * se
-    return {"diff": diff, "lo": diff - half, "hi": diff + half, "p": p, "se": se, "df": df, "mde": mde,
-            "underpowered": ~(mde <= np.abs(diff))}
+    return {
+        "diff": diff,
+        "lo": diff - half,
+        "hi": diff + half,
+        "p": p,
+        "se": se,
+        "df": df,
+        "mde": mde,
+        "underpowered": ~(mde <= np.abs(diff)),
+    }
 
 
 def _stack(m) -> np.ndarray:
@@ -463,10 +515,15 @@ def _compare_batched(a_num, b_num, a_den, b_den, alpha: float, power: float, ite
     if items and u > 1:
         d = pa["infl"] - pb["infl"]
         raw = d.var(-1, ddof=1) / u
-        item_var = np.maximum(raw - pa["inter"] / (pa["seeds"] * u) - pb["inter"] / (pb["seeds"] * u), 0.0)
+        item_var = np.maximum(
+            raw - pa["inter"] / (pa["seeds"] * u) - pb["inter"] / (pb["seeds"] * u), 0.0
+        )
     else:
         item_var = np.zeros_like(diff)
-    seed_parts = [(pa["seed_var"] / pa["seeds"], pa["seeds"] - 1), (pb["seed_var"] / pb["seeds"], pb["seeds"] - 1)]
+    seed_parts = [
+        (pa["seed_var"] / pa["seeds"], pa["seeds"] - 1),
+        (pb["seed_var"] / pb["seeds"], pb["seeds"] - 1),
+    ]
     r = _t_result(diff, seed_parts, item_var, max(u - 1, 1), alpha, power)
     r["se_seeds"] = np.sqrt(seed_parts[0][0] + seed_parts[1][0])
     r["se_items"] = np.sqrt(item_var)
@@ -474,27 +531,57 @@ def _compare_batched(a_num, b_num, a_den, b_den, alpha: float, power: float, ite
 
 
 def _result_dict(r: dict, alpha: float, power: float, method: str, **extra) -> dict:
-    out = {"diff": float(r["diff"]), "ci": [float(r["lo"]), float(r["hi"])], "p": float(r["p"]),
-           "se": float(r["se"]), "df": float(r["df"]), "mde": float(r["mde"]),
-           "underpowered": bool(r["underpowered"]), "level": 1.0 - alpha, "alpha": alpha, "power": power,
-           "se_seeds": float(r["se_seeds"]), "se_items": float(r["se_items"]), "method": method}
+    out = {
+        "diff": float(r["diff"]),
+        "ci": [float(r["lo"]), float(r["hi"])],
+        "p": float(r["p"]),
+        "se": float(r["se"]),
+        "df": float(r["df"]),
+        "mde": float(r["mde"]),
+        "underpowered": bool(r["underpowered"]),
+        "level": 1.0 - alpha,
+        "alpha": alpha,
+        "power": power,
+        "se_seeds": float(r["se_seeds"]),
+        "se_items": float(r["se_items"]),
+        "method": method,
+    }
     out.update(extra)
     return out
 
 
 def _single_seed_result(diff: float, alpha: float, power: float, method: str, **extra) -> dict:
     nan = float("nan")
-    out = {"diff": float(diff), "ci": [nan, nan], "p": nan, "se": nan, "df": nan, "mde": nan,
-           "underpowered": True, "level": 1.0 - alpha, "alpha": alpha, "power": power, "se_seeds": nan,
-           "se_items": nan, "method": method,
-           "note": "an arm has a single seed: the between-seed variance is unknown, so no p-value or "
-                   "interval is given (run >= 2 seeds per arm, better >= 3)"}
+    out = {
+        "diff": float(diff),
+        "ci": [nan, nan],
+        "p": nan,
+        "se": nan,
+        "df": nan,
+        "mde": nan,
+        "underpowered": True,
+        "level": 1.0 - alpha,
+        "alpha": alpha,
+        "power": power,
+        "se_seeds": nan,
+        "se_items": nan,
+        "method": method,
+        "note": "an arm has a single seed: the between-seed variance is unknown, so no p-value or "
+        "interval is given (run >= 2 seeds per arm, better >= 3)",
+    }
     out.update(extra)
     return out
 
 
-def compare_seeds(a_num, b_num, a_den=None, b_den=None, alpha: float = 0.05, power: float = 0.8,
-                  items: bool = True) -> dict:
+def compare_seeds(
+    a_num,
+    b_num,
+    a_den=None,
+    b_den=None,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    items: bool = True,
+) -> dict:
     """A - B with the training seed as the experimental unit (Welch t) plus paired test-item sampling.
 
     a_num, b_num: (seeds x items) matrices (a 1-D array is one seed); a_den, b_den: the matching
@@ -527,9 +614,11 @@ def compare_seeds(a_num, b_num, a_den=None, b_den=None, alpha: float = 0.05, pow
         raise ValueError("paired comparison needs the same items (columns) in both arms")
     sa, sb, u = a_num.shape[0], b_num.shape[0], a_num.shape[1]
     use_items = items and u > 1
-    method = (f"Welch t on per-seed values ({sa} vs {sb} seeds)"
-              + (f" + paired item sampling ({u} items, linearised)" if use_items else "")
-              + "; Welch-Satterthwaite df")
+    method = (
+        f"Welch t on per-seed values ({sa} vs {sb} seeds)"
+        + (f" + paired item sampling ({u} items, linearised)" if use_items else "")
+        + "; Welch-Satterthwaite df"
+    )
     extra = {"seeds_a": sa, "seeds_b": sb, "items": u}
     if sa < 2 or sb < 2:
         diff = a_num.sum() / a_den.sum() - b_num.sum() / b_den.sum()
@@ -538,8 +627,15 @@ def compare_seeds(a_num, b_num, a_den=None, b_den=None, alpha: float = 0.05, pow
     return _result_dict(r, alpha, power, method, **extra)
 
 
-def compare_to_constant(num, den=None, value=0.0, value_den=None, alpha: float = 0.05, power: float = 0.8,
-                        items: bool = True) -> dict:
+def compare_to_constant(
+    num,
+    den=None,
+    value=0.0,
+    value_den=None,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    items: bool = True,
+) -> dict:
     """One arm's pooled value minus a reference, with the training seed as the unit.
 
     `value` is either a number (a fixed reference: its own uncertainty is ignored) or a 1-D
@@ -570,9 +666,11 @@ def compare_to_constant(num, den=None, value=0.0, value_den=None, alpha: float =
         ref_infl = (vals - ref * vden) / vden.mean()
     use_items = items and u > 1
     paired = " (paired with the per-item reference)" if vals.ndim else ""
-    method = (f"one-sample t on per-seed values ({s} seeds)"
-              + (f" + item sampling ({u} items, linearised){paired}" if use_items else "")
-              + "; Satterthwaite df")
+    method = (
+        f"one-sample t on per-seed values ({s} seeds)"
+        + (f" + item sampling ({u} items, linearised){paired}" if use_items else "")
+        + "; Satterthwaite df"
+    )
     extra = {"seeds_a": s, "seeds_b": 0, "items": u, "reference": ref}
     pa = _arm_parts(num, den)
     diff = float(pa["pooled"]) - ref
@@ -583,7 +681,9 @@ def compare_to_constant(num, den=None, value=0.0, value_den=None, alpha: float =
         item_var = max(float(raw - pa["inter"] / (s * u)), 0.0)
     else:
         item_var = 0.0
-    r = _t_result(np.float64(diff), [(pa["seed_var"] / s, s - 1)], item_var, max(u - 1, 1), alpha, power)
+    r = _t_result(
+        np.float64(diff), [(pa["seed_var"] / s, s - 1)], item_var, max(u - 1, 1), alpha, power
+    )
     r["se_seeds"] = np.sqrt(pa["seed_var"] / s)
     r["se_items"] = np.sqrt(item_var)
     return _result_dict(r, alpha, power, method, **extra)

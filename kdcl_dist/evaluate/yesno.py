@@ -46,24 +46,45 @@ class YesNoConfig:
     batch_size: int = option(8, help="fine-tuning examples per step", min=1)
     lr: float = option(5.537e-05, help="peak learning rate (the paper's appendix)", min=0.0)
     weight_decay: float = option(0.05, help="AdamW weight decay", min=0.0)
-    warmup_ratio: float = option(0.0, help="fraction of steps with linear warm-up", min=0.0, max=1.0)
-    max_length: int = option(256, help="tokens per question+context pair (truncates the context)", min=8)
-    max_train: int = option(0, help="fine-tune on a stratified subset of N train examples (each label keeps its "
-                            "share, drawn with subset_seed; 0: all)", min=0)
-    subset_seed: int = option(0, help="seed of the stratified --max-train subset (the same subset for every seed)")
+    warmup_ratio: float = option(
+        0.0, help="fraction of steps with linear warm-up", min=0.0, max=1.0
+    )
+    max_length: int = option(
+        256, help="tokens per question+context pair (truncates the context)", min=8
+    )
+    max_train: int = option(
+        0,
+        help="fine-tune on a stratified subset of N train examples (each label keeps its "
+        "share, drawn with subset_seed; 0: all)",
+        min=0,
+    )
+    subset_seed: int = option(
+        0, help="seed of the stratified --max-train subset (the same subset for every seed)"
+    )
     n_boot: int = option(10000, help="bootstrap replicates for the CI", min=100)
 
 
 def add_arguments(p):
     p.add_argument("--model", help="HF model directory or hub name (an MLM checkpoint is fine)")
-    p.add_argument("--data", required=True, help="directory with the train, dev and test splits (train.jsonl or "
-                   "BLURB's train.json, ...)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="directory with the train, dev and test splits (train.jsonl or "
+        "BLURB's train.json, ...)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
     add_options(p, YesNoConfig, "eval_yesno")
-    p.add_argument("--baseline-only", action="store_true", help="only report the majority baseline (no model)")
+    p.add_argument(
+        "--baseline-only", action="store_true", help="only report the majority baseline (no model)"
+    )
     p.add_argument("--out", default=None, help="write the result JSON here")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar (by default shown only on a terminal)")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=True,
+        help="no progress bar (by default shown only on a terminal)",
+    )
     add_config_args(p, "eval_yesno")
 
 
@@ -76,8 +97,10 @@ def split_path(data_dir: str | Path, split: str) -> Path:
     for ext in (".jsonl", ".json"):
         if (d / f"{split}{ext}").exists():
             return d / f"{split}{ext}"
-    raise UserError(f"{d / (split + '.jsonl')}: missing (nor is there a {split}.json); a BLURB-format task directory "
-                    "needs train, dev and test splits as .jsonl (one record per line) or .json (a list of records)")
+    raise UserError(
+        f"{d / (split + '.jsonl')}: missing (nor is there a {split}.json); a BLURB-format task directory "
+        "needs train, dev and test splits as .jsonl (one record per line) or .json (a list of records)"
+    )
 
 
 def _json_lines(path: Path, text: str) -> list[tuple[str, object]]:
@@ -109,7 +132,7 @@ def _json_list(path: Path, text: str, start: int) -> list[tuple[str, object]]:
         return line
 
     i = skip(i)
-    if text[i:i + 1] == "]":
+    if text[i : i + 1] == "]":
         return out
     while True:
         i = skip(i)
@@ -120,12 +143,14 @@ def _json_list(path: Path, text: str, start: int) -> list[tuple[str, object]]:
             raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from e
         out.append((where, obj))
         i = skip(i)
-        if text[i:i + 1] == ",":
+        if text[i : i + 1] == ",":
             i += 1
             continue
-        if text[i:i + 1] == "]":
+        if text[i : i + 1] == "]":
             return out
-        raise UserError(f"{path}:{at(i)}: invalid JSON (expected ',' or ']' after a record); fix the file")
+        raise UserError(
+            f"{path}:{at(i)}: invalid JSON (expected ',' or ']' after a record); fix the file"
+        )
 
 
 def _records(path: Path) -> list[tuple[str, object]]:
@@ -154,25 +179,43 @@ def _records(path: Path) -> list[tuple[str, object]]:
                 k = lists[0]
                 return [(f"{path}: {k}[{i}]", r) for i, r in enumerate(doc[k])]
             if doc and all(isinstance(v, dict) for v in doc.values()):
-                return [(f"{path}: record {k!r}", v if "id" in v else {"id": k, **v}) for k, v in doc.items()]
-            raise UserError(f"{path}: a JSON object that is neither a record, one list of records (e.g. "
-                            "{\"data\": [...]}) nor records keyed by id; write one record per line (.jsonl) instead")
+                return [
+                    (f"{path}: record {k!r}", v if "id" in v else {"id": k, **v})
+                    for k, v in doc.items()
+                ]
+            raise UserError(
+                f"{path}: a JSON object that is neither a record, one list of records (e.g. "
+                '{"data": [...]}) nor records keyed by id; write one record per line (.jsonl) instead'
+            )
     return _json_lines(path, text)
 
 
 def _check_record(where: str, r) -> dict:
     if not isinstance(r, dict):
-        raise UserError(f"{where}: expected a JSON object with {', '.join(FIELDS)}, got {type(r).__name__}")
+        raise UserError(
+            f"{where}: expected a JSON object with {', '.join(FIELDS)}, got {type(r).__name__}"
+        )
     missing = [k for k in FIELDS if k not in r]
     if missing:
-        raise UserError(f"{where}: missing field(s) {', '.join(missing)}; each record needs {', '.join(FIELDS)}")
+        raise UserError(
+            f"{where}: missing field(s) {', '.join(missing)}; each record needs {', '.join(FIELDS)}"
+        )
     lab = r["label"]
-    if lab is None or isinstance(lab, bool) or not isinstance(lab, (str, int)) or not str(lab).strip():
-        raise UserError(f"{where}: label {json.dumps(lab)} is not a class name; give every record a label such as "
-                        "\"yes\" or \"no\" (or remove the record)")
+    if (
+        lab is None
+        or isinstance(lab, bool)
+        or not isinstance(lab, (str, int))
+        or not str(lab).strip()
+    ):
+        raise UserError(
+            f"{where}: label {json.dumps(lab)} is not a class name; give every record a label such as "
+            '"yes" or "no" (or remove the record)'
+        )
     for k in ("sentence1", "sentence2"):
         if not isinstance(r[k], str):
-            raise UserError(f"{where}: {k} is {json.dumps(r[k])[:40]}, not a text; fix or remove the record")
+            raise UserError(
+                f"{where}: {k} is {json.dumps(r[k])[:40]}, not a text; fix or remove the record"
+            )
     return r
 
 
@@ -181,7 +224,9 @@ def read_split(path: Path, where: list | None = None) -> list[dict]:
     location of each is appended to `where` when given."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: missing; a BLURB-format task directory needs train, dev and test splits")
+        raise UserError(
+            f"{path}: missing; a BLURB-format task directory needs train, dev and test splits"
+        )
     rows = []
     for w, r in _records(path):
         rows.append(_check_record(w, r))
@@ -206,22 +251,33 @@ def load_task(data_dir: str | Path) -> tuple[dict[str, list[dict]], list[str]]:
     train_labels = [str(r["label"]) for r in data["train"]]
     labels = sorted(set(train_labels))
     by_key: dict[str, str] = {}
-    for lab in sorted(labels, key=lambda x: -train_labels.count(x)):  # the most frequent spelling is the label
+    for lab in sorted(
+        labels, key=lambda x: -train_labels.count(x)
+    ):  # the most frequent spelling is the label
         other = by_key.setdefault(_label_key(lab), lab)
         if other != lab:
             w = where["train"][train_labels.index(lab)]
-            raise UserError(f"{w}: label {lab!r} differs from the label {other!r} only in case or spaces; write it "
-                            f"as {other!r} (or the two become different classes)")
+            raise UserError(
+                f"{w}: label {lab!r} differs from the label {other!r} only in case or spaces; write it "
+                f"as {other!r} (or the two become different classes)"
+            )
     if len(labels) < 2:
-        raise UserError(f"{paths['train']}: only one label ({labels[0]}); a classification task needs at least two")
+        raise UserError(
+            f"{paths['train']}: only one label ({labels[0]}); a classification task needs at least two"
+        )
     for s in ("dev", "test"):
         for w, r in zip(where[s], data[s]):
             lab = str(r["label"])
             if lab not in labels:
                 near = by_key.get(_label_key(lab))
-                hint = (f"it differs from {near!r} only in case or spaces" if near else
-                        f"train's labels are {', '.join(labels)}")
-                raise UserError(f"{w}: label {lab!r} never occurs in {paths['train'].name} ({hint}); fix the label")
+                hint = (
+                    f"it differs from {near!r} only in case or spaces"
+                    if near
+                    else f"train's labels are {', '.join(labels)}"
+                )
+                raise UserError(
+                    f"{w}: label {lab!r} never occurs in {paths['train'].name} ({hint}); fix the label"
+                )
     return data, labels
 
 
@@ -236,15 +292,19 @@ def stratified_subset(rows: list[dict], n: int, seed: int) -> list[dict]:
     labels = [str(r["label"]) for r in rows]
     classes = sorted(set(labels))
     if n < len(classes):
-        raise UserError(f"eval_yesno.max_train: {n} is below the {len(classes)} labels of the train split; use at "
-                        f"least {len(classes)} so that every label is trained (0: all)")
+        raise UserError(
+            f"eval_yesno.max_train: {n} is below the {len(classes)} labels of the train split; use at "
+            f"least {len(classes)} so that every label is trained (0: all)"
+        )
     counts = {c: labels.count(c) for c in classes}
     exact = {c: n * counts[c] / len(rows) for c in classes}
     take = {c: max(1, int(exact[c])) for c in classes}
     while sum(take.values()) < n:
         take[max(classes, key=lambda c: (exact[c] - take[c], counts[c]))] += 1
     while sum(take.values()) > n:  # only after the at-least-one rule
-        take[max((c for c in classes if take[c] > 1), key=lambda c: (take[c] - exact[c], counts[c]))] -= 1
+        take[
+            max((c for c in classes if take[c] > 1), key=lambda c: (take[c] - exact[c], counts[c]))
+        ] -= 1
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
     for c in classes:
@@ -254,8 +314,12 @@ def stratified_subset(rows: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def _encode(tok, rows, label_ids, max_length):
-    enc = tok([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], truncation="only_second",
-              max_length=max_length)
+    enc = tok(
+        [r["sentence1"] for r in rows],
+        [r["sentence2"] for r in rows],
+        truncation="only_second",
+        max_length=max_length,
+    )
     return [({k: enc[k][i] for k in enc}, label_ids[str(r["label"])]) for i, r in enumerate(rows)]
 
 
@@ -278,15 +342,22 @@ def _predict(model, examples, pad_id, batch_size, device):
     preds = []
     with torch.inference_mode():
         for i in range(0, len(examples), batch_size * 4):
-            b = _collate(examples[i:i + batch_size * 4], pad_id)
+            b = _collate(examples[i : i + batch_size * 4], pad_id)
             b.pop("labels")
             logits = model(**{k: v.to(device) for k, v in b.items()}).logits
             preds.extend(logits.argmax(-1).cpu().tolist())
     return np.asarray(preds, dtype=np.int64)
 
 
-def finetune_one(model_name: str, tok, enc: dict, labels: list[str], cfg: YesNoConfig, seed: int,
-                 progress: bool = False) -> dict:
+def finetune_one(
+    model_name: str,
+    tok,
+    enc: dict,
+    labels: list[str],
+    cfg: YesNoConfig,
+    seed: int,
+    progress: bool = False,
+) -> dict:
     """One seed: fresh head, train `epochs`, return dev/test predictions and metrics."""
     import torch
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
@@ -299,10 +370,17 @@ def finetune_one(model_name: str, tok, enc: dict, labels: list[str], cfg: YesNoC
     np.random.seed(seed)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
-        model = load_pretrained(AutoModelForSequenceClassification, model_name, num_labels=len(labels),
-                                id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
+        model = load_pretrained(
+            AutoModelForSequenceClassification,
+            model_name,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+        )
     except (OSError, ValueError) as e:
-        raise UserError(f"{model_name}: cannot load as a sequence classifier ({str(e).splitlines()[0]})") from e
+        raise UserError(
+            f"{model_name}: cannot load as a sequence classifier ({str(e).splitlines()[0]})"
+        ) from e
     finally:
         hf_logging.set_verbosity_warning()
     model.to(device)
@@ -313,8 +391,14 @@ def finetune_one(model_name: str, tok, enc: dict, labels: list[str], cfg: YesNoC
     total = steps_per_epoch * cfg.epochs
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": cfg.weight_decay,
+        },
+        {
+            "params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+            "weight_decay": 0.0,
+        },
     ]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
@@ -326,7 +410,7 @@ def finetune_one(model_name: str, tok, enc: dict, labels: list[str], cfg: YesNoC
         model.train()
         perm = torch.randperm(len(train), generator=g).tolist()
         for i in range(0, len(perm), cfg.batch_size):
-            b = _collate([train[j] for j in perm[i:i + cfg.batch_size]], pad_id)
+            b = _collate([train[j] for j in perm[i : i + cfg.batch_size]], pad_id)
             out = model(**{k: v.to(device) for k, v in b.items()})
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -343,13 +427,20 @@ def finetune_one(model_name: str, tok, enc: dict, labels: list[str], cfg: YesNoC
         pred = _predict(model, enc[split], pad_id, cfg.batch_size, device)
         gold = np.array([y for _, y in enc[split]])
         res[f"{split}_accuracy"] = float((pred == gold).mean())
-        res[f"{split}_macro_f1"] = stats.macro_f1(gold.tolist(), pred.tolist(), list(range(len(labels))))
+        res[f"{split}_macro_f1"] = stats.macro_f1(
+            gold.tolist(), pred.tolist(), list(range(len(labels)))
+        )
         res[f"{split}_pred"] = pred.tolist()
     return res
 
 
-def evaluate_yesno(model: str | None, data_dir: str, cfg: YesNoConfig | None = None, tokenizer: str | None = None,
-                   progress: bool = False) -> dict:
+def evaluate_yesno(
+    model: str | None,
+    data_dir: str,
+    cfg: YesNoConfig | None = None,
+    tokenizer: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Fine-tune over cfg.seeds seeds (or only the baseline when model is None); return the report."""
     cfg = cfg or YesNoConfig()
     t0 = time.time()
@@ -358,17 +449,23 @@ def evaluate_yesno(model: str | None, data_dir: str, cfg: YesNoConfig | None = N
     if cfg.max_train and cfg.max_train < len(data["train"]):
         data["train"] = stratified_subset(data["train"], cfg.max_train, cfg.subset_seed)
         counts = [str(r["label"]) for r in data["train"]]
-        subset = {"n": len(data["train"]), "seed": cfg.subset_seed, "stratified_by": "label",
-                  "label_counts": {lab: counts.count(lab) for lab in labels}}
+        subset = {
+            "n": len(data["train"]),
+            "seed": cfg.subset_seed,
+            "stratified_by": "label",
+            "label_counts": {lab: counts.count(lab) for lab in labels},
+        }
     test_gold = [str(r["label"]) for r in data["test"]]
     baseline = stats.majority_baseline([str(r["label"]) for r in data["train"]], test_gold, labels)
     report = {
-        "task": str(data_dir), "labels": labels,
+        "task": str(data_dir),
+        "labels": labels,
         "files": {s: split_path(data_dir, s).name for s in SPLITS},
         "train_subset": subset,
         "sizes": {s: len(data[s]) for s in SPLITS},
         "test_label_counts": {lab: test_gold.count(lab) for lab in labels},
-        "majority_baseline": baseline, "config": cfg.__dict__,
+        "majority_baseline": baseline,
+        "config": cfg.__dict__,
     }
     if model is None:
         return report
@@ -383,43 +480,67 @@ def evaluate_yesno(model: str | None, data_dir: str, cfg: YesNoConfig | None = N
     acc_mean, acc_std = stats.mean_std([r["test_accuracy"] for r in runs])
     f1_mean, f1_std = stats.mean_std([r["test_macro_f1"] for r in runs])
     boot = stats.ratio_bootstrap(correct, n_boot=cfg.n_boot, seed=0)
-    report.update({
-        "model": str(model), "seeds": cfg.seeds,
-        "accuracy": {"mean": acc_mean, "std": acc_std, "ci95": boot["ci"],
-                     "ci_method": "two-level percentile bootstrap over test questions and seeds (pooled)"},
-        "macro_f1": {"mean": f1_mean, "std": f1_std},
-        "dev_accuracy_mean": stats.mean_std([r["dev_accuracy"] for r in runs])[0],
-        "per_seed": runs, "test_gold": gold.tolist(), "seconds": round(time.time() - t0, 1),
-    })
+    report.update(
+        {
+            "model": str(model),
+            "seeds": cfg.seeds,
+            "accuracy": {
+                "mean": acc_mean,
+                "std": acc_std,
+                "ci95": boot["ci"],
+                "ci_method": "two-level percentile bootstrap over test questions and seeds (pooled)",
+            },
+            "macro_f1": {"mean": f1_mean, "std": f1_std},
+            "dev_accuracy_mean": stats.mean_std([r["dev_accuracy"] for r in runs])[0],
+            "per_seed": runs,
+            "test_gold": gold.tolist(),
+            "seconds": round(time.time() - t0, 1),
+        }
+    )
     return report
 
 
 def format_report(r: dict) -> str:
     b = r["majority_baseline"]
-    lines = [f"task {r['task']}: labels {r['labels']}, sizes {r['sizes']}, test {r['test_label_counts']}"]
+    lines = [
+        f"task {r['task']}: labels {r['labels']}, sizes {r['sizes']}, test {r['test_label_counts']}"
+    ]
     if r.get("train_subset"):
         t = r["train_subset"]
-        lines.append(f"train: stratified subset of {t['n']} (seed {t['seed']}): {t['label_counts']}")
-    lines.append(f"majority baseline (train majority '{b['label']}'): accuracy {100 * b['accuracy']:.1f}%  "
-                 f"macro-F1 {100 * b['macro_f1']:.1f}%")
+        lines.append(
+            f"train: stratified subset of {t['n']} (seed {t['seed']}): {t['label_counts']}"
+        )
+    lines.append(
+        f"majority baseline (train majority '{b['label']}'): accuracy {100 * b['accuracy']:.1f}%  "
+        f"macro-F1 {100 * b['macro_f1']:.1f}%"
+    )
     if "accuracy" in r:
         a, f = r["accuracy"], r["macro_f1"]
-        lines.append(f"{r['model']} over {r['seeds']} seeds: accuracy {100 * a['mean']:.1f}% ± {100 * a['std']:.1f} "
-                     f"(95% CI {100 * a['ci95'][0]:.1f}–{100 * a['ci95'][1]:.1f})  macro-F1 {100 * f['mean']:.1f}% "
-                     f"± {100 * f['std']:.1f}  [{r['seconds']}s]")
-        lines.append("per seed accuracy: " + ", ".join(f"{100 * s['test_accuracy']:.1f}" for s in r["per_seed"]))
+        lines.append(
+            f"{r['model']} over {r['seeds']} seeds: accuracy {100 * a['mean']:.1f}% ± {100 * a['std']:.1f} "
+            f"(95% CI {100 * a['ci95'][0]:.1f}–{100 * a['ci95'][1]:.1f})  macro-F1 {100 * f['mean']:.1f}% "
+            f"± {100 * f['std']:.1f}  [{r['seconds']}s]"
+        )
+        lines.append(
+            "per seed accuracy: "
+            + ", ".join(f"{100 * s['test_accuracy']:.1f}" for s in r["per_seed"])
+        )
     return "\n".join(lines)
 
 
 def run(args) -> int:
     from kdcl_dist.utils import check_output_path, write_json_atomic
 
-    if args.out:   # before any fine-tuning
+    if args.out:  # before any fine-tuning
         check_output_path(args.out, "file")
     cfg = resolve_args(args)
     if not args.model and not args.baseline_only:
-        raise UserError("--model is required (or pass --baseline-only for the majority baseline alone)")
-    r = evaluate_yesno(None if args.baseline_only else args.model, args.data, cfg, args.tokenizer, args.progress)
+        raise UserError(
+            "--model is required (or pass --baseline-only for the majority baseline alone)"
+        )
+    r = evaluate_yesno(
+        None if args.baseline_only else args.model, args.data, cfg, args.tokenizer, args.progress
+    )
     print(format_report(r))
     if args.out:
         write_json_atomic(args.out, r)

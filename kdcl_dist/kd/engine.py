@@ -72,6 +72,7 @@ NONFINITE_TERMS = ("teacher logits", "mlm loss", "kd loss", "cosine loss", "loss
 # DeepSpeed configs
 # --------------------------------------------------------------------------------------
 
+
 def load_ds_config(path_or_dict) -> dict:
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict)
@@ -97,7 +98,9 @@ def load_ds_config(path_or_dict) -> dict:
 
 
 def _integral(v) -> bool:
-    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+    return not isinstance(v, bool) and (
+        isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    )
 
 
 class _ReadKeys(dict):
@@ -177,8 +180,11 @@ def _parse_with_deepspeed(cfg: dict, top: list, nested: dict, record: bool = Tru
 
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    probe = {k: (_ReadKeys(v, nested.setdefault(k, [])) if isinstance(v, dict) and record else v)
-             for k, v in copy.deepcopy(cfg).items() if k not in _BATCH_KEYS}  # the parser fills in defaults
+    probe = {
+        k: (_ReadKeys(v, nested.setdefault(k, [])) if isinstance(v, dict) and record else v)
+        for k, v in copy.deepcopy(cfg).items()
+        if k not in _BATCH_KEYS
+    }  # the parser fills in defaults
     probe.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
     ds_log = _logging.getLogger("DeepSpeed")
     level = ds_log.level
@@ -283,18 +289,33 @@ def check_ds_config(cfg: dict, name: str) -> None:
             model = _pydantic_model(getattr(e, "title", ""))
             known = _model_field_names(model, loc[:-1]) if model is not None else set()
             fix = _closest(loc[-1], known) if known else "remove it"
-            raise UserError(f"{name}: unknown DeepSpeed config key '{key}'; {fix} (fix or remove the key)") from None
-        raise UserError(f"{name}: DeepSpeed config key '{key}': {err.get('msg')} (got {err.get('input')!r:.60}); "
-                        "fix the DeepSpeed config") from None
-    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UserError(
+                f"{name}: unknown DeepSpeed config key '{key}'; {fix} (fix or remove the key)"
+            ) from None
+        raise UserError(
+            f"{name}: DeepSpeed config key '{key}': {err.get('msg')} (got {err.get('input')!r:.60}); "
+            "fix the DeepSpeed config"
+        ) from None
+    except (
+        DeepSpeedConfigError,
+        AssertionError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+    ) as e:
         if not isinstance(e, (DeepSpeedConfigError, AssertionError)):
             try:  # a parser that trips over the recording dict (another DeepSpeed): ask it with a plain one
                 _parse_with_deepspeed(cfg, [], {}, record=False)
             except Exception as plain:  # noqa: BLE001 - whatever DeepSpeed raises is its verdict
                 e = plain
             else:
-                log.warning("%s: DeepSpeed's parser could not be traced (%s: %s); its keys were not checked",
-                            name, type(e).__name__, e)
+                log.warning(
+                    "%s: DeepSpeed's parser could not be traced (%s: %s); its keys were not checked",
+                    name,
+                    type(e).__name__,
+                    e,
+                )
                 return
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise UserError(f"{name}: DeepSpeed refuses this config: {msg}") from None
@@ -304,8 +325,10 @@ def check_ds_config(cfg: dict, name: str) -> None:
     known = (_known_top_level_keys() | set(top)) - removed
     for key in cfg:
         if key not in known and key not in removed:
-            raise UserError(f"{name}: unknown DeepSpeed config key '{key}' (DeepSpeed would ignore it silently); "
-                            f"{_closest(key, known)} (fix or remove the key)")
+            raise UserError(
+                f"{name}: unknown DeepSpeed config key '{key}' (DeepSpeed would ignore it silently); "
+                f"{_closest(key, known)} (fix or remove the key)"
+            )
     # a section DeepSpeed reads key by key: a key it never asked for is ignored. A section it
     # never looked into by name (handed whole to a pydantic model, which refuses unknown keys
     # itself) is left alone; keys it asks for only to refuse them (removed features) do not count.
@@ -315,8 +338,10 @@ def check_ds_config(cfg: dict, name: str) -> None:
             continue
         for key in cfg[section]:
             if key not in reads:
-                raise UserError(f"{name}: unknown DeepSpeed config key '{section}.{key}' (DeepSpeed would ignore it "
-                                f"silently); {_closest(key, set(reads) - {key})} (fix or remove the key)")
+                raise UserError(
+                    f"{name}: unknown DeepSpeed config key '{section}.{key}' (DeepSpeed would ignore it "
+                    f"silently); {_closest(key, set(reads) - {key})} (fix or remove the key)"
+                )
 
 
 def zero_stage(cfg: dict) -> int | None:
@@ -342,15 +367,22 @@ def grad_accum_steps(global_batch: int, micro_batch: int, world_size: int) -> in
     return global_batch // (micro_batch * world_size)
 
 
-def fill_batch_sizes(cfg: dict, global_batch: int, micro_batch: int, world_size: int, name: str = "ds_config") -> dict:
+def fill_batch_sizes(
+    cfg: dict, global_batch: int, micro_batch: int, world_size: int, name: str = "ds_config"
+) -> dict:
     """Write the three batch sizes; refuse explicit values that contradict the run."""
     ga = grad_accum_steps(global_batch, micro_batch, world_size)
-    want = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": ga}
+    want = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": ga,
+    }
     for k in _BATCH_KEYS:
         if k in cfg and cfg[k] not in (None, "auto") and not _integral(cfg[k]):
-            raise UserError(f"{name}: {k}={cfg[k]!r} is not an integer; remove the batch sizes from the DeepSpeed config "
-                            "(kdcl-dist fills them)")
+            raise UserError(
+                f"{name}: {k}={cfg[k]!r} is not an integer; remove the batch sizes from the DeepSpeed config "
+                "(kdcl-dist fills them)"
+            )
         if k in cfg and cfg[k] not in (None, "auto") and int(cfg[k]) != want[k]:
             raise UserError(
                 f"{name}: {k}={cfg[k]} contradicts this run (global batch {global_batch}, micro batch "
@@ -369,11 +401,22 @@ def precision(cfg: dict) -> str:
     return "fp32"
 
 
-def prepare_student_config(path_or_dict, *, global_batch: int, micro_batch: int, world_size: int,
-                           lr: float, warmup_steps: int, total_steps: int, lr_schedule: str = "linear",
-                           min_lr_ratio: float = 0.0, weight_decay: float | None = None,
-                           grad_clip: float | None = None, on_gpu: bool | None = None,
-                           load_universal: bool = False) -> dict:
+def prepare_student_config(
+    path_or_dict,
+    *,
+    global_batch: int,
+    micro_batch: int,
+    world_size: int,
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    lr_schedule: str = "linear",
+    min_lr_ratio: float = 0.0,
+    weight_decay: float | None = None,
+    grad_clip: float | None = None,
+    on_gpu: bool | None = None,
+    load_universal: bool = False,
+) -> dict:
     """The student's DeepSpeed config for this run: the file's values plus what the run decides.
 
     Filled by the code (documented in docs/training.md): batch sizes, optimizer lr, the
@@ -395,14 +438,19 @@ def prepare_student_config(path_or_dict, *, global_batch: int, micro_batch: int,
     params["lr"] = lr
     if weight_decay is not None:
         params["weight_decay"] = weight_decay
-    offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in (
+        "cpu",
+        "nvme",
+    )
     if not on_gpu and not offload:
         # FusedAdam is a CUDA kernel; torch's AdamW is DeepSpeed's documented CPU fallback.
         params["torch_adam"] = True
     if grad_clip is not None:
         cfg["gradient_clipping"] = grad_clip
     if lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"train.lr_schedule: {lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        raise UserError(
+            f"train.lr_schedule: {lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"
+        )
     # The schedule is a torch LambdaLR built by `make_lr_scheduler` (DeepSpeed saves and restores
     # it with the checkpoint). DeepSpeed's own WarmupLR family gives lr 0 to the first two
     # optimizer steps; a file's "scheduler" section is therefore replaced, not merged.
@@ -425,8 +473,15 @@ def _decay(step: int, start: int, value: float, end: int, schedule: str, min_rat
     return value + (min_ratio - value) * x
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float,
-              extensions=()) -> float:
+def lr_factor(
+    step: int,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
+    min_ratio: float,
+    extensions=(),
+) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based).
 
     warm-up: (step+1)/W for step < W; then linear: 1 -> min_ratio at total_steps, cosine:
@@ -453,20 +508,29 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, 
     return _decay(step, pivot, value, end, schedule, min_ratio)
 
 
-def make_lr_scheduler(*, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float, extensions=()):
+def make_lr_scheduler(
+    *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float, extensions=()
+):
     """A callable(optimizer) -> LambdaLR, the form deepspeed.initialize accepts.
 
     `extensions`: see `lr_factor` (the run's `--extend-steps` points, from its run settings).
     """
     import functools
 
-    fn = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps,
-                           schedule=schedule, min_ratio=min_ratio,
-                           extensions=tuple((int(s), int(t)) for s, t in extensions))
+    fn = functools.partial(
+        lr_factor,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        schedule=schedule,
+        min_ratio=min_ratio,
+        extensions=tuple((int(s), int(t)) for s, t in extensions),
+    )
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def prepare_teacher_config(path_or_dict, *, micro_batch: int, world_size: int, on_gpu: bool | None = None) -> dict:
+def prepare_teacher_config(
+    path_or_dict, *, micro_batch: int, world_size: int, on_gpu: bool | None = None
+) -> dict:
     """ZeRO-3 inference config for the teacher (no optimizer, no scheduler)."""
     name = str(path_or_dict) if not isinstance(path_or_dict, dict) else "teacher_ds_config"
     cfg = load_ds_config(path_or_dict)
@@ -474,8 +538,13 @@ def prepare_teacher_config(path_or_dict, *, micro_batch: int, world_size: int, o
     # DeepSpeed requires batch sizes even without an optimizer; the teacher sees micro-batches.
     for k in _BATCH_KEYS:
         cfg.pop(k, None)
-    cfg.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-                "train_batch_size": micro_batch * world_size})
+    cfg.update(
+        {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": micro_batch * world_size,
+        }
+    )
     check_ds_config(cfg, name)
     if zero_stage(cfg) != 3:
         raise UserError(f"{name}: teacher hosting zero3 needs zero_optimization.stage 3")
@@ -483,7 +552,9 @@ def prepare_teacher_config(path_or_dict, *, micro_batch: int, world_size: int, o
         if k in cfg:
             raise UserError(f"{name}: the teacher is frozen; remove the '{k}' section")
     if not on_gpu and precision(cfg) != "fp32":
-        raise UserError(f"{name}: {precision(cfg)} needs a GPU; on CPU use ds_configs/teacher_zero3.json")
+        raise UserError(
+            f"{name}: {precision(cfg)} needs a GPU; on CPU use ds_configs/teacher_zero3.json"
+        )
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
 
@@ -491,6 +562,7 @@ def prepare_teacher_config(path_or_dict, *, micro_batch: int, world_size: int, o
 # --------------------------------------------------------------------------------------
 # forward at selected positions only
 # --------------------------------------------------------------------------------------
+
 
 def bind_selected_forward(model) -> None:
     """Make `model(input_ids, attention_mask, flat_index)` return (hidden[M,H], logits[M,V]).
@@ -505,7 +577,9 @@ def bind_selected_forward(model) -> None:
 
     encoder, head = mlm_parts(model)
     if head is None:
-        raise UserError(f"{type(model).__name__}: unsupported masked-LM architecture (need BERT or DistilBERT style MLM head)")
+        raise UserError(
+            f"{type(model).__name__}: unsupported masked-LM architecture (need BERT or DistilBERT style MLM head)"
+        )
 
     def forward(input_ids, attention_mask, flat_index):
         out = encoder(input_ids=input_ids, attention_mask=attention_mask)
@@ -560,6 +634,7 @@ def weight_decay_groups(model) -> list[dict]:
 # the engine
 # --------------------------------------------------------------------------------------
 
+
 @dataclass
 class EngineOptions:
     temperature: float = 2.0
@@ -571,8 +646,18 @@ class EngineOptions:
 class KDEngine:
     """Student under DeepSpeed + optional frozen teacher; `step(micro_batches, lam)` per global batch."""
 
-    def __init__(self, student, teacher, ds_config: dict, *, world_size: int, options: EngineOptions,
-                 teacher_ds_config: dict | None = None, lr_scheduler=None, param_groups: str = "split"):
+    def __init__(
+        self,
+        student,
+        teacher,
+        ds_config: dict,
+        *,
+        world_size: int,
+        options: EngineOptions,
+        teacher_ds_config: dict | None = None,
+        lr_scheduler=None,
+        param_groups: str = "split",
+    ):
         """`param_groups`: "split" (no weight decay on biases and norm weights, `weight_decay_groups`)
         or "single" (every parameter decayed: the layout of checkpoints from before the split,
         which a resume must keep for the optimizer state to load)."""
@@ -581,9 +666,13 @@ class KDEngine:
         self.opts = options
         self.world_size = world_size
         if options.kd_positions not in KD_POSITIONS:
-            raise UserError(f"train.kd_positions: {options.kd_positions!r} is not one of {', '.join(KD_POSITIONS)}")
+            raise UserError(
+                f"train.kd_positions: {options.kd_positions!r} is not one of {', '.join(KD_POSITIONS)}"
+            )
         if options.teacher_hosting not in HOSTINGS:
-            raise UserError(f"train.teacher_hosting: {options.teacher_hosting!r} is not one of {', '.join(HOSTINGS)}")
+            raise UserError(
+                f"train.teacher_hosting: {options.teacher_hosting!r} is not one of {', '.join(HOSTINGS)}"
+            )
         self.grad_accum = int(ds_config["gradient_accumulation_steps"])
         self.precision = precision(ds_config)
         self.on_gpu = torch.cuda.is_available()
@@ -599,7 +688,9 @@ class KDEngine:
         student.train()
         bind_selected_forward(student)
         if param_groups not in PARAM_GROUP_LAYOUTS:
-            raise ValueError(f"param_groups: {param_groups!r} is not one of {', '.join(PARAM_GROUP_LAYOUTS)}")
+            raise ValueError(
+                f"param_groups: {param_groups!r} is not one of {', '.join(PARAM_GROUP_LAYOUTS)}"
+            )
         self.param_groups_layout = param_groups
         if param_groups == "split":
             params = weight_decay_groups(student)
@@ -608,7 +699,8 @@ class KDEngine:
         # recorded with every checkpoint by train._save (what shapes the run; train.run_settings)
         self.run_settings: dict | None = None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=student, model_parameters=params, config=ds_config, lr_scheduler=lr_scheduler)
+            model=student, model_parameters=params, config=ds_config, lr_scheduler=lr_scheduler
+        )
         self.device = self.engine.device
         self.zero_stage = int(self.engine.zero_optimization_stage())
         import torch.distributed as tdist
@@ -631,8 +723,12 @@ class KDEngine:
                 self.teacher = teacher.to(device=self.device, dtype=dtype).eval()
             else:
                 if teacher_ds_config is None:
-                    raise UserError("train.teacher_ds_config: teacher hosting zero3 needs a ZeRO-3 config")
-                self.teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds_config)
+                    raise UserError(
+                        "train.teacher_ds_config: teacher hosting zero3 needs a ZeRO-3 config"
+                    )
+                self.teacher_engine, *_ = deepspeed.initialize(
+                    model=teacher, config=teacher_ds_config
+                )
                 self.teacher_engine.eval()  # initialize leaves train mode on: dropout would be active
                 self.teacher = self.teacher_engine
 
@@ -655,7 +751,9 @@ class KDEngine:
         from kdcl_dist.kd import losses
 
         if len(micro_batches) != self.grad_accum:
-            raise RuntimeError(f"expected {self.grad_accum} micro-batches per rank, got {len(micro_batches)}")
+            raise RuntimeError(
+                f"expected {self.grad_accum} micro-batches per rank, got {len(micro_batches)}"
+            )
         t0 = time.perf_counter()
         all_mode = self.opts.kd_positions == "all" and self.teacher is not None
         local = torch.zeros(2, dtype=torch.float64)
@@ -685,23 +783,39 @@ class KDEngine:
             row = (flat_index // seq_len).numpy()
             positions = np.asarray(mb["positions"])
             lam = lam_of_position(positions)
-            lam_tok = (torch.as_tensor(np.asarray(lam, dtype=np.float64)[row], dtype=torch.float32, device=self.device)
-                       if np.ndim(lam) else float(lam))
+            lam_tok = (
+                torch.as_tensor(
+                    np.asarray(lam, dtype=np.float64)[row], dtype=torch.float32, device=self.device
+                )
+                if np.ndim(lam)
+                else float(lam)
+            )
             fi = flat_index.to(self.device)
             s_h, s_logits = self.engine(input_ids, attn, fi)
             s_logits = s_logits.float()
             if self.teacher is None:
-                mlm = F.cross_entropy(s_logits, labels, ignore_index=-100, reduction="sum") / n_masked
+                mlm = (
+                    F.cross_entropy(s_logits, labels, ignore_index=-100, reduction="sum") / n_masked
+                )
                 loss = mlm
                 res = {"loss": loss, "mlm": mlm, "kd": torch.zeros(())}
                 agree = 0.0
             else:
                 t_h, t_logits = self._teacher_forward(input_ids, attn, fi)
                 if all_mode:
-                    res = losses.kd_all_positions(s_logits, t_logits, labels, lam_tok, self.opts.temperature,
-                                                  n_masked, n_tokens)
+                    res = losses.kd_all_positions(
+                        s_logits,
+                        t_logits,
+                        labels,
+                        lam_tok,
+                        self.opts.temperature,
+                        n_masked,
+                        n_tokens,
+                    )
                 else:
-                    res = losses.masked_kd_losses(s_logits, t_logits, labels, lam_tok, self.opts.temperature, n_masked)
+                    res = losses.masked_kd_losses(
+                        s_logits, t_logits, labels, lam_tok, self.opts.temperature, n_masked
+                    )
                 loss = res["loss"]
                 sel = labels != -100
                 # counted here (not a mean) so that ranks can be summed exactly
@@ -712,13 +826,17 @@ class KDEngine:
                     acc[4] += float(cos.detach())
             # which values are non-finite, in the order of NONFINITE_TERMS[:5] (one device sync)
             one = torch.ones((), dtype=torch.bool, device=self.device)
-            finite = torch.stack([
-                torch.isfinite(t_logits).all() if self.teacher is not None else one,
-                torch.isfinite(res["mlm"].detach()).to(self.device),
-                torch.isfinite(res["kd"].detach()).to(self.device),
-                torch.isfinite(cos.detach()) if self.teacher is not None and self.opts.cosine_weight > 0 else one,
-                torch.isfinite(loss.detach()),
-            ]).cpu()
+            finite = torch.stack(
+                [
+                    torch.isfinite(t_logits).all() if self.teacher is not None else one,
+                    torch.isfinite(res["mlm"].detach()).to(self.device),
+                    torch.isfinite(res["kd"].detach()).to(self.device),
+                    torch.isfinite(cos.detach())
+                    if self.teacher is not None and self.opts.cosine_weight > 0
+                    else one,
+                    torch.isfinite(loss.detach()),
+                ]
+            ).cpu()
             bad[:5] = torch.maximum(bad[:5], (~finite).double())
             bwd = loss * scale
             if not bool(finite[4]):
@@ -733,8 +851,13 @@ class KDEngine:
             if self.zero_stage == 0 and boundary:
                 # DeepSpeed reports no norm for plain fp32 (it clips with torch); gradients are
                 # already averaged over ranks here, before the optimizer step
-                self._fp32_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum())
-                                                for p in self.engine.module.parameters() if p.grad is not None))
+                self._fp32_norm = math.sqrt(
+                    sum(
+                        float(p.grad.double().pow(2).sum())
+                        for p in self.engine.module.parameters()
+                        if p.grad is not None
+                    )
+                )
                 if not math.isfinite(self._fp32_norm):
                     bad[5] = 1
             if boundary:
@@ -749,8 +872,13 @@ class KDEngine:
         self.last_step_time = time.perf_counter() - t0
         # acc[0..2,4] are already normalized by the global count: summing over ranks gives the
         # global-batch values; acc[3] / n_masked is the global top-1 agreement.
-        return {"acc": acc, "n_masked": n_masked, "n_tokens": n_tokens, "n_masked_local": n_sel_local,
-                "nonfinite": nonfinite}
+        return {
+            "acc": acc,
+            "n_masked": n_masked,
+            "n_tokens": n_tokens,
+            "n_masked_local": n_sel_local,
+            "nonfinite": nonfinite,
+        }
 
     # ---- non-finite steps -------------------------------------------------------------
     def _boundary_step(self, bad: torch.Tensor) -> dict:
@@ -770,7 +898,7 @@ class KDEngine:
         # [flags | ranks whose loss side was non-finite | ranks whose gradients were]
         vec = torch.zeros(k + 2 * w, dtype=torch.float64)
         vec[:k] = bad
-        vec[k + self.rank] = float(bad[:k - 1].any())
+        vec[k + self.rank] = float(bad[: k - 1].any())
         vec[k + w + self.rank] = float(bad[k - 1])
         g = dist.all_reduce_sum(vec.to(self.device)).cpu()
         seen = [t for t, v in zip(NONFINITE_TERMS, g[:k].tolist()) if v > 0]
@@ -803,7 +931,8 @@ class KDEngine:
         elif info["skipped"] and not ds_skipped and not self._plain_optimizer:
             raise UserError(
                 "ds_config: DeepSpeed applied a step whose loss was non-finite (its overflow check is off: "
-                "zero_optimization.compute_grad_norm=false or bf16.check_grad_overflow=false); enable it")
+                "zero_optimization.compute_grad_norm=false or bf16.check_grad_overflow=false); enable it"
+            )
         return info
 
     @contextlib.contextmanager
@@ -859,13 +988,18 @@ class KDEngine:
     # ---- checkpoint passthrough -------------------------------------------------------
     def save(self, ckpt_dir, tag: str, client_state: dict) -> None:
         # the teacher is a separate module (or engine) and is never passed here
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+        self.engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True
+        )
 
     def load(self, ckpt_dir, tag: str) -> dict:
-        path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        path, client = self.engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
-            raise UserError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint; it is incomplete or corrupt")
+            raise UserError(
+                f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint; it is incomplete or corrupt"
+            )
         return client or {}
 
     def student_state_dict(self) -> dict:
@@ -874,5 +1008,7 @@ class KDEngine:
 
         module = self.engine.module
         params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero_stage == 3):
+        with deepspeed.zero.GatheredParameters(
+            params, modifier_rank=None, enabled=self.zero_stage == 3
+        ):
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -41,8 +41,9 @@ def _lam(lam, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(lam, dtype=torch.float32, device=like.device).expand_as(like)
 
 
-def masked_kd_losses(student_logits, teacher_logits, labels, lam, temperature: float,
-                     n_masked_global: float) -> dict:
+def masked_kd_losses(
+    student_logits, teacher_logits, labels, lam, temperature: float, n_masked_global: float
+) -> dict:
     """Loss of this rank's masked rows; rows with label −100 (if any) count in neither term.
 
     `lam`: a float or a [M] tensor (per-token λ, i.e. each row gets its sample's λ).
@@ -57,13 +58,20 @@ def masked_kd_losses(student_logits, teacher_logits, labels, lam, temperature: f
     return {"loss": loss, "mlm": ce.sum().detach() / n, "kd": kl_t.sum().detach() / n}
 
 
-def kd_all_positions(student_logits, teacher_logits, labels, lam, temperature: float,
-                     n_masked_global: float, n_tokens_global: float) -> dict:
+def kd_all_positions(
+    student_logits,
+    teacher_logits,
+    labels,
+    lam,
+    temperature: float,
+    n_masked_global: float,
+    n_tokens_global: float,
+) -> dict:
     """`--kd-positions all`: rows are every non-padding token; labels are −100 except at masked ones.
 
-        mlm  = Σ_{i masked} ce_i / N_masked
-        kd   = τ² · Σ_{j all} kl_j / N_tokens
-        loss = Σ_{i masked} (1 − λ_i)·ce_i / N_masked + Σ_j λ_j·τ²·kl_j / N_tokens
+    mlm  = Σ_{i masked} ce_i / N_masked
+    kd   = τ² · Σ_{j all} kl_j / N_tokens
+    loss = Σ_{i masked} (1 − λ_i)·ce_i / N_masked + Σ_j λ_j·τ²·kl_j / N_tokens
     """
     ce, kl, _ = _per_row_terms(student_logits, teacher_logits, labels, temperature)
     nm = float(max(n_masked_global, 1.0))
@@ -74,7 +82,9 @@ def kd_all_positions(student_logits, teacher_logits, labels, lam, temperature: f
     return {"loss": loss, "mlm": ce.sum().detach() / nm, "kd": kl_t.sum().detach() / nt}
 
 
-def hidden_cosine_loss(s_hidden, t_hidden, mask=None, n_global: float | None = None) -> torch.Tensor:
+def hidden_cosine_loss(
+    s_hidden, t_hidden, mask=None, n_global: float | None = None
+) -> torch.Tensor:
     """Σ_i (1 − cos(h^s_i, h^t_i)) / n over the selected rows (hidden sizes must match).
 
     `mask`: a bool [rows] tensor selecting rows, or None for all rows. A number passed as the
@@ -88,7 +98,9 @@ def hidden_cosine_loss(s_hidden, t_hidden, mask=None, n_global: float | None = N
     if mask is not None:
         s, t = s[mask], t[mask]
     if s.shape[-1] != t.shape[-1]:
-        raise ValueError(f"hidden_cosine_loss: hidden sizes differ ({s.shape[-1]} vs {t.shape[-1]})")
+        raise ValueError(
+            f"hidden_cosine_loss: hidden sizes differ ({s.shape[-1]} vs {t.shape[-1]})"
+        )
     n = float(n_global) if n_global is not None else float(max(s.shape[0], 1))
     return (1.0 - F.cosine_similarity(s, t, dim=-1)).sum() / max(n, 1.0)
 

@@ -27,20 +27,30 @@ def build_config(spec: dict, vocab_size: int, tok, max_positions: int = 512):
     kind = spec.get("type", "bert")
     if kind == "bert":
         return BertConfig(
-            vocab_size=vocab_size, hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_layers"],
-            num_attention_heads=spec["num_heads"], intermediate_size=spec["intermediate_size"],
-            max_position_embeddings=max_positions, pad_token_id=tok.pad_token_id,
+            vocab_size=vocab_size,
+            hidden_size=spec["hidden_size"],
+            num_hidden_layers=spec["num_layers"],
+            num_attention_heads=spec["num_heads"],
+            intermediate_size=spec["intermediate_size"],
+            max_position_embeddings=max_positions,
+            pad_token_id=tok.pad_token_id,
         )
     if kind == "distilbert":
         return DistilBertConfig(
-            vocab_size=vocab_size, dim=spec["hidden_size"], n_layers=spec["num_layers"],
-            n_heads=spec["num_heads"], hidden_dim=spec["intermediate_size"],
-            max_position_embeddings=max_positions, pad_token_id=tok.pad_token_id,
+            vocab_size=vocab_size,
+            dim=spec["hidden_size"],
+            n_layers=spec["num_layers"],
+            n_heads=spec["num_heads"],
+            hidden_dim=spec["intermediate_size"],
+            max_position_embeddings=max_positions,
+            pad_token_id=tok.pad_token_id,
         )
     raise UserError(f"models.{kind}: unknown model type; allowed: bert, distilbert")
 
 
-def init_model_dir(spec: dict, tok, out_dir: str | os.PathLike, seed: int, max_positions: int = 512):
+def init_model_dir(
+    spec: dict, tok, out_dir: str | os.PathLike, seed: int, max_positions: int = 512
+):
     """Randomly initialise a masked-LM from `spec` and save it (safetensors) with the tokenizer."""
     from transformers import AutoModelForMaskedLM
 
@@ -52,7 +62,9 @@ def init_model_dir(spec: dict, tok, out_dir: str | os.PathLike, seed: int, max_p
     tok.save_pretrained(out)
     from kdcl_dist.utils import apply_umask_modes
 
-    apply_umask_modes(out)   # safetensors writes its file 0600: the team must be able to read the model
+    apply_umask_modes(
+        out
+    )  # safetensors writes its file 0600: the team must be able to read the model
     return model
 
 
@@ -60,8 +72,10 @@ def check_materialized(model, source: str):
     """Raise a UserError naming the tensors still on the meta device (a load that did not finish)."""
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
-        raise UserError(f"{source}: {len(meta)} tensors were not loaded (still on the meta device: "
-                        f"{', '.join(meta[:3])}); the checkpoint is incomplete or was loaded concurrently")
+        raise UserError(
+            f"{source}: {len(meta)} tensors were not loaded (still on the meta device: "
+            f"{', '.join(meta[:3])}); the checkpoint is incomplete or was loaded concurrently"
+        )
     return model
 
 
@@ -103,11 +117,17 @@ def resolve_model_ref(name_or_path) -> str:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.origin:
-        hint = REAL_EXTRA_HINT if pkg in PACKAGED_MODELS.values() else f"pip install {pkg.replace('_', '-')}"
+        hint = (
+            REAL_EXTRA_HINT
+            if pkg in PACKAGED_MODELS.values()
+            else f"pip install {pkg.replace('_', '-')}"
+        )
         raise UserError(f"{s}: the model package {pkg} is not installed; {hint}")
     d = Path(spec.origin).resolve().parent / "model"
     if not (d / "config.json").is_file():
-        raise UserError(f"{s}: package {pkg} has no model/config.json ({d}); reinstall it ({REAL_EXTRA_HINT})")
+        raise UserError(
+            f"{s}: package {pkg} has no model/config.json ({d}); reinstall it ({REAL_EXTRA_HINT})"
+        )
     return str(d)
 
 
@@ -145,7 +165,8 @@ def new_head_error(name: str, head: list[str], purpose: str) -> UserError:
     return UserError(
         f"{name}: the checkpoint has no masked-LM head ({len(head)} head weights would be freshly initialised: "
         f"{_short_list(head)}); a random head gives noise {purpose}: use a checkpoint with an MLM head (or train "
-        f"one: kdcl-dist train --student {name} --reliance none), or pass {NEW_HEAD_FLAG} to accept it")
+        f"one: kdcl-dist train --student {name} --reliance none), or pass {NEW_HEAD_FLAG} to accept it"
+    )
 
 
 def checkpoint_lacks_head(name_or_path) -> list[str] | None:
@@ -195,8 +216,16 @@ def _lacks(d: Path, keys: set[str]) -> list[str] | None:
     return head
 
 
-def load_mlm(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, *,
-             new_head: str = "warn", purpose: str = "outputs", role: str = "model", init_seed: int = 0):
+def load_mlm(
+    name_or_path: str,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    *,
+    new_head: str = "warn",
+    purpose: str = "outputs",
+    role: str = "model",
+    init_seed: int = 0,
+):
     """Load an HF masked-LM from a local directory, a packaged model (`pkg:NAME`, `minilm`) or a
     hub name (thread-safe).
 
@@ -229,9 +258,15 @@ def load_mlm(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_c
         head = head_weights(model, fresh)
         if head and new_head == "refuse":
             raise new_head_error(ref, head, purpose)
-        log.warning("%s (%s): %d weights not in the checkpoint were freshly initialised (seed %d): %s%s", ref, role,
-                    len(fresh), init_seed, ", ".join(fresh),
-                    " (a new MLM head: train it before trusting its outputs)" if head else "")
+        log.warning(
+            "%s (%s): %d weights not in the checkpoint were freshly initialised (seed %d): %s%s",
+            ref,
+            role,
+            len(fresh),
+            init_seed,
+            ", ".join(fresh),
+            " (a new MLM head: train it before trusting its outputs)" if head else "",
+        )
     return model
 
 
@@ -241,7 +276,7 @@ def model_fingerprint(model) -> str:
     for name, p in sorted(model.state_dict().items()):
         t = p.detach().flatten()
         h.update(name.encode())
-        h.update(t[: 4096].float().cpu().numpy().tobytes())
+        h.update(t[:4096].float().cpu().numpy().tobytes())
         h.update(t.float().sum().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -298,11 +333,16 @@ class _DistilBertHead(torch.nn.Module):
 # with the LM head on masked positions only this is the same computation as the full
 # forward, up to float round-off (tests/test_scoring.py compares it with HF's forward).
 
+
 def _stack(model):
     """(embed(ids) -> hidden, layers, last-layer function) for BERT / DistilBERT, else None."""
     base = getattr(model, model.base_model_prefix, None)
     cfg = model.config
-    if base is None or getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+    if (
+        base is None
+        or getattr(cfg, "is_decoder", False)
+        or getattr(cfg, "add_cross_attention", False)
+    ):
         return None
     # structural checks, so that a look-alike architecture (other residual/norm order,
     # relative positions) falls back to the full forward instead of being re-expressed wrongly
@@ -310,7 +350,11 @@ def _stack(model):
     if enc is not None and type(enc[-1]).__name__ == "BertLayer":
         return (lambda ids: base.embeddings(input_ids=ids)), enc, _bert_last_masked
     tr = getattr(getattr(base, "transformer", None), "layer", None)
-    if tr is not None and type(tr[-1]).__name__ == "TransformerBlock" and hasattr(tr[-1], "sa_layer_norm"):
+    if (
+        tr is not None
+        and type(tr[-1]).__name__ == "TransformerBlock"
+        and hasattr(tr[-1], "sa_layer_norm")
+    ):
         return (lambda ids: base.embeddings(ids)), tr, _distilbert_last_masked
     return None
 
@@ -322,7 +366,9 @@ def supports_encode_masked(model) -> bool:
 def row_counts(rows: torch.Tensor, B: int) -> torch.Tensor:
     """Masked positions per row. (torch.bincount on CUDA reads its max back to the host: a
     sync per batch; index_add_ does not.)"""
-    return torch.zeros(B, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+    return torch.zeros(B, dtype=torch.long, device=rows.device).index_add_(
+        0, rows, torch.ones_like(rows)
+    )
 
 
 def _query_slots(rows: torch.Tensor, B: int, q_max: int | None = None) -> tuple[torch.Tensor, int]:
@@ -352,7 +398,7 @@ def _mha_masked(xm, h, attention_mask, rows, slot, q_max, n_heads, q_lin, k_lin,
     grid[rows, slot] = q
     grid = grid.view(B, q_max, n_heads, d).transpose(1, 2)
     keep = attention_mask.to(torch.bool)[:, None, None, :] if attention_mask is not None else None
-    o = torch.nn.functional.scaled_dot_product_attention(grid, k, v, attn_mask=keep, scale=d ** -0.5)
+    o = torch.nn.functional.scaled_dot_product_attention(grid, k, v, attn_mask=keep, scale=d**-0.5)
     return o.transpose(1, 2).reshape(B, q_max, H)[rows, slot]
 
 
@@ -360,8 +406,10 @@ def _bert_last_masked(layer, h, attention_mask, rows, cols, q_max=None):
     slot, q_max = _query_slots(rows, h.shape[0], q_max)
     xm = h[rows, cols]
     sa = layer.attention.self
-    a = _mha_masked(xm, h, attention_mask, rows, slot, q_max, sa.num_attention_heads, sa.query, sa.key, sa.value)
-    a = layer.attention.output(a, xm)            # dense -> dropout -> LayerNorm(. + residual)
+    a = _mha_masked(
+        xm, h, attention_mask, rows, slot, q_max, sa.num_attention_heads, sa.query, sa.key, sa.value
+    )
+    a = layer.attention.output(a, xm)  # dense -> dropout -> LayerNorm(. + residual)
     return layer.output(layer.intermediate(a), a)  # dense -> act, dense -> dropout -> LayerNorm
 
 
@@ -369,7 +417,9 @@ def _distilbert_last_masked(layer, h, attention_mask, rows, cols, q_max=None):
     slot, q_max = _query_slots(rows, h.shape[0], q_max)
     xm = h[rows, cols]
     at = layer.attention
-    a = _mha_masked(xm, h, attention_mask, rows, slot, q_max, at.n_heads, at.q_lin, at.k_lin, at.v_lin)
+    a = _mha_masked(
+        xm, h, attention_mask, rows, slot, q_max, at.n_heads, at.q_lin, at.k_lin, at.v_lin
+    )
     a = layer.sa_layer_norm(at.out_lin(a) + xm)
     return layer.output_layer_norm(layer.ffn.ff_chunk(a) + a)
 
@@ -379,19 +429,27 @@ def _layer_mask(model, h: torch.Tensor, attention_mask: torch.Tensor | None, pad
     caller knows whether the batch has padding (HF's builder asks the GPU `mask.all()`)."""
     impl = getattr(model.config, "_attn_implementation", None)
     if attention_mask is None or (padded is False and impl in ("sdpa", "eager")):
-        return None   # nothing to hide: HF gives None here too
-    if padded and impl == "sdpa":   # boolean, True = attend; broadcast over heads and queries
+        return None  # nothing to hide: HF gives None here too
+    if padded and impl == "sdpa":  # boolean, True = attend; broadcast over heads and queries
         return attention_mask.to(torch.bool)[:, None, None, :]
     if padded and impl == "eager":  # additive, as HF builds it
         return (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
     from transformers.masking_utils import create_bidirectional_mask
 
-    return create_bidirectional_mask(config=model.config, inputs_embeds=h, attention_mask=attention_mask)
+    return create_bidirectional_mask(
+        config=model.config, inputs_embeds=h, attention_mask=attention_mask
+    )
 
 
-def encode_masked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  rows: torch.Tensor, cols: torch.Tensor, q_max: int | None = None,
-                  padded: bool | None = None) -> torch.Tensor:
+def encode_masked(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    q_max: int | None = None,
+    padded: bool | None = None,
+) -> torch.Tensor:
     """Final hidden states [M, H] at positions (rows[m], cols[m]) only; equal to
     `encoder(input_ids, attention_mask).last_hidden_state[rows, cols]` to float round-off.
 
@@ -405,17 +463,23 @@ def encode_masked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
     parts = _stack(model)
     if parts is None:
-        raise UserError(f"{type(model).__name__}: encode_masked supports BERT and DistilBERT encoders only")
+        raise UserError(
+            f"{type(model).__name__}: encode_masked supports BERT and DistilBERT encoders only"
+        )
     embed, layers, last = parts
-    if rows.numel() == 0:   # nothing masked in this batch (e.g. samples without maskable tokens)
-        return torch.zeros(0, model.config.hidden_size, dtype=next(model.parameters()).dtype, device=input_ids.device)
+    if rows.numel() == 0:  # nothing masked in this batch (e.g. samples without maskable tokens)
+        return torch.zeros(
+            0,
+            model.config.hidden_size,
+            dtype=next(model.parameters()).dtype,
+            device=input_ids.device,
+        )
     h = embed(input_ids)
     if len(layers) > 1:
         mask = _layer_mask(model, h, attention_mask, padded)
         for layer in layers[:-1]:
             h = layer(h, mask)
     return last(layers[-1], h, attention_mask, rows, cols, q_max)
-
 
 
 # ---- a student made from the teacher (as DistilBERT was made from BERT) -----------------------
@@ -429,7 +493,9 @@ def pick_layers(n_teacher: int, n_student: int) -> list[int]:
     k = n_teacher // n_student (0, k, 2k, ...). 12 -> 6 gives DistilBERT's choice (0, 2, ..., 10);
     6 -> 3 gives 0, 2, 4."""
     if not 1 <= n_student <= n_teacher:
-        raise UserError(f"--layers: {n_student} is not between 1 and the teacher's {n_teacher} layers")
+        raise UserError(
+            f"--layers: {n_student} is not between 1 and the teacher's {n_teacher} layers"
+        )
     k = n_teacher // n_student
     return [i * k for i in range(n_student)]
 
@@ -442,9 +508,13 @@ def _copy_into(student, mapping: dict[str, torch.Tensor], skip=()) -> None:
             if name in skip:
                 continue
             if name not in own:
-                raise UserError(f"student weight {name}: not in the student architecture (internal mapping error)")
+                raise UserError(
+                    f"student weight {name}: not in the student architecture (internal mapping error)"
+                )
             if own[name].shape != t.shape:
-                raise UserError(f"student weight {name}: shape {tuple(own[name].shape)} vs teacher {tuple(t.shape)}")
+                raise UserError(
+                    f"student weight {name}: shape {tuple(own[name].shape)} vs teacher {tuple(t.shape)}"
+                )
             own[name].copy_(t)
 
 
@@ -458,27 +528,49 @@ def _distilbert_from_bert(teacher, layers: list[int], copy_head: bool):
 
     tc = teacher.config
     if abs(getattr(tc, "layer_norm_eps", 1e-12) - 1e-12) > 1e-15:
-        raise UserError(f"--student-arch distilbert: the teacher's layer_norm_eps {tc.layer_norm_eps} differs from "
-                        "DistilBERT's fixed 1e-12; use --student-arch teacher")
+        raise UserError(
+            f"--student-arch distilbert: the teacher's layer_norm_eps {tc.layer_norm_eps} differs from "
+            "DistilBERT's fixed 1e-12; use --student-arch teacher"
+        )
     if getattr(tc, "position_embedding_type", "absolute") != "absolute":
-        raise UserError("--student-arch distilbert: the teacher uses relative positions; use --student-arch teacher")
+        raise UserError(
+            "--student-arch distilbert: the teacher uses relative positions; use --student-arch teacher"
+        )
     cfg = DistilBertConfig(
-        vocab_size=tc.vocab_size, dim=tc.hidden_size, n_layers=len(layers), n_heads=tc.num_attention_heads,
-        hidden_dim=tc.intermediate_size, max_position_embeddings=tc.max_position_embeddings,
-        pad_token_id=tc.pad_token_id, activation=tc.hidden_act, dropout=tc.hidden_dropout_prob,
-        attention_dropout=tc.attention_probs_dropout_prob, initializer_range=tc.initializer_range,
-        sinusoidal_pos_embds=False, tie_word_embeddings=True)
+        vocab_size=tc.vocab_size,
+        dim=tc.hidden_size,
+        n_layers=len(layers),
+        n_heads=tc.num_attention_heads,
+        hidden_dim=tc.intermediate_size,
+        max_position_embeddings=tc.max_position_embeddings,
+        pad_token_id=tc.pad_token_id,
+        activation=tc.hidden_act,
+        dropout=tc.hidden_dropout_prob,
+        attention_dropout=tc.attention_probs_dropout_prob,
+        initializer_range=tc.initializer_range,
+        sinusoidal_pos_embds=False,
+        tie_word_embeddings=True,
+    )
     student = DistilBertForMaskedLM(cfg)
     b = teacher.bert
     e = b.embeddings
-    m = {"distilbert.embeddings.word_embeddings.weight": e.word_embeddings.weight,
-         "distilbert.embeddings.position_embeddings.weight": e.position_embeddings.weight + e.token_type_embeddings.weight[0],
-         "distilbert.embeddings.LayerNorm.weight": e.LayerNorm.weight,
-         "distilbert.embeddings.LayerNorm.bias": e.LayerNorm.bias}
-    pairs = {"attention.q_lin": "attention.self.query", "attention.k_lin": "attention.self.key",
-             "attention.v_lin": "attention.self.value", "attention.out_lin": "attention.output.dense",
-             "sa_layer_norm": "attention.output.LayerNorm", "ffn.lin1": "intermediate.dense",
-             "ffn.lin2": "output.dense", "output_layer_norm": "output.LayerNorm"}
+    m = {
+        "distilbert.embeddings.word_embeddings.weight": e.word_embeddings.weight,
+        "distilbert.embeddings.position_embeddings.weight": e.position_embeddings.weight
+        + e.token_type_embeddings.weight[0],
+        "distilbert.embeddings.LayerNorm.weight": e.LayerNorm.weight,
+        "distilbert.embeddings.LayerNorm.bias": e.LayerNorm.bias,
+    }
+    pairs = {
+        "attention.q_lin": "attention.self.query",
+        "attention.k_lin": "attention.self.key",
+        "attention.v_lin": "attention.self.value",
+        "attention.out_lin": "attention.output.dense",
+        "sa_layer_norm": "attention.output.LayerNorm",
+        "ffn.lin1": "intermediate.dense",
+        "ffn.lin2": "output.dense",
+        "output_layer_norm": "output.LayerNorm",
+    }
     for j, i in enumerate(layers):
         src = b.encoder.layer[i]
         for dst, s in pairs.items():
@@ -487,9 +579,15 @@ def _distilbert_from_bert(teacher, layers: list[int], copy_head: bool):
                 m[f"distilbert.transformer.layer.{j}.{dst}.{w}"] = getattr(mod, w)
     if copy_head:
         h = teacher.cls.predictions
-        m.update({"vocab_transform.weight": h.transform.dense.weight, "vocab_transform.bias": h.transform.dense.bias,
-                  "vocab_layer_norm.weight": h.transform.LayerNorm.weight,
-                  "vocab_layer_norm.bias": h.transform.LayerNorm.bias, "vocab_projector.bias": h.bias})
+        m.update(
+            {
+                "vocab_transform.weight": h.transform.dense.weight,
+                "vocab_transform.bias": h.transform.dense.bias,
+                "vocab_layer_norm.weight": h.transform.LayerNorm.weight,
+                "vocab_layer_norm.bias": h.transform.LayerNorm.bias,
+                "vocab_projector.bias": h.bias,
+            }
+        )
     _copy_into(student, m)
     student.tie_weights()
     return student
@@ -519,8 +617,13 @@ def _same_arch(teacher, layers: list[int]):
     return student
 
 
-def student_from_teacher(teacher_ref: str, n_layers: int, arch: str = "distilbert", out_dir=None,
-                         trust_remote_code: bool = False):
+def student_from_teacher(
+    teacher_ref: str,
+    n_layers: int,
+    arch: str = "distilbert",
+    out_dir=None,
+    trust_remote_code: bool = False,
+):
     """Build (and save to out_dir, with the teacher's tokenizer) an n_layers student from the
     teacher: embeddings, layers pick_layers(L, n_layers), and the MLM head when the teacher
     has one (a headless teacher gives a headless student checkpoint: the head is flagged as new
@@ -539,8 +642,10 @@ def student_from_teacher(teacher_ref: str, n_layers: int, arch: str = "distilber
     elif arch == "teacher" or kind == "distilbert":
         student = _same_arch(teacher, layers)
     else:
-        raise UserError(f"--student-arch distilbert: teachers of type {kind!r} cannot be mapped to DistilBERT "
-                        "(bert and distilbert can); use --student-arch teacher")
+        raise UserError(
+            f"--student-arch distilbert: teachers of type {kind!r} cannot be mapped to DistilBERT "
+            "(bert and distilbert can); use --student-arch teacher"
+        )
     if out_dir is not None:
         out = Path(out_dir)
         sd = student.state_dict()

@@ -46,11 +46,19 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.steps.append(int(step))
         self._last = (int(step), _describe(info))
-        limit = f"abort after {self.max_in_a_row} in a row" if self.max_in_a_row else "never aborting"
+        limit = (
+            f"abort after {self.max_in_a_row} in a row" if self.max_in_a_row else "never aborting"
+        )
         if self.rank == 0:
-            log.warning("step %d: non-finite %s; step skipped (no weight or optimizer update; its samples count "
-                        "as consumed); %d in a row, %d in total (%s)",
-                        step, self._last[1], self.in_a_row, self.total, limit)
+            log.warning(
+                "step %d: non-finite %s; step skipped (no weight or optimizer update; its samples count "
+                "as consumed); %d in a row, %d in total (%s)",
+                step,
+                self._last[1],
+                self.in_a_row,
+                self.total,
+                limit,
+            )
         return True
 
     def check(self) -> None:
@@ -65,11 +73,16 @@ class NonFiniteGuard:
             raise UserError(
                 f"train.max_nonfinite_steps: {self.in_a_row} non-finite steps in a row (steps {first}-{step}; "
                 f"last: {what}); they were skipped, so the weights are those after step {first - 1}; lower --lr, "
-                "check the data and the teacher, or raise max_nonfinite_steps (0: never abort)")
+                "check the data and the teacher, or raise max_nonfinite_steps (0: never abort)"
+            )
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "in_a_row": self.in_a_row, "steps": list(self.steps),
-                "loss_scale_overflows": self.loss_scale_overflows}
+        return {
+            "total": self.total,
+            "in_a_row": self.in_a_row,
+            "steps": list(self.steps),
+            "loss_scale_overflows": self.loss_scale_overflows,
+        }
 
     def load_state_dict(self, state: dict | None) -> None:
         """Continue the record of a checkpoint (checkpoints older than this feature have none)."""
@@ -80,8 +93,11 @@ class NonFiniteGuard:
         self.loss_scale_overflows = int(state.get("loss_scale_overflows", 0))
 
     def summary(self) -> dict:
-        return {"nonfinite_steps": self.total, "skipped_steps": list(self.steps),
-                "loss_scale_overflows": self.loss_scale_overflows}
+        return {
+            "nonfinite_steps": self.total,
+            "skipped_steps": list(self.steps),
+            "loss_scale_overflows": self.loss_scale_overflows,
+        }
 
 
 def _describe(info: dict) -> str:

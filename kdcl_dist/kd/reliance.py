@@ -55,13 +55,17 @@ class RelianceSpec:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise UserError(f"train.reliance: unknown schedule '{self.schedule}'; allowed: {', '.join(SCHEDULES)}")
+            raise UserError(
+                f"train.reliance: unknown schedule '{self.schedule}'; allowed: {', '.join(SCHEDULES)}"
+            )
         if not 0.0 <= self.lambda_ <= 1.0:
             raise UserError(f"train.lambda_: {self.lambda_} must be in [0, 1]")
         if not 0.0 <= self.lambda_max <= 1.0:
             raise UserError(f"train.lambda_max: {self.lambda_max} must be in [0, 1]")
         if not 0.0 <= self.q_low < self.q_high <= 1.0:
-            raise UserError(f"train.q_low/q_high: need 0 <= q_low < q_high <= 1, got {self.q_low}, {self.q_high}")
+            raise UserError(
+                f"train.q_low/q_high: need 0 <= q_low < q_high <= 1, got {self.q_low}, {self.q_high}"
+            )
 
 
 def quantile_from_stats(score_stats: dict, q: float) -> float:
@@ -73,17 +77,26 @@ def quantile_from_stats(score_stats: dict, q: float) -> float:
             return float(score_stats["min"])
         if q == 1.0 and "max" in score_stats:
             return float(score_stats["max"])
-        raise UserError("curriculum.json: score_stats has no 'quantiles'; re-run `kdcl-dist curriculum`")
+        raise UserError(
+            "curriculum.json: score_stats has no 'quantiles'; re-run `kdcl-dist curriculum`"
+        )
     xs = np.array([p[0] for p in pts])
     ys = np.array([p[1] for p in pts])
     if q < xs[0] - 1e-9 or q > xs[-1] + 1e-9:
-        raise UserError(f"curriculum.json: score quantile {q} is outside the table [{xs[0]}, {xs[-1]}]")
+        raise UserError(
+            f"curriculum.json: score quantile {q} is outside the table [{xs[0]}, {xs[-1]}]"
+        )
     return float(np.interp(q, xs, ys))
 
 
 class Reliance:
-    def __init__(self, spec: RelianceSpec, score_stats: dict | None = None,
-                 first_batch_scores: np.ndarray | None = None, n_samples: int | None = None):
+    def __init__(
+        self,
+        spec: RelianceSpec,
+        score_stats: dict | None = None,
+        first_batch_scores: np.ndarray | None = None,
+        n_samples: int | None = None,
+    ):
         self.spec = spec
         self.n_samples = n_samples
         if spec.schedule == "sr-rank" and not n_samples:
@@ -94,8 +107,10 @@ class Reliance:
         self.q_lo = self.q_hi = None
         if spec.schedule == "sr-paper":
             if "min" not in stats:
-                raise UserError("curriculum.json: score_stats.min missing (needed by sr-paper); "
-                                "re-run `kdcl-dist curriculum`")
+                raise UserError(
+                    "curriculum.json: score_stats.min missing (needed by sr-paper); "
+                    "re-run `kdcl-dist curriculum`"
+                )
             self.max_confidence = math.exp(-float(stats["min"]))
             if first_batch_scores is not None:
                 self.shift = self._raw_paper(np.asarray(first_batch_scores, dtype=np.float64))
@@ -114,7 +129,9 @@ class Reliance:
             return np.where(np.asarray(x) > self.q_lo, 1.0, 0.0)
         return np.clip((np.asarray(x, dtype=np.float64) - self.q_lo) / denom, 0.0, 1.0)
 
-    def batch_lambda(self, scores: np.ndarray, positions: np.ndarray | None = None) -> float | np.ndarray:
+    def batch_lambda(
+        self, scores: np.ndarray, positions: np.ndarray | None = None
+    ) -> float | np.ndarray:
         """λ of a global batch from its samples' scores (per-sample array for sr-sample only);
         sr-rank reads the samples' curriculum positions instead."""
         s = np.asarray(scores, dtype=np.float64)
@@ -132,29 +149,44 @@ class Reliance:
             return float(self.spec.lambda_max * np.clip(rank.mean(), 0.0, 1.0))
         if sch == "sr-paper":
             if self.shift is None:
-                raise ValueError("sr-paper needs the first batch's scores (first_batch_scores) or a loaded state")
+                raise ValueError(
+                    "sr-paper needs the first batch's scores (first_batch_scores) or a loaded state"
+                )
             return float(np.clip(self._raw_paper(s) - self.shift, 0.0, 1.0))
         if sch == "sr-minmax":
             return float(self.spec.lambda_max * self._minmax(float(np.mean(s))))
         return self.spec.lambda_max * self._minmax(s)  # sr-sample
 
     def state_dict(self) -> dict:
-        return {**dataclasses.asdict(self.spec), "max_confidence": self.max_confidence, "shift": self.shift,
-                "q_low_value": self.q_lo, "q_high_value": self.q_hi}
+        return {
+            **dataclasses.asdict(self.spec),
+            "max_confidence": self.max_confidence,
+            "shift": self.shift,
+            "q_low_value": self.q_lo,
+            "q_high_value": self.q_hi,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore the derived constants (shift, quantile values) saved with a run."""
         if sd.get("schedule") != self.spec.schedule:
-            raise UserError(f"checkpoint reliance state: schedule {sd.get('schedule')!r} but this run has "
-                            f"{self.spec.schedule!r}; pass --reliance {sd.get('schedule')} or start a new --out")
+            raise UserError(
+                f"checkpoint reliance state: schedule {sd.get('schedule')!r} but this run has "
+                f"{self.spec.schedule!r}; pass --reliance {sd.get('schedule')} or start a new --out"
+            )
         self.max_confidence = sd.get("max_confidence", self.max_confidence)
         self.shift = sd.get("shift", self.shift)
         self.q_lo = sd.get("q_low_value", self.q_lo)
         self.q_hi = sd.get("q_high_value", self.q_hi)
 
 
-def lambda_trace(spec: RelianceSpec, order_scores: np.ndarray, score_stats: dict, order_spec, global_batch: int,
-                 steps) -> np.ndarray:
+def lambda_trace(
+    spec: RelianceSpec,
+    order_scores: np.ndarray,
+    score_stats: dict,
+    order_spec,
+    global_batch: int,
+    steps,
+) -> np.ndarray:
     """Batch-mean λ of steps 0..steps-1 computed from the manifest alone, before any training.
 
     The same arithmetic as the training loop (first-batch shift, positions from the order), so

@@ -45,26 +45,48 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # settings of the tiny pipeline every fault test shares
 N_DOCS = 240
-SHARD_SIZE = 40          # 6 source shards
-CUR_SHARD = 48           # 5 curriculum shards
-GB, MB = 8, 4            # global batch, micro batch
+SHARD_SIZE = 40  # 6 source shards
+CUR_SHARD = 48  # 5 curriculum shards
+GB, MB = 8, 4  # global batch, micro batch
 STEPS = 8
 SAVE_EVERY = 2
-TRAIN_FLAGS = ["--global-batch", GB, "--micro-batch", MB, "--steps", STEPS, "--save-every", SAVE_EVERY,
-               "--order", "random", "--reliance", "sr-paper", "--lr", 3e-3, "--num-workers", 0,
-               "--ds-config", "ds_configs/zero2.json", "--allow-sr-any-order", "warmup_steps=2"]
+TRAIN_FLAGS = [
+    "--global-batch",
+    GB,
+    "--micro-batch",
+    MB,
+    "--steps",
+    STEPS,
+    "--save-every",
+    SAVE_EVERY,
+    "--order",
+    "random",
+    "--reliance",
+    "sr-paper",
+    "--lr",
+    3e-3,
+    "--num-workers",
+    0,
+    "--ds-config",
+    "ds_configs/zero2.json",
+    "--allow-sr-any-order",
+    "warmup_steps=2",
+]
 
 
 # ---------------------------------------------------------------------------------------
 # forked runs with fault injection
 # ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class Run:
-    rcs: list[int]                       # exit status per rank (negative: killed by that signal)
-    logs: list[str]                      # stdout+stderr per rank
-    events: list[int | None] = field(default_factory=list)  # fault events seen per rank (clean exits)
-    wall: float = 0.0                    # seconds from fork to the last exit
+    rcs: list[int]  # exit status per rank (negative: killed by that signal)
+    logs: list[str]  # stdout+stderr per rank
+    events: list[int | None] = field(
+        default_factory=list
+    )  # fault events seen per rank (clean exits)
+    wall: float = 0.0  # seconds from fork to the last exit
 
     @property
     def rc(self) -> int:
@@ -79,7 +101,10 @@ class Run:
         return [ln for log in self.logs for ln in log.splitlines() if ": error: " in ln]
 
     def text(self) -> str:
-        return "\n".join(f"--- rank {i} rc={r}\n{log[-4000:]}" for i, (r, log) in enumerate(zip(self.rcs, self.logs)))
+        return "\n".join(
+            f"--- rank {i} rc={r}\n{log[-4000:]}"
+            for i, (r, log) in enumerate(zip(self.rcs, self.logs))
+        )
 
 
 def _install_faults(rank: int, kill: tuple | None, enospc_at: int | None, counter: list) -> None:
@@ -143,7 +168,7 @@ def _fresh_tqdm_lock() -> None:
     if hasattr(std.TqdmDefaultWriteLock, "mp_lock"):
         del std.TqdmDefaultWriteLock.mp_lock
     lock, todo = std.TqdmDefaultWriteLock(), [std.tqdm]
-    while todo:   # tqdm.auto & co. are subclasses that may hold a lock of their own
+    while todo:  # tqdm.auto & co. are subclasses that may hold a lock of their own
         cls = todo.pop()
         todo += cls.__subclasses__()
         if cls is std.tqdm or "_lock" in cls.__dict__:
@@ -169,13 +194,30 @@ def _child(argv, rank, world, port, env, kill, enospc_at, log_path, events_path,
             for h in getattr(lg, "handlers", []):
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                     h.setStream(sys.stderr)
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
+        for k in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "PMI_RANK",
+            "PMI_SIZE",
+        ):
             os.environ.pop(k, None)
         if world > 1:
-            os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                               "MASTER_PORT": str(port)})
+            os.environ.update(
+                {
+                    "RANK": str(rank),
+                    "WORLD_SIZE": str(world),
+                    "LOCAL_RANK": str(rank),
+                    "LOCAL_WORLD_SIZE": str(world),
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                }
+            )
         os.environ.update({"KDCL_LOG_LEVEL": "WARNING", **(env or {})})
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -223,14 +265,26 @@ def _quiesce_threads() -> None:
         stack.extend(cls.__subclasses__())
         if "monitor" in cls.__dict__:
             cls.monitor = None
-    others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    others = [
+        t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+    ]
     assert not others, f"threads alive in the test process would make forked ranks unsafe: {others}"
 
 
-def fork_run(argv, *, world: int = 1, env: dict | None = None, kill: tuple | None = None,
-             enospc_at: int | None = None, timeout: float = 300, sigterm: tuple | None = None,
-             pre=None, logdir: Path | None = None, kill_after: tuple | None = None,
-             stop_others: bool = True) -> Run:
+def fork_run(
+    argv,
+    *,
+    world: int = 1,
+    env: dict | None = None,
+    kill: tuple | None = None,
+    enospc_at: int | None = None,
+    timeout: float = 300,
+    sigterm: tuple | None = None,
+    pre=None,
+    logdir: Path | None = None,
+    kill_after: tuple | None = None,
+    stop_others: bool = True,
+) -> Run:
     """Run `kdcl-dist <argv>` on `world` forked ranks; see the module doc for the faults.
 
     sigterm=(rank, predicate): poll predicate() and send SIGTERM to that rank once it is true.
@@ -267,19 +321,27 @@ def fork_run(argv, *, world: int = 1, env: dict | None = None, kill: tuple | Non
                 got, status = os.waitpid(pid, os.WNOHANG)
                 if got:
                     rcs[r] = os.waitstatus_to_exitcode(status)
-                    if rcs[r] != 0 and stop_others:  # torchrun's behaviour: one rank failed -> stop the others
+                    if (
+                        rcs[r] != 0 and stop_others
+                    ):  # torchrun's behaviour: one rank failed -> stop the others
                         for r2, p2 in enumerate(pids):
                             if r2 not in rcs:
                                 with contextlib.suppress(ProcessLookupError):
                                     os.kill(p2, signal.SIGKILL)
-            if kill_after is not None and kill_after[0] not in rcs and time.time() - t0 >= kill_after[1]:
+            if (
+                kill_after is not None
+                and kill_after[0] not in rcs
+                and time.time() - t0 >= kill_after[1]
+            ):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pids[kill_after[0]], signal.SIGKILL)
             if sigterm is not None and not termed and sigterm[1]():
                 os.kill(pids[sigterm[0]], signal.SIGTERM)
                 termed = True
             if time.time() - t0 > timeout:
-                raise AssertionError(f"kdcl-dist {' '.join(map(str, argv))}: timed out after {timeout}s")
+                raise AssertionError(
+                    f"kdcl-dist {' '.join(map(str, argv))}: timed out after {timeout}s"
+                )
             time.sleep(0.02)
     finally:
         for r, pid in enumerate(pids):
@@ -320,7 +382,9 @@ def kill_point(seed: int, events: int, lo_frac: float = 0.0) -> int:
     return random.Random(1000 + seed).randint(lo, max(lo, events))
 
 
-def sigkill_one_rank(argv, ref_run: Run, seed: int, logdir, lo_frac: float = 0.0) -> tuple[Run, int]:
+def sigkill_one_rank(
+    argv, ref_run: Run, seed: int, logdir, lo_frac: float = 0.0
+) -> tuple[Run, int]:
     """Two ranks; rank `seed % 2` is SIGKILLed at its seeded kill point (from the reference run's
     event count). Asserts it really died by SIGKILL; returns the run and the kill point."""
     victim = seed % 2
@@ -368,6 +432,7 @@ def cut_file(path, keep: int) -> Path:
 # comparisons
 # ---------------------------------------------------------------------------------------
 
+
 def ids_multiset(shard_dir) -> list[tuple[str, bytes]]:
     """Sorted (sample id, token ids) of every sample of a shard set."""
     from kdcl_dist.data.reader import ShardSet
@@ -396,15 +461,18 @@ def json_pair(name: str, out, ref_dir) -> tuple[dict, dict]:
     return a, b
 
 
-def assert_finished_equal(out, ref_dir, pattern: str, rename: tuple[str, str] | None = None,
-                          what: str = "") -> None:
+def assert_finished_equal(
+    out, ref_dir, pattern: str, rename: tuple[str, str] | None = None, what: str = ""
+) -> None:
     """Whatever a killed or failed run left under a final name (`pattern`) is whole: it equals the
     reference's file of that name byte for byte. With `rename=(old, new)` the matched files only
     mark what is finished, and the file compared is the match's name with `old` replaced by `new`
     (a shard's `.stats.json` is written after its `.tar`)."""
     for f in Path(out).glob(pattern):
         name = f.name.replace(*rename) if rename else f.name
-        assert (Path(out) / name).read_bytes() == (Path(ref_dir) / name).read_bytes(), f"{name} differs{what}"
+        assert (Path(out) / name).read_bytes() == (Path(ref_dir) / name).read_bytes(), (
+            f"{name} differs{what}"
+        )
 
 
 def dir_digest(d, pattern: str = "*") -> dict[str, str]:
@@ -424,12 +492,16 @@ def same_weights(a: dict, b: dict) -> list[str]:
 # ENOSPC
 # ---------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def small_fs(path: Path, size: str):
     """A real tmpfs of `size` at `path` (root only); yields a remount(size) function, or None."""
     path.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         yield None
         return
@@ -446,6 +518,7 @@ def small_fs(path: Path, size: str):
 # ---------------------------------------------------------------------------------------
 # session fixtures: inputs and one undisturbed run of every stage
 # ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _free_shm_of_killed_runs():
@@ -478,28 +551,83 @@ def base(tmp_path_factory):
     init_model_dir(TINY_STUDENT, tok, root / "student", seed=2, max_positions=256)
     tok2 = train_wordpiece((t for _, t in docs), root / "tokenizer2", vocab_size=900)
     init_model_dir(TINY_TEACHER, tok2, root / "teacher2", seed=1, max_positions=256)
-    return {"root": root, "corpus": corpus, "tokenizer": root / "tokenizer", "teacher": root / "teacher",
-            "student": root / "student", "tokenizer2": root / "tokenizer2", "teacher2": root / "teacher2"}
+    return {
+        "root": root,
+        "corpus": corpus,
+        "tokenizer": root / "tokenizer",
+        "teacher": root / "teacher",
+        "student": root / "student",
+        "tokenizer2": root / "tokenizer2",
+        "teacher2": root / "teacher2",
+    }
 
 
 def shard_argv(base, out):
-    return ["shard", "--input", base["corpus"], "--tokenizer", base["tokenizer"], "--out", out,
-            "--max-length", 96, "--shard-size", SHARD_SIZE, "--min-tokens", 4, "--no-progress"]
+    return [
+        "shard",
+        "--input",
+        base["corpus"],
+        "--tokenizer",
+        base["tokenizer"],
+        "--out",
+        out,
+        "--max-length",
+        96,
+        "--shard-size",
+        SHARD_SIZE,
+        "--min-tokens",
+        4,
+        "--no-progress",
+    ]
 
 
 def score_argv(base, shards, out):
-    return ["score", "--shards", shards, "--model", base["student"], "--out", out, "--masks", 2,
-            "--token-budget", 2048, "--no-progress"]
+    return [
+        "score",
+        "--shards",
+        shards,
+        "--model",
+        base["student"],
+        "--out",
+        out,
+        "--masks",
+        2,
+        "--token-budget",
+        2048,
+        "--no-progress",
+    ]
 
 
 def curriculum_argv(shards, scores, out):
-    return ["curriculum", "--shards", shards, "--scores", scores, "--out", out, "--shard-size", CUR_SHARD,
-            "--no-plots", "--no-progress"]
+    return [
+        "curriculum",
+        "--shards",
+        shards,
+        "--scores",
+        scores,
+        "--out",
+        out,
+        "--shard-size",
+        CUR_SHARD,
+        "--no-plots",
+        "--no-progress",
+    ]
 
 
 def train_argv(base, cur, out, *extra):
-    return ["train", "--curriculum", cur, "--student", base["student"], "--teacher", base["teacher"],
-            "--out", out, *TRAIN_FLAGS, *extra]
+    return [
+        "train",
+        "--curriculum",
+        cur,
+        "--student",
+        base["student"],
+        "--teacher",
+        base["teacher"],
+        "--out",
+        out,
+        *TRAIN_FLAGS,
+        *extra,
+    ]
 
 
 def export_argv(train_out, out, *extra):
@@ -507,8 +635,24 @@ def export_argv(train_out, out, *extra):
 
 
 def eval_argv(model, shards, out, *extra):
-    return ["eval", "mlm", "--model", model, "--shards", shards, "--out", out, "--split", "all",
-            "--masks", 2, "--batch-size", 16, "--no-progress", *extra]
+    return [
+        "eval",
+        "mlm",
+        "--model",
+        model,
+        "--shards",
+        shards,
+        "--out",
+        out,
+        "--split",
+        "all",
+        "--masks",
+        2,
+        "--batch-size",
+        16,
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -517,18 +661,46 @@ def ref(base):
     root = base["root"] / "ref"
     logs = root / "logs"
     r = {}
-    r["shard_run"] = must(fork_run(shard_argv(base, root / "shards"), world=2, logdir=logs / "shard"), "shard")
-    r["score_run"] = must(fork_run(score_argv(base, root / "shards", root / "scores"), world=2,
-                                   logdir=logs / "score"), "score")
-    r["cur_run"] = must(fork_run(curriculum_argv(root / "shards", root / "scores", root / "cur"), world=2,
-                                 logdir=logs / "cur"), "curriculum")
-    r["train_run"] = must(fork_run(train_argv(base, root / "cur", root / "train"), world=2,
-                                   logdir=logs / "train"), "train")
-    r["export_run"] = must(fork_run(export_argv(root / "train", root / "export"), logdir=logs / "export"), "export")
-    r["eval_run"] = must(fork_run(eval_argv(root / "export", root / "shards", root / "eval.json"),
-                                  logdir=logs / "eval"), "eval")
-    r.update({"shards": root / "shards", "scores": root / "scores", "cur": root / "cur", "train": root / "train",
-              "export": root / "export", "eval": root / "eval.json"})
+    r["shard_run"] = must(
+        fork_run(shard_argv(base, root / "shards"), world=2, logdir=logs / "shard"), "shard"
+    )
+    r["score_run"] = must(
+        fork_run(
+            score_argv(base, root / "shards", root / "scores"), world=2, logdir=logs / "score"
+        ),
+        "score",
+    )
+    r["cur_run"] = must(
+        fork_run(
+            curriculum_argv(root / "shards", root / "scores", root / "cur"),
+            world=2,
+            logdir=logs / "cur",
+        ),
+        "curriculum",
+    )
+    r["train_run"] = must(
+        fork_run(train_argv(base, root / "cur", root / "train"), world=2, logdir=logs / "train"),
+        "train",
+    )
+    r["export_run"] = must(
+        fork_run(export_argv(root / "train", root / "export"), logdir=logs / "export"), "export"
+    )
+    r["eval_run"] = must(
+        fork_run(
+            eval_argv(root / "export", root / "shards", root / "eval.json"), logdir=logs / "eval"
+        ),
+        "eval",
+    )
+    r.update(
+        {
+            "shards": root / "shards",
+            "scores": root / "scores",
+            "cur": root / "cur",
+            "train": root / "train",
+            "export": root / "export",
+            "eval": root / "eval.json",
+        }
+    )
     return r
 
 

@@ -37,7 +37,9 @@ def _order_ids(d) -> list[str]:
 def _same_as_ref(out, ref) -> None:
     a, b = json_pair("curriculum.json", out, ref["cur"])
     assert a["fingerprint"] == b["fingerprint"]
-    assert [(s["name"], s["sha256"]) for s in a["shards"]] == [(s["name"], s["sha256"]) for s in b["shards"]]
+    assert [(s["name"], s["sha256"]) for s in a["shards"]] == [
+        (s["name"], s["sha256"]) for s in b["shards"]
+    ]
     assert dir_digest(out, "*.npy") == dir_digest(ref["cur"], "*.npy")
     assert dir_digest(out, "shard-*") == dir_digest(ref["cur"], "shard-*")
     # a killed run's `.tmp-*` files are removed by the re-run (rank 0, before the ranks start)
@@ -72,7 +74,9 @@ def test_curriculum_enospc_then_rerun(base, ref, tmp_path):
 def test_train_refuses_corrupt_curriculum_manifest(base, ref, tmp_path):
     cur = shutil.copytree(ref["cur"], tmp_path / "cur")
     cut_file(cur / "curriculum.json", -40)
-    fork_refused(train_argv(base, cur, tmp_path / "train"), tmp_path / "t", "curriculum.json", "corrupt")
+    fork_refused(
+        train_argv(base, cur, tmp_path / "train"), tmp_path / "t", "curriculum.json", "corrupt"
+    )
     assert not (tmp_path / "train" / "checkpoints").exists()
 
 
@@ -80,8 +84,12 @@ def test_train_refuses_truncated_order_scores(base, ref, tmp_path):
     cur = shutil.copytree(ref["cur"], tmp_path / "cur")
     arr = np.load(cur / "order_scores.npy")
     np.save(cur / "order_scores.npy", arr[:-5])
-    fork_refused(train_argv(base, cur, tmp_path / "train"), tmp_path / "t", "order_scores.npy",
-                 "re-run `kdcl-dist curriculum`")
+    fork_refused(
+        train_argv(base, cur, tmp_path / "train"),
+        tmp_path / "t",
+        "order_scores.npy",
+        "re-run `kdcl-dist curriculum`",
+    )
 
 
 def test_train_refuses_cut_order_scores_file(base, ref, tmp_path):

@@ -39,7 +39,11 @@ def _same_export(out, ref) -> None:
     a, b = _tensors(out), _tensors(ref["export"])
     assert not same_weights(a, b)
     ea, eb = json_pair("export.json", out, ref["export"])
-    assert (ea["tag"], ea["step"], ea["model_sha256"]) == (eb["tag"], eb["step"], eb["model_sha256"])
+    assert (ea["tag"], ea["step"], ea["model_sha256"]) == (
+        eb["tag"],
+        eb["step"],
+        eb["model_sha256"],
+    )
 
 
 def _exported_from(hf, train, step: int) -> None:
@@ -57,8 +61,11 @@ def _delay(seed: int, wall: float) -> float:
 @pytest.mark.parametrize("seed", range(5))
 def test_export_sigkill_then_rerun(ref, tmp_path, seed):
     out = tmp_path / "hf"
-    killed = fork_run(export_argv(ref["train"], out), kill_after=(0, _delay(seed, ref["export_run"].wall)),
-                      logdir=tmp_path / "k")
+    killed = fork_run(
+        export_argv(ref["train"], out),
+        kill_after=(0, _delay(seed, ref["export_run"].wall)),
+        logdir=tmp_path / "k",
+    )
     assert killed.rcs[0] in (-9, 0), killed.text()
     if out.exists():  # the directory appears only complete (renamed from a temporary one)
         _same_export(out, ref)
@@ -90,9 +97,16 @@ def test_export_refuses_incomplete_tag(ref, tmp_path):
     tag = train / "checkpoints" / f"global_step{STEPS}"
     (tag / "kdcl_complete.json").unlink()
     cut_file(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 1000)
-    fork_refused(export_argv(train, tmp_path / "hf", "--tag", tag.name), tmp_path / "e", "global_step", "incomplete")
+    fork_refused(
+        export_argv(train, tmp_path / "hf", "--tag", tag.name),
+        tmp_path / "e",
+        "global_step",
+        "incomplete",
+    )
     # the same checkpoint named by its directory
-    fork_refused(export_argv(tag, tmp_path / "hf"), tmp_path / "e2", f"global_step{STEPS}", "incomplete")
+    fork_refused(
+        export_argv(tag, tmp_path / "hf"), tmp_path / "e2", f"global_step{STEPS}", "incomplete"
+    )
     assert not (tmp_path / "hf").exists()
 
 
@@ -105,8 +119,13 @@ def test_export_refuses_damaged_tag(ref, tmp_path):
     train = shutil.copytree(ref["train"], tmp_path / "train")
     tag = train / "checkpoints" / f"global_step{STEPS}"
     _cut_after_marker(tag)
-    fork_refused(export_argv(train, tmp_path / "hf", "--tag", tag.name), tmp_path / "e",
-                 "mp_rank_00_model_states.pt", "damaged", f"global_step{STEPS - 2}")
+    fork_refused(
+        export_argv(train, tmp_path / "hf", "--tag", tag.name),
+        tmp_path / "e",
+        "mp_rank_00_model_states.pt",
+        "damaged",
+        f"global_step{STEPS - 2}",
+    )
     assert not (tmp_path / "hf").exists()
 
 
@@ -115,7 +134,10 @@ def test_export_skips_damaged_newest_checkpoint(ref, tmp_path):
     train = shutil.copytree(ref["train"], tmp_path / "train")
     _cut_after_marker(train / "checkpoints" / f"global_step{STEPS}")
     run = must(fork_run(export_argv(train, tmp_path / "hf"), logdir=tmp_path / "e"), "export")
-    assert "skipping the damaged checkpoint" in run.text() and "mp_rank_00_model_states.pt" in run.text()
+    assert (
+        "skipping the damaged checkpoint" in run.text()
+        and "mp_rank_00_model_states.pt" in run.text()
+    )
     _exported_from(tmp_path / "hf", train, STEPS - 2)
 
 
@@ -124,20 +146,34 @@ def test_export_plain_deepspeed_latest_stays_inside_the_checkpoint_dir(ref, tmp_
     only to a directory inside it: a `latest` naming another path is refused, nothing is read there."""
     plain = tmp_path / "plain"
     src = ref["train"] / "checkpoints" / f"global_step{STEPS}"
-    shutil.copytree(src, plain / "global_step5", ignore=shutil.ignore_patterns("kdcl_complete.json"))
+    shutil.copytree(
+        src, plain / "global_step5", ignore=shutil.ignore_patterns("kdcl_complete.json")
+    )
     elsewhere = shutil.copytree(src, tmp_path / "elsewhere" / f"global_step{STEPS}")
     student = ref["train"] / "student_config"
     (plain / "latest").write_text(f"../elsewhere/global_step{STEPS}")
-    fork_refused(export_argv(plain, tmp_path / "hf", "--student", student), tmp_path / "e",
-                 "latest", "not a checkpoint directory inside")
+    fork_refused(
+        export_argv(plain, tmp_path / "hf", "--student", student),
+        tmp_path / "e",
+        "latest",
+        "not a checkpoint directory inside",
+    )
     assert not (tmp_path / "hf").exists()
-    fork_refused(export_argv(plain, tmp_path / "hf", "--student", student, "--tag", "../elsewhere"), tmp_path / "e2",
-                 "no checkpoint with tag")
+    fork_refused(
+        export_argv(plain, tmp_path / "hf", "--student", student, "--tag", "../elsewhere"),
+        tmp_path / "e2",
+        "no checkpoint with tag",
+    )
     assert (elsewhere / "kdcl_complete.json").exists()
     # a `latest` that names a tag inside is used (with a warning: nothing to verify it against)
     (plain / "latest").write_text("global_step5")
-    run = must(fork_run(export_argv(plain, tmp_path / "hf", "--student", student, "--no-verify"),
-                        logdir=tmp_path / "e3"), "export of a plain DeepSpeed dir")
+    run = must(
+        fork_run(
+            export_argv(plain, tmp_path / "hf", "--student", student, "--no-verify"),
+            logdir=tmp_path / "e3",
+        ),
+        "export of a plain DeepSpeed dir",
+    )
     assert "unverified" in run.text()
     assert json.loads((tmp_path / "hf" / "export.json").read_text())["tag"] == "global_step5"
     assert not same_weights(_tensors(tmp_path / "hf"), _tensors(ref["export"]))
@@ -156,8 +192,15 @@ def test_trust_remote_code_never_runs_model_code(ref, tmp_path):
     (evil / "modeling_evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\n")
     (evil / "configuration_evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\n")
     cfg = json.loads((evil / "config.json").read_text())
-    cfg.update({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
-                                                   "AutoModelForMaskedLM": "modeling_evil.EvilModel"}})
+    cfg.update(
+        {
+            "model_type": "evil",
+            "auto_map": {
+                "AutoConfig": "configuration_evil.EvilConfig",
+                "AutoModelForMaskedLM": "modeling_evil.EvilModel",
+            },
+        }
+    )
     (evil / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="evil"):
         load_mlm(str(evil))
@@ -170,19 +213,29 @@ def test_export_enospc_then_rerun(ref, tmp_path):
     out = tmp_path / "fs"
     with small_fs(out, "128k") as remount:
         target = out / "hf"
-        fork_refused(export_argv(ref["train"], target), tmp_path / "k", "No space left on device",
-                     "point --out elsewhere", enospc_at=None if remount else 1)
+        fork_refused(
+            export_argv(ref["train"], target),
+            tmp_path / "k",
+            "No space left on device",
+            "point --out elsewhere",
+            enospc_at=None if remount else 1,
+        )
         assert not (target / "model.safetensors").exists()
-        assert not list(out.glob(".tmp-*")), "the failed export's temp dir holds the space a re-run needs"
+        assert not list(out.glob(".tmp-*")), (
+            "the failed export's temp dir holds the space a re-run needs"
+        )
         rerun_with_space(export_argv(ref["train"], target), remount, tmp_path / "r")
         _same_export(target, ref)
 
 
 def test_export_missing_checkpoint_path(tmp_path):
-    fork_refused(export_argv(tmp_path / "nowhere", tmp_path / "hf"), tmp_path / "e", "nowhere", "not found")
+    fork_refused(
+        export_argv(tmp_path / "nowhere", tmp_path / "hf"), tmp_path / "e", "nowhere", "not found"
+    )
 
 
 # ---- eval ---------------------------------------------------------------------------------
+
 
 def _eval_result(p) -> dict:
     d = json.loads(p.read_text())
@@ -193,8 +246,11 @@ def _eval_result(p) -> dict:
 @pytest.mark.parametrize("seed", range(5))
 def test_eval_sigkill_then_rerun(ref, tmp_path, seed):
     out = tmp_path / "eval.json"
-    killed = fork_run(eval_argv(ref["export"], ref["shards"], out),
-                      kill_after=(0, _delay(seed, ref["eval_run"].wall)), logdir=tmp_path / "k")
+    killed = fork_run(
+        eval_argv(ref["export"], ref["shards"], out),
+        kill_after=(0, _delay(seed, ref["eval_run"].wall)),
+        logdir=tmp_path / "k",
+    )
     assert killed.rcs[0] in (-9, 0), killed.text()
     if out.exists():
         assert _eval_result(out) == _eval_result(ref["eval"])
@@ -203,17 +259,27 @@ def test_eval_sigkill_then_rerun(ref, tmp_path, seed):
 
 
 def test_eval_missing_model_path(ref, tmp_path):
-    fork_refused(eval_argv(tmp_path / "no-model", ref["shards"], tmp_path / "e.json"), tmp_path / "e", "no-model")
+    fork_refused(
+        eval_argv(tmp_path / "no-model", ref["shards"], tmp_path / "e.json"),
+        tmp_path / "e",
+        "no-model",
+    )
 
 
 def test_eval_shards_of_other_tokenizer_refused(base, ref, tmp_path):
     argv = with_flag(shard_argv(base, tmp_path / "shards2"), "--tokenizer", base["tokenizer2"])
     must(fork_run(argv, logdir=tmp_path / "s"), "shards with tokenizer2")
-    fork_refused(eval_argv(ref["export"], tmp_path / "shards2", tmp_path / "e.json"), tmp_path / "e", "tokenizer")
+    fork_refused(
+        eval_argv(ref["export"], tmp_path / "shards2", tmp_path / "e.json"),
+        tmp_path / "e",
+        "tokenizer",
+    )
     assert not (tmp_path / "e.json").exists()
 
 
 def test_eval_corrupt_manifest(ref, tmp_path):
     shards = shutil.copytree(ref["shards"], tmp_path / "shards")
     (shards / "dataset.json").write_text("[")
-    fork_refused(eval_argv(ref["export"], shards, tmp_path / "e.json"), tmp_path / "e", "dataset.json")
+    fork_refused(
+        eval_argv(ref["export"], shards, tmp_path / "e.json"), tmp_path / "e", "dataset.json"
+    )

@@ -53,6 +53,7 @@ def no_work(_rank) -> None:
         def f(*_a, **_k):
             print(f"WORK STARTED: {name}", file=sys.stderr, flush=True)
             os._exit(99)
+
         return f
 
     for mod, names in WORK.items():
@@ -64,6 +65,7 @@ def no_work(_rank) -> None:
 def umask_hook(mask: int):
     def pre(_rank):
         os.umask(mask)
+
     return pre
 
 
@@ -71,12 +73,19 @@ def umask_hook(mask: int):
 # a small pipeline, all through the CLI
 # ---------------------------------------------------------------------------------------
 
+
 def _task(d: Path) -> Path:
     """A BLURB-format yes/no task of a few rows (the majority baseline needs nothing else)."""
     d.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", 12), ("dev", 4), ("test", 6)):
-        rows = [{"sentence1": f"question {i}?", "sentence2": "some context words here", "label": "yes" if i % 3 else "no"}
-                for i in range(n)]
+        rows = [
+            {
+                "sentence1": f"question {i}?",
+                "sentence2": "some context words here",
+                "label": "yes" if i % 3 else "no",
+            }
+            for i in range(n)
+        ]
         (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
 
@@ -94,28 +103,117 @@ def run_pipeline(root: Path, mask: int | None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     corpus, task = _corpus(root / "corpus.jsonl"), _task(root / "task")
     o = root / "out"
-    p = {"corpus": corpus, "task": task, "out": o, "tok": o / "tok", "models": o / "models",
-         "student": o / "models" / "student", "teacher": o / "models" / "teacher", "shards": o / "shards",
-         "scores": o / "scores", "cur": o / "cur", "train": o / "train", "export": o / "export",
-         "eval": o / "eval"}
+    p = {
+        "corpus": corpus,
+        "task": task,
+        "out": o,
+        "tok": o / "tok",
+        "models": o / "models",
+        "student": o / "models" / "student",
+        "teacher": o / "models" / "teacher",
+        "shards": o / "shards",
+        "scores": o / "scores",
+        "cur": o / "cur",
+        "train": o / "train",
+        "export": o / "export",
+        "eval": o / "eval",
+    }
     stages = [
         ["tokenizer", "--input", corpus, "--out", p["tok"], "--vocab-size", 500],
         ["init-models", "--preset", "tiny", "--tokenizer", p["tok"], "--out", p["models"]],
-        ["shard", "--input", corpus, "--tokenizer", p["tok"], "--out", p["shards"], "--max-length", 64,
-         "--shard-size", 30, "--no-progress"],
-        ["score", "--shards", p["shards"], "--model", p["student"], "--out", p["scores"], "--no-progress"],
-        ["curriculum", "--shards", p["shards"], "--scores", p["scores"], "--out", p["cur"], "--shard-size", 25,
-         "--no-progress"],
-        ["train", "--curriculum", p["cur"], "--student", p["student"], "--teacher", p["teacher"], "--out",
-         p["train"], "--steps", 1, "--global-batch", 2, "--micro-batch", 2, "--save-every", 1, "--num-workers", 0],
+        [
+            "shard",
+            "--input",
+            corpus,
+            "--tokenizer",
+            p["tok"],
+            "--out",
+            p["shards"],
+            "--max-length",
+            64,
+            "--shard-size",
+            30,
+            "--no-progress",
+        ],
+        [
+            "score",
+            "--shards",
+            p["shards"],
+            "--model",
+            p["student"],
+            "--out",
+            p["scores"],
+            "--no-progress",
+        ],
+        [
+            "curriculum",
+            "--shards",
+            p["shards"],
+            "--scores",
+            p["scores"],
+            "--out",
+            p["cur"],
+            "--shard-size",
+            25,
+            "--no-progress",
+        ],
+        [
+            "train",
+            "--curriculum",
+            p["cur"],
+            "--student",
+            p["student"],
+            "--teacher",
+            p["teacher"],
+            "--out",
+            p["train"],
+            "--steps",
+            1,
+            "--global-batch",
+            2,
+            "--micro-batch",
+            2,
+            "--save-every",
+            1,
+            "--num-workers",
+            0,
+        ],
         ["export", "--checkpoint", p["train"], "--out", p["export"]],
-        ["eval", "mlm", "--model", p["export"], "--shards", p["shards"], "--split", "all", "--max-samples", 12,
-         "--out", p["eval"] / "mlm.json", "--per-sample", p["eval"] / "mlm.npz", "--no-progress"],
-        ["eval", "yesno", "--baseline-only", "--data", task, "--out", p["eval"] / "yesno.json", "--no-progress"],
+        [
+            "eval",
+            "mlm",
+            "--model",
+            p["export"],
+            "--shards",
+            p["shards"],
+            "--split",
+            "all",
+            "--max-samples",
+            12,
+            "--out",
+            p["eval"] / "mlm.json",
+            "--per-sample",
+            p["eval"] / "mlm.npz",
+            "--no-progress",
+        ],
+        [
+            "eval",
+            "yesno",
+            "--baseline-only",
+            "--data",
+            task,
+            "--out",
+            p["eval"] / "yesno.json",
+            "--no-progress",
+        ],
     ]
     for argv in stages:
-        must(fork_run(argv, pre=None if mask is None else umask_hook(mask), logdir=root / "logs" / argv[0]),
-             " ".join(map(str, argv[:2])))
+        must(
+            fork_run(
+                argv, pre=None if mask is None else umask_hook(mask), logdir=root / "logs" / argv[0]
+            ),
+            " ".join(map(str, argv[:2])),
+        )
     return p
 
 
@@ -128,15 +226,36 @@ def pipe(tmp_path_factory):
 
 
 # every kind of output the pipeline writes; the modes test checks these exist before checking modes
-EXPECTED = ["tok/tokenizer.json", "tok/config.yaml", "models/config.yaml", "models/student/model.safetensors",
-            "models/teacher/config.json", "shards/dataset.json", "shards/shard-000000.tar",
-            "shards/shard-000000.idx.json", "shards/shard-000000.stats.json", "scores/scores.json",
-            "scores/shard-000000.scores.npz", "scores/config.yaml", "cur/curriculum.json", "cur/order_scores.npy",
-            "cur/shard-000000.tar", "cur/curriculum.png", "train/checkpoints/global_step1/kdcl_complete.json",
-            "train/checkpoints/global_step1/mp_rank_00_model_states.pt", "train/metrics.jsonl",
-            "train/train_summary.json", "train/student_config/config.json", "train/ds_config.json",
-            "export/model.safetensors", "export/export.json", "export/tokenizer.json", "eval/mlm.json",
-            "eval/mlm.npz", "eval/yesno.json"]
+EXPECTED = [
+    "tok/tokenizer.json",
+    "tok/config.yaml",
+    "models/config.yaml",
+    "models/student/model.safetensors",
+    "models/teacher/config.json",
+    "shards/dataset.json",
+    "shards/shard-000000.tar",
+    "shards/shard-000000.idx.json",
+    "shards/shard-000000.stats.json",
+    "scores/scores.json",
+    "scores/shard-000000.scores.npz",
+    "scores/config.yaml",
+    "cur/curriculum.json",
+    "cur/order_scores.npy",
+    "cur/shard-000000.tar",
+    "cur/curriculum.png",
+    "train/checkpoints/global_step1/kdcl_complete.json",
+    "train/checkpoints/global_step1/mp_rank_00_model_states.pt",
+    "train/metrics.jsonl",
+    "train/train_summary.json",
+    "train/student_config/config.json",
+    "train/ds_config.json",
+    "export/model.safetensors",
+    "export/export.json",
+    "export/tokenizer.json",
+    "eval/mlm.json",
+    "eval/mlm.npz",
+    "eval/yesno.json",
+]
 
 
 def wrong_modes(root: Path, mask: int) -> list[str]:
@@ -167,19 +286,26 @@ def test_every_output_follows_the_umask(pipe, tmp_path, mask):
 # output paths that cannot be written
 # ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def read_only(tmp_path_factory):
     """A real read-only directory: a tmpfs mounted `ro` (root), else a chmod 0555 directory for a
     non-root user (root writes there regardless: skipped)."""
     d = tmp_path_factory.mktemp("ro") / "ro"
     d.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode == 0:
         yield d
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
         return
     if os.geteuid() == 0:
-        pytest.skip(f"cannot mount a read-only tmpfs ({p.stderr.strip()[:80]}) and root ignores chmod 0555")
+        pytest.skip(
+            f"cannot mount a read-only tmpfs ({p.stderr.strip()[:80]}) and root ignores chmod 0555"
+        )
     os.chmod(d, 0o555)
     yield d
     os.chmod(d, 0o755)
@@ -190,14 +316,78 @@ def argv_for(cmd: str, p: dict, out) -> list:
     return {
         "tokenizer": ["tokenizer", "--input", p["corpus"], "--out", out, "--vocab-size", 500],
         "init-models": ["init-models", "--preset", "tiny", "--tokenizer", p["tok"], "--out", out],
-        "shard": ["shard", "--input", p["corpus"], "--tokenizer", p["tok"], "--out", out, "--no-progress"],
-        "score": ["score", "--shards", p["shards"], "--model", p["student"], "--out", out, "--no-progress"],
-        "curriculum": ["curriculum", "--shards", p["shards"], "--scores", p["scores"], "--out", out, "--no-progress"],
-        "train": ["train", "--curriculum", p["cur"], "--student", p["student"], "--teacher", p["teacher"],
-                  "--out", out, "--steps", 1, "--global-batch", 2, "--micro-batch", 2],
+        "shard": [
+            "shard",
+            "--input",
+            p["corpus"],
+            "--tokenizer",
+            p["tok"],
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        "score": [
+            "score",
+            "--shards",
+            p["shards"],
+            "--model",
+            p["student"],
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        "curriculum": [
+            "curriculum",
+            "--shards",
+            p["shards"],
+            "--scores",
+            p["scores"],
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        "train": [
+            "train",
+            "--curriculum",
+            p["cur"],
+            "--student",
+            p["student"],
+            "--teacher",
+            p["teacher"],
+            "--out",
+            out,
+            "--steps",
+            1,
+            "--global-batch",
+            2,
+            "--micro-batch",
+            2,
+        ],
         "export": ["export", "--checkpoint", p["train"], "--out", out],
-        "eval mlm": ["eval", "mlm", "--model", p["export"], "--shards", p["shards"], "--split", "all", "--out", out],
-        "eval yesno": ["eval", "yesno", "--model", p["export"], "--data", p["task"], "--out", out, "--seeds", 1],
+        "eval mlm": [
+            "eval",
+            "mlm",
+            "--model",
+            p["export"],
+            "--shards",
+            p["shards"],
+            "--split",
+            "all",
+            "--out",
+            out,
+        ],
+        "eval yesno": [
+            "eval",
+            "yesno",
+            "--model",
+            p["export"],
+            "--data",
+            p["task"],
+            "--out",
+            out,
+            "--seeds",
+            1,
+        ],
     }[cmd]
 
 
@@ -223,16 +413,35 @@ def _listing(d: Path) -> list[str]:
 
 # (command, where --out points in the read-only directory, the tail of the error line)
 RO_CASES = [
-    ("tokenizer", "tok", "cannot be written there: {ro} is on a read-only file system; choose a writable --out"),
+    (
+        "tokenizer",
+        "tok",
+        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+    ),
     ("init-models", "", "is on a read-only file system; choose a writable --out"),
-    ("shard", "shards", "cannot be written there: {ro} is on a read-only file system; choose a writable --out"),
+    (
+        "shard",
+        "shards",
+        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+    ),
     ("score", "", "is on a read-only file system; choose a writable --out"),
-    ("curriculum", "a/cur", "cannot be written there: {ro} is on a read-only file system; choose a writable --out"),
+    (
+        "curriculum",
+        "a/cur",
+        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+    ),
     ("train", "", "is on a read-only file system; choose a writable --out"),
     ("export", "", "is on a read-only file system; choose a writable --out"),
-    ("eval mlm", "mlm.json", "cannot be written there: {ro} is on a read-only file system; choose a writable --out"),
-    ("eval yesno", "yesno.json",
-     "cannot be written there: {ro} is on a read-only file system; choose a writable --out"),
+    (
+        "eval mlm",
+        "mlm.json",
+        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+    ),
+    (
+        "eval yesno",
+        "yesno.json",
+        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+    ),
 ]
 
 
@@ -243,24 +452,30 @@ def test_read_only_output_refused_before_any_work(pipe, read_only, tmp_path, cmd
     tail = tail.format(ro=read_only)
     line = f"kdcl-dist {name}: error: {out}: --out {tail}"
     run = refused(argv_for(cmd, pipe, out), tmp_path / "logs", line)
-    assert run.wall < 10, run.wall   # forked child, no imports: ~0.2 s when nothing else runs
+    assert run.wall < 10, run.wall  # forked child, no imports: ~0.2 s when nothing else runs
     assert _listing(read_only) == []
 
 
 @pytest.mark.parametrize("cmd", DISTRIBUTED)
 def test_read_only_output_two_ranks_fail_alike(pipe, read_only, tmp_path, cmd):
-    line = (f"kdcl-dist {cmd}: error: {read_only / 'x'}: --out cannot be written there: {read_only} is on a "
-            "read-only file system; choose a writable --out")
+    line = (
+        f"kdcl-dist {cmd}: error: {read_only / 'x'}: --out cannot be written there: {read_only} is on a "
+        "read-only file system; choose a writable --out"
+    )
     refused(argv_for(cmd, pipe, read_only / "x"), tmp_path / "logs", line, world=2)
 
 
-@pytest.mark.parametrize("cmd", ["tokenizer", "init-models", "shard", "score", "curriculum", "train", "export"])
+@pytest.mark.parametrize(
+    "cmd", ["tokenizer", "init-models", "shard", "score", "curriculum", "train", "export"]
+)
 def test_out_naming_a_file_refused_before_any_work(pipe, tmp_path, cmd):
     f = tmp_path / "existing.txt"
     f.write_text("keep me\n")
     before = _listing(tmp_path)
-    line = (f"kdcl-dist {cmd}: error: {f}: exists and is a file; --out must name a directory: remove the file "
-            "or choose another --out")
+    line = (
+        f"kdcl-dist {cmd}: error: {f}: exists and is a file; --out must name a directory: remove the file "
+        "or choose another --out"
+    )
     refused(argv_for(cmd, pipe, f), tmp_path / "logs", line, world=2 if cmd in DISTRIBUTED else 1)
     assert f.read_text() == "keep me\n"
     assert [x for x in _listing(tmp_path) if not x.startswith("logs")] == before
@@ -270,13 +485,19 @@ def test_out_naming_a_file_refused_before_any_work(pipe, tmp_path, cmd):
 def test_eval_out_through_a_file_or_naming_a_directory_refused(pipe, tmp_path, cmd):
     f = tmp_path / "existing.json"
     f.write_text("{}")
-    refused(argv_for(cmd, pipe, f / "r.json"), tmp_path / "l1",
-            f"kdcl-dist eval: error: {f / 'r.json'}: cannot create --out here, {f} is a file, not a directory; "
-            "choose another --out")
+    refused(
+        argv_for(cmd, pipe, f / "r.json"),
+        tmp_path / "l1",
+        f"kdcl-dist eval: error: {f / 'r.json'}: cannot create --out here, {f} is a file, not a directory; "
+        "choose another --out",
+    )
     d = tmp_path / "results"
     d.mkdir()
-    refused(argv_for(cmd, pipe, d), tmp_path / "l2",
-            f"kdcl-dist eval: error: {d}: is a directory; --out must name a file (e.g. {d / 'result.json'})")
+    refused(
+        argv_for(cmd, pipe, d),
+        tmp_path / "l2",
+        f"kdcl-dist eval: error: {d}: is a directory; --out must name a file (e.g. {d / 'result.json'})",
+    )
     assert f.read_text() == "{}" and list(d.iterdir()) == []
 
 
@@ -284,8 +505,12 @@ def test_eval_mlm_per_sample_checked_before_work(pipe, tmp_path):
     f = tmp_path / "existing.json"
     f.write_text("{}")
     argv = argv_for("eval mlm", pipe, tmp_path / "ok.json") + ["--per-sample", f / "x.npz"]
-    refused(argv, tmp_path / "l", f"kdcl-dist eval: error: {f / 'x.npz'}: cannot create --per-sample here, {f} is "
-                                  "a file, not a directory; choose another --per-sample")
+    refused(
+        argv,
+        tmp_path / "l",
+        f"kdcl-dist eval: error: {f / 'x.npz'}: cannot create --per-sample here, {f} is "
+        "a file, not a directory; choose another --per-sample",
+    )
     assert not (tmp_path / "ok.json").exists()
 
 
@@ -301,10 +526,20 @@ def test_not_writable_for_this_user_simulated(pipe, tmp_path):
         os.access = lambda p, m, *a, **k: False if Path(p) == locked else real(p, m, *a, **k)
         no_work(rank)
 
-    run = fork_run(argv_for("score", pipe, locked), world=2, pre=pre, logdir=tmp_path / "l", timeout=120,
-                   stop_others=False)
-    line = (f"kdcl-dist score: error: {locked}: --out is not writable by this user (mode 0555, owner uid "
-            f"{os.getuid()}); choose a writable --out or get write permission there")
+    run = fork_run(
+        argv_for("score", pipe, locked),
+        world=2,
+        pre=pre,
+        logdir=tmp_path / "l",
+        timeout=120,
+        stop_others=False,
+    )
+    line = (
+        f"kdcl-dist score: error: {locked}: --out is not writable by this user (mode 0555, owner uid "
+        f"{os.getuid()}); choose a writable --out or get write permission there"
+    )
     assert run.rcs == [2, 2], run.text()
-    assert all([ln for ln in log.splitlines() if ": error: " in ln] == [line] for log in run.logs), run.text()
+    assert all(
+        [ln for ln in log.splitlines() if ": error: " in ln] == [line] for log in run.logs
+    ), run.text()
     assert "WORK STARTED" not in run.text()

@@ -60,7 +60,9 @@ def test_score_enospc_then_rerun(base, ref, tmp_path):
     out = tmp_path / "fs"
     total = sum(p.stat().st_size for p in ref["scores"].glob("*.npz"))
     with small_fs(out, str(max(4096, total // 2))) as remount:
-        fork_out_of_space(score_argv(base, ref["shards"], out), remount, tmp_path / "k", enospc_at=2)
+        fork_out_of_space(
+            score_argv(base, ref["shards"], out), remount, tmp_path / "k", enospc_at=2
+        )
         assert not (out / "scores.json").exists()
         assert_finished_equal(out, ref["scores"], "*.scores.npz")
         rerun_with_space(score_argv(base, ref["shards"], out), remount, tmp_path / "r")
@@ -70,7 +72,11 @@ def test_score_enospc_then_rerun(base, ref, tmp_path):
 def test_score_truncated_file_refused_then_rescored(base, ref, tmp_path):
     out = shutil.copytree(ref["scores"], tmp_path / "scores")
     cut_file(out / "shard-000004.scores.npz", 300)
-    fork_refused(curriculum_argv(ref["shards"], out, tmp_path / "cur"), tmp_path / "c", "shard-000004.scores.npz")
+    fork_refused(
+        curriculum_argv(ref["shards"], out, tmp_path / "cur"),
+        tmp_path / "c",
+        "shard-000004.scores.npz",
+    )
     # a re-run of the score stage re-scores exactly that shard and restores the reference
     rerun = must(fork_run(score_argv(base, ref["shards"], out), logdir=tmp_path / "r"), "re-run")
     assert "5 of the 6 shards already scored" in rerun.text()
@@ -80,24 +86,37 @@ def test_score_truncated_file_refused_then_rescored(base, ref, tmp_path):
 def test_score_corrupt_manifest_refused(base, ref, tmp_path):
     out = shutil.copytree(ref["scores"], tmp_path / "scores")
     (out / "scores.json").write_text("{not json")
-    fork_refused(curriculum_argv(ref["shards"], out, tmp_path / "cur"), tmp_path / "c", "scores.json", "corrupt")
+    fork_refused(
+        curriculum_argv(ref["shards"], out, tmp_path / "cur"),
+        tmp_path / "c",
+        "scores.json",
+        "corrupt",
+    )
 
 
 def test_scores_stale_after_reshard_with_other_tokenizer(base, ref, tmp_path):
     shards = shutil.copytree(ref["shards"], tmp_path / "shards")
     argv = with_flag(shard_argv(base, shards), "--tokenizer", base["tokenizer2"])
     must(fork_run([*argv, "--overwrite"], logdir=tmp_path / "s"), "re-shard")
-    fork_refused(curriculum_argv(shards, ref["scores"], tmp_path / "cur"), tmp_path / "c", "scores.json",
-                 "dataset fingerprint")
+    fork_refused(
+        curriculum_argv(shards, ref["scores"], tmp_path / "cur"),
+        tmp_path / "c",
+        "scores.json",
+        "dataset fingerprint",
+    )
     assert not (tmp_path / "cur" / "curriculum.json").exists()
 
 
 def test_score_model_of_other_tokenizer_refused(base, ref, tmp_path):
-    argv = with_flag(score_argv(base, ref["shards"], tmp_path / "scores"), "--model", base["teacher2"])
+    argv = with_flag(
+        score_argv(base, ref["shards"], tmp_path / "scores"), "--model", base["teacher2"]
+    )
     fork_refused(argv, tmp_path / "s", "tokenizer differs")
     assert not list((tmp_path / "scores").glob("*.npz"))
 
 
 def test_score_missing_model_path(base, ref, tmp_path):
-    argv = with_flag(score_argv(base, ref["shards"], tmp_path / "scores"), "--model", tmp_path / "no-such-model")
+    argv = with_flag(
+        score_argv(base, ref["shards"], tmp_path / "scores"), "--model", tmp_path / "no-such-model"
+    )
     fork_refused(argv, tmp_path / "s", "no-such-model", "not found")

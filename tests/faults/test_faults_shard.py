@@ -48,8 +48,13 @@ def test_shard_sigkill_one_rank_then_rerun(base, ref, tmp_path, seed):
     out = tmp_path / "shards"
     _, n = sigkill_one_rank(shard_argv(base, out), ref["shard_run"], seed, tmp_path / "k")
     # what survived the kill is either absent or complete: every finished shard equals the reference
-    assert_finished_equal(out, ref["shards"], "shard-*.stats.json", rename=(".stats.json", ".tar"),
-                          what=f" after a kill at event {n}")
+    assert_finished_equal(
+        out,
+        ref["shards"],
+        "shard-*.stats.json",
+        rename=(".stats.json", ".tar"),
+        what=f" after a kill at event {n}",
+    )
     # a kill between a tar's rename and its stats file leaves an orphan tar: the re-run rewrites it
     must(fork_run(shard_argv(base, out), world=2, logdir=tmp_path / "r"), "re-run")
     _same_as_ref(out, ref)
@@ -66,13 +71,17 @@ def test_shard_orphan_tar_rerun(base, ref, tmp_path, evidence):
     for j in (4, 5):
         (out / f"shard-00000{j}.tar").unlink()
         (out / f"shard-00000{j}.idx.json").unlink()
-    if evidence == "marker":   # killed at the first shard: no stats at all, only the run's marker
+    if evidence == "marker":  # killed at the first shard: no stats at all, only the run's marker
         for j in (0, 1, 2):
             (out / f"shard-00000{j}.stats.json").unlink()
         tinfo = json.loads((ref["shards"] / "dataset.json").read_text())["tokenizer"]
-        (out / ".shard-run.json").write_text(json.dumps({"tokenizer_fingerprint": tinfo["fingerprint"]}))
+        (out / ".shard-run.json").write_text(
+            json.dumps({"tokenizer_fingerprint": tinfo["fingerprint"]})
+        )
     # the orphan is a half-finished tar in the worst case: same name, wrong bytes
-    (out / "shard-000003.tar").write_bytes((out / "shard-000003.tar").read_bytes()[:-1024] + bytes(1024))
+    (out / "shard-000003.tar").write_bytes(
+        (out / "shard-000003.tar").read_bytes()[:-1024] + bytes(1024)
+    )
     must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run")
     _same_as_ref(out, ref)
     for j in range(6):
@@ -86,8 +95,12 @@ def test_shard_orphan_tar_of_another_tokenizer_refused(base, ref, tmp_path):
     for st in out.glob("shard-*.stats.json"):
         st.unlink()
     (out / ".shard-run.json").write_text(json.dumps({"tokenizer_fingerprint": "0123456789abcdef"}))
-    fork_refused(shard_argv(base, out), tmp_path / "r", "shard-000000.tar", "0123456789abcdef", "--overwrite")
-    assert (out / "shard-000000.tar").read_bytes() == (ref["shards"] / "shard-000000.tar").read_bytes()
+    fork_refused(
+        shard_argv(base, out), tmp_path / "r", "shard-000000.tar", "0123456789abcdef", "--overwrite"
+    )
+    assert (out / "shard-000000.tar").read_bytes() == (
+        ref["shards"] / "shard-000000.tar"
+    ).read_bytes()
 
 
 def test_shard_enospc_then_rerun(base, ref, tmp_path):
@@ -98,13 +111,17 @@ def test_shard_enospc_then_rerun(base, ref, tmp_path):
         fork_out_of_space(shard_argv(base, out), remount, tmp_path / "k", enospc_at=3)
         assert not (out / "dataset.json").exists()
         # finished shards are whole
-        assert_finished_equal(out, ref["shards"], "shard-*.stats.json", rename=(".stats.json", ".tar"))
+        assert_finished_equal(
+            out, ref["shards"], "shard-*.stats.json", rename=(".stats.json", ".tar")
+        )
         rerun_with_space(shard_argv(base, out), remount, tmp_path / "r")
         _same_as_ref(out, ref)
 
 
 def test_shard_enospc_one_line_error(base, tmp_path):
-    fork_refused(shard_argv(base, tmp_path / "s"), tmp_path / "k", "No space left on device", enospc_at=3)
+    fork_refused(
+        shard_argv(base, tmp_path / "s"), tmp_path / "k", "No space left on device", enospc_at=3
+    )
 
 
 def test_shard_truncated_tar_is_rebuilt(base, ref, tmp_path):
@@ -137,9 +154,9 @@ def test_shard_bitflip_detected_by_readers_and_rewritten(base, ref, tmp_path):
     msg = r"shard-000001\.tar: sha256 \w+\.\.\. differs from .* dataset\.json; the shard is corrupt, re-run `kdcl-dist shard`"
     ss = ShardSet(out, verify=True)
     first = ss.shard_range(1)[0]
-    ss.get(0)                                    # intact shards read fine
+    ss.get(0)  # intact shards read fine
     with pytest.raises(UserError, match=msg):
-        ss.get(first + 5)                        # random access into the corrupt shard
+        ss.get(first + 5)  # random access into the corrupt shard
     with pytest.raises(UserError, match=msg):
         next(iter(ShardSet(out, verify=True).iter_shard(1)))
     with pytest.raises(UserError, match=msg):
@@ -147,13 +164,24 @@ def test_shard_bitflip_detected_by_readers_and_rewritten(base, ref, tmp_path):
     with pytest.raises(UserError, match=msg):
         ShardSet(out).verify()
     ShardSet(out).verify([0, 2, 3, 4, 5])
-    assert ShardSet(out).get(first + 3).ids.tolist() != ShardSet(ref["shards"]).get(first + 3).ids.tolist()
+    assert (
+        ShardSet(out).get(first + 3).ids.tolist()
+        != ShardSet(ref["shards"]).get(first + 3).ids.tolist()
+    )
     # the message's fix works: a re-run rewrites exactly the corrupt shard
-    keep = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar") if p.name != "shard-000001.tar"}
+    keep = {
+        p.name: p.stat().st_mtime_ns
+        for p in out.glob("shard-*.tar")
+        if p.name != "shard-000001.tar"
+    }
     must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run")
     _same_as_ref(out, ref)
     ShardSet(out, verify=True).verify()
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar") if p.name != "shard-000001.tar"} == keep
+    assert {
+        p.name: p.stat().st_mtime_ns
+        for p in out.glob("shard-*.tar")
+        if p.name != "shard-000001.tar"
+    } == keep
 
 
 def test_shard_corrupt_index_same_size_rewritten(base, ref, tmp_path):
@@ -161,7 +189,7 @@ def test_shard_corrupt_index_same_size_rewritten(base, ref, tmp_path):
     p = out / "shard-000002.idx.json"
     idx = json.loads(p.read_text())
     o = idx["ids_offset"]
-    o[1], o[2] = o[2], o[1]            # still valid JSON with the right count: only a checksum sees it
+    o[1], o[2] = o[2], o[1]  # still valid JSON with the right count: only a checksum sees it
     p.write_text(json.dumps(idx, indent=2) + "\n")
     assert p.read_bytes() != (ref["shards"] / p.name).read_bytes()
     must(fork_run(shard_argv(base, out), logdir=tmp_path / "r"), "re-run")
@@ -179,7 +207,12 @@ def test_shard_bitflip_detected(base, ref, tmp_path):
 def test_shard_corrupt_offset_index(base, ref, tmp_path):
     out = shutil.copytree(ref["shards"], tmp_path / "shards")
     (out / "shard-000001.idx.json").write_text('{"keys": ["a", ')
-    line = fork_refused(score_argv(base, out, tmp_path / "scores"), tmp_path / "s", "shard-000001.idx.json", "corrupt")
+    line = fork_refused(
+        score_argv(base, out, tmp_path / "scores"),
+        tmp_path / "s",
+        "shard-000001.idx.json",
+        "corrupt",
+    )
     assert "re-run" in line
     # following the message (delete it, re-run the shard stage) restores the reference
     (out / "shard-000001.idx.json").unlink()
@@ -203,7 +236,9 @@ def test_shard_index_count_mismatch(base, ref, tmp_path):
 def test_shard_corrupt_manifest(base, ref, tmp_path):
     out = shutil.copytree(ref["shards"], tmp_path / "shards")
     cut_file(out / "dataset.json", 200)
-    fork_refused(score_argv(base, out, tmp_path / "scores"), tmp_path / "s", "dataset.json", "corrupt")
+    fork_refused(
+        score_argv(base, out, tmp_path / "scores"), tmp_path / "s", "dataset.json", "corrupt"
+    )
     # the shard stage refuses to guess where the shards came from ...
     fork_refused(shard_argv(base, out), tmp_path / "r", "--overwrite")
     # ... and with --overwrite rebuilds the reference exactly
@@ -218,8 +253,10 @@ def _evil_shard(d: Path) -> None:
     d.mkdir(parents=True)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        for name, data in (("../../evil.ids.npy", npy_bytes(np.array([2, 5, 6, 3], dtype=np.uint16))),
-                           ("../../evil.json", json.dumps({"id": "evil", "n_tokens": 4}).encode())):
+        for name, data in (
+            ("../../evil.ids.npy", npy_bytes(np.array([2, 5, 6, 3], dtype=np.uint16))),
+            ("../../evil.json", json.dumps({"id": "evil", "n_tokens": 4}).encode()),
+        ):
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
@@ -236,8 +273,21 @@ def test_tar_members_never_extracted(tmp_path, monkeypatch):
     _evil_shard(d)
     idx = build_index(d / "shard-000000.tar")
     (d / "shard-000000.idx.json").write_text(json.dumps({**idx, "count": 1}))
-    (d / "dataset.json").write_text(json.dumps({"shards": [{"name": "shard-000000.tar", "index": "shard-000000.idx.json",
-                                                              "count": 1, "bytes": 0, "sha256": ""}]}))
+    (d / "dataset.json").write_text(
+        json.dumps(
+            {
+                "shards": [
+                    {
+                        "name": "shard-000000.tar",
+                        "index": "shard-000000.idx.json",
+                        "count": 1,
+                        "bytes": 0,
+                        "sha256": "",
+                    }
+                ]
+            }
+        )
+    )
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     monkeypatch.chdir(d)
     ss = ShardSet(d)
@@ -251,7 +301,11 @@ def test_tar_members_never_extracted(tmp_path, monkeypatch):
     assert not (tmp_path / "a" / "evil.ids.npy").exists()
     # no code path extracts tar members to disk
     src = Path(__file__).resolve().parents[2] / "kdcl_dist"
-    offenders = [str(p) for p in src.rglob("*.py") if ".extractall(" in p.read_text() or "tf.extract(" in p.read_text()]
+    offenders = [
+        str(p)
+        for p in src.rglob("*.py")
+        if ".extractall(" in p.read_text() or "tf.extract(" in p.read_text()
+    ]
     assert offenders == []
 
 

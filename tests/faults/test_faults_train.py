@@ -42,7 +42,10 @@ def _same_as_ref(out: Path, ref) -> None:
     assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
     assert [m["lambda"] for m in ma] == [m["lambda"] for m in mb]
     tag = f"global_step{STEPS}"
-    diff = same_weights(student_weights(ref["train"] / "checkpoints" / tag), student_weights(out / "checkpoints" / tag))
+    diff = same_weights(
+        student_weights(ref["train"] / "checkpoints" / tag),
+        student_weights(out / "checkpoints" / tag),
+    )
     assert not diff, f"final weights differ: {diff[:5]}"
 
 
@@ -55,9 +58,15 @@ def _ref_final(ref) -> dict:
 @pytest.mark.parametrize("seed", range(5))
 def test_train_sigkill_one_rank_then_resume_auto(base, ref, tmp_path, seed):
     out = tmp_path / "train"
-    sigkill_one_rank(train_argv(base, ref["cur"], out), ref["train_run"], seed, tmp_path / "k", lo_frac=0.2)
-    resumed = must(fork_run(train_argv(base, ref["cur"], out, "--resume", "auto"), world=2,
-                            logdir=tmp_path / "r"), "resume")
+    sigkill_one_rank(
+        train_argv(base, ref["cur"], out), ref["train_run"], seed, tmp_path / "k", lo_frac=0.2
+    )
+    resumed = must(
+        fork_run(
+            train_argv(base, ref["cur"], out, "--resume", "auto"), world=2, logdir=tmp_path / "r"
+        ),
+        "resume",
+    )
     assert resumed.ok
     _same_as_ref(out, ref)
 
@@ -69,12 +78,20 @@ def test_train_sigterm_checkpoints_current_step_and_resumes_identically(base, re
 
     def reached_step_3():
         try:
-            return any(json.loads(ln)["step"] >= 3 for ln in (out / "metrics.jsonl").read_text().splitlines())
+            return any(
+                json.loads(ln)["step"] >= 3
+                for ln in (out / "metrics.jsonl").read_text().splitlines()
+            )
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return False
 
     # SAVE_EVERY=2: a checkpoint at an odd step can only come from the SIGTERM handler
-    run = fork_run(train_argv(base, ref["cur"], out), world=2, sigterm=(1, reached_step_3), logdir=tmp_path / "k")
+    run = fork_run(
+        train_argv(base, ref["cur"], out),
+        world=2,
+        sigterm=(1, reached_step_3),
+        logdir=tmp_path / "k",
+    )
     assert run.ok, f"SIGTERM must end in a clean exit:\n{run.text()}"
     summary = json.loads((out / "train_summary.json").read_text())
     last = read_jsonl(out / "metrics.jsonl")[-1]["step"]
@@ -84,7 +101,12 @@ def test_train_sigterm_checkpoints_current_step_and_resumes_identically(base, re
     latest = ckpt.latest_complete(out / "checkpoints")
     assert latest.name == f"global_step{last}", "no checkpoint at the step SIGTERM interrupted"
     assert json.loads((latest / ckpt.MARKER).read_text())["consumed_samples"] == last * 8
-    must(fork_run(train_argv(base, ref["cur"], out, "--resume", "auto"), world=2, logdir=tmp_path / "r"), "resume")
+    must(
+        fork_run(
+            train_argv(base, ref["cur"], out, "--resume", "auto"), world=2, logdir=tmp_path / "r"
+        ),
+        "resume",
+    )
     assert read_jsonl(out / "resume_log.jsonl")[-1]["step"] == last
     _same_as_ref(out, ref)
 
@@ -94,12 +116,19 @@ def test_train_sigterm_checkpoints_current_step_and_resumes_identically(base, re
 def test_train_latest_tag_points_to_incomplete_checkpoint(base, ref, tmp_path):
     out = shutil.copytree(ref["train"], tmp_path / "train")
     ck = out / "checkpoints"
-    (ck / f"global_step{STEPS}" / "kdcl_complete.json").unlink()   # the save never completed ...
-    cut_file(ck / f"global_step{STEPS}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 1000)  # ... one rank's file cut
+    (ck / f"global_step{STEPS}" / "kdcl_complete.json").unlink()  # the save never completed ...
+    cut_file(
+        ck / f"global_step{STEPS}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 1000
+    )  # ... one rank's file cut
     assert (ck / "latest").read_text().strip() == f"global_step{STEPS}"
     for name in ("train_summary.json",):
         (out / name).unlink()
-    must(fork_run(train_argv(base, ref["cur"], out, "--resume", "auto"), world=2, logdir=tmp_path / "r"), "resume")
+    must(
+        fork_run(
+            train_argv(base, ref["cur"], out, "--resume", "auto"), world=2, logdir=tmp_path / "r"
+        ),
+        "resume",
+    )
     assert read_jsonl(out / "resume_log.jsonl")[-1]["step"] == STEPS - 2
     _same_as_ref(out, ref)
 
@@ -125,8 +154,12 @@ def test_train_damaged_newest_checkpoint_resume_auto_falls_back(base, ref, tmp_p
     ck = out / "checkpoints"
     _damage(ck / f"global_step{STEPS}", "mp_rank_00_model_states.pt", "cut")
     (out / "train_summary.json").unlink()
-    run = must(fork_run(train_argv(base, ref["cur"], out, "--resume", "auto"), world=2, logdir=tmp_path / "r"),
-               "resume")
+    run = must(
+        fork_run(
+            train_argv(base, ref["cur"], out, "--resume", "auto"), world=2, logdir=tmp_path / "r"
+        ),
+        "resume",
+    )
     warn = [ln for ln in run.logs[0].splitlines() if "skipping the damaged checkpoint" in ln]
     assert warn and "mp_rank_00_model_states.pt" in warn[0] and "was cut" in warn[0], run.text()
     assert read_jsonl(out / "resume_log.jsonl")[-1]["step"] == STEPS - 2
@@ -137,17 +170,27 @@ def test_train_damaged_newest_checkpoint_resume_auto_falls_back(base, ref, tmp_p
     assert ckpt.damage(ck / f"global_step{STEPS}") is None
 
 
-@pytest.mark.parametrize("name,how,needle", [
-    ("mp_rank_00_model_states.pt", "cut", "was cut"),
-    ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "flip", "sha256"),
-])
-def test_train_explicit_resume_of_damaged_checkpoint_one_line_error(base, ref, tmp_path, name, how, needle):
+@pytest.mark.parametrize(
+    "name,how,needle",
+    [
+        ("mp_rank_00_model_states.pt", "cut", "was cut"),
+        ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "flip", "sha256"),
+    ],
+)
+def test_train_explicit_resume_of_damaged_checkpoint_one_line_error(
+    base, ref, tmp_path, name, how, needle
+):
     out = shutil.copytree(ref["train"], tmp_path / "train")
     tag = out / "checkpoints" / f"global_step{STEPS}"
     _damage(tag, name, how)
     before = {p.name: p.stat().st_mtime_ns for p in tag.iterdir()}
-    fork_refused(train_argv(base, ref["cur"], out, "--steps", STEPS + 2, "--resume", tag), tmp_path / "r",
-                 name, needle, "damaged")
+    fork_refused(
+        train_argv(base, ref["cur"], out, "--steps", STEPS + 2, "--resume", tag),
+        tmp_path / "r",
+        name,
+        needle,
+        "damaged",
+    )
     assert {p.name: p.stat().st_mtime_ns for p in tag.iterdir()} == before  # nothing rewritten
 
 
@@ -157,7 +200,12 @@ def test_train_every_checkpoint_damaged_one_line_error(base, ref, tmp_path):
     tags = sorted(d for d in ck.iterdir() if d.is_dir())
     for d in tags:
         _damage(d, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "cut")
-    fork_refused(train_argv(base, ref["cur"], out), tmp_path / "r", "every complete checkpoint is damaged", "--resume none")
+    fork_refused(
+        train_argv(base, ref["cur"], out),
+        tmp_path / "r",
+        "every complete checkpoint is damaged",
+        "--resume none",
+    )
     assert sorted(d for d in ck.iterdir() if d.is_dir()) == tags
 
 
@@ -167,22 +215,43 @@ def test_checkpoint_command_on_damaged_checkpoint(ref, tmp_path):
     tag = out / "checkpoints" / f"global_step{STEPS}"
     _damage(tag, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "cut")
     run = must(fork_run(["checkpoint", "list", "--out", out], logdir=tmp_path / "l"), "list")
-    states = {ln.split()[0]: ln.split()[1] for ln in run.logs[0].splitlines() if ln.startswith("global_step")}
-    assert states == {f"global_step{STEPS - 4}": "complete", f"global_step{STEPS - 2}": "complete",
-                      f"global_step{STEPS}": "DAMAGED"}, run.text()
-    fork_refused(["checkpoint", "universal", "--checkpoint", tag], tmp_path / "u",
-                 "zero_pp_rank_1_mp_rank_00_optim_states.pt", "damaged")
+    states = {
+        ln.split()[0]: ln.split()[1]
+        for ln in run.logs[0].splitlines()
+        if ln.startswith("global_step")
+    }
+    assert states == {
+        f"global_step{STEPS - 4}": "complete",
+        f"global_step{STEPS - 2}": "complete",
+        f"global_step{STEPS}": "DAMAGED",
+    }, run.text()
+    fork_refused(
+        ["checkpoint", "universal", "--checkpoint", tag],
+        tmp_path / "u",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "damaged",
+    )
     assert not (out / "checkpoints" / f"global_step{STEPS}_universal").exists()
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 def test_train_resume_against_other_curriculum_refused(base, ref, tmp_path):
     other = tmp_path / "cur2"
-    must(fork_run(with_flag(curriculum_argv(ref["shards"], ref["scores"], other), "--shard-size", 60),
-                  logdir=tmp_path / "c"), "other curriculum")
+    must(
+        fork_run(
+            with_flag(curriculum_argv(ref["shards"], ref["scores"], other), "--shard-size", 60),
+            logdir=tmp_path / "c",
+        ),
+        "other curriculum",
+    )
     out = shutil.copytree(ref["train"], tmp_path / "train")
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    fork_refused(train_argv(base, other, out), tmp_path / "t", "checkpoint was made for curriculum", "--resume none")
+    fork_refused(
+        train_argv(base, other, out),
+        tmp_path / "t",
+        "checkpoint was made for curriculum",
+        "--resume none",
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
@@ -200,7 +269,9 @@ def test_train_enospc_during_checkpoint_then_resume(base, ref, tmp_path):
         failed = [i for i, rc in enumerate(run.rcs) if rc == 2]
         assert failed, run.text()
         lines = [ln for ln in run.logs[failed[0]].splitlines() if ": error: " in ln]
-        assert lines and "No space left on device" in lines[0] and "point --out elsewhere" in lines[0], run.text()
+        assert (
+            lines and "No space left on device" in lines[0] and "point --out elsewhere" in lines[0]
+        ), run.text()
         assert "Traceback" not in run.logs[failed[0]], run.text()
         from kdcl_dist import checkpoint as ckpt
 
@@ -230,7 +301,9 @@ def _torch_save_fails_in(tag: str):
         def save(obj, f, *a, **k):
             if isinstance(f, (str, Path)) and Path(f).parent.name == tag:
                 Path(f).write_bytes(b"PK\x03\x04" + b"\0" * 1000)
-                raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1088 vs 1004")
+                raise RuntimeError(
+                    "[enforce fail at inline_container.cc:664] . unexpected pos 1088 vs 1004"
+                )
             return real(obj, f, *a, **k)
 
         torch.save = save
@@ -244,8 +317,14 @@ def test_train_checkpoint_write_fails_like_a_full_disk(base, ref, tmp_path):
     One line names the checkpoint and the fix; the partial directory is gone; the resume completes."""
     out = tmp_path / "train"
     argv = train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 2)
-    fork_refused(argv, tmp_path / "k", "global_step4", "No space left on device", "point --out elsewhere",
-                 pre=_torch_save_fails_in("global_step4"))
+    fork_refused(
+        argv,
+        tmp_path / "k",
+        "global_step4",
+        "No space left on device",
+        "point --out elsewhere",
+        pre=_torch_save_fails_in("global_step4"),
+    )
     from kdcl_dist import checkpoint as ckpt
 
     items = ckpt.list_checkpoints(out / "checkpoints")
@@ -273,14 +352,23 @@ def test_cli_names_a_full_disk_in_one_line(tmp_path, capsys):
     for exc, code, name in [
         (OSError(errno.ENOSPC, "No space left on device", "/a/b"), errno.ENOSPC, "/a/b"),
         (_raised(wrapped), errno.EDQUOT, str(tmp_path / "x.tar")),
-        (RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
-                      'left on device" })'), errno.ENOSPC, None),
+        (
+            RuntimeError(
+                'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                'left on device" })'
+            ),
+            errno.ENOSPC,
+            None,
+        ),
     ]:
         assert cli.disk_full(exc) == (code, name)
     assert cli.disk_full(RuntimeError("unexpected pos 10 vs 8")) is None
     assert cli.disk_full(ValueError("bad")) is None
     msg = cli.disk_full_message(errno.ENOSPC, None, type("A", (), {"out": str(tmp_path / "o")})())
-    assert msg.startswith(f"{tmp_path / 'o'}: No space left on device; free space on /") and "point --out elsewhere" in msg
+    assert (
+        msg.startswith(f"{tmp_path / 'o'}: No space left on device; free space on /")
+        and "point --out elsewhere" in msg
+    )
 
 
 def _raised(fn):
@@ -343,6 +431,7 @@ def _record_states(logdir: Path):
             while hasattr(opt, "optimizer"):  # DeepSpeed's ZeRO wrapper -> torch's AdamW
                 opt = opt.optimizer
             state = [v for p in opt.state for v in opt.state[p].values() if hasattr(v, "float")]
+
             # ZeRO-3: a rank holds its partition of each parameter (ds_tensor), padded to an
             # equal size per rank; the padding is never written (uninitialised memory), so
             # hash only the elements that belong to the parameter
@@ -352,11 +441,15 @@ def _record_states(logdir: Path):
                     return p
                 t = t.view(-1)
                 start = self.engine.global_rank * t.numel()
-                return t[:max(0, min(t.numel(), p.ds_numel - start))]
+                return t[: max(0, min(t.numel(), p.ds_numel - start))]
 
             weights = (held(p) for _, p in self.engine.module.named_parameters())
-            rec = {"step": self.global_steps, "weights": digest(weights),
-                   "optim": digest(state), "lr": self.lr()}
+            rec = {
+                "step": self.global_steps,
+                "weights": digest(weights),
+                "optim": digest(state),
+                "lr": self.lr(),
+            }
             with open(logdir / f"state{rank}.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             return res
@@ -369,7 +462,7 @@ def _record_states(logdir: Path):
 def _override(argv: list, kv: str) -> list:
     """argv with KEY=VALUE added to its one trailing group of overrides (TRAIN_FLAGS' warmup_steps=2)."""
     i = next(i for i, a in enumerate(argv) if isinstance(a, str) and a.startswith("warmup_steps="))
-    return [*argv[:i + 1], kv, *argv[i + 1:]]
+    return [*argv[: i + 1], kv, *argv[i + 1 :]]
 
 
 def _both(*hooks):
@@ -393,8 +486,14 @@ def _is_nan(x) -> bool:  # metrics.jsonl writes NaN as null
 def test_train_nan_loss_step_skipped_zero2(base, ref, tmp_path):
     """ZeRO-1/2: DeepSpeed's overflow check skips the optimizer step; training goes on."""
     out = tmp_path / "train"
-    run = must(fork_run(train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4), pre=_nan_at({5}),
-                        logdir=tmp_path / "t"), "train with one NaN step")
+    run = must(
+        fork_run(
+            train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4),
+            pre=_nan_at({5}),
+            logdir=tmp_path / "t",
+        ),
+        "train with one NaN step",
+    )
     assert "step 3: non-finite loss on rank 0; step skipped" in run.text()
     m = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in m] == [1, 2, 3, 4]
@@ -406,17 +505,43 @@ def test_train_nan_loss_step_skipped_zero2(base, ref, tmp_path):
 def test_train_nan_loss_step_skipped_zero0(base, ref, tmp_path):
     """ZeRO-0 (the default cpu_fp32.json): torch's AdamW has no overflow check; the engine skips."""
     out = tmp_path / "train"
-    must(fork_run(train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4, "--ds-config",
-                             "ds_configs/cpu_fp32.json"), pre=_nan_at({5}), logdir=tmp_path / "t"), "train")
+    must(
+        fork_run(
+            train_argv(
+                base,
+                ref["cur"],
+                out,
+                "--steps",
+                4,
+                "--save-every",
+                4,
+                "--ds-config",
+                "ds_configs/cpu_fp32.json",
+            ),
+            pre=_nan_at({5}),
+            logdir=tmp_path / "t",
+        ),
+        "train",
+    )
     assert _finite(out / "checkpoints" / "global_step4"), "NaN reached the weights"
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["zero_stage"] == 0 and summary["nonfinite_steps"] == 1 and summary["skipped_steps"] == [3]
+    assert (
+        summary["zero_stage"] == 0
+        and summary["nonfinite_steps"] == 1
+        and summary["skipped_steps"] == [3]
+    )
 
 
 def test_train_nan_loss_step_counted(base, ref, tmp_path):
     out = tmp_path / "train"
-    must(fork_run(train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4), pre=_nan_at({5}),
-                  logdir=tmp_path / "t"), "train with one NaN step")
+    must(
+        fork_run(
+            train_argv(base, ref["cur"], out, "--steps", 4, "--save-every", 4),
+            pre=_nan_at({5}),
+            logdir=tmp_path / "t",
+        ),
+        "train with one NaN step",
+    )
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["nonfinite_steps"] == 1 and summary["skipped_steps"] == [3]
     assert summary["loss_scale_overflows"] == 0
@@ -445,8 +570,24 @@ def test_train_nan_teacher_logits_named(base, ref, tmp_path):
         kde.KDEngine._teacher_forward = fake
 
     out = tmp_path / "train"
-    run = must(fork_run(train_argv(base, ref["cur"], out, "--steps", 3, "--save-every", 3, "--ds-config",
-                                   "ds_configs/cpu_fp32.json"), pre=pre, logdir=tmp_path / "t"), "train")
+    run = must(
+        fork_run(
+            train_argv(
+                base,
+                ref["cur"],
+                out,
+                "--steps",
+                3,
+                "--save-every",
+                3,
+                "--ds-config",
+                "ds_configs/cpu_fp32.json",
+            ),
+            pre=pre,
+            logdir=tmp_path / "t",
+        ),
+        "train",
+    )
     assert "step 2: non-finite teacher logits + kd loss on rank 0; step skipped" in run.text()
     assert json.loads((out / "train_summary.json").read_text())["skipped_steps"] == [2]
     assert _finite(out / "checkpoints" / "global_step3")
@@ -454,14 +595,29 @@ def test_train_nan_teacher_logits_named(base, ref, tmp_path):
 
 def test_train_nan_loss_in_a_row_aborts(base, ref, tmp_path):
     out = tmp_path / "train"
-    line = fork_refused(train_argv(base, ref["cur"], out, "--steps", 8, "--save-every", 100), tmp_path / "t",
-                        "non-finite", "train.max_nonfinite_steps", "steps 1-5", pre=_nan_at(set(range(2, 100))))
+    line = fork_refused(
+        train_argv(base, ref["cur"], out, "--steps", 8, "--save-every", 100),
+        tmp_path / "t",
+        "non-finite",
+        "train.max_nonfinite_steps",
+        "steps 1-5",
+        pre=_nan_at(set(range(2, 100))),
+    )
     assert "weights are those after step 0" in line
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     # the limit is an option: 0 never aborts
     out2 = tmp_path / "train2"
-    must(fork_run(_override(train_argv(base, ref["cur"], out2, "--steps", 3, "--save-every", 100),
-                            "max_nonfinite_steps=0"), pre=_nan_at(set(range(2, 100))), logdir=tmp_path / "t2"), "max_nonfinite_steps=0")
+    must(
+        fork_run(
+            _override(
+                train_argv(base, ref["cur"], out2, "--steps", 3, "--save-every", 100),
+                "max_nonfinite_steps=0",
+            ),
+            pre=_nan_at(set(range(2, 100))),
+            logdir=tmp_path / "t2",
+        ),
+        "max_nonfinite_steps=0",
+    )
     assert json.loads((out2 / "train_summary.json").read_text())["skipped_steps"] == [1, 2, 3]
 
 
@@ -480,8 +636,15 @@ def test_train_nan_on_one_rank_skipped_by_both(base, ref, tmp_path, ds):
     def run(out, name, pre, *extra, override=None):
         logdir = tmp_path / name
         argv = train_argv(base, ref["cur"], out, *flags, *extra)
-        must(fork_run(_override(argv, override) if override else argv, world=2,
-                      pre=_both(pre, _record_states(logdir)), logdir=logdir), name)
+        must(
+            fork_run(
+                _override(argv, override) if override else argv,
+                world=2,
+                pre=_both(pre, _record_states(logdir)),
+                logdir=logdir,
+            ),
+            name,
+        )
         return [read_jsonl(logdir / f"state{r}.jsonl") for r in (0, 1)], logdir
 
     (a0, a1), a_logs = run(tmp_path / "a", "a", nan)
@@ -489,7 +652,9 @@ def test_train_nan_on_one_rank_skipped_by_both(base, ref, tmp_path, ds):
     # the decision was taken on both ranks: rank 0 saw a finite loss and still skipped
     for a in (a0, a1):
         assert [r["step"] for r in a] == [1, 2, 3, 4, 5]
-        assert a[2]["weights"] == a[1]["weights"] and a[2]["optim"] == a[1]["optim"], "step 3 changed the state"
+        assert a[2]["weights"] == a[1]["weights"] and a[2]["optim"] == a[1]["optim"], (
+            "step 3 changed the state"
+        )
         assert a[3]["weights"] != a[2]["weights"], "training did not go on after the skipped step"
     if ds != "zero3":  # ZeRO-3 ranks hold different partitions
         assert [r["weights"] for r in a0] == [r["weights"] for r in a1], "the ranks' weights differ"
@@ -499,12 +664,21 @@ def test_train_nan_on_one_rank_skipped_by_both(base, ref, tmp_path, ds):
     for a, b in ((a0, b0), (a1, b1)):
         assert a[:2] == b[:2]
         assert (a[2]["weights"], a[2]["optim"]) == (b[1]["weights"], b[1]["optim"])
-        assert [r["lr"] for r in a] == [r["lr"] for r in b], "the lr schedule must follow the global step"
-    assert read_jsonl(tmp_path / "a" / "samples.jsonl") == read_jsonl(tmp_path / "b" / "samples.jsonl")
-    ma, mb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+        assert [r["lr"] for r in a] == [r["lr"] for r in b], (
+            "the lr schedule must follow the global step"
+        )
+    assert read_jsonl(tmp_path / "a" / "samples.jsonl") == read_jsonl(
+        tmp_path / "b" / "samples.jsonl"
+    )
+    ma, mb = (
+        read_jsonl(tmp_path / "a" / "metrics.jsonl"),
+        read_jsonl(tmp_path / "b" / "metrics.jsonl"),
+    )
     assert [m["lr"] for m in ma] == [m["lr"] for m in mb]
     assert [m["consumed_samples"] for m in ma] == [8, 16, 24, 32, 40]
-    assert _is_nan(ma[2]["loss"]) and not any(_is_nan(m["loss"]) for i, m in enumerate(ma) if i != 2)
+    assert _is_nan(ma[2]["loss"]) and not any(
+        _is_nan(m["loss"]) for i, m in enumerate(ma) if i != 2
+    )
     summary = json.loads((tmp_path / "a" / "train_summary.json").read_text())
     assert summary["nonfinite_steps"] == 1 and summary["skipped_steps"] == [3]
     rank0 = (a_logs / "rank0.log").read_text()
@@ -519,17 +693,25 @@ def test_train_nan_on_one_rank_skipped_by_both(base, ref, tmp_path, ds):
     run(c, "c2", lambda r: None, "--resume", "auto")
     assert read_jsonl(c / "resume_log.jsonl")[-1]["step"] == 3
     summary = json.loads((c / "train_summary.json").read_text())
-    assert summary["nonfinite_steps"] == 1 and summary["skipped_steps"] == [3], "the count was not resumed"
+    assert summary["nonfinite_steps"] == 1 and summary["skipped_steps"] == [3], (
+        "the count was not resumed"
+    )
     mc = read_jsonl(c / "metrics.jsonl")
-    assert [m["loss"] for m in mc] == [m["loss"] for m in ma] and [m["lr"] for m in mc] == [m["lr"] for m in ma]
+    assert [m["loss"] for m in mc] == [m["loss"] for m in ma] and [m["lr"] for m in mc] == [
+        m["lr"] for m in ma
+    ]
     assert [m["nonfinite_steps"] for m in mc] == [0, 0, 1, 1, 1]
-    diff = same_weights(student_weights(tmp_path / "a" / "checkpoints" / "global_step5"),
-                        student_weights(c / "checkpoints" / "global_step5"))
+    diff = same_weights(
+        student_weights(tmp_path / "a" / "checkpoints" / "global_step5"),
+        student_weights(c / "checkpoints" / "global_step5"),
+    )
     assert not diff, f"resume after a skipped step is not bit-exact: {diff[:5]}"
 
 
 def test_train_teacher_student_vocabulary_mismatch(base, ref, tmp_path):
-    argv = with_flag(train_argv(base, ref["cur"], tmp_path / "train"), "--teacher", base["teacher2"])
+    argv = with_flag(
+        train_argv(base, ref["cur"], tmp_path / "train"), "--teacher", base["teacher2"]
+    )
     t0 = time.time()
     fork_refused(argv, tmp_path / "t", "teacher2")
     assert not (tmp_path / "train" / "checkpoints").exists()
@@ -537,22 +719,44 @@ def test_train_teacher_student_vocabulary_mismatch(base, ref, tmp_path):
 
 
 def test_train_ds_config_batch_sizes_contradict_world_size(base, ref, tmp_path):
-    cfg = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json").read_text())
+    cfg = json.loads(
+        (Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json").read_text()
+    )
     # 8 = 4 x 1 x 2 would hold on two ranks; this run has one rank (-> accumulation 2)
-    cfg.update({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1})
+    cfg.update(
+        {
+            "train_batch_size": 8,
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+        }
+    )
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(cfg))
-    fork_refused(train_argv(base, ref["cur"], tmp_path / "train", "--ds-config", p), tmp_path / "t",
-                 "ds.json", "gradient_accumulation_steps", "world size 1")
+    fork_refused(
+        train_argv(base, ref["cur"], tmp_path / "train", "--ds-config", p),
+        tmp_path / "t",
+        "ds.json",
+        "gradient_accumulation_steps",
+        "world size 1",
+    )
 
 
 def test_train_missing_model_path(base, ref, tmp_path):
-    argv = with_flag(train_argv(base, ref["cur"], tmp_path / "train"), "--student", tmp_path / "no-student")
+    argv = with_flag(
+        train_argv(base, ref["cur"], tmp_path / "train"), "--student", tmp_path / "no-student"
+    )
     fork_refused(argv, tmp_path / "t", "no-student")
 
 
 def test_train_steps_beyond_the_data(base, ref, tmp_path):
-    fork_refused(train_argv(base, ref["cur"], tmp_path / "train", "--steps", 10_000, "--epochs", 1), tmp_path / "t",
-                 "train.steps", "--epochs")
-    fork_refused(train_argv(base, ref["cur"], tmp_path / "train2", "--global-batch", 100_000), tmp_path / "t2",
-                 "train.global_batch")
+    fork_refused(
+        train_argv(base, ref["cur"], tmp_path / "train", "--steps", 10_000, "--epochs", 1),
+        tmp_path / "t",
+        "train.steps",
+        "--epochs",
+    )
+    fork_refused(
+        train_argv(base, ref["cur"], tmp_path / "train2", "--global-batch", 100_000),
+        tmp_path / "t2",
+        "train.global_batch",
+    )
