@@ -689,7 +689,7 @@ class Experiment:
             if models["from_teacher"]:  # the pretrained teacher copied, the student built from it
                 override = [f"teacher={models['source']['teacher']}"] if c.teacher else []
                 r.step(
-                    "init-models (student from teacher)",
+                    "init-models/student-from-teacher",
                     ["init-models", "--preset", self.preset, "--out", p["models"], *override],
                     p["models"] / "student" / "config.json",
                 )

