@@ -30,8 +30,25 @@ class DemoConfig:
     max_docs: int = option(2000, help="documents of the real corpus to use (0: all)", min=0)
     synthetic_docs: int = option(2000, help="documents generated when no corpus exists", min=100)
     steps: int = option(60, help="KD-CL-SR training steps", min=1)
-    teacher_steps: int = option(100, help="teacher adaptation steps", min=1)
-    warmup_student_steps: int = option(30, help="student warm-up steps", min=1)
+    teacher: str = option(
+        "",
+        help="pretrained teacher (directory, hub name, pkg:PACKAGE or minilm; with --student); "
+        "unset: random-init tiny models and a tokenizer trained on the corpus",
+    )
+    student: str = option(
+        "",
+        help="pretrained student with the teacher's vocabulary (its tokenizer builds the shards)",
+    )
+    teacher_steps: int | None = option(
+        None,
+        help="teacher adaptation steps (unset: 100 with random-init models, 0 with pretrained ones)",
+        min=0,
+    )
+    warmup_student_steps: int | None = option(
+        None,
+        help="student warm-up steps (unset: 30 with random-init models, 0 with pretrained ones)",
+        min=0,
+    )
     nproc: int = option(2, help="ranks for scoring and KD-CL-SR training", min=1)
     reliance: str = option(
         "sr-paper",
@@ -91,14 +108,19 @@ def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
     if synthetic:
         print("*** SYNTHETIC DATA ***  set KDCL_DATA_DIR or pass --corpus for real text")
     print(BANNER)
+    pretrained = bool(cfg.teacher or cfg.student)
     ecfg = ExperimentConfig(
         seeds=1,
         steps=cfg.steps,
         arms=["kd-cl-sr-paper"],
         heldout_percent=cfg.heldout_percent,
         max_docs=0 if synthetic or corpus else cfg.max_docs,
-        teacher_steps=cfg.teacher_steps,
-        warmup_student_steps=cfg.warmup_student_steps,
+        teacher=cfg.teacher,
+        student=cfg.student,
+        teacher_steps=cfg.teacher_steps if cfg.teacher_steps is not None or pretrained else 100,
+        warmup_student_steps=(
+            cfg.warmup_student_steps if cfg.warmup_student_steps is not None or pretrained else 30
+        ),
         nproc=cfg.nproc,
         parallel=1,
         global_batch=32,
@@ -128,16 +150,19 @@ def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
         out / "student-kd-cl-sr",
         torchrun_cli(cfg.nproc),
     )
-    models = {
-        "student (random init)": exp.p["models"] / "student",
-        "student before KD (warmed up)": prep["student"],
-        "student after KD-CL-SR": out / "student-kd-cl-sr",
-        "teacher (random init)": exp.p["models"] / "teacher",
-        "teacher (domain-adapted)": prep["teacher"],
-    }
-    keys = ["student-init", "student-before", "student-after", "teacher-init", "teacher-adapted"]
+    start = "pretrained" if prep["pretrained"] else "random init"
+    # (key, label, model); a stage that did not run adds no second row for the same model
+    rows = [("student-init", f"student ({start})", prep["student_init"])]
+    if prep["warmup_steps"]:
+        rows.append(("student-before", "student before KD (warmed up)", prep["student"]))
+    rows += [
+        ("student-after", "student after KD-CL-SR", out / "student-kd-cl-sr"),
+        ("teacher-init", f"teacher ({start})", prep["teacher_init"]),
+    ]
+    if prep["teacher_steps"]:
+        rows.append(("teacher-adapted", "teacher (domain-adapted)", prep["teacher"]))
     results = {}
-    for key, (label, model) in zip(keys, models.items()):
+    for key, label, model in rows:
         path = exp.eval_mlm(key, model, in_process=True)
         results[label] = json.loads(path.read_text())
     wall = time.time() - t0
@@ -165,7 +190,7 @@ def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
 def write_demo_report(
     out: Path, desc: str, prep: dict, results: dict, cfg: DemoConfig, wall: float, synthetic: bool
 ) -> Path:
-    from kdcl_dist.experiment import read_metrics
+    from kdcl_dist.experiment import _prep_text, read_metrics
     from kdcl_dist.utils import atomic_path
 
     m = read_metrics(out / "kd-cl-sr" / "metrics.jsonl")
@@ -177,8 +202,9 @@ def write_demo_report(
         f"({cfg.heldout_percent}% by id hash), training documents: {prep['split']['train']}.",
         "",
         f"KD-CL-SR run: {cfg.steps} steps, reliance {cfg.reliance}, easy→hard order, {cfg.nproc} ranks "
-        f"(teacher adapted for {cfg.teacher_steps} steps, student warmed up for {cfg.warmup_student_steps}). "
-        f"Wall time {wall / 60:.1f} min.",
+        f"({_prep_text(prep)}) Wall time {wall / 60:.1f} min.",
+        "",
+        f"Models: {prep['models']}.",
         "",
         "| model | held-out MLM loss | perplexity | masked tokens |",
         "|---|---|---|---|",

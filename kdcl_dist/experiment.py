@@ -22,6 +22,13 @@ skipped, so a killed experiment is resumed by re-running the same command):
      loss-curve and λ-schedule plots (from each run's metrics.jsonl), and a plain statement of
      which differences are significant.
 
+Pretrained models (`--teacher/--student`, or a preset whose `models.teacher` is a pretrained
+reference: minilm, paper; `Experiment.resolve_models`): step 2 shards with the student's
+tokenizer (no tokenizer, no random init; a `{from_teacher: true}` student is built by one
+`init-models --preset P` step), steps 4-5 default to 0 steps (a headless checkpoint must run
+them: `check_heads`), step 3 runs only when a preparation run does, and step 6 scores the
+pretrained (or warmed) student. A pair with different vocabularies is refused before any work.
+
 What a seed varies: the training seed (order for random/pacing arms, training masks, dropout).
 The starting student, the adapted teacher and the curriculum are shared by all arms: they are
 the fixed starting point the paper's arms share too (pretrained DistilBERT and BioBERT).
@@ -132,9 +139,27 @@ class ExperimentConfig:
         5, help="percent of documents held out for MLM evaluation", min=1, max=50
     )
     max_docs: int = option(0, help="use the first N documents of the corpus (0: all)", min=0)
-    teacher_steps: int = option(0, help="teacher adaptation steps (0: same as --steps)", min=0)
-    warmup_student_steps: int = option(
-        0, help="student warm-up steps (0: a quarter of --steps)", min=0
+    teacher: str = option(
+        "",
+        help="pretrained teacher (directory, hub name, pkg:PACKAGE or minilm); unset: the "
+        "preset's models.teacher when it names a pretrained model, else a random-init tiny teacher",
+    )
+    student: str = option(
+        "",
+        help="pretrained student (same vocabulary as the teacher; its tokenizer builds the shards); "
+        "unset: the preset's models.student",
+    )
+    teacher_steps: int | None = option(
+        None,
+        help="teacher adaptation steps (unset: same as --steps with random-init models, "
+        "0 with pretrained ones; 0: none)",
+        min=0,
+    )
+    warmup_student_steps: int | None = option(
+        None,
+        help="student warm-up steps (unset: a quarter of --steps with random-init models, "
+        "0 with pretrained ones; 0: none)",
+        min=0,
     )
     global_batch: int = option(32, help="samples per optimizer step of every training run", min=1)
     micro_batch: int = option(16, help="samples per forward on one rank", min=1)
@@ -398,7 +423,8 @@ class Experiment:
     def n_train_samples(self) -> int:
         from kdcl_dist.utils import read_json
 
-        return int(read_json(self.p["cur0"] / "curriculum.json").get("num_samples"))
+        cur = self.p["cur0"] if (self.p["cur0"] / "curriculum.json").exists() else self.p["cur"]
+        return int(read_json(cur / "curriculum.json").get("num_samples"))
 
     def steps(self) -> int:
         if self.cfg.steps:
@@ -478,6 +504,7 @@ class Experiment:
         scores: Path,
         cur: Path,
         launcher: list[str] | None = None,
+        score_extra: list[str] | None = None,
     ) -> None:
         """Score the training shards with `model`, then sort them into the curriculum `cur`."""
         shards = self.p["shards"]
@@ -493,6 +520,7 @@ class Experiment:
                 model,
                 "--out",
                 scores,
+                *(score_extra or []),
             ],
             scores / "scores.json",
             launcher,
@@ -513,39 +541,160 @@ class Experiment:
             cur / "curriculum.json",
         )
 
+    def resolve_models(self) -> dict | None:
+        """The pretrained pair this experiment starts from, or None (random-init tiny models).
+
+        `--teacher`/`--student` (section `experiment`) win; otherwise the preset's `models:`
+        section when its `teacher` is a pretrained reference (a string): `paper` names two hub
+        models, `minilm` a packaged teacher and a student `{from_teacher: true, layers: N}` built
+        from it by `init-models --preset P --out models` (one step). Returns {"teacher", "student":
+        the references the stages use, "source": the references as given, "from_teacher": spec or
+        None, "origin": where they came from}.
+        """
+        from kdcl_dist.commands.init_models import _from_teacher_spec
+        from kdcl_dist.config import load_preset
+
+        c = self.cfg
+        pm = (load_preset(self.preset) or {}).get("models") or {}
+        p_teacher = pm.get("teacher") if isinstance(pm.get("teacher"), str) else ""
+        teacher = c.teacher or p_teacher
+        if not teacher:
+            if c.student:
+                raise UserError(
+                    f"experiment.student: {c.student!r} needs a pretrained teacher too; pass --teacher "
+                    "(same vocabulary), or a preset naming one (minilm, paper)"
+                )
+            return None
+        origin = "--teacher/--student" if c.teacher else f"preset {self.preset} (models:)"
+        spec = None
+        student = c.student
+        if not student:
+            p_student = pm.get("student")
+            if isinstance(p_student, str) and p_teacher:
+                student = p_student
+            elif p_teacher and isinstance(p_student, dict) and p_student.get("from_teacher"):
+                spec = _from_teacher_spec(p_student)
+            else:
+                raise UserError(
+                    f"experiment.teacher: {teacher!r} is a pretrained model; pass --student (a pretrained "
+                    "model with the same vocabulary): the random-init tiny student has its own tokenizer"
+                )
+        elif not c.teacher and c.student:
+            origin = f"preset {self.preset} (teacher), --student"
+        if spec is not None:
+            models = self.p["models"]
+            return {
+                "teacher": str(models / "teacher"),
+                "student": str(models / "student"),
+                "source": {
+                    "teacher": teacher,
+                    "student": f"{spec['layers']} layers of the teacher ({spec.get('arch', 'distilbert')})",
+                },
+                "from_teacher": spec,
+                "origin": origin,
+            }
+        return {
+            "teacher": str(teacher),
+            "student": str(student),
+            "source": {"teacher": str(teacher), "student": str(student)},
+            "from_teacher": None,
+            "origin": origin,
+        }
+
+    def check_vocabulary(self, teacher: str, student: str) -> None:
+        """Refuse (one line, before any work) a pair whose vocabularies differ, as `train` does."""
+        from kdcl_dist.data.tokenizer import load_tokenizer
+        from kdcl_dist.kd.models import check_same_vocabulary
+
+        check_same_vocabulary(load_tokenizer(teacher), load_tokenizer(student), teacher, student)
+
+    def prep_steps(self, pretrained: bool) -> tuple[int | None, int | None]:
+        """(teacher adaptation, student warm-up) steps; None: a quarter of / all of --steps (tiny)."""
+        c = self.cfg
+        if pretrained:
+            return c.teacher_steps or 0, c.warmup_student_steps or 0
+        return c.teacher_steps, c.warmup_student_steps
+
+    def check_heads(self, models: dict, t_steps: int, w_steps: int) -> None:
+        """A headless checkpoint (all-MiniLM-L6-v2, a student built from it) is only usable after a
+        training stage fits its MLM head: refuse the plan that would score or distil with a random head."""
+        from kdcl_dist.kd.models import checkpoint_lacks_head
+
+        src = models["source"]["teacher"]
+        t_head = checkpoint_lacks_head(src)
+        s_head = t_head if models["from_teacher"] else checkpoint_lacks_head(models["student"])
+        if t_head and not t_steps:
+            raise UserError(
+                f"experiment.teacher_steps: the teacher {src} has no masked-LM head; set teacher_steps "
+                "> 0 (the adaptation run fits one), else every KD arm distils from a random head"
+            )
+        if s_head and not w_steps:
+            raise UserError(
+                f"experiment.warmup_student_steps: the student {models['source']['student']} has no "
+                "masked-LM head; set warmup_student_steps > 0 (the warm-up fits one), else the "
+                "curriculum is scored by a random head"
+            )
+
     def prepare(self) -> dict:
         c, p, r = self.cfg, self.p, self.r
+        models = self.resolve_models()
+        pretrained = models is not None
+        t_steps, w_steps = self.prep_steps(pretrained)
+        if pretrained:  # every refusal before any work
+            self.check_heads(models, t_steps, w_steps)
+            if not models["from_teacher"]:
+                self.check_vocabulary(models["teacher"], models["student"])
+            print(
+                f"models ({models['origin']}): teacher {models['source']['teacher']}, "
+                f"student {models['source']['student']} (pretrained: no tokenizer training, no random init)"
+            )
         split = split_corpus(self.corpus, p["data"], c.heldout_percent, c.max_docs)
         print(
             f"corpus {self.corpus}: {split['train']} training documents, {split['heldout']} held out "
             f"({c.heldout_percent}% by id hash)"
         )
-        r.step(
-            "tokenizer",
-            [
+        if not pretrained:
+            r.step(
                 "tokenizer",
-                "--preset",
-                self.preset,
-                "--input",
-                p["data"] / "train.jsonl",
-                "--out",
-                p["tokenizer"],
-            ],
-            p["tokenizer"] / "tokenizer_config.json",
-        )
-        r.step(
-            "init-models",
-            [
+                [
+                    "tokenizer",
+                    "--preset",
+                    self.preset,
+                    "--input",
+                    p["data"] / "train.jsonl",
+                    "--out",
+                    p["tokenizer"],
+                ],
+                p["tokenizer"] / "tokenizer_config.json",
+            )
+            r.step(
                 "init-models",
-                "--preset",
-                self.preset,
-                "--tokenizer",
+                [
+                    "init-models",
+                    "--preset",
+                    self.preset,
+                    "--tokenizer",
+                    p["tokenizer"],
+                    "--out",
+                    p["models"],
+                ],
+                p["models"] / "student" / "config.json",
+            )
+            teacher0, student0, tokenizer = (
+                p["models"] / "teacher",
+                p["models"] / "student",
                 p["tokenizer"],
-                "--out",
-                p["models"],
-            ],
-            p["models"] / "student" / "config.json",
-        )
+            )
+        else:
+            if models["from_teacher"]:  # the pretrained teacher copied, the student built from it
+                override = [f"teacher={models['source']['teacher']}"] if c.teacher else []
+                r.step(
+                    "init-models/student-from-teacher",
+                    ["init-models", "--preset", self.preset, "--out", p["models"], *override],
+                    p["models"] / "student" / "config.json",
+                )
+            teacher0, student0 = models["teacher"], models["student"]
+            tokenizer = student0  # the shards are the student's tokens
         shard_extra = [f"max_length={c.max_length}"] if c.max_length else []
         for part, out in (("train", p["shards"]), ("heldout", p["heldout_shards"])):
             r.step(
@@ -557,7 +706,7 @@ class Experiment:
                     "--input",
                     p["data"] / f"{part}.jsonl",
                     "--tokenizer",
-                    p["tokenizer"],
+                    tokenizer,
                     "--out",
                     out,
                     "--no-progress",
@@ -566,42 +715,63 @@ class Experiment:
                 out / "dataset.json",
             )
         launcher = torchrun_cli(c.nproc)
-        self.score_then_curriculum(
-            ("score/initial-student", "curriculum/initial"),
-            p["models"] / "student",
-            p["scores0"],
-            p["cur0"],
-            launcher,
-        )
-        steps = self.steps()
-        t_steps = c.teacher_steps or steps
-        w_steps = c.warmup_student_steps or max(1, steps // 4)
+        need_prep = t_steps is None or w_steps is None or t_steps > 0 or w_steps > 0
+        if need_prep:
+            # the preparation runs read in random order, but train needs a curriculum directory:
+            # `cur0` from the initial student (a pretrained student without head: its order is unused)
+            self.score_then_curriculum(
+                ("score/initial-student", "curriculum/initial"),
+                student0,
+                p["scores0"],
+                p["cur0"],
+                launcher,
+                score_extra=["--allow-new-head"] if pretrained else [],
+            )
+            steps = self.steps()
+            if t_steps is None:
+                t_steps = steps
+            if w_steps is None:
+                w_steps = max(1, steps // 4)
         prep = self.out / "prep"
+        final = {"teacher": teacher0, "student": student0}
         # student-only MLM (no teacher, random order) adapts the teacher and warms up the student
         for stage, who, n in (
             ("adapt-teacher", "teacher", t_steps),
             ("warmup-student", "student", w_steps),
         ):
+            if not n:
+                continue
             train_out = prep / f"{who}-train"
             self.train_then_export(
                 (f"{stage}/train", f"{stage}/export"),
-                self.train_args(
-                    p["cur0"], p["models"] / who, None, train_out, "random", "none", n, 0
-                ),
+                self.train_args(p["cur0"], final[who], None, train_out, "random", "none", n, 0),
                 train_out,
                 prep / who,
                 launcher,
             )
+            final[who] = prep / who
         self.score_then_curriculum(
-            ("score/student", "curriculum"), prep / "student", p["scores"], p["cur"], launcher
+            ("score/student", "curriculum"), final["student"], p["scores"], p["cur"], launcher
         )
+        steps = self.steps()
+        if pretrained:
+            desc = (
+                f"pretrained ({models['origin']}): teacher `{models['source']['teacher']}`, "
+                f"student `{models['source']['student']}`"
+            )
+        else:
+            desc = f"random-init ({self.preset} preset `models:`), WordPiece tokenizer trained on the corpus"
         return {
             "steps": steps,
             "teacher_steps": t_steps,
             "warmup_steps": w_steps,
             "split": split,
-            "teacher": prep / "teacher",
-            "student": prep / "student",
+            "models": desc,
+            "pretrained": pretrained,
+            "teacher_init": teacher0,
+            "student_init": student0,
+            "teacher": final["teacher"],
+            "student": final["student"],
             "planned_lambda": self.planned_lambdas(steps),
         }
 
@@ -832,6 +1002,16 @@ def _lambda_stats(metrics: list[dict]) -> dict:
     }
 
 
+def _prep_text(prep: dict) -> str:
+    """ "Teacher adapted for N steps, ..." (0 or unknown: said so)."""
+    t, w = prep.get("teacher_steps"), prep.get("warmup_steps")
+    t_txt = f"Teacher adapted for {t} steps" if t else "Teacher not adapted (used as given)"
+    w_txt = f"student warmed up for {w} steps" if w else "student not warmed up (used as given)"
+    if t is None and w is None:  # --report-only: not recorded
+        return ""
+    return f"{t_txt}, {w_txt}."
+
+
 def _fmt_p(p: float) -> str:
     if not np.isfinite(p):
         return "–"
@@ -1027,11 +1207,12 @@ def write_report(
         f"Corpus: `{split.get('corpus', '?')}`: {split.get('train', '?')} training documents, "
         f"{split.get('heldout', '?')} held out ({cfg.heldout_percent}% by id hash). "
         f"Budget per run: {prep['steps']} steps × global batch {cfg.global_batch} = "
-        f"{prep['steps'] * cfg.global_batch} samples (equal for every arm). Teacher adapted for "
-        f"{prep.get('teacher_steps')} steps, student warmed up for {prep.get('warmup_steps')} steps. "
+        f"{prep['steps'] * cfg.global_batch} samples (equal for every arm). {_prep_text(prep)} "
         f"{cfg.seeds} seeds per arm. Wall time {wall_s / 60:.1f} min (since the first step, "
         "including any interruption)."
     )
+    if prep.get("models"):
+        L += ["", f"Models: {prep['models']}."]
     if command:
         L += ["", f"Command: `{command}`"]
     L += [

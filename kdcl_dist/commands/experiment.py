@@ -50,6 +50,12 @@ def run(args) -> int:
     exp = Experiment(Path(args.corpus), out, cfg, preset=args.preset, command=command)
     if args.report_only:
         prep = {"steps": exp.steps(), "split": read_json(out / "data" / "split.json")}
+        if (out / "report.json").exists():  # the models and preparation of the last full run
+            last = read_json(out / "report.json").get("prep") or {}
+            prep["models"] = last.get("models")
+            for k in ("teacher_steps", "warmup_steps"):
+                if str(last.get(k, "")).isdigit():
+                    prep[k] = int(last[k])
         print(f"report: {write_report(out, cfg, prep, 0.0, command)}")
         return 0
     exp.run()
