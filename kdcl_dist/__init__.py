@@ -16,10 +16,8 @@ def torch_extensions_dir() -> str:
     import sys
     from importlib import metadata
 
-    try:
-        torch_version = metadata.version(
-            "torch"
-        )  # without importing torch (kdcl-dist --help stays fast)
+    try:  # the installed version, without importing torch (kdcl-dist --help stays fast)
+        torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_version = "none"
     tag = hashlib.sha256(f"{sys.prefix}\n{torch_version}\n{sys.version}".encode()).hexdigest()[:10]

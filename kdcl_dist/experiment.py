@@ -789,7 +789,7 @@ class Experiment:
         scores = np.load(cur / "order_scores.npy")
         stats = read_json(cur / "curriculum.json").get("score_stats") or {}
         out = {}
-        for arm in {a for a in self.cfg.arms} | {
+        for arm in set(self.cfg.arms) | {
             ARMS[a]["lambda_from"] for a in self.cfg.arms if "lambda_from" in ARMS[a]
         }:
             spec = ARMS[arm]

@@ -316,17 +316,6 @@ def teacher_partition(engine) -> dict:
     }
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-    return rows
-
-
 def _truncate_jsonl(path: Path, max_step: int) -> None:
     """Drop records of steps after the resumed checkpoint (they were trained but lost)."""
     if not path.exists():
@@ -385,7 +374,7 @@ def train(cfg: TrainConfig) -> dict:
     from kdcl_dist.kd import engine as kde
     from kdcl_dist.kd.models import check_same_vocabulary, load_mlm
     from kdcl_dist.kd.reliance import Reliance, RelianceSpec
-    from kdcl_dist.monitor import Monitor
+    from kdcl_dist.monitor import Monitor, read_metrics
     from kdcl_dist.utils import setup_logging, write_json_atomic
 
     # 1. processes
@@ -836,7 +825,7 @@ def train(cfg: TrainConfig) -> dict:
     summary["distinct_samples"] = n_seen
     if rank == 0:
         lams = [
-            r["lambda"] for r in _read_jsonl(out / "metrics.jsonl") if r.get("lambda") is not None
+            r["lambda"] for r in read_metrics(out / "metrics.jsonl") if r.get("lambda") is not None
         ]
         summary["lambda_mean"] = (
             float(np.mean(lams)) if lams else None

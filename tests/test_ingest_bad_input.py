@@ -35,8 +35,8 @@ def shard(capsys, *args) -> tuple[int, str]:
     return rc, err
 
 
-def error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("kdcl-dist shard: error:")]
+def error_line(err: str, command: str = "shard") -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"kdcl-dist {command}: error:")]
     assert len(lines) == 1, err
     return lines[0]
 

@@ -14,11 +14,12 @@ import pytest
 
 from kdcl_dist.cli import main
 from kdcl_dist.data import ingest
-from kdcl_dist.data.build import ShardConfig, build_dataset, stats_name
+from kdcl_dist.data.build import ShardConfig, build_dataset
 from kdcl_dist.data.reader import ShardSet
 from kdcl_dist.data.shards import sample_key
 from kdcl_dist.errors import UserError
 from tests.conftest import corpus_docs, run_cli
+from tests.test_ingest_bad_input import assert_nothing_partial, error_line, shard
 
 # 15 distinct ids that the old key sanitising mapped onto 9 keys (a/b, a_b, a b, a:b, a\b -> a_b;
 # a.b.c, a.b_c -> a_b_c; CJK and Greek -> __ or ___), plus ids that look like other things
@@ -60,29 +61,6 @@ def tok(tok_dir):
 @pytest.fixture(scope="module")
 def texts():
     return [t for _, t in corpus_docs(60)]
-
-
-def shard(capsys, *args) -> tuple[int, str]:
-    rc = main(["shard", *map(str, args), "--no-progress"])
-    return rc, capsys.readouterr().err
-
-
-def error_line(err: str, command: str = "shard") -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith(f"kdcl-dist {command}: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def assert_nothing_partial(out: Path) -> None:
-    """No manifest, no temporary files; any shard present is complete (tar + index + stats)."""
-    if not out.exists():
-        return
-    names = {p.name for p in out.iterdir()}
-    assert "dataset.json" not in names and "config.yaml" not in names
-    assert not [n for n in names if n.startswith(".tmp-")]
-    for n in names:
-        if n.endswith(".tar"):
-            assert n.replace(".tar", ".idx.json") in names and stats_name(n) in names
 
 
 def write_jsonl(path: Path, records) -> Path:
