@@ -46,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kdcl_dist.commands.curriculum",
         "global sort of scores and easy->hard curriculum shards",
     ),
+    "teacher-cache": (
+        "kdcl_dist.commands.teacher_cache",
+        "cache the teacher's sparse distribution at the training masks (shared by all arms)",
+    ),
     "train": ("kdcl_dist.commands.train", "KD / KD-CL / KD-CL-SR training with DeepSpeed ZeRO"),
     "checkpoint": (
         "kdcl_dist.commands.checkpoint",

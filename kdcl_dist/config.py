@@ -113,6 +113,7 @@ _KNOWN_SECTIONS = {
     "tokenizer",
     "models",
     "score",
+    "teacher_cache",
     "curriculum",
     "train",
     "eval_mlm",
