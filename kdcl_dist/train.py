@@ -51,6 +51,16 @@ class TrainConfig:
         help="teacher model directory or hub name; omit (or none) for student-only MLM "
         "(--reliance none)",
     )
+    teacher_cache: str = option(
+        "",
+        help="a `kdcl-dist teacher-cache` directory: KD from its stored sparse teacher "
+        "targets instead of --teacher (the teacher is not loaded); masks then use its mask seed",
+    )
+    mask_seed: int | None = option(
+        None,
+        help="seed of the training masks (unset: --seed; with --teacher-cache: the cache's). "
+        "docs/design.md §7",
+    )
     out: str | None = option(None, help="output directory (checkpoints, metrics, tensorboard)")
     order: str = option("sequential", help="sample order", choices=ORDER_CHOICES)
     pacing_f0: float = option(0.2, help="pacing: initial pool fraction", min=0.0, max=1.0)
@@ -158,7 +168,18 @@ class TrainConfig:
         for k in ("curriculum", "student", "out"):
             if not getattr(self, k):
                 raise UserError(f"train.{k}: required (pass --{k.replace('_', '-')})")
-        if self.teacher is None and self.reliance != "none":
+        if self.teacher_cache:
+            if self.teacher is not None and self.teacher.lower() not in ("", "none"):
+                raise UserError(
+                    "train.teacher_cache: give --teacher or --teacher-cache, not both (the cache "
+                    "records which teacher made it)"
+                )
+            if self.kd_positions != "masked" or self.cosine_weight > 0:
+                raise UserError(
+                    "train.teacher_cache: the cache holds the teacher's distribution at the masked "
+                    "positions only; use --kd-positions masked and cosine_weight=0, or --teacher"
+                )
+        if self.teacher is None and not self.teacher_cache and self.reliance != "none":
             raise UserError(
                 f"train.reliance: '{self.reliance}' needs a teacher; pass --teacher or use --reliance none "
                 "(student-only MLM)"
@@ -435,6 +456,18 @@ def train(cfg: TrainConfig) -> dict:
             if head:
                 raise new_head_error(cfg.teacher, head, "teacher targets")
 
+    # 3b. masks: a cached sparse teacher fixes them (its mask seed, docs/design.md §7); checked
+    #     against the curriculum, τ and the epochs before any model is built
+    cache = None
+    if cfg.teacher_cache:
+        from kdcl_dist.kd import teacher_cache as tcache
+
+        cache, cfg.mask_seed = tcache.open_for_train(
+            cfg, manifest, shards, tokenizer_fingerprint(tok), total_steps
+        )
+    elif cfg.mask_seed is None:
+        cfg.mask_seed = cfg.seed
+
     # 4. resume target: decided before the engine, because another world size needs the
     #    DeepSpeed config flag load_universal at initialize time
     order_info = {
@@ -646,7 +679,10 @@ def train(cfg: TrainConfig) -> dict:
             _truncate_jsonl(out / name, start_step)
 
     # 9. data: one DataLoader over this rank's micro-batches of every remaining step
-    dataset = CurriculumDataset(shards, tok, seed=cfg.seed, spec=spec)
+    if cache is None:
+        dataset = CurriculumDataset(shards, tok, seed=cfg.mask_seed, spec=spec)
+    else:  # items carry the cached teacher targets of their masked positions
+        dataset = tcache.CachedCurriculumDataset(cache, shards, tok, seed=cfg.mask_seed, spec=spec)
     pad_id = int(tok.pad_token_id)
 
     def batches():
@@ -657,7 +693,9 @@ def train(cfg: TrainConfig) -> dict:
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=_ListSampler(batches, (total_steps - start_step) * engine.grad_accum),
-        collate_fn=lambda b: collate(b, pad_id),
+        collate_fn=(lambda b: collate(b, pad_id))
+        if cache is None
+        else (lambda b: tcache.collate_targets(b, collate(b, pad_id))),
         num_workers=cfg.num_workers,
         worker_init_fn=_worker_init if cfg.num_workers else None,
         persistent_workers=False,
@@ -748,7 +786,7 @@ def train(cfg: TrainConfig) -> dict:
                 "epoch": sampler.epoch(step),
                 "pool_fraction": float(pool_fraction(spec, step, spe)),
                 "agreement": float(sync[3]) / res["n_masked"]
-                if teacher is not None
+                if teacher is not None or cache is not None
                 else float("nan"),
                 "lr": lr,
                 "grad_norm": engine.grad_norm(),
@@ -938,6 +976,7 @@ RUN_SETTING_KEYS = (
     "pacing_f0",
     "pacing_steps",
     "seed",
+    "mask_seed",
     "global_batch",
 )
 

@@ -793,7 +793,14 @@ class KDEngine:
             fi = flat_index.to(self.device)
             s_h, s_logits = self.engine(input_ids, attn, fi)
             s_logits = s_logits.float()
-            if self.teacher is None:
+            if "kd_w" in mb:  # a cached sparse teacher (kd/teacher_cache.py): no teacher forward
+                from kdcl_dist.kd.teacher_cache import cached_step_terms
+
+                res, agree = cached_step_terms(
+                    s_logits, mb, labels, lam_tok, self.opts.temperature, n_masked, self.device
+                )
+                loss = res["loss"]
+            elif self.teacher is None:
                 mlm = (
                     F.cross_entropy(s_logits, labels, ignore_index=-100, reduction="sum") / n_masked
                 )

@@ -14,7 +14,7 @@ What is stored (per curriculum sample i and mask draw k < D, at each masked posi
   Σ_v q_v·(−log p_v) = CE(q, p): the KD cross-entropy, and so its gradient, are unbiased.
 - method `topk` (biased, for comparison): the k largest q_v renormalised over those k. It
   drops the tail of q, which the paper shows biases the student (over-confident on the head).
-- H(q) per position (fp16), so that the logged `loss_kd` estimates τ²·KL = τ²·(CE − H) on the
+- H(q) per position (fp32), so that the logged `loss_kd` estimates τ²·KL = τ²·(CE − H) on the
   same scale as the live teacher's (the constant H does not change any gradient).
 
 Draws are inverse-CDF samples of uniforms from a generator keyed by (sample id, draw, seed):
@@ -28,7 +28,7 @@ bytes per 1M samples) and one directory per curriculum shard `<shard>.tcache/` h
     row_pos  int64 [rows+1]   masked positions of row r: [row_pos[r], row_pos[r+1])
     row_ent  int64 [rows+1]   entries of row r:          [row_ent[r], row_ent[r+1])
     n_unique uint8 [P]        entries per position (consecutive within the row)
-    entropy  fp16  [P]        H(q) in nats
+    entropy  fp32  [P]        H(q) in nats (fp32: an fp16 H would bias the logged KL)
     ids      uint16|int32 [E] token ids (uint16 when the vocabulary fits)
     weights  uint8 [E] (sample: counts of K) | fp16 [E] (topk: renormalised probabilities)
 
@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from kdcl_dist import FORMAT_VERSION
 from kdcl_dist.config import option
+from kdcl_dist.curriculum.sampler import CurriculumDataset
 from kdcl_dist.errors import UserError
 from kdcl_dist.utils import fingerprint, id_hash64, read_json, sha256_file, write_json_atomic
 
@@ -267,7 +268,7 @@ def cache_shard(model, device, sample_ids, toks, cfg, spec, pad_id, vocab, on_ba
         "row_pos": m.pos_start.astype(np.int64),
         "row_ent": row_ent,
         "n_unique": n_unique.astype(np.uint8),
-        "entropy": entropy.astype(np.float16),
+        "entropy": entropy.astype(np.float32),
         "ids": (np.concatenate(ids_all) if ids_all else np.zeros(0)).astype(ids_dtype),
         "weights": (np.concatenate(w_all) if w_all else np.zeros(0)).astype(w_dtype),
     }
@@ -602,3 +603,51 @@ def cached_step_terms(s_logits, mb: dict, labels, lam_tok, temperature, n_masked
     sel = labels != -100
     agree = float((s_logits.detach()[sel].argmax(-1) == top[sel]).sum())
     return res, agree
+
+
+# ---- the hook into `train` --------------------------------------------------------------------
+
+
+def open_for_train(cfg, cur_manifest: dict, shards, student_tok_fp: str, total_steps: int):
+    """(CacheReader, mask seed) for `train --teacher-cache`, every check done before any model:
+    curriculum, τ, tokenizer, the draws the run needs (its last epoch + 1) and --mask-seed."""
+    from kdcl_dist.curriculum.order import OrderSpec, global_batch_items
+
+    spec = OrderSpec(
+        mode=cfg.order,
+        seed=cfg.seed,
+        pacing_f0=cfg.pacing_f0,
+        pacing_steps=cfg.pacing_steps or None,
+    )
+    _, epochs = global_batch_items(spec, len(shards), cfg.global_batch, total_steps - 1)
+    man = open_cache(
+        cfg.teacher_cache,
+        cur_manifest,
+        temperature=cfg.temperature,
+        draws_needed=int(np.max(epochs)) + 1,
+    )
+    ident = man["identity"]
+    where = Path(cfg.teacher_cache) / MANIFEST
+    if ident.get("tokenizer_fingerprint") != student_tok_fp:
+        raise UserError(
+            f"{where}: cached with tokenizer {ident.get('tokenizer_fingerprint')}, the student's is "
+            f"{student_tok_fp}; KD needs one vocabulary: rebuild the cache with a matching teacher"
+        )
+    seed = int(ident["mask_seed"])
+    if cfg.mask_seed is not None and int(cfg.mask_seed) != seed:
+        raise UserError(
+            f"train.mask_seed: {cfg.mask_seed}, but {where} covers the masks of mask seed {seed}; "
+            "omit --mask-seed (the cache's is used) or rebuild the cache with --mask-seed"
+        )
+    return CacheReader(cfg.teacher_cache, man, shards), seed
+
+
+class CachedCurriculumDataset(CurriculumDataset):
+    """A CurriculumDataset whose items carry their cached targets (kd_ids, kd_w, kd_ent)."""
+
+    def __init__(self, reader: CacheReader, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reader = reader
+
+    def __getitem__(self, key):
+        return attach_targets(super().__getitem__(key), self.reader)
