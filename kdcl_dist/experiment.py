@@ -165,6 +165,13 @@ class ExperimentConfig:
     micro_batch: int = option(16, help="samples per forward on one rank", min=1)
     lr: float = option(5e-4, help="peak learning rate of the student runs", min=0.0)
     lambda_: float = option(0.5, help="λ of the constant arms (the paper: 0.5)", min=0.0, max=1.0)
+    teacher_cache: str = option(
+        "auto",
+        help="auto: run the teacher once (`kdcl-dist teacher-cache`, sampled sparse targets) and "
+        "train every KD arm from that cache, all arms and seeds on the same masks; off: every KD "
+        "run computes the live teacher (masks from the training seed)",
+        choices=("auto", "off"),
+    )
     nproc: int = option(1, help="ranks per training run (torchrun, gloo on CPU)", min=1)
     parallel: int = option(1, help="runs executed at the same time", min=1)
     eval_masks: int = option(2, help="fixed masks per held-out sample", min=1)
@@ -414,6 +421,7 @@ class Experiment:
                 "cur0",
                 "scores",
                 "cur",
+                "tcache",
                 "runs",
                 "evals",
             )
@@ -442,6 +450,7 @@ class Experiment:
         steps: int,
         seed: int,
         lambda_: float | None = None,
+        teacher_cache: Path | None = None,
     ) -> list[str]:
         lam = self.cfg.lambda_ if lambda_ is None else lambda_
         a = [
@@ -477,7 +486,13 @@ class Experiment:
             "--num-workers",
             0,
         ]
-        if teacher is not None:
+        if teacher_cache is not None:  # KD from the cache; every arm on the cache's masks
+            from kdcl_dist.kd.teacher_cache import TeacherCacheConfig
+
+            a += ["--mask-seed", TeacherCacheConfig().mask_seed]
+            if teacher is not None:
+                a += ["--teacher-cache", teacher_cache]
+        elif teacher is not None:
             a += ["--teacher", teacher]
         return a
 
@@ -754,6 +769,7 @@ class Experiment:
             ("score/student", "curriculum"), final["student"], p["scores"], p["cur"], launcher
         )
         steps = self.steps()
+        tcache = self.build_teacher_cache(final["teacher"], steps, launcher)
         if pretrained:
             desc = (
                 f"pretrained ({models['origin']}): teacher `{models['source']['teacher']}`, "
@@ -773,7 +789,51 @@ class Experiment:
             "teacher": final["teacher"],
             "student": final["student"],
             "planned_lambda": self.planned_lambdas(steps),
+            "teacher_cache": tcache,
         }
+
+    def build_teacher_cache(self, teacher, steps: int, launcher) -> Path | None:
+        """`--teacher-cache auto`: one cache of the final teacher over the curriculum, with a mask
+        draw for every epoch the runs train, at the preset's training temperature; None if off
+        or no arm uses a teacher."""
+        from kdcl_dist.config import load_preset
+        from kdcl_dist.train import TrainConfig
+
+        if self.cfg.teacher_cache == "off" or not any(ARMS[a]["teacher"] for a in self.cfg.arms):
+            return None
+        n = self.n_train_samples_of(self.p["cur"])
+        draws = (steps * self.cfg.global_batch - 1) // n + 1
+        tau = (load_preset(self.preset).get("train") or {}).get(
+            "temperature", TrainConfig().temperature
+        )
+        out = self.p["tcache"]
+        self.r.step(
+            "teacher-cache",
+            [
+                "teacher-cache",
+                "--preset",
+                self.preset,
+                "--curriculum",
+                self.p["cur"],
+                "--teacher",
+                teacher,
+                "--out",
+                out,
+                "--draws",
+                draws,
+                "--temperature",
+                repr(float(tau)),
+                "--no-progress",
+            ],
+            out / "teacher_cache.json",
+            launcher,
+        )
+        return out
+
+    def n_train_samples_of(self, cur: Path) -> int:
+        from kdcl_dist.utils import read_json
+
+        return int(read_json(cur / "curriculum.json").get("num_samples"))
 
     def planned_lambdas(self, steps: int) -> dict:
         """Mean λ of every arm over its `steps`, from the curriculum alone (kd.reliance.lambda_trace).
@@ -895,6 +955,7 @@ class Experiment:
                 prep["steps"],
                 seed,
                 lambda_=lam,
+                teacher_cache=prep.get("teacher_cache"),
             ),
             run / "train",
             run / "model",
@@ -1213,6 +1274,12 @@ def write_report(
     )
     if prep.get("models"):
         L += ["", f"Models: {prep['models']}."]
+    if prep.get("teacher_cache") and str(prep["teacher_cache"]) != "None":
+        L += [
+            "",
+            f"Teacher targets: the cached sparse teacher `{prep['teacher_cache']}` (sampled, unbiased; "
+            "every arm and seed trains on the same masks, docs/design.md §7).",
+        ]
     if command:
         L += ["", f"Command: `{command}`"]
     L += [

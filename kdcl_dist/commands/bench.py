@@ -17,6 +17,10 @@ BENCHES = {
         "kdcl_dist.bench.train",
         "KD step vs student-only step vs FLOP prediction; masked-only LM head",
     ),
+    "teacher-cache": (
+        "kdcl_dist.bench.teacher_cache",
+        "KD step from the cached sparse teacher vs live KD vs student-only; cache bytes",
+    ),
     "all": ("kdcl_dist.bench.all", "every benchmark above with its default (CPU-sized) settings"),
     "stats": (
         "kdcl_dist.bench.stats",
