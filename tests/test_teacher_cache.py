@@ -206,3 +206,19 @@ def test_killed_teacher_cache_run_resumes(tiny_assets, cur, cache, tmp_path):
     a, b = (json.loads((d / "teacher_cache.json").read_text()) for d in (cache, out))
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["fingerprint"] == b["fingerprint"]
+
+
+def test_experiment_trains_kd_arms_from_one_cache_on_its_masks(tmp_path):
+    """`--teacher-cache auto`: KD arms get --teacher-cache (no --teacher), every arm the cache's
+    mask seed; `off`: the live teacher and the seed's masks."""
+    from kdcl_dist.experiment import Experiment, ExperimentConfig
+
+    exp = Experiment(tmp_path / "c.jsonl", tmp_path / "exp", ExperimentConfig())
+    args = ("cur", "student", "teacher", "out", "sequential", "constant", 3, 1)
+    kd = [str(a) for a in exp.train_args(*args, teacher_cache=tmp_path / "tc")]
+    assert "--teacher" not in kd and kd[kd.index("--teacher-cache") + 1] == str(tmp_path / "tc")
+    assert kd[kd.index("--mask-seed") + 1] == "42"
+    only = [str(a) for a in exp.train_args("cur", "student", None, "out", "random", "none", 3, 1, teacher_cache=tmp_path / "tc")]  # fmt: skip
+    assert "--teacher-cache" not in only and only[only.index("--mask-seed") + 1] == "42"
+    live = [str(a) for a in exp.train_args(*args)]
+    assert live[live.index("--teacher") + 1] == "teacher" and "--mask-seed" not in live

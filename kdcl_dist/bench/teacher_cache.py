@@ -37,6 +37,15 @@ def add_arguments(p):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     p.add_argument("--cache", default=None, help="a teacher-cache directory to report the size of")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("CACHED_EXP", "LIVE_EXP"),
+        help="instead of timing: held-out MLM loss of --arm in two `kdcl-dist experiment` "
+        "directories (same preparation, --teacher-cache auto vs off), per seed and the difference "
+        "with its CI (evaluate/stats.py compare_seeds)",
+    )
+    p.add_argument("--arm", default="kd", help="the arm --compare reads (default kd)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
 
 
@@ -118,8 +127,47 @@ def _host_gather_time(tmp, n, ids, counts, ent, per_sample: list[int], K: int, r
     return statistics.median(times), {a: arrays[a].nbytes for a in ARRAYS}
 
 
+def compare(cached_dir, live_dir, arm: str) -> dict:
+    """Held-out MLM of `arm` from the cached-teacher experiment minus the live-teacher one."""
+    from pathlib import Path
+
+    from kdcl_dist.errors import UserError
+    from kdcl_dist.evaluate import stats
+    from kdcl_dist.experiment import _load_arm_mlm
+
+    arms = {}
+    for name, d in (("cached", cached_dir), ("live", live_dir)):
+        got = _load_arm_mlm(Path(d) / "evals", arm, 1000)
+        if got is None:
+            raise UserError(
+                f"{d}/evals: no held-out evaluation of arm {arm}; run the experiment first"
+            )
+        arms[name] = got
+    (a_num, a_den, a_loss), (b_num, b_den, b_loss) = arms["cached"], arms["live"]
+    c = stats.compare_seeds(a_num, b_num, a_den, b_den)
+    return {"arm": arm, "cached": a_loss, "live": b_loss, **c}
+
+
 def run(args) -> int:
     import os
+
+    if args.compare:
+        r = compare(*args.compare, args.arm)
+        lo, hi = r["ci"]
+        print(f"held-out MLM loss of arm {r['arm']} (per seed):")
+        print(
+            f"  cached teacher ({args.compare[0]}): " + ", ".join(f"{x:.4f}" for x in r["cached"])
+        )
+        print(f"  live teacher   ({args.compare[1]}): " + ", ".join(f"{x:.4f}" for x in r["live"]))
+        print(
+            f"  cached - live = {r['diff']:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}, p = {r['p']:.3f}, "
+            f"df {r['df']:.1f}; detectable at 80% power: {r['mde']:.4f}); "
+            + ("cached worse beyond the CI" if lo > 0 else "cached not worse beyond the CI")
+        )
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(r, f, indent=2, default=float)
+        return 0
     import tempfile
 
     import torch
