@@ -222,3 +222,23 @@ def test_experiment_trains_kd_arms_from_one_cache_on_its_masks(tmp_path):
     assert "--teacher-cache" not in only and only[only.index("--mask-seed") + 1] == "42"
     live = [str(a) for a in exp.train_args(*args)]
     assert live[live.index("--teacher") + 1] == "teacher" and "--mask-seed" not in live
+
+
+def test_two_ranks_write_the_one_rank_cache(tiny_assets, cur, cache, tmp_path):
+    """Distributed like `score` (shards assigned by tokens): 2 gloo ranks, byte-identical files."""
+    import subprocess
+    import sys
+
+    from _curriculum_fixture import free_port, train_env
+    from conftest import REPO
+
+    out = tmp_path / "c2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port()), "-m", "kdcl_dist", "teacher-cache"]
+    cmd += ["--curriculum", str(cur), "--teacher", str(tiny_assets["teacher"]), "--out", str(out)]
+    cmd += ["--allow-new-head", "--draws", "2"]
+    p = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((d / "teacher_cache.json").read_text()) for d in (cache, out))
+    assert b["run"]["world_size"] == 2 and a["fingerprint"] == b["fingerprint"]
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
