@@ -36,6 +36,11 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
+    p.add_argument(
+        "--engine",
+        action="store_true",
+        help="also time the real KDEngine.step (DeepSpeed cpu_fp32): student-only, live KD, cached KD",
+    )
     p.add_argument("--cache", default=None, help="a teacher-cache directory to report the size of")
     p.add_argument(
         "--compare",
@@ -148,6 +153,41 @@ def compare(cached_dir, live_dir, arm: str) -> dict:
     return {"arm": arm, "cached": a_loss, "live": b_loss, **c}
 
 
+def time_engines(args, preset, batch, mb_cache: dict) -> dict:
+    """KDEngine.step of the three variants, one engine each, interleaved repeats (medians)."""
+    import copy
+
+    from kdcl_dist.bench.train import build_models
+    from kdcl_dist.kd import engine as kde
+    from kdcl_dist.train import init_distributed
+
+    init_distributed()
+    B = preset["batch"]
+    teacher0, student0 = build_models(preset)
+    engines, batches = {}, {}
+    for name in ("student", "kd", "kd_cache"):
+        cfg = kde.prepare_student_config(
+            "cpu_fp32", global_batch=B, micro_batch=B, world_size=1, lr=1e-4,
+            warmup_steps=0, total_steps=10**6, on_gpu=False,
+        )  # fmt: skip
+        engines[name] = kde.KDEngine(
+            copy.deepcopy(student0),
+            copy.deepcopy(teacher0) if name == "kd" else None,
+            cfg,
+            world_size=1,
+            options=kde.EngineOptions(temperature=args.temperature),
+        )
+        batches[name] = {**batch, **mb_cache} if name == "kd_cache" else batch
+    times = {v: [] for v in engines}
+    for i in range(args.warmup + args.repeats):
+        for v, eng in engines.items():
+            t0 = time.perf_counter()
+            eng.step([batches[v]], lambda p: 0.5)
+            if i >= args.warmup:
+                times[v].append(time.perf_counter() - t0)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
 def run(args) -> int:
     import os
 
@@ -231,6 +271,16 @@ def run(args) -> int:
         ("kd_cache", "KD, cached teacher"),
     ):
         print(f"  {label:<22}{med[v] * 1e3:>10.1f}{med[v] / med['student']:>12.3f}")
+    if args.engine:
+        eng = time_engines(args, preset, batch, mb)
+        res["engine_step_s"] = eng
+        print(f"  KDEngine.step (DeepSpeed cpu_fp32), interleaved medians of {args.repeats}:")
+        for v, label in (
+            ("student", "student-only"),
+            ("kd", "KD, live teacher"),
+            ("kd_cache", "KD, cached teacher"),
+        ):
+            print(f"  {label:<22}{eng[v] * 1e3:>10.1f}{eng[v] / eng['student']:>12.3f}")
     print(
         f"  KD cached ÷ KD live: {res['kd_cache_over_kd']:.3f}; host gather of one micro-batch's "
         f"targets (DataLoader worker): {host_s * 1e3:.2f} ms"
