@@ -133,6 +133,9 @@ def sparse_targets(logits: torch.Tensor, temperature: float, method: str, K: int
     q = log_q.exp()
     ent = -(q * log_q).sum(-1)
     M = q.shape[0]
+    if M == 0:  # a batch whose rows have no maskable token
+        z = torch.zeros(0, dtype=torch.int64)
+        return z, z, (z if method == "sample" else torch.zeros(0)), torch.zeros(0)
     if method == "topk":
         k = min(K, q.shape[1])
         vals, ids = q.topk(k, dim=-1)
