@@ -242,3 +242,17 @@ def test_two_ranks_write_the_one_rank_cache(tiny_assets, cur, cache, tmp_path):
     a, b = (json.loads((d / "teacher_cache.json").read_text()) for d in (cache, out))
     assert b["run"]["world_size"] == 2 and a["fingerprint"] == b["fingerprint"]
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_resume_from_cache_replays_the_uninterrupted_run(tiny_assets, cur, cache, tmp_path):
+    """Stopped after 2 of 4 steps (a checkpoint) and resumed: steps 3-4 log the losses of the
+    uninterrupted run exactly (the cache's targets and masks are pure in (sample, epoch))."""
+    common = ["--curriculum", cur, "--student", tiny_assets["student"], "--teacher-cache", cache]
+    common += ["--steps", "4", "--global-batch", "16", "--micro-batch", "8", "--num-workers", "1"]
+    common += ["--no-progress"]
+    run_cli("train", *common, "--out", tmp_path / "a")
+    run_cli("train", *common, "--out", tmp_path / "b", "--max-steps-per-run", "2")
+    run_cli("train", *common, "--out", tmp_path / "b")
+    a, b = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("a", "b"))
+    keys = ("loss", "loss_mlm", "loss_kd", "agreement")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
