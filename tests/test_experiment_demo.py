@@ -159,6 +159,7 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path):
         "global_batch=16",
         "micro_batch=8",
         "n_boot=500",
+        "teacher_cache=auto",  # the KD arms train from one cache (docs/design.md §7)
     ]
     p = run_cli(*args, timeout=1200)
     assert "report:" in p.stdout
@@ -177,6 +178,10 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     ev1 = json.loads((out / "evals" / "kd-s1.mlm.json").read_text())
     assert ev["masked_tokens"] == ev1["masked_tokens"] and ev["loss"] != ev1["loss"]
     assert "Which differences are significant" in (out / "report.md").read_text()
+    assert "cached sparse teacher" in (out / "report.md").read_text()
+    assert (out / "tcache" / "teacher_cache.json").exists()
+    cfg = (out / "runs" / "kd-s1" / "train" / "config.yaml").read_text()
+    assert "teacher_cache: " + str(out / "tcache") in cfg and "mask_seed: 42" in cfg
     # re-running skips every step
     n_before = len(open(out / "steps.jsonl").readlines())
     run_cli(*args, timeout=600)
