@@ -118,10 +118,13 @@ def test_s3_round_trip_equals_local(s3, corpus, tiny_assets, tmp_path):
     run_cli("score", "--shards", loc / "shards", "--out", loc / "scores", *sflags, env=env)
     run_cli("score", "--shards", f"{url}/shards", "--out", f"{url}/scores", *sflags, env=env)
     ls = json.loads((loc / "scores" / "scores.json").read_text())
+    rs = json.loads(fs.cat_file(f"{BUCKET}/run/scores/scores.json"))
+    assert [s["file"] for s in rs["shards"]] == [s["file"] for s in ls["shards"]]
+    assert rs["fingerprint"] == ls["fingerprint"] and len(ls["shards"]) == 3
     for s in ls["shards"]:
         a = np.load(loc / "scores" / s["file"], allow_pickle=False)
         b = np.load(io.BytesIO(fs.cat_file(f"{BUCKET}/run/scores/{s['file']}")), allow_pickle=False)
-        for k in a.files if hasattr(a, "files") else []:
+        for k in ("ids", "score", "masked", "tokens"):  # the scores themselves, bit for bit
             assert np.array_equal(a[k], b[k]), k
     # curriculum (reads the shards and the scores from the bucket, writes to it)
     cflags = ["--shard-size", 64]
@@ -215,6 +218,10 @@ def test_transient_500_is_retried(s3, corpus, tiny_assets, tmp_path, caplog):
     fs = s3.fs()
     for name in ("shard-000000.tar", "shard-000001.tar", "dataset.json"):
         assert fs.cat_file(f"{BUCKET}/flaky/{name}") == (tmp_path / "ref" / name).read_bytes()
+    # a re-run to the same URL starts from the small files there and uploads the same shards
+    first = json.loads(fs.cat_file(f"{BUCKET}/flaky/dataset.json"))
+    _shard(corpus, f"s3://{BUCKET}/flaky", tiny_assets["tokenizer"], env)
+    assert json.loads(fs.cat_file(f"{BUCKET}/flaky/dataset.json"))["shards"] == first["shards"]
     # reads: botocore's own retries off (AWS_MAX_ATTEMPTS=1), so kdcl's backoff does the work
     import os
 
@@ -346,3 +353,50 @@ def test_https_reader_retries_and_redacts(tmp_path, tiny_assets, caplog):
     finally:
         srv.shutdown()
     assert storage.redact("https://user:pw@host/a/b?X-Amz-Signature=s") == "https://host/a/b"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_shard_to_s3(s3, corpus, tiny_assets, tmp_path):
+    """Two torchrun ranks, input and output in the bucket, a shared KDCL_STAGING_DIR: the same
+    bytes as one local rank; without a shared staging directory, one line naming the fix."""
+    import os
+    import subprocess
+
+    from _curriculum_fixture import free_port
+
+    tok = tiny_assets["tokenizer"]
+    env = {**os.environ, **_env(tmp_path)}
+    _shard(corpus, tmp_path / "ref", tok, env)
+
+    def torchrun(out, env):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(free_port()), "-m", "kdcl_dist", "shard"]
+        cmd += ["--input", f"s3://{BUCKET}/in/corpus.jsonl", "--tokenizer", str(tok)]
+        cmd += ["--out", out, "--shard-size", "80", "--max-length", "64", "--no-progress"]
+        return subprocess.run(
+            cmd,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    p = torchrun(f"s3://{BUCKET}/two", env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fs = s3.fs()
+    ref = json.loads((tmp_path / "ref" / "dataset.json").read_text())
+    assert json.loads(fs.cat_file(f"{BUCKET}/two/dataset.json"))["shards"] == ref["shards"]
+    for e in ref["shards"]:
+        assert (
+            fs.cat_file(f"{BUCKET}/two/{e['name']}") == (tmp_path / "ref" / e["name"]).read_bytes()
+        )
+    assert not any(Path(env["KDCL_STAGING_DIR"]).iterdir())
+    env.pop("KDCL_STAGING_DIR")
+    p = torchrun(f"s3://{BUCKET}/two-unshared", env)
+    assert (
+        p.returncode != 0
+        and "set KDCL_STAGING_DIR to a directory on a shared file system" in p.stderr
+    )
+    assert not fs.exists(f"{BUCKET}/two-unshared/dataset.json")
