@@ -291,9 +291,10 @@ class Store:
             raise
 
     def check_dir(self) -> None:
-        """A missing bucket or a denied listing is a one-line error here, before any work."""
-        bucket_url = self.url
-        retry(lambda: self.fs.ls(self.root, detail=False), bucket_url, "directory")
+        """A missing bucket or a denied listing is a one-line error here, before any work
+        (bucket stores only: an https:// "directory" need not answer a request itself)."""
+        if scheme(self.url) not in ("http", "https"):
+            retry(lambda: self.fs.ls(self.root, detail=False), self.url, "directory")
 
     def size(self, name: str) -> int:
         return int(retry(lambda: self.fs.size(self._p(name)), self.url_of(name)))
@@ -436,8 +437,8 @@ def staged_output(out, rank: int = 0, world: int = 1) -> Iterator:
         yield str(local)
         ok = True
     finally:
-        if world > 1:
-            dist.barrier() if ok else None
+        if ok and world > 1:  # every rank's files are in the shared staging directory
+            dist.barrier()
         if ok and rank == 0:
             n = upload_dir(local, out)
             log.info("%s: uploaded %d files (manifest last)", redact(out), n)
