@@ -92,6 +92,12 @@ def filesystem(url: str):
     import fsspec
 
     s = scheme(url)
+    if "@" in url[len(s) + 3 :].split("/", 1)[0]:  # user info: it would end up in logs/manifests
+        raise UserError(
+            f"{redact(url)}: the URL holds user info (user:password@); put credentials in the "
+            "backend's environment or config instead (AWS_PROFILE, ~/.aws/credentials, "
+            "GOOGLE_APPLICATION_CREDENTIALS, FSSPEC_<PROTOCOL>_<OPTION>)"
+        )
     try:
         fsspec.get_filesystem_class(s)
         return fsspec.core.url_to_fs(url)
@@ -465,7 +471,8 @@ def fetch_inputs(
                 out.append(url)
                 continue
             fs, path = filesystem(url)
-            name = path.rstrip("/").rsplit("/", 1)[-1] or f"input{n}"
+            # the name a local copy gets (and samples record as `source`): no query string
+            name = redact(url).rstrip("/").rsplit("/", 1)[-1] or f"input{n}"
             dest = local_root / str(n) / name
             dest.parent.mkdir(parents=True)
             info = retry(lambda fs=fs, path=path: fs.info(path), url, "--input")

@@ -312,6 +312,7 @@ def test_https_reader_retries_and_redacts(tmp_path, tiny_assets, caplog):
 
     from kdcl_dist import storage
     from kdcl_dist.data.reader import ShardSet
+    from kdcl_dist.errors import UserError
 
     src = tiny_assets["shards"]
     fails = {"n": 2}
@@ -353,6 +354,8 @@ def test_https_reader_retries_and_redacts(tmp_path, tiny_assets, caplog):
     finally:
         srv.shutdown()
     assert storage.redact("https://user:pw@host/a/b?X-Amz-Signature=s") == "https://host/a/b"
+    with pytest.raises(UserError, match=r"^https://host/a: the URL holds user info"):
+        ShardSet("https://user:pw@host/a")
 
 
 @pytest.mark.slow

@@ -231,7 +231,7 @@ def evaluate_mlm(
     summary = {
         "model": str(model),
         "model_fingerprint": model_fingerprint(m),
-        "shards": str(ss.dir),  # a URL without credentials (storage.redact)
+        "shards": str(ss.dir) if ss.store else str(shards),  # a URL: storage.redact'd
         "shards_fingerprint": ss.fingerprint,
         "split": cfg.split,
         "heldout_percent": cfg.heldout_percent,
