@@ -225,7 +225,10 @@ def test_transient_500_is_retried(s3, corpus, tiny_assets, tmp_path, caplog):
     # reads: botocore's own retries off (AWS_MAX_ATTEMPTS=1), so kdcl's backoff does the work
     import os
 
+    import s3fs
+
     os.environ["AWS_MAX_ATTEMPTS"] = "1"
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached instance keeps botocore's old config
     try:
         ss = ShardSet(f"s3://{BUCKET}/flaky", verify=True)
         ref = ShardSet(tmp_path / "ref")
@@ -239,6 +242,7 @@ def test_transient_500_is_retried(s3, corpus, tiny_assets, tmp_path, caplog):
         assert "transient" in caplog.text and "retry 2/4" in caplog.text
     finally:
         os.environ.pop("AWS_MAX_ATTEMPTS")
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_403_is_one_line_and_writes_nothing(s3, corpus, tiny_assets, tmp_path):
