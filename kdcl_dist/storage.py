@@ -462,6 +462,15 @@ def fetch_inputs(
     sample (and ids like `<file>:<line>`) equal those of a local run on the same files."""
     if not any(is_url(i) for i in inputs):
         return list(inputs), (lambda s: s), None
+    names = [redact(u).rstrip("/").rsplit("/", 1)[-1] for u in inputs if is_url(u)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if (
+        twice
+    ):  # samples would record the staging path as their source (ids too, without an id field)
+        raise UserError(
+            f"--input: several URLs end in the same name ({', '.join(twice)}); a staged copy is "
+            "known by its name, so give each input a distinct file or directory name"
+        )
     local_root = Path(tempfile.mkdtemp(prefix=f"kdcl-in-{rank}-", dir=staging_root()))
     mapping: list[tuple[str, str]] = []
     out = []

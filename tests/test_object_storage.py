@@ -407,3 +407,13 @@ def test_two_ranks_shard_to_s3(s3, corpus, tiny_assets, tmp_path):
         and "set KDCL_STAGING_DIR to a directory on a shared file system" in p.stderr
     )
     assert not fs.exists(f"{BUCKET}/two-unshared/dataset.json")
+
+
+def test_url_inputs_with_one_name_refused():
+    """Staged copies are known by their names: two URL inputs ending in one name are refused
+    (before any download) rather than recording a temporary path as the samples' source."""
+    from kdcl_dist import storage
+    from kdcl_dist.errors import UserError
+
+    with pytest.raises(UserError, match=r"several URLs end in the same name \(c.jsonl\)"):
+        storage.fetch_inputs(["s3://kdcl/a/c.jsonl", "s3://kdcl/b/c.jsonl?x=1"])
