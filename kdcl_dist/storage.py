@@ -404,9 +404,16 @@ def _seed(local: Path, url: str) -> None:
         rel = path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else None
         if not rel or info.get("type") != "file" or rel.endswith(".tar"):
             continue
+        if any(part.startswith(".tmp-") for part in rel.split("/")):
+            continue  # another rank's probe object, or a killed upload's: never output
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        retry(lambda path=path, dest=dest: fs.get_file(path, str(dest)), join(url, rel))
+        try:
+            retry(lambda path=path, dest=dest: fs.get_file(path, str(dest)), join(url, rel))
+        except UserError as e:  # deleted since the listing: nothing to copy
+            if e.__cause__ is None or classify(e.__cause__) != "missing":
+                raise
+            dest.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -421,7 +428,7 @@ def staged_output(out, rank: int = 0, world: int = 1) -> Iterator:
         return
     from kdcl_dist import dist
 
-    check_output_url(out)
+    # the command checked `out` before the process group (check_output_path(allow_url=True))
     if world > 1 and not os.environ.get("KDCL_STAGING_DIR"):
         raise UserError(
             f"{redact(out)}: an --out URL with {world} ranks needs a staging directory every rank "
