@@ -437,11 +437,17 @@ def staged_output(out, rank: int = 0, world: int = 1) -> Iterator:
     tag = hashlib.sha256(redact(out).encode()).hexdigest()[:16]
     if world > 1:
         local = staging_root() / f"kdcl-out-{tag}"
+        err = None
         if rank == 0:
-            shutil.rmtree(local, ignore_errors=True)
-            local.mkdir(parents=True)
-            _seed(local, out)
-        dist.barrier()
+            try:
+                shutil.rmtree(local, ignore_errors=True)
+                local.mkdir(parents=True)
+                _seed(local, out)
+            except (UserError, OSError) as e:
+                err = str(e)
+        err = dist.broadcast_object(err)  # every rank fails alike, none waits at a barrier
+        if err:
+            raise UserError(err)
     else:
         local = Path(tempfile.mkdtemp(prefix=f"kdcl-out-{tag}-", dir=staging_root()))
         _seed(local, out)
