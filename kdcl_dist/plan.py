@@ -1,5 +1,5 @@
 """`kdcl-dist experiment --plan FILE`: the experiment's steps as a bash script and a Slurm submit
-script, for users who run or submit the jobs themselves (docs/cluster.md, "Writing the plan").
+script, for users who run or submit the jobs themselves (docs/cluster.md, "The study on a cluster").
 
 The plan is made by running the experiment's own step sequence (`Experiment.prepare`,
 `references`, `runs`) with a `PlanRecorder` in place of the `Runner`: every step it would run
