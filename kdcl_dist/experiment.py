@@ -29,6 +29,12 @@ tokenizer (no tokenizer, no random init; a `{from_teacher: true}` student is bui
 them: `check_heads`), step 3 runs only when a preparation run does, and step 6 scores the
 pretrained (or warmed) student. A pair with different vocabularies is refused before any work.
 
+Launchers (`--launcher`, kdcl_dist/cluster.py): every training and scoring step starts its ranks
+through one of the tested scripts in kdcl_dist/launcher (torchrun on this machine, deepspeed over a
+hostfile, one Slurm job per step, mpirun); concurrent runs on one machine hold disjoint GPUs.
+`--plan FILE` (kdcl_dist/plan.py) runs this same step sequence with a recorder instead of the Runner
+and writes it as a bash script plus a Slurm submit script (docs/cluster.md).
+
 What a seed varies: the training seed (order for random/pacing arms, training masks, dropout).
 The starting student, the adapted teacher and the curriculum are shared by all arms: they are
 the fixed starting point the paper's arms share too (pretrained DistilBERT and BioBERT).
@@ -287,9 +293,9 @@ class Runner:
                     (int(c.split("=")[1]) for c in prefix if c.startswith("--nproc_per_node=")), 1
                 )
             cmd = prefix + [str(a) for a in argv]
-            with open(log_path, "w") as log:
-                log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-                log.flush()
+            log_path.write_text("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            # append mode: a Slurm job appends its own output to the same file (--open-mode=append)
+            with open(log_path, "a") as log:
                 p = subprocess.run(
                     cmd,
                     stdout=log,
@@ -459,9 +465,8 @@ class Experiment:
         self.r = Runner(self.out, concurrent=1)  # preparation runs one step at a time
         self.launch = Launch.from_config(cfg)  # --launcher: how training and scoring start
         self.gpu_sets: list[list[str]] | None = None  # per concurrent run (check_launch)
-        self.planning = (
-            False  # writing a plan (kdcl_dist/plan.py): values after prep are shell variables
-        )
+        # writing a plan (kdcl_dist/plan.py): values known only after earlier steps are shell variables
+        self.planning = False
         self.p = {
             k: self.out / k
             for k in (
@@ -497,7 +502,7 @@ class Experiment:
             return ShellVar("STEPS", "steps")  # one epoch: known once the shards are scored
         return max(1, self.n_train_samples() // self.cfg.global_batch)
 
-    def default_warmup_steps(self, steps) -> int:
+    def default_warmup_steps(self, steps):
         """A quarter of the run's steps (random-init students)."""
         if not isinstance(steps, int):
             from kdcl_dist.plan import ShellVar

@@ -253,7 +253,9 @@ def in_process(tmp_path_factory):
 
 def _numbers(res: dict) -> dict:
     return {
-        "arms": {a: (v["losses"], v["pooled"], v["planned_lambda"]) for a, v in res["arms"].items()},
+        "arms": {
+            a: (v["losses"], v["pooled"], v["planned_lambda"]) for a, v in res["arms"].items()
+        },
         "refs": {k: v["loss"] for k, v in res["references"].items()},
         "comparisons": [(c["a"], c["b"], c["diff"], c["ci"]) for c in res["comparisons"]],
     }
@@ -278,7 +280,10 @@ def test_plan_run_with_bash_gives_the_in_process_report(in_process, tmp_path):
     assert "[skip]" not in p.stdout and p.stdout.count("[ok  ]") == text.count("run_step ") - 1
     got = json.loads((out / "report.json").read_text())
     assert _numbers(got) == _numbers(ref)
-    assert "Teacher adapted for 2 steps, student warmed up for 2 steps" in (out / "report.md").read_text()
+    assert (
+        "Teacher adapted for 2 steps, student warmed up for 2 steps"
+        in (out / "report.md").read_text()
+    )
     # run again: every step is skipped; one group at a time (as the Slurm jobs run it)
     p = subprocess.run(["bash", plan, "run", "1"], env=env, capture_output=True, text=True)
     assert p.returncode == 0 and "[run ]" not in p.stdout
