@@ -246,6 +246,10 @@ def _slurm_script(exp, plan: Path, n_runs: int) -> str:
     logs = (exp.out / "logs").resolve()
     nodes = c.nnodes
     extra = " ".join(shlex.quote(a) for a in shlex.split(c.slurm_args))
+
+    def wrap(group: str) -> str:  # single-quoted: $SLURM_ARRAY_TASK_ID expands in the job
+        return shlex.quote(f"bash {shlex.quote(str(plan_abs))} {group}")
+
     return f"""#!/usr/bin/env bash
 # Submits the plan {plan_abs} as Slurm jobs:
 #   prepare (--nodes={nodes}) -> runs (array 0-{n_runs - 1}, one task per arm x seed, --nodes={nodes})
@@ -255,18 +259,17 @@ def _slurm_script(exp, plan: Path, n_runs: int) -> str:
 # step whose output exists is skipped.
 set -euo pipefail
 cd {shlex.quote(os.getcwd())}
-PLAN={shlex.quote(str(plan_abs))}
 LOGS={shlex.quote(str(logs))}
 mkdir -p "$LOGS"
 sb() {{ local id; id=$(sbatch --parsable {extra} "$@"); echo "${{id%%;*}}"; }}
 prep=$(sb --job-name=kdcl-prepare --nodes={nodes} --output="$LOGS/slurm-prepare-%j.out" \\
-    --wrap "bash $PLAN prepare")
+    --wrap {wrap("prepare")})
 runs=$(sb --job-name=kdcl-runs --nodes={nodes} --array=0-{n_runs - 1} --dependency=afterok:$prep \\
-    --output="$LOGS/slurm-run-%A_%a.out" --wrap "bash $PLAN run \\$SLURM_ARRAY_TASK_ID")
+    --output="$LOGS/slurm-run-%A_%a.out" --wrap {wrap("run $SLURM_ARRAY_TASK_ID")})
 evals=$(sb --job-name=kdcl-evals --nodes=1 --array=0-{n_runs - 1} --dependency=afterok:$runs \\
-    --output="$LOGS/slurm-eval-%A_%a.out" --wrap "bash $PLAN eval \\$SLURM_ARRAY_TASK_ID")
+    --output="$LOGS/slurm-eval-%A_%a.out" --wrap {wrap("eval $SLURM_ARRAY_TASK_ID")})
 report=$(sb --job-name=kdcl-report --nodes=1 --dependency=afterok:$evals \\
-    --output="$LOGS/slurm-report-%j.out" --wrap "bash $PLAN report")
+    --output="$LOGS/slurm-report-%j.out" --wrap {wrap("report")})
 echo "submitted: prepare $prep, runs $runs ({n_runs} tasks), evals $evals, report $report"
 """
 

@@ -210,6 +210,67 @@ def test_slurm_launcher_submits_each_step_and_waits(tmp_path, monkeypatch):
     assert "slurm.sbatch: job" in log and "nodes=2" in log  # the job's output is the step log
 
 
+FAKE_SUBMIT = r"""#!/bin/sh
+# Stand-in for `sbatch --parsable` at submission: log the arguments, print a job id.
+n=$(wc -l < "$FAKE_SBATCH_LOG" 2>/dev/null || echo 0)
+printf '%s\n' "$*" >> "$FAKE_SBATCH_LOG"
+echo "$((700 + n));cluster"
+"""
+
+
+def test_plan_with_slurm_launcher_and_its_submit_chain(tmp_path):
+    """--plan with --launcher slurm (written where no Slurm is installed): training steps call
+    slurm.sbatch inside the job; FILE.slurm submits prepare -> runs array -> evals array -> report,
+    each after the previous one (afterok), with the user's sbatch options."""
+    corpus = _corpus(tmp_path / "c.jsonl", 50)
+    plan = tmp_path / "my plan.sh"  # a space: every path is quoted
+    run_cli(
+        "experiment",
+        "--corpus",
+        corpus,
+        "--out",
+        tmp_path / "exp",
+        "--arms",
+        "kd,kd-cl",
+        "--seeds",
+        "2",
+        "--steps",
+        "7",
+        "--launcher",
+        "slurm",
+        "--nnodes",
+        "2",
+        "--nproc",
+        "4",
+        "slurm_args=--partition=gpu --time=01:00:00",
+        "--plan",
+        plan,
+        env={"PATH": os.defpath},
+    )
+    text = plan.read_text()
+    assert "# runs: 0=kd-s0, 1=kd-cl-s0, 2=kd-s1, 3=kd-cl-s1" in text
+    train = [x for x in text.splitlines() if "run_step train/kd-cl-s1 " in x][0]
+    assert "env GPUS_PER_NODE=4 bash" in train and "slurm.sbatch train" in train
+    assert "--steps 7" in train and "need STEPS" not in text  # --steps given: no query
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SUBMIT)
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env["FAKE_SBATCH_LOG"] = str(tmp_path / "sbatch.log")
+    p = subprocess.run(["bash", f"{plan}.slurm"], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "submitted: prepare 700, runs 701 (4 tasks), evals 702, report 703" in p.stdout
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert len(calls) == 4 and all("--partition=gpu --time=01:00:00" in c for c in calls)
+    assert "--nodes=2" in calls[0] and "--dependency" not in calls[0]
+    assert "--array=0-3 --dependency=afterok:700" in calls[1] and "--nodes=2" in calls[1]
+    assert "--array=0-3 --dependency=afterok:701" in calls[2] and "--nodes=1" in calls[2]
+    assert "--dependency=afterok:702" in calls[3]
+    assert calls[1].endswith(f"--wrap bash '{plan.resolve()}' run $SLURM_ARRAY_TASK_ID")
+    assert calls[3].endswith(f"--wrap bash '{plan.resolve()}' report")
+
+
 # ---------------------------------------------------------------------------------------------
 # acceptance: plan == in-process; deepspeed on two loopback nodes == torchrun
 
