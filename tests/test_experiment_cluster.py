@@ -365,19 +365,9 @@ def test_deepspeed_two_loopback_nodes_match_torchrun(in_process, tmp_path):
         f.unlink()
     grid = [a if a != "kd,kd-cl-matched" else "kd" for a in GRID]
     grid[grid.index("--nproc") + 1] = "1"
+    launcher = ["--launcher", "deepspeed", "--deepspeed-nodes", "here", "--nnodes", "2"]
     p = run_cli(
-        "experiment",
-        "--corpus",
-        corpus,
-        "--out",
-        out,
-        *grid,
-        "--launcher",
-        "deepspeed",
-        "deepspeed_nodes=here",
-        "nnodes=2",
-        env=ENV,
-        timeout=1500,
+        "experiment", "--corpus", corpus, "--out", out, *launcher, *grid, env=ENV, timeout=1500
     )
     assert "[run ] train/kd-s0" in p.stdout and "[skip] score/student" in p.stdout
     log = (out / "logs" / "train_kd-s0.log").read_text()
