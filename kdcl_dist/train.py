@@ -89,6 +89,13 @@ class TrainConfig:
     )
     global_batch: int = option(32, help="samples per optimizer step over all ranks", min=1)
     micro_batch: int = option(8, help="samples per forward on one rank", min=1)
+    batching: str = option(
+        "length-grouped",
+        help="how global batch t is cut into micro-batches: length-grouped (sorted by token "
+        "length, little padding) or padded (contiguous blocks of the order); the batch's "
+        "samples are the same (docs/training.md)",
+        choices=("length-grouped", "padded"),
+    )
     # unset (None) is the only "not given": an explicit 0 would otherwise train a whole epoch
     steps: int | None = option(
         None,
@@ -568,7 +575,17 @@ def train(cfg: TrainConfig) -> dict:
     spec = OrderSpec(
         mode=cfg.order, seed=cfg.seed, pacing_f0=cfg.pacing_f0, pacing_steps=pacing_steps
     )
-    sampler = CurriculumSampler(n, cfg.global_batch, cfg.micro_batch, world, rank, spec)
+    lengths = shards.token_lengths() if cfg.batching == "length-grouped" else None
+    sampler = CurriculumSampler(
+        n,
+        cfg.global_batch,
+        cfg.micro_batch,
+        world,
+        rank,
+        spec,
+        batching=cfg.batching,
+        lengths=lengths,
+    )
     rspec = RelianceSpec(
         schedule=cfg.reliance,
         lambda_=cfg.lambda_,
@@ -731,9 +748,13 @@ def train(cfg: TrainConfig) -> dict:
                 [res["acc"], torch.tensor([float(want_stop), local_tokens], dtype=torch.float64)]
             )
             sync = dist.all_reduce_sum(sync.to(engine.device)).cpu()  # NCCL: device tensors only
-            trained = dist.all_gather_object(
-                [int(p) for mb in micro for p in np.asarray(mb["positions"])]
-            )
+            # what this rank trained is its share of the pure split of batch t (sampler): checked
+            # locally, so samples.jsonl can record batch t without gathering positions each step
+            got = [int(p) for mb in micro for p in np.asarray(mb["positions"])]
+            if got != sampler.rank_block(step).tolist():
+                raise RuntimeError(
+                    f"step {step}: the loaded micro-batches are not this rank's share"
+                )
             dt = time.perf_counter() - t0
             done = step + 1
             scalars = {
@@ -770,9 +791,7 @@ def train(cfg: TrainConfig) -> dict:
                 )
             monitor.log(done, scalars)
             if samples_f is not None:
-                samples_f.write(
-                    json.dumps({"step": done, "positions": [p for r in trained for p in r]}) + "\n"
-                )
+                samples_f.write(json.dumps({"step": done, "positions": positions.tolist()}) + "\n")
                 samples_f.flush()
             sampler.consumed_samples = (
                 done * cfg.global_batch
