@@ -102,6 +102,9 @@ def add_arguments(p):
         help="DeepSpeed config for --engine, a packaged name or a file (default cpu_fp32 on CPU, zero2_bf16 on GPU)",
     )
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    from kdcl_dist.bench.train_batching import add_arguments as batching_arguments
+
+    batching_arguments(p)
 
 
 # ---- models and batch ---------------------------------------------------------------------
@@ -459,14 +462,23 @@ def run(args) -> int:
         f"{measured / predicted:.3f} (target <= 1.10: {'met' if ok else 'NOT met'})"
     )
     print()
-    print(f"  {'step':34s}{'time s':>12s}{'samples/s':>12s}{'tokens/s':>12s}")
+    from kdcl_dist.bench import flops as fl
+
+    peak, peak_src = fl.peak_flops(device)
+    model_flops = {"student": f_s, "kd": f_s + f_t, "kd_full": f_s + f_t}
+    print(
+        f"  {'step':34s}{'time s':>12s}{'samples/s':>12s}{'tokens/s':>12s}   model FLOP rate [{peak_src}]"
+    )
     label = {
         "student": "student-only (masked-only head)",
         "kd": "KD (masked-only heads)",
         "kd_full": "KD (full-vocabulary logits)",
     }
     for v in VARIANTS:
-        print(f"  {label[v]:34s}{med[v]:12.4f}{B / med[v]:12.1f}{T / med[v]:12.0f}")
+        print(
+            f"  {label[v]:34s}{med[v]:12.4f}{B / med[v]:12.1f}{T / med[v]:12.0f}   "
+            f"{fl.rate_text(model_flops[v], med[v], peak)}"
+        )
     speedup = med["kd_full"] / med["kd"]
     print(f"  masked-only head speed-up over full-vocabulary logits (KD step): {speedup:.2f}x")
     if mem:
@@ -495,6 +507,9 @@ def run(args) -> int:
         "masked_head_speedup": speedup,
         "memory": mem,
         "flops": {"teacher_fwd": f_t, "student_fwd_bwd": f_s},
+        "peak": peak_src,
+        "mfu": None if peak is None else {v: model_flops[v] / med[v] / peak for v in VARIANTS},
+        "flops_per_s": {v: model_flops[v] / med[v] for v in VARIANTS},
     }
     if eng is not None:
         me = {k: statistics.median(v) for k, v in eng.items() if k != "ds_config"}
@@ -504,7 +519,24 @@ def run(args) -> int:
             f"ratio {r:.3f} (predicted {predicted:.3f}; measured/predicted {r / predicted:.3f})   "
             f"{B / me['kd']:.1f} samples/s"
         )
-        result["engine"] = {"median_s": me, "ratio": r, "ds_config": eng["ds_config"]}
+        print(
+            f"  KDEngine model FLOP rate: KD {fl.rate_text(model_flops['kd'], me['kd'], peak)}   "
+            f"student-only {fl.rate_text(model_flops['student'], me['student'], peak)}   "
+            f"({T / me['kd']:.0f} / {T / me['student']:.0f} tokens/s)"
+        )
+        result["engine"] = {
+            "median_s": me,
+            "ratio": r,
+            "ds_config": eng["ds_config"],
+            "flops_per_s": {v: model_flops[v] / me[v] for v in ("student", "kd")},
+            "mfu": None
+            if peak is None
+            else {v: model_flops[v] / me[v] / peak for v in ("student", "kd")},
+        }
+    if args.batching:
+        from kdcl_dist.bench.train_batching import run_batching
+
+        result["batching"] = run_batching(args, preset, device, dtype, build_models)
     if args.json_out:
         from kdcl_dist.utils import write_json_atomic
 
