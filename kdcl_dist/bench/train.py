@@ -101,6 +101,17 @@ def add_arguments(p):
         default=None,
         help="DeepSpeed config for --engine, a packaged name or a file (default cpu_fp32 on CPU, zero2_bf16 on GPU)",
     )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="--engine: activation checkpointing in the student",
+    )
+    p.add_argument(
+        "--teacher-dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="--engine: the teacher's dtype (auto: bf16 on GPU)",
+    )
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     from kdcl_dist.bench.train_batching import add_arguments as batching_arguments
 
@@ -370,6 +381,24 @@ def measure_memory(args, preset, device, stepper) -> dict:
 # ---- the real engine (optional) -----------------------------------------------------------------
 
 
+def count_syncs(fn) -> int:
+    """Device->host synchronisations torch reports during `fn()` (CUDA sync debug mode: one
+    warning per synchronising call, DeepSpeed's own included)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
 def time_engine(args, preset, device, batch) -> dict:
     """KDEngine.step (DeepSpeed) with and without a teacher, single process."""
     import copy
@@ -399,7 +428,11 @@ def time_engine(args, preset, device, batch) -> dict:
             copy.deepcopy(teacher0) if with_teacher else None,
             cfg,
             world_size=1,
-            options=kde.EngineOptions(temperature=args.temperature),
+            options=kde.EngineOptions(
+                temperature=args.temperature,
+                gradient_checkpointing=args.gradient_checkpointing,
+                teacher_dtype=args.teacher_dtype,
+            ),
         )
         times = []
         for i in range(args.warmup + args.repeats):
@@ -412,6 +445,10 @@ def time_engine(args, preset, device, batch) -> dict:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         res[name] = times
+        if on_gpu:
+            import functools
+
+            res[f"{name}_syncs"] = count_syncs(functools.partial(eng.step, [batch], lambda p: 0.5))
         del eng
     res["ds_config"] = ds_path
     return res
@@ -512,7 +549,7 @@ def run(args) -> int:
         "flops_per_s": {v: model_flops[v] / med[v] for v in VARIANTS},
     }
     if eng is not None:
-        me = {k: statistics.median(v) for k, v in eng.items() if k != "ds_config"}
+        me = {k: statistics.median(eng[k]) for k in ("student", "kd")}
         r = me["kd"] / me["student"]
         print(
             f"  KDEngine ({eng['ds_config']}): KD {me['kd']:.4f} s   student-only {me['student']:.4f} s   "
@@ -524,10 +561,16 @@ def run(args) -> int:
             f"student-only {fl.rate_text(model_flops['student'], me['student'], peak)}   "
             f"({T / me['kd']:.0f} / {T / me['student']:.0f} tokens/s)"
         )
+        if "kd_syncs" in eng:
+            print(
+                f"  KDEngine device->host syncs in one steady-state step (torch sync debug mode): "
+                f"KD {eng['kd_syncs']}   student-only {eng['student_syncs']}"
+            )
         result["engine"] = {
             "median_s": me,
             "ratio": r,
             "ds_config": eng["ds_config"],
+            "syncs": {k: eng.get(f"{k}_syncs") for k in ("student", "kd")},
             "flops_per_s": {v: model_flops[v] / me[v] for v in ("student", "kd")},
             "mfu": None
             if peak is None

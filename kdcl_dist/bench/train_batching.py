@@ -174,6 +174,30 @@ def run_batching(args, preset: dict, device, dtype, build_models) -> dict:
     steps = n // args.global_batch
     ratio = {b: token_ratio(s, lengths, steps) for b, s in samplers.items()}
 
+    res = {
+        "corpus": label,
+        "samples": n,
+        "global_batch": args.global_batch,
+        "micro_batch": args.micro_batch,
+        "max_length": args.max_length,
+        "vocab": vocab,
+        "mean_length": float(lengths.mean()),
+        "at_max_length": float((lengths == args.max_length).mean()),
+        "real_over_computed": {b: r / c for b, (r, c) in ratio.items()},
+        "timed_steps": args.batching_steps,
+    }
+    print()
+    print(
+        f"  batching ({label}): {n} samples, mean {lengths.mean():.0f} tokens, "
+        f"{100 * res['at_max_length']:.1f}% at max length {args.max_length}; global batch "
+        f"{args.global_batch}, micro-batch {args.micro_batch}, vocab {vocab}"
+    )
+    print(f"  {'':22s}{'real/computed':>15s}  (over {steps} global batches: real ÷ padded tokens)")
+    for b in samplers:
+        print(f"  {b:22s}{res['real_over_computed'][b]:15.3f}")
+    if args.batching_steps < 1:  # the token ratio only
+        return res
+
     preset = {**preset, "vocab": vocab}
     teacher, student = build_models(preset)
     teacher = teacher.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
@@ -197,28 +221,7 @@ def run_batching(args, preset: dict, device, dtype, build_models) -> dict:
                 if t >= args.batching_warmup:
                     times[(v, b)].append((t, time.perf_counter() - t0))
     peak, peak_src = fl.peak_flops(device)
-    res = {
-        "corpus": label,
-        "samples": n,
-        "global_batch": args.global_batch,
-        "micro_batch": args.micro_batch,
-        "max_length": args.max_length,
-        "vocab": vocab,
-        "mean_length": float(lengths.mean()),
-        "at_max_length": float((lengths == args.max_length).mean()),
-        "real_over_computed": {b: r / c for b, (r, c) in ratio.items()},
-        "timed_steps": args.batching_steps,
-        "peak": peak_src,
-    }
-    print()
-    print(
-        f"  batching ({label}): {n} samples, mean {lengths.mean():.0f} tokens, "
-        f"{100 * res['at_max_length']:.1f}% at max length {args.max_length}; global batch "
-        f"{args.global_batch}, micro-batch {args.micro_batch}, vocab {vocab}"
-    )
-    print(f"  {'':22s}{'real/computed':>15s}  (over {steps} global batches: real ÷ padded tokens)")
-    for b in samplers:
-        print(f"  {b:22s}{res['real_over_computed'][b]:15.3f}")
+    res["peak"] = peak_src
     print(
         f"  {'step (median of ' + str(args.batching_steps) + ')':30s}{'padded s':>10s}{'grouped s':>11s}"
         f"{'speed-up':>10s}{'grouped tok/s':>15s}   model FLOP rate (padded | grouped)"
