@@ -10,8 +10,10 @@ padded with the training collate. Printed side by side, from one run:
 
 1. real ÷ computed tokens of each split over every global batch of the corpus;
 2. time of one optimizer step over one global batch (every micro-batch forward/backward, one
-   AdamW step), student-only and KD, for each split: interleaved, the median over the timed
-   batches of the padded ÷ length-grouped time ratio, and real tokens/s;
+   AdamW step), student-only and KD, for each split: the four variants (each with its own copy
+   of the student) interleaved micro-batch by micro-batch, so that a shared machine's changing
+   load hits them alike; the median over the timed batches of the padded ÷ length-grouped time
+   ratio, and real tokens/s;
 3. model FLOPs per second of each (real tokens only, kdcl_dist/bench/flops.py) and, on a GPU
    with a known peak, MFU.
 """
@@ -130,35 +132,38 @@ class GlobalStep:
         h = enc(input_ids=ids, attention_mask=attn)[0]
         return head(h.reshape(-1, h.shape[-1]).index_select(0, flat))
 
-    def __call__(self, mbs, kd: bool) -> None:
+    def micro(self, mb, kd: bool, n: float) -> None:
+        """Forward/backward of one micro-batch; `n`: the global batch's masked-token count."""
         torch = self.torch
         from kdcl_dist.kd import losses
 
-        n = float(sum(int((mb["labels"] != -100).sum()) for mb in mbs))
-        for mb in mbs:
-            ids = mb["input_ids"].to(self.device, non_blocking=True)
-            attn = mb["attention_mask"].to(self.device, non_blocking=True)
-            lab = mb["labels"].reshape(-1)
-            flat_cpu = torch.nonzero(lab != -100).squeeze(1)
-            flat = flat_cpu.to(self.device, non_blocking=True)
-            labels = lab.index_select(0, flat_cpu).to(self.device, non_blocking=True)
-            if kd:
-                with torch.inference_mode():
-                    t_logits = self._rows(self.t_enc, self.t_head, ids, attn, flat)
-                t_logits = t_logits.float().clone()
-            with self.autocast:
-                s_logits = self._rows(self.s_enc, self.s_head, ids, attn, flat)
-            if kd:
-                loss = losses.masked_kd_losses(s_logits, t_logits, labels, 0.5, self.tau, n)["loss"]
-            else:
-                loss = (
-                    torch.nn.functional.cross_entropy(s_logits.float(), labels, reduction="sum") / n
-                )
-            loss.backward()
+        ids = mb["input_ids"].to(self.device, non_blocking=True)
+        attn = mb["attention_mask"].to(self.device, non_blocking=True)
+        lab = mb["labels"].reshape(-1)
+        flat_cpu = torch.nonzero(lab != -100).squeeze(1)
+        flat = flat_cpu.to(self.device, non_blocking=True)
+        labels = lab.index_select(0, flat_cpu).to(self.device, non_blocking=True)
+        if kd:
+            with torch.inference_mode():
+                t_logits = self._rows(self.t_enc, self.t_head, ids, attn, flat)
+            t_logits = t_logits.float().clone()
+        with self.autocast:
+            s_logits = self._rows(self.s_enc, self.s_head, ids, attn, flat)
+        if kd:
+            loss = losses.masked_kd_losses(s_logits, t_logits, labels, 0.5, self.tau, n)["loss"]
+        else:
+            loss = torch.nn.functional.cross_entropy(s_logits.float(), labels, reduction="sum") / n
+        loss.backward()
+        self.sync()
+
+    def update(self) -> None:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.sync()
+
+    def sync(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            self.torch.cuda.synchronize()
 
 
 def run_batching(args, preset: dict, device, dtype, build_models) -> dict:
@@ -198,14 +203,22 @@ def run_batching(args, preset: dict, device, dtype, build_models) -> dict:
     if args.batching_steps < 1:  # the token ratio only
         return res
 
+    import copy
+
     preset = {**preset, "vocab": vocab}
     teacher, student = build_models(preset)
     teacher = teacher.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
     teacher.eval().requires_grad_(False)
     student = student.to(device).train()
-    stepper = GlobalStep(teacher, student, device, dtype, args.temperature)
+    variants = [(v, b) for v in ("student", "kd") for b in samplers]
+    # one student (and optimizer) per variant, so the four can be interleaved micro-batch by
+    # micro-batch: load changes on a shared machine then hit every variant alike
+    steppers = {
+        k: GlobalStep(teacher, copy.deepcopy(student), device, dtype, args.temperature)
+        for k in variants
+    }
     timed = list(range(args.batching_warmup + args.batching_steps))
-    times = {(v, b): [] for v in ("student", "kd") for b in samplers}
+    times = {k: [] for k in variants}
     work = {}
     for t in timed:
         batches = {
@@ -214,12 +227,19 @@ def run_batching(args, preset: dict, device, dtype, build_models) -> dict:
         pos = samplers["padded"].global_positions(t)
         rows = sum(int((mb["labels"] != -100).sum()) for mb in batches["padded"])
         work[t] = (int(lengths[pos].sum()), lengths[pos].tolist(), rows)
-        for v in ("student", "kd"):
-            for b in samplers:  # interleaved: load changes hit both splits alike
+        spent = dict.fromkeys(variants, 0.0)
+        for j in range(len(batches["padded"])):
+            for v, b in variants:
                 t0 = time.perf_counter()
-                stepper(batches[b], kd=v == "kd")
-                if t >= args.batching_warmup:
-                    times[(v, b)].append((t, time.perf_counter() - t0))
+                steppers[(v, b)].micro(batches[b][j], v == "kd", float(rows))
+                spent[(v, b)] += time.perf_counter() - t0
+        for k in variants:
+            t0 = time.perf_counter()
+            steppers[k].update()
+            spent[k] += time.perf_counter() - t0
+        if t >= args.batching_warmup:
+            for k in variants:
+                times[k].append((t, spent[k]))
     peak, peak_src = fl.peak_flops(device)
     res["peak"] = peak_src
     print(
