@@ -13,7 +13,8 @@ padded with the training collate. Printed side by side, from one run:
    AdamW step), student-only and KD, for each split: the four variants (each with its own copy
    of the student) interleaved micro-batch by micro-batch, so that a shared machine's changing
    load hits them alike; the median over the timed batches of the padded ÷ length-grouped time
-   ratio, and real tokens/s;
+   ratio next to its FLOP prediction (FLOPs computed with padding, padded ÷ grouped: the LM
+   heads run on the masked rows only, which padding does not change), and real tokens/s;
 3. model FLOPs per second of each (real tokens only, kdcl_dist/bench/flops.py) and, on a GPU
    with a known peak, MFU.
 """
@@ -226,7 +227,12 @@ def run_batching(args, preset: dict, device, dtype, build_models) -> dict:
         }
         pos = samplers["padded"].global_positions(t)
         rows = sum(int((mb["labels"] != -100).sum()) for mb in batches["padded"])
-        work[t] = (int(lengths[pos].sum()), lengths[pos].tolist(), rows)
+        # computed lengths: every sample of a micro-batch runs at the micro-batch's length
+        padded_to = {
+            b: [mb["input_ids"].shape[1] for mb in batches[b] for _ in range(len(mb["positions"]))]
+            for b in samplers
+        }
+        work[t] = (int(lengths[pos].sum()), lengths[pos].tolist(), rows, padded_to)
         spent = dict.fromkeys(variants, 0.0)
         for j in range(len(batches["padded"])):
             for v, b in variants:
@@ -244,7 +250,7 @@ def run_batching(args, preset: dict, device, dtype, build_models) -> dict:
     res["peak"] = peak_src
     print(
         f"  {'step (median of ' + str(args.batching_steps) + ')':30s}{'padded s':>10s}{'grouped s':>11s}"
-        f"{'speed-up':>10s}{'grouped tok/s':>15s}   model FLOP rate (padded | grouped)"
+        f"{'speed-up':>10s}{'FLOP-pred.':>11s}{'grouped tok/s':>15s}   model FLOP rate (padded | grouped)"
     )
     for v in ("student", "kd"):
         ts = [t for t, _ in times[(v, "padded")]]
@@ -262,16 +268,33 @@ def run_batching(args, preset: dict, device, dtype, build_models) -> dict:
             )
             for t in ts
         )
+        # FLOPs the hardware computes (padding included): their ratio predicts the speed-up;
+        # the LM heads run on the masked rows only, which padding does not change
+        hw = {
+            b: sum(
+                fl.step_flops(
+                    preset["teacher"] if v == "kd" else None,
+                    preset["student"],
+                    vocab,
+                    work[t][3][b],
+                    work[t][2],
+                )
+                for t in ts
+            )
+            for b in samplers
+        }
+        predicted = hw["padded"] / hw["length-grouped"]
         tp, tg = sum(sp), sum(sg)
         name = "KD" if v == "kd" else "student-only"
         print(
             f"  {name:30s}{statistics.median(sp):10.3f}{statistics.median(sg):11.3f}{speed:9.2f}x"
-            f"{real / tg:15.0f}   {fl.rate_text(fsum, tp, peak)} | {fl.rate_text(fsum, tg, peak)}"
+            f"{predicted:10.2f}x{real / tg:15.0f}   {fl.rate_text(fsum, tp, peak)} | {fl.rate_text(fsum, tg, peak)}"
         )
         res[v] = {
             "padded_s": sp,
             "grouped_s": sg,
             "speedup": speed,
+            "flop_predicted_speedup": predicted,
             "grouped_tokens_per_s": real / tg,
             "padded_tokens_per_s": real / tp,
             "model_flops": fsum,
