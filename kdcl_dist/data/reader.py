@@ -158,6 +158,8 @@ class ShardSet:
         One header read per shard for its shortest and longest member (same header size: all
         members between have it too, since an `.npy` header only grows with the shape's digits);
         otherwise each member's header is read. Used to group training micro-batches by length.
+        The first read of a shard in a process checks it against the manifest, as every read
+        does: a damaged shard stops training at start-up instead of in a DataLoader worker.
         """
         out = np.empty(len(self), dtype=np.int64)
         for shard in range(self.num_shards):
