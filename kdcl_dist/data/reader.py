@@ -130,6 +130,56 @@ class ShardSet:
             self._index[shard] = idx
         return self._index[shard]
 
+    def _ids_header(self, shard: int, local: int) -> tuple[int, int, int]:
+        """(header bytes, item size, token count) of one sample's `.npy` member: a short read."""
+        idx = self.index(shard)
+        size = int(idx["ids_size"][local])
+        import io
+
+        f = io.BytesIO(self._read(shard, int(idx["ids_offset"][local]), min(size, 4096)))
+        try:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(f)
+        except ValueError as e:
+            raise UserError(
+                f"{self.dir / self.shards[shard]['name']}: sample {local} is not a valid .npy "
+                f"member ({e}); {self._rerun_hint()}"
+            ) from e
+        return f.tell(), int(dtype.itemsize), int(shape[0]) if shape else 1
+
+    def token_lengths(self) -> np.ndarray:
+        """Token count of every sample (global position order), from the offset indices.
+
+        One header read per shard for its shortest and longest member (same header size: all
+        members between have it too, since an `.npy` header only grows with the shape's digits);
+        otherwise each member's header is read. Used to group training micro-batches by length.
+        The first read of a shard in a process checks it against the manifest, as every read
+        does: a damaged shard stops training at start-up instead of in a DataLoader worker.
+        """
+        out = np.empty(len(self), dtype=np.int64)
+        for shard in range(self.num_shards):
+            a, b = self.shard_range(shard)
+            if a == b:
+                continue
+            sizes = self.index(shard)["ids_size"]
+            lo, hi = int(np.argmin(sizes)), int(np.argmax(sizes))
+            (h_lo, item, n_lo), (h_hi, item_hi, n_hi) = (
+                self._ids_header(shard, lo),
+                self._ids_header(shard, hi),
+            )
+            ok = h_lo == h_hi and item == item_hi
+            n = (sizes - h_lo) // max(1, item)
+            if ok and n[lo] == n_lo and n[hi] == n_hi:
+                out[a:b] = n
+            else:
+                out[a:b] = [self._ids_header(shard, i)[2] for i in range(b - a)]
+        return out
+
     # -- integrity ------------------------------------------------------------------
     def _rerun_hint(self) -> str:
         if (
