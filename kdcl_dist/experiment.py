@@ -464,8 +464,10 @@ class Experiment:
         cfg: ExperimentConfig,
         preset: str = "tiny",
         command: str | None = None,
+        config_file: str | None = None,
     ):
         self.corpus, self.out, self.cfg, self.preset = Path(corpus), Path(out), cfg, preset
+        self.config_file = str(Path(config_file).resolve()) if config_file else None
         self.command = command
         self.r = Runner(self.out, concurrent=1)  # preparation runs one step at a time
         self.launch = Launch.from_config(cfg)  # --launcher: how training and scoring start
@@ -522,6 +524,14 @@ class Experiment:
         if self.launch.local and not self.planning:
             self.gpu_sets = partition_gpus(visible_gpus(), self.cfg.parallel, self.cfg.nproc)
 
+    def preset_args(self) -> list[str]:
+        """`--preset P [--config FILE]` for every stage: the experiment's --config reaches each
+        stage's own section (e.g. `eval_yesno: {select: dev}`), with the same precedence as when
+        the stage is run by hand (preset < file < the experiment's flags for that stage)."""
+        return ["--preset", self.preset] + (
+            ["--config", self.config_file] if self.config_file else []
+        )
+
     def train_args(
         self,
         cur: Path,
@@ -537,8 +547,7 @@ class Experiment:
         lam = self.cfg.lambda_ if lambda_ is None else lambda_
         a = [
             "train",
-            "--preset",
-            self.preset,
+            *self.preset_args(),
             "--curriculum",
             cur,
             "--student",
@@ -603,8 +612,7 @@ class Experiment:
             names[0],
             [
                 "score",
-                "--preset",
-                self.preset,
+                *self.preset_args(),
                 "--shards",
                 shards,
                 "--model",
@@ -620,8 +628,7 @@ class Experiment:
             names[1],
             [
                 "curriculum",
-                "--preset",
-                self.preset,
+                *self.preset_args(),
                 "--shards",
                 shards,
                 "--scores",
@@ -754,8 +761,7 @@ class Experiment:
                 "tokenizer",
                 [
                     "tokenizer",
-                    "--preset",
-                    self.preset,
+                    *self.preset_args(),
                     "--input",
                     p["data"] / "train.jsonl",
                     "--out",
@@ -767,8 +773,7 @@ class Experiment:
                 "init-models",
                 [
                     "init-models",
-                    "--preset",
-                    self.preset,
+                    *self.preset_args(),
                     "--tokenizer",
                     p["tokenizer"],
                     "--out",
@@ -786,7 +791,7 @@ class Experiment:
                 override = [f"teacher={models['source']['teacher']}"] if c.teacher else []
                 r.step(
                     "init-models/student-from-teacher",
-                    ["init-models", "--preset", self.preset, "--out", p["models"], *override],
+                    ["init-models", *self.preset_args(), "--out", p["models"], *override],
                     p["models"] / "student" / "config.json",
                 )
             teacher0, student0 = models["teacher"], models["student"]
@@ -797,8 +802,7 @@ class Experiment:
                 f"shard/{part}",
                 [
                     "shard",
-                    "--preset",
-                    self.preset,
+                    *self.preset_args(),
                     "--input",
                     p["data"] / f"{part}.jsonl",
                     "--tokenizer",
@@ -987,8 +991,7 @@ class Experiment:
             [
                 "eval",
                 "yesno",
-                "--preset",
-                self.preset,
+                *self.preset_args(),
                 "--model",
                 model,
                 "--data",

@@ -62,7 +62,9 @@ def run(args) -> int:
     command = (
         "kdcl-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     )
-    exp = Experiment(Path(args.corpus), out, cfg, preset=args.preset, command=command)
+    exp = Experiment(
+        Path(args.corpus), out, cfg, preset=args.preset, command=command, config_file=args.config
+    )
     if sum(bool(x) for x in (args.report_only, args.plan, args.step, args.query)) > 1:
         raise UserError("experiment: give at most one of --report-only, --plan, --step, --query")
     if args.plan:
