@@ -767,10 +767,14 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
                 if scans[-1].error:
                     break  # the first error in unit order is reported; see make_plan
         if divided:
-            scans = sorted(
-                (sc for part in dist.all_gather_object(scans) for sc in part),
-                key=lambda sc: sc.unit,
+            parts = dist.all_gather_object(scans)
+            log.info(
+                "parsing divided: input units parsed per rank %s, records %s",
+                [len(p) for p in parts],
+                [sum(sc.documents for sc in p) for p in parts],
             )
+            scans = sorted((sc for part in parts for sc in part), key=lambda sc: sc.unit)
+            del parts
         plan = ingest_plan.make_plan(units, scans, opts, skipped)
         del scans
         return _write_blocks(
