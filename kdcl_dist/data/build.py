@@ -686,7 +686,7 @@ def build_dataset(
         err = f"{type(e).__name__}:{e}"
         if world == 1:
             raise
-    counts = (result["written"], result["skipped"]) if result else (0, 0)
+    counts = (result["written"], result["skipped"], _peak_rss_mib()) if result else (0, 0, 0)
     gathered = dist.all_gather_object((err, counts)) if world > 1 else [(err, counts)]
     if rank == 0:  # every rank has read back its documents: the shared spill can go
         ingest_plan.remove_spill(out / ingest_plan.SPILL_DIR)
@@ -701,6 +701,7 @@ def build_dataset(
     if rank == 0:
         result["written"] = sum(c[0] for _, c in gathered)
         result["skipped"] = sum(c[1] for _, c in gathered)
+        result["rss"] = [c[2] for _, c in gathered]
         try:
             manifest = _merge(out, cfg, result, time.perf_counter() - t0, world)
         except UserError as e:
@@ -984,7 +985,7 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
         (out / RUN_MARKER).unlink()
     log.info(
         "%s: %d documents read, %d kept -> %d samples in %d shards (%d written now, %d reused); "
-        "dropped: %s; %.1fs on %d rank(s)",
+        "dropped: %s; %.1fs on %d rank(s); peak RSS per rank %s MiB",
         out,
         stats.documents,
         kept,
@@ -995,5 +996,13 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
         ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none",
         seconds,
         world,
+        res.get("rss", []),
     )
     return manifest
+
+
+def _peak_rss_mib() -> int:
+    """This process's peak resident memory so far (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
