@@ -5,11 +5,12 @@ documents are numbered in input order (global document index g) and document g b
 block j = g // shard_size. A block's samples fill output shards of at most shard_size
 samples: `shard-j.tar` (always), then `shard-j.1.tar`, `shard-j.2.tar`, ... only when the
 block yields more than shard_size samples (documents split by `too_long=split`). With W
-ranks, rank r tokenizes and writes the blocks j with j % W == r. Every rank streams (parses
-and cleans) the whole input itself, so duplicate detection sees every document in the same
-order on every rank and all ranks agree on g without exchanging hashes; tokenization and
-writing, the expensive part, are divided. Rank 0 then merges the per-block statistics into
-`dataset.json` in shard order. One rank
+ranks, rank r tokenizes and writes the blocks j with j % W == r. The parsing is divided too
+(kdcl_dist/data/ingest_plan.py): each rank parses its share of the input (whole files, or
+byte ranges of one large jsonl/txt), the ranks exchange document ids and content hashes
+once, and every rank computes the same global plan (NLM updates, dedup), so all ranks agree
+on g; each rank then reads its blocks' documents back from a spill under --out. Rank 0
+merges the per-block statistics into `dataset.json` in shard order. One rank
 and N ranks therefore write byte-identical shards.
 
 Per block j the stage writes, each atomically (temporary name, then rename):
