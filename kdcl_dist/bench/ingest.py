@@ -79,6 +79,11 @@ def add_arguments(p):
         "time and peak RSS per rank (target <= 2 GiB)",
     )
     p.add_argument(
+        "--scale-ranks",
+        default="1,2",
+        help="--scale: world sizes to run, comma-separated (default 1,2)",
+    )
+    p.add_argument(
         "--no-breakdown",
         dest="breakdown",
         action="store_false",
