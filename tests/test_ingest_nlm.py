@@ -211,9 +211,11 @@ def test_unknown_delete_citation_is_counted_not_an_error(tmp_path, tok):
     assert UNKNOWN_PMID not in {x.meta["id"] for x in ShardSet(tmp_path / "out")}
 
 
-def test_byte_ranges_of_one_jsonl_read_the_same_documents(tmp_path):
-    src = tmp_path / "c.jsonl"
-    lines = [json.dumps({"text": t}) for _, t in corpus_docs(300)]
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_byte_ranges_of_one_file_read_the_same_documents(tmp_path, suffix):
+    src = tmp_path / f"c{suffix}"
+    texts = [t for _, t in corpus_docs(300)]
+    lines = [json.dumps({"text": t}) for t in texts] if suffix == ".jsonl" else texts
     lines.insert(5, "")  # blank lines and a BOM at the start are handled in the right range
     src.write_text("\ufeff" + "\n".join(lines * 2) + "\n", encoding="utf-8")
     opts = ShardConfig(id_field="").read_options(False)
@@ -227,7 +229,8 @@ def test_byte_ranges_of_one_jsonl_read_the_same_documents(tmp_path):
         st = ingest.IngestStats()
         pieces += list(ingest.read_documents([u], opts, st))
     assert pieces == whole  # same ids (file:line), texts and order
-    assert whole[0].id == "c.jsonl:1" and whole[-1].id == f"c.jsonl:{2 * len(lines)}"
+    assert whole[0].id == f"{src.name}:1" and whole[-1].id == f"{src.name}:{2 * len(lines)}"
+    assert not whole[0].text.startswith("\ufeff")
 
 
 def _torchrun(args, out, port):

@@ -13,6 +13,10 @@ Input formats (chosen by `--format`, or by file suffix with `auto`):
 - `txt` (`.txt`, optionally `.gz`): one document per line (`text_unit=line`),
   documents separated by blank lines (`text_unit=paragraph`) or one document per file
   (`text_unit=file`, id = the file's path as in `source`, e.g. `abstracts/0001.txt`).
+- NLM downloads: `pubmedYYnNNNN.xml.gz` files are read in NLM's order; README, `.md5` and
+  other files beside them are skipped and counted (`resolve_inputs_skipped`, kdcl_dist/data/nlm.py);
+  `<DeleteCitation>` PMIDs and PMIDs of citations without abstract reach `IngestStats.hook`
+  so that the update semantics can be applied over all files (kdcl_dist/data/ingest_plan.py).
 - `xml` (`.xml`, `.xml.gz`): PubMed/MEDLINE XML as NLM publishes its baseline files
   (`MedlineCitationSet` or `PubmedArticleSet`). A document is the article title followed
   by every `AbstractText` part (its `Label` kept as `LABEL: text`). Parsed with
@@ -279,13 +283,11 @@ def resolve_inputs_skipped(
         if sources[s.source] > 1:
             s.source = s.path
     if skipped:
+        reasons = Counter(x["reason"] for x in skipped)
         log.info(
-            "skipped %d file(s) that are not input: %s",
+            "skipped %d file(s) that are not input (%s)",
             len(skipped),
-            ", ".join(
-                f"{Counter(x['reason'] for x in skipped)[r]} {r}"
-                for r in sorted({x["reason"] for x in skipped})
-            ),
+            ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
         )
     return out, skipped
 
@@ -571,7 +573,7 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
         return Document(f"{spec.source}:{first_line}", text, spec.source)
 
     try:
-        with _open_binary(spec.path) as f:
+        with _open_range(spec) as (f, line0):  # a byte range only for text_unit=line
             if opts.text_unit == "file":
                 data = f.read()
                 if data.startswith(_BOM):
@@ -595,13 +597,11 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
                         seen_ok += 1
                         yield Document(spec.source, text, spec.source)
             elif opts.text_unit == "line":
-                f.close()  # reopened for its byte range (the whole file unless split)
-                with _open_range(spec) as (rf, line0):
-                    for lineno, raw in _lines(rf, first=line0 + 1):
-                        if raw.strip():
-                            doc = emit([raw], lineno)
-                            if doc is not None:
-                                yield doc
+                for lineno, raw in _lines(f, first=line0 + 1):
+                    if raw.strip():
+                        doc = emit([raw], lineno)
+                        if doc is not None:
+                            yield doc
             else:
                 buf: list[bytes] = []
                 start = 0
