@@ -158,13 +158,14 @@ def run_scale(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         src = work / "abstracts.jsonl"
+        made = work / f"abstracts.{args.scale}.done"  # a --workdir re-run reuses the corpus
         t = time.perf_counter()
-        n_bytes = 0
-        with open(src, "w", encoding="utf-8") as f:
-            for doc_id, text in abstract_corpus(args.scale, seed=2):
-                line = json.dumps({"id": doc_id, "text": text}) + "\n"
-                n_bytes += len(line)
-                f.write(line)
+        if not made.exists():
+            with open(src, "w", encoding="utf-8") as f:
+                for doc_id, text in abstract_corpus(args.scale, seed=2):
+                    f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+            made.touch()
+        n_bytes = src.stat().st_size
         gen = time.perf_counter() - t
         tok = (
             Path(args.tokenizer)
