@@ -797,7 +797,7 @@ def _write_blocks(out, cfg, tinfo, enc, settings_blob, units, plan, spill, specs
     digest = None
     g = -1
 
-    # Three threads overlap: the main thread reads and cleans documents and turns token ids
+    # Three threads overlap: the main thread reads the planned documents back and turns token ids
     # into samples; one thread runs the Rust tokenizer a batch ahead (it releases the GIL,
     # and its own pool uses every core); the writer thread encodes tars and indexes them.
     writer = _BackgroundWriter()
