@@ -163,7 +163,12 @@ class ExperimentConfig:
     )
     global_batch: int = option(32, help="samples per optimizer step of every training run", min=1)
     micro_batch: int = option(16, help="samples per forward on one rank", min=1)
-    lr: float = option(5e-4, help="peak learning rate of the student runs", min=0.0)
+    lr: float | None = option(
+        None,
+        help="peak learning rate of every training run (unset: the preset's train.lr, e.g. "
+        "5e-5 for paper, 1e-4 for minilm, 5e-4 for tiny)",
+        min=0.0,
+    )
     lambda_: float = option(0.5, help="λ of the constant arms (the paper: 0.5)", min=0.0, max=1.0)
     nproc: int = option(1, help="ranks per training run (torchrun, gloo on CPU)", min=1)
     parallel: int = option(1, help="runs executed at the same time", min=1)
@@ -466,8 +471,6 @@ class Experiment:
             self.cfg.global_batch,
             "--micro-batch",
             self.cfg.micro_batch,
-            "--lr",
-            self.cfg.lr,
             "--lambda",
             repr(float(lam)),
             "--save-every",
@@ -477,6 +480,8 @@ class Experiment:
             "--num-workers",
             0,
         ]
+        if self.cfg.lr is not None:  # else train reads the preset's train.lr
+            a += ["--lr", self.cfg.lr]
         if teacher is not None:
             a += ["--teacher", teacher]
         return a

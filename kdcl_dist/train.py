@@ -384,19 +384,29 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)  # created once every check below has passed (a refused run writes nothing)
 
     # 2. curriculum and everything decided by the config, the world size and curriculum.json
-    cur_dir = Path(cfg.curriculum)
-    if not (cur_dir / "curriculum.json").exists():
+    from kdcl_dist import storage
+    from kdcl_dist.data.reader import has_file
+
+    remote = storage.is_url(cfg.curriculum)  # s3://... : ranged reads (kdcl_dist/storage.py)
+    cur_dir = storage.RemotePath(cfg.curriculum) if remote else Path(cfg.curriculum)
+    if not has_file(cfg.curriculum, "curriculum.json"):
         raise UserError(
             f"{cur_dir}: no curriculum.json; run `kdcl-dist curriculum` first (or pass its --out)"
         )
-    shards = ShardSet(cur_dir, "curriculum.json")
+    shards = ShardSet(cfg.curriculum, "curriculum.json")
     manifest = shards.manifest
     n = len(shards)
     scores_path = cur_dir / "order_scores.npy"
-    if not scores_path.exists():
+    if not has_file(cfg.curriculum, "order_scores.npy"):
         raise UserError(f"{scores_path}: missing; re-run `kdcl-dist curriculum`")
     try:
-        order_scores = np.load(scores_path, mmap_mode="r", allow_pickle=False)
+        if remote:
+            import io
+
+            blob = shards.store.read("order_scores.npy")
+            order_scores = np.load(io.BytesIO(blob), allow_pickle=False)
+        else:
+            order_scores = np.load(scores_path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # a cut header or body: mmap/parse fails
         raise UserError(
             f"{scores_path}: cannot read it ({str(e).splitlines()[0][:160]}); the file is cut or "
@@ -682,7 +692,7 @@ def train(cfg: TrainConfig) -> dict:
             entity=cfg.wandb_entity or None,
             name=cfg.wandb_name or out.name,
             mode=cfg.wandb_mode or None,
-            images_dir=str(cur_dir),
+            images_dir=None if remote else str(cur_dir),
             config={
                 **to_dict(cfg),
                 "total_steps": total_steps,

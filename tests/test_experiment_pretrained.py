@@ -138,6 +138,13 @@ def test_paper_preset_puts_the_hub_names_in_every_step(tmp_path, monkeypatch):
     assert train[train.index("--teacher") + 1] == teacher
     assert "paper" in train and "--allow-new-head" not in train
     assert "dmis-lab/biobert-base-cased-v1.1" in prep["models"]
+    # no --lr unless asked: train takes the preset's train.lr (the paper's 5e-5, not tiny's 5e-4)
+    assert "--lr" not in train
+    exp.cfg.lr = 3e-5
+    args = [
+        str(a) for a in exp.train_args(tmp_path, tmp_path, None, tmp_path, "random", "none", 2, 0)
+    ]
+    assert args[args.index("--lr") + 1] == "3e-05"
 
 
 def test_preparation_runs_with_pretrained_models_use_a_random_order_curriculum(
