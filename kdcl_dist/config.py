@@ -372,7 +372,9 @@ def _flag_kwargs(f, annotation) -> dict | None:
         if choices:
             kwargs["choices"] = choices
     elif origin in (list, tuple) and typing.get_args(tp)[:1] in ((str,), ()):
-        kwargs.update(type=str, metavar=f"{metavar}[,...]")  # split (and checked) by resolve()
+        # repeatable and comma-separated: `--arms a,b --arms c` is a, b, c (argparse's default
+        # for a repeated flag, keeping only the last, silently dropped arms); split by resolve_args
+        kwargs.update(type=str, metavar=f"{metavar}[,...]", action="append")
     else:
         return None
     return kwargs
@@ -456,6 +458,7 @@ def resolve_args(args, overrides: Sequence[str] | None = None, *, check: bool = 
     overrides; `overrides` replaces args.overrides, e.g. after split_overrides)."""
     o: _Options = args._options
     flags = {field: getattr(args, dest, None) for dest, field in o.dests.items()}
+    flags = {k: ",".join(v) if isinstance(v, list) else v for k, v in flags.items()}
     return resolve(
         o.cls,
         o.section,

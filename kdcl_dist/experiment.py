@@ -29,6 +29,12 @@ tokenizer (no tokenizer, no random init; a `{from_teacher: true}` student is bui
 them: `check_heads`), step 3 runs only when a preparation run does, and step 6 scores the
 pretrained (or warmed) student. A pair with different vocabularies is refused before any work.
 
+Launchers (`--launcher`, kdcl_dist/cluster.py): every training and scoring step starts its ranks
+through one of the tested scripts in kdcl_dist/launcher (torchrun on this machine, deepspeed over a
+hostfile, one Slurm job per step, mpirun); concurrent runs on one machine hold disjoint GPUs.
+`--plan FILE` (kdcl_dist/plan.py) runs this same step sequence with a recorder instead of the Runner
+and writes it as a bash script plus a Slurm submit script (docs/cluster.md).
+
 What a seed varies: the training seed (order for random/pacing arms, training masks, dropout).
 The starting student, the adapted teacher and the curriculum are shared by all arms: they are
 the fixed starting point the paper's arms share too (pretrained DistilBERT and BioBERT).
@@ -50,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcl_dist.cluster import DS_NODES, LAUNCHERS, GpuSlots, Launch, partition_gpus, visible_gpus
 from kdcl_dist.config import option
 from kdcl_dist.errors import UserError
 
@@ -163,7 +170,12 @@ class ExperimentConfig:
     )
     global_batch: int = option(32, help="samples per optimizer step of every training run", min=1)
     micro_batch: int = option(16, help="samples per forward on one rank", min=1)
-    lr: float = option(5e-4, help="peak learning rate of the student runs", min=0.0)
+    lr: float | None = option(
+        None,
+        help="peak learning rate of every training run (unset: the preset's train.lr, e.g. "
+        "5e-5 for paper, 1e-4 for minilm, 5e-4 for tiny)",
+        min=0.0,
+    )
     lambda_: float = option(0.5, help="λ of the constant arms (the paper: 0.5)", min=0.0, max=1.0)
     teacher_cache: str = option(
         "off",
@@ -173,8 +185,41 @@ class ExperimentConfig:
         "every KD run computes the live teacher (masks from the training seed)",
         choices=("auto", "off"),
     )
-    nproc: int = option(1, help="ranks per training run (torchrun, gloo on CPU)", min=1)
-    parallel: int = option(1, help="runs executed at the same time", min=1)
+    nproc: int = option(
+        1, help="ranks per node of each training and scoring run (one per GPU; gloo on CPU)", min=1
+    )
+    parallel: int = option(
+        1,
+        help="runs executed at the same time (on one machine each gets its own nproc GPUs "
+        "of CUDA_VISIBLE_DEVICES)",
+        min=1,
+    )
+    launcher: str = option(
+        "torchrun",
+        help="how training and scoring steps start their ranks: torchrun (this machine), deepspeed "
+        "(--hostfile), slurm (each step an sbatch job), mpirun (docs/cluster.md)",
+        choices=LAUNCHERS,
+    )
+    hostfile: str = option(
+        "", help="deepspeed/mpirun hostfile, lines '<host> slots=<n>' (launcher/hostfile.example)"
+    )
+    nnodes: int = option(
+        1, help="nodes per training and scoring run (deepspeed, slurm, mpirun)", min=1
+    )
+    deepspeed_nodes: str = option(
+        "pdsh",
+        help="deepspeed: pdsh (ssh into the hostfile's hosts) or here (every node's launcher "
+        "started on this machine: a multi-node job on one machine)",
+        choices=DS_NODES,
+    )
+    master_addr: str = option(
+        "", help="deepspeed/mpirun: rendezvous address of node 0 (default: found by the launcher)"
+    )
+    slurm_args: str = option(
+        "",
+        help="extra sbatch options of every Slurm job, one string, e.g. "
+        "'--partition=gpu --gpus-per-node=8 --time=12:00:00'",
+    )
     eval_masks: int = option(2, help="fixed masks per held-out sample", min=1)
     max_length: int = option(
         0, help="tokens per sample when sharding (0: the preset's shard.max_length)", min=0
@@ -238,22 +283,38 @@ class Runner:
             with self._lock:
                 print(text, flush=True)
 
+    def log_path(self, name: str) -> Path:
+        return self.root / "logs" / f"{name.replace('/', '_')}.log"
+
     def step(
-        self, name: str, argv: list[str], done: Path, launcher: list[str] | None = None
+        self, name: str, argv: list[str], done: Path, launcher: list[str] | Launch | None = None
     ) -> dict:
+        """Run `kdcl-dist <argv>` (or `launcher + argv`); a `Launch` builds its own prefix."""
         done = Path(done)
-        log_path = self.root / "logs" / f"{name.replace('/', '_')}.log"
+        log_path = self.log_path(name)
 
         def work():
-            cmd = list(launcher or python_cli()) + [str(a) for a in argv]
-            with open(log_path, "w") as log:
-                log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-                log.flush()
-                nproc = next(
-                    (int(c.split("=")[1]) for c in cmd if c.startswith("--nproc_per_node=")), 1
+            if isinstance(launcher, Launch):
+                prefix, nproc, extra = (
+                    launcher.prefix(log_path, name),
+                    launcher.local_ranks,
+                    launcher.env(),
                 )
+            else:
+                prefix, extra = list(launcher or python_cli()), {}
+                nproc = next(
+                    (int(c.split("=")[1]) for c in prefix if c.startswith("--nproc_per_node=")), 1
+                )
+            cmd = prefix + [str(a) for a in argv]
+            log_path.write_text("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            # append mode: a Slurm job appends its own output to the same file (--open-mode=append)
+            with open(log_path, "a") as log:
                 p = subprocess.run(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(nproc), text=True
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**self.env(nproc), **extra},
+                    text=True,
                 )
             if p.returncode != 0 or not done.exists():
                 tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-25:])
@@ -276,6 +337,11 @@ class Runner:
                 raise UserError(f"{done}: step '{name}' finished without writing its output")
 
         return self._run(name, done, "(in process)", work)
+
+    def inline(self, name: str, fn, done: Path):
+        """A cheap in-process step that checks its own inputs (the corpus split): always run
+        here; a plan (kdcl_dist/plan.py) writes it as a step of its own."""
+        return fn()
 
     def _run(self, name: str, done: Path, how: str, work) -> dict:
         """Skip the step when `done` exists, else time `work()` (it raises on failure); record it."""
@@ -406,10 +472,16 @@ class Experiment:
         cfg: ExperimentConfig,
         preset: str = "tiny",
         command: str | None = None,
+        config_file: str | None = None,
     ):
         self.corpus, self.out, self.cfg, self.preset = Path(corpus), Path(out), cfg, preset
+        self.config_file = str(Path(config_file).resolve()) if config_file else None
         self.command = command
         self.r = Runner(self.out, concurrent=1)  # preparation runs one step at a time
+        self.launch = Launch.from_config(cfg)  # --launcher: how training and scoring start
+        self.gpu_sets: list[list[str]] | None = None  # per concurrent run (check_launch)
+        # writing a plan (kdcl_dist/plan.py): values known only after earlier steps are shell variables
+        self.planning = False
         self.p = {
             k: self.out / k
             for k in (
@@ -438,7 +510,36 @@ class Experiment:
     def steps(self) -> int:
         if self.cfg.steps:
             return self.cfg.steps
+        if self.planning and not any(
+            (self.p[k] / "curriculum.json").exists() for k in ("cur0", "cur")
+        ):
+            from kdcl_dist.plan import ShellVar
+
+            return ShellVar("STEPS", "steps")  # one epoch: known once the shards are scored
         return max(1, self.n_train_samples() // self.cfg.global_batch)
+
+    def default_warmup_steps(self, steps):
+        """A quarter of the run's steps (random-init students)."""
+        if not isinstance(steps, int):
+            from kdcl_dist.plan import ShellVar
+
+            return ShellVar("WARMUP_STEPS", "warmup_steps")
+        return max(1, steps // 4)
+
+    def check_launch(self) -> None:
+        """The launcher's programs and hostfile, and the GPUs of concurrent runs (one line each)."""
+        # a plan runs elsewhere: its programs and GPUs are checked where it runs
+        self.launch.check(self.out, programs=not self.planning)
+        if self.launch.local and not self.planning:
+            self.gpu_sets = partition_gpus(visible_gpus(), self.cfg.parallel, self.cfg.nproc)
+
+    def preset_args(self) -> list[str]:
+        """`--preset P [--config FILE]` for every stage: the experiment's --config reaches each
+        stage's own section (e.g. `eval_yesno: {select: dev}`), with the same precedence as when
+        the stage is run by hand (preset < file < the experiment's flags for that stage)."""
+        return ["--preset", self.preset] + (
+            ["--config", self.config_file] if self.config_file else []
+        )
 
     def train_args(
         self,
@@ -456,8 +557,7 @@ class Experiment:
         lam = self.cfg.lambda_ if lambda_ is None else lambda_
         a = [
             "train",
-            "--preset",
-            self.preset,
+            *self.preset_args(),
             "--curriculum",
             cur,
             "--student",
@@ -476,10 +576,8 @@ class Experiment:
             self.cfg.global_batch,
             "--micro-batch",
             self.cfg.micro_batch,
-            "--lr",
-            self.cfg.lr,
             "--lambda",
-            repr(float(lam)),
+            repr(float(lam)) if isinstance(lam, (int, float)) else lam,  # a plan: ShellVar
             "--save-every",
             0,
             "--keep",
@@ -487,6 +585,8 @@ class Experiment:
             "--num-workers",
             0,
         ]
+        if self.cfg.lr is not None:  # else train reads the preset's train.lr
+            a += ["--lr", self.cfg.lr]
         if teacher_cache is not None:  # KD from the cache; every arm on the cache's masks
             from kdcl_dist.kd.teacher_cache import TeacherCacheConfig
 
@@ -528,8 +628,7 @@ class Experiment:
             names[0],
             [
                 "score",
-                "--preset",
-                self.preset,
+                *self.preset_args(),
                 "--shards",
                 shards,
                 "--model",
@@ -545,8 +644,7 @@ class Experiment:
             names[1],
             [
                 "curriculum",
-                "--preset",
-                self.preset,
+                *self.preset_args(),
                 "--shards",
                 shards,
                 "--scores",
@@ -653,6 +751,7 @@ class Experiment:
 
     def prepare(self) -> dict:
         c, p, r = self.cfg, self.p, self.r
+        self.check_launch()
         models = self.resolve_models()
         pretrained = models is not None
         t_steps, w_steps = self.prep_steps(pretrained)
@@ -664,7 +763,11 @@ class Experiment:
                 f"models ({models['origin']}): teacher {models['source']['teacher']}, "
                 f"student {models['source']['student']} (pretrained: no tokenizer training, no random init)"
             )
-        split = split_corpus(self.corpus, p["data"], c.heldout_percent, c.max_docs)
+        split = r.inline(
+            "split",
+            lambda: split_corpus(self.corpus, p["data"], c.heldout_percent, c.max_docs),
+            p["data"] / "split.json",
+        )
         print(
             f"corpus {self.corpus}: {split['train']} training documents, {split['heldout']} held out "
             f"({c.heldout_percent}% by id hash)"
@@ -674,8 +777,7 @@ class Experiment:
                 "tokenizer",
                 [
                     "tokenizer",
-                    "--preset",
-                    self.preset,
+                    *self.preset_args(),
                     "--input",
                     p["data"] / "train.jsonl",
                     "--out",
@@ -687,8 +789,7 @@ class Experiment:
                 "init-models",
                 [
                     "init-models",
-                    "--preset",
-                    self.preset,
+                    *self.preset_args(),
                     "--tokenizer",
                     p["tokenizer"],
                     "--out",
@@ -706,7 +807,7 @@ class Experiment:
                 override = [f"teacher={models['source']['teacher']}"] if c.teacher else []
                 r.step(
                     "init-models/student-from-teacher",
-                    ["init-models", "--preset", self.preset, "--out", p["models"], *override],
+                    ["init-models", *self.preset_args(), "--out", p["models"], *override],
                     p["models"] / "student" / "config.json",
                 )
             teacher0, student0 = models["teacher"], models["student"]
@@ -717,8 +818,7 @@ class Experiment:
                 f"shard/{part}",
                 [
                     "shard",
-                    "--preset",
-                    self.preset,
+                    *self.preset_args(),
                     "--input",
                     p["data"] / f"{part}.jsonl",
                     "--tokenizer",
@@ -730,7 +830,7 @@ class Experiment:
                 ],
                 out / "dataset.json",
             )
-        launcher = torchrun_cli(c.nproc)
+        launcher = self.launch
         need_prep = t_steps is None or w_steps is None or t_steps > 0 or w_steps > 0
         if need_prep:
             # the preparation runs read in random order, but train needs a curriculum directory:
@@ -747,7 +847,7 @@ class Experiment:
             if t_steps is None:
                 t_steps = steps
             if w_steps is None:
-                w_steps = max(1, steps // 4)
+                w_steps = self.default_warmup_steps(steps)
         prep = self.out / "prep"
         final = {"teacher": teacher0, "student": student0}
         # student-only MLM (no teacher, random order) adapts the teacher and warms up the student
@@ -771,19 +871,12 @@ class Experiment:
         )
         steps = self.steps()
         tcache = self.build_teacher_cache(final["teacher"], steps, launcher)
-        if pretrained:
-            desc = (
-                f"pretrained ({models['origin']}): teacher `{models['source']['teacher']}`, "
-                f"student `{models['source']['student']}`"
-            )
-        else:
-            desc = f"random-init ({self.preset} preset `models:`), WordPiece tokenizer trained on the corpus"
         return {
             "steps": steps,
             "teacher_steps": t_steps,
             "warmup_steps": w_steps,
             "split": split,
-            "models": desc,
+            "models": self.describe_models(models),
             "pretrained": pretrained,
             "teacher_init": teacher0,
             "student_init": student0,
@@ -812,8 +905,7 @@ class Experiment:
             "teacher-cache",
             [
                 "teacher-cache",
-                "--preset",
-                self.preset,
+                *self.preset_args(),
                 "--curriculum",
                 self.p["cur"],
                 "--teacher",
@@ -836,6 +928,32 @@ class Experiment:
 
         return int(read_json(cur / "curriculum.json").get("num_samples"))
 
+    def describe_models(self, models: dict | None) -> str:
+        if models is not None:
+            return (
+                f"pretrained ({models['origin']}): teacher `{models['source']['teacher']}`, "
+                f"student `{models['source']['student']}`"
+            )
+        return f"random-init ({self.preset} preset `models:`), WordPiece tokenizer trained on the corpus"
+
+    def report_prep(self) -> dict:
+        """What the report says about the preparation, read back from the outputs (--report-only,
+        the last step of a plan): the same report numbers as the run that wrote them."""
+        from kdcl_dist.utils import read_json
+
+        steps = self.steps()
+        prep = {
+            "steps": steps,
+            "split": read_json(self.p["data"] / "split.json"),
+            "models": self.describe_models(self.resolve_models()),
+        }
+        for key, who in (("teacher_steps", "teacher"), ("warmup_steps", "student")):
+            rows = read_metrics(self.out / "prep" / f"{who}-train" / "metrics.jsonl")
+            prep[key] = int(rows[-1]["step"]) if rows else 0
+        if (self.p["cur"] / "order_scores.npy").exists():
+            prep["planned_lambda"] = self.planned_lambdas(steps)
+        return prep
+
     def planned_lambdas(self, steps: int) -> dict:
         """Mean λ of every arm over its `steps`, from the curriculum alone (kd.reliance.lambda_trace).
 
@@ -847,6 +965,14 @@ class Experiment:
         from kdcl_dist.utils import read_json
 
         cur = self.p["cur"]
+        if self.planning and not (cur / "order_scores.npy").exists():
+            from kdcl_dist.plan import ShellVar
+
+            return {
+                a: ShellVar(f"LAMBDA_{a.replace('-', '_')}", f"lambda:{a}")
+                for a in self.cfg.arms
+                if "lambda_from" in ARMS[a]
+            }
         scores = np.load(cur / "order_scores.npy")
         stats = read_json(cur / "curriculum.json").get("score_stats") or {}
         out = {}
@@ -905,6 +1031,7 @@ class Experiment:
                 "--no-progress",
             ],
             out,
+            self.launch.single(),
         )
         return out
 
@@ -924,8 +1051,7 @@ class Experiment:
             [
                 "eval",
                 "yesno",
-                "--preset",
-                self.preset,
+                *self.preset_args(),
                 "--model",
                 model,
                 "--data",
@@ -937,10 +1063,16 @@ class Experiment:
                 "--no-progress",
             ],
             out,
+            self.launch.single(),
         )
         return out
 
-    def run_one(self, arm: str, seed: int, prep: dict) -> None:
+    @property
+    def eval_in_process(self) -> bool:
+        """Evaluate in this process (saves a start-up) unless the steps run elsewhere (slurm)."""
+        return self.launch.launcher != "slurm"
+
+    def run_one(self, arm: str, seed: int, prep: dict, launch: Launch | None = None) -> None:
         spec = ARMS[arm]
         run = self.p["runs"] / f"{arm}-s{seed}"
         lam = prep["planned_lambda"][arm] if "lambda_from" in spec else None
@@ -960,10 +1092,75 @@ class Experiment:
             ),
             run / "train",
             run / "model",
-            torchrun_cli(self.cfg.nproc),
+            launch or self.launch,
         )
-        self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=True)
+        self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=self.eval_in_process)
         self.eval_yesno(f"{arm}-s{seed}", run / "model")
+
+    def references(self, prep: dict) -> None:
+        """The starting teacher and student, evaluated like every run."""
+        for name, model in (
+            ("reference-teacher", prep["teacher"]),
+            ("reference-student", prep["student"]),
+        ):
+            self.eval_mlm(name, model, in_process=self.eval_in_process)
+            self.eval_yesno(name, model)
+
+    def jobs(self) -> list[tuple[str, int]]:
+        return [(arm, seed) for seed in range(self.cfg.seeds) for arm in self.cfg.arms]
+
+    def runs(self, prep: dict) -> None:
+        """Every arm x seed; `parallel` at a time, each holding its own GPUs (and port) meanwhile."""
+        jobs = self.jobs()
+        parallel = 1 if self.planning else self.cfg.parallel  # a plan lists them in order
+        self.r.concurrent = parallel
+        slots = GpuSlots(self.gpu_sets or [None] * parallel)
+
+        def one(arm: str, seed: int) -> None:
+            with slots.take() as (slot, gpus):
+                self.run_one(arm, seed, prep, self.launch.bind(slot, gpus))
+
+        if parallel > 1:
+            with ThreadPoolExecutor(parallel) as ex:
+                for f in [ex.submit(one, a, s) for a, s in jobs]:
+                    f.result()
+        else:
+            for a, s in jobs:
+                one(a, s)
+
+    def run_only(self, name: str) -> None:
+        """`--step NAME`: run the one step of that name (a plan's in-process steps), nothing else."""
+        from kdcl_dist.plan import StepDone, step_runner
+
+        self.r = step_runner(self.out, name)
+        try:
+            prep = self.prepare()
+            self.references(prep)
+            self.runs(prep)
+        except StepDone:
+            return
+        raise UserError(
+            f"experiment --step {name}: no step of that name in this experiment; the names are in "
+            "the plan (--plan FILE) and in steps.jsonl"
+        )
+
+    def query(self, what: str) -> str:
+        """`--query`: a value a plan needs once earlier steps ran (steps, warmup_steps, lambda:ARM)."""
+        if what == "steps":
+            return str(self.steps())
+        if what == "warmup_steps":
+            return str(self.default_warmup_steps(self.steps()))
+        if what.startswith("lambda:") and what[7:] in self.cfg.arms:
+            return repr(float(self.planned_lambdas(self.steps())[what[7:]]))
+        raise UserError(
+            f"experiment --query {what}: one of steps, warmup_steps, lambda:ARM (an arm with a planned λ)"
+        )
+
+    def write_plan(self, path: Path) -> tuple[Path, Path]:
+        """`--plan FILE`: every step as a shell command, and a Slurm submit script (kdcl_dist/plan.py)."""
+        from kdcl_dist.plan import write_plan
+
+        return write_plan(self, path, self.command)
 
     def run(self) -> Path:
         t0 = time.time()
@@ -977,21 +1174,8 @@ class Experiment:
         torch.set_num_threads(
             max(1, (os.cpu_count() or 1) // self.cfg.parallel)
         )  # in-process evaluations
-        for name, model in (
-            ("reference-teacher", prep["teacher"]),
-            ("reference-student", prep["student"]),
-        ):
-            self.eval_mlm(name, model, in_process=True)
-            self.eval_yesno(name, model)
-        jobs = [(arm, seed) for seed in range(self.cfg.seeds) for arm in self.cfg.arms]
-        self.r.concurrent = self.cfg.parallel
-        if self.cfg.parallel > 1:
-            with ThreadPoolExecutor(self.cfg.parallel) as ex:
-                for f in [ex.submit(self.run_one, a, s, prep) for a, s in jobs]:
-                    f.result()
-        else:
-            for a, s in jobs:
-                self.run_one(a, s, prep)
+        self.references(prep)
+        self.runs(prep)
         wall = time.time() - t0
         report = write_report(self.out, self.cfg, prep, wall, self.command)
         print(self.r.summary())

@@ -68,6 +68,7 @@ KEYS = (
     "grad_norm",
     "samples_per_s",
     "tokens_per_s",
+    "real_token_fraction",
     "step_time",
     "memory_mb",
 )

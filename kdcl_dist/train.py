@@ -99,6 +99,13 @@ class TrainConfig:
     )
     global_batch: int = option(32, help="samples per optimizer step over all ranks", min=1)
     micro_batch: int = option(8, help="samples per forward on one rank", min=1)
+    batching: str = option(
+        "length-grouped",
+        help="how global batch t is cut into micro-batches: length-grouped (sorted by token "
+        "length, little padding) or padded (contiguous blocks of the order); the batch's "
+        "samples are the same (docs/training.md)",
+        choices=("length-grouped", "padded"),
+    )
     # unset (None) is the only "not given": an explicit 0 would otherwise train a whole epoch
     steps: int | None = option(
         None,
@@ -130,6 +137,19 @@ class TrainConfig:
     )
     teacher_ds_config: str = option(
         "", help="teacher ZeRO-3 config, a packaged name or a file ('' = teacher_zero3[_bf16])"
+    )
+    teacher_dtype: str = option(
+        "auto",
+        help="replicated teacher's dtype (auto: bf16 on GPU, fp32 on CPU)",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    teacher_head_fp32: bool = option(
+        False, help="compute the teacher's LM head (its logits) in fp32 whatever its dtype"
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        help="activation checkpointing in the student (HF gradient_checkpointing_enable): "
+        "less memory, ~1/3 more student compute; for a larger micro-batch (docs/training.md)",
     )
     save_every: int = option(100, help="checkpoint every N steps (0: only at the end)", min=0)
     keep: int = option(3, help="complete checkpoints to keep", min=1)
@@ -405,19 +425,29 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)  # created once every check below has passed (a refused run writes nothing)
 
     # 2. curriculum and everything decided by the config, the world size and curriculum.json
-    cur_dir = Path(cfg.curriculum)
-    if not (cur_dir / "curriculum.json").exists():
+    from kdcl_dist import storage
+    from kdcl_dist.data.reader import has_file
+
+    remote = storage.is_url(cfg.curriculum)  # s3://... : ranged reads (kdcl_dist/storage.py)
+    cur_dir = storage.RemotePath(cfg.curriculum) if remote else Path(cfg.curriculum)
+    if not has_file(cfg.curriculum, "curriculum.json"):
         raise UserError(
             f"{cur_dir}: no curriculum.json; run `kdcl-dist curriculum` first (or pass its --out)"
         )
-    shards = ShardSet(cur_dir, "curriculum.json")
+    shards = ShardSet(cfg.curriculum, "curriculum.json")
     manifest = shards.manifest
     n = len(shards)
     scores_path = cur_dir / "order_scores.npy"
-    if not scores_path.exists():
+    if not has_file(cfg.curriculum, "order_scores.npy"):
         raise UserError(f"{scores_path}: missing; re-run `kdcl-dist curriculum`")
     try:
-        order_scores = np.load(scores_path, mmap_mode="r", allow_pickle=False)
+        if remote:
+            import io
+
+            blob = shards.store.read("order_scores.npy")
+            order_scores = np.load(io.BytesIO(blob), allow_pickle=False)
+        else:
+            order_scores = np.load(scores_path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # a cut header or body: mmap/parse fails
         raise UserError(
             f"{scores_path}: cannot read it ({str(e).splitlines()[0][:160]}); the file is cut or "
@@ -565,6 +595,9 @@ def train(cfg: TrainConfig) -> dict:
         kd_positions=cfg.kd_positions,
         cosine_weight=cfg.cosine_weight,
         teacher_hosting=cfg.teacher_hosting,
+        teacher_dtype=cfg.teacher_dtype,
+        teacher_head_fp32=cfg.teacher_head_fp32,
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
     sched = kde.make_lr_scheduler(
         warmup_steps=cfg.warmup_steps,
@@ -601,7 +634,17 @@ def train(cfg: TrainConfig) -> dict:
     spec = OrderSpec(
         mode=cfg.order, seed=cfg.seed, pacing_f0=cfg.pacing_f0, pacing_steps=pacing_steps
     )
-    sampler = CurriculumSampler(n, cfg.global_batch, cfg.micro_batch, world, rank, spec)
+    lengths = shards.token_lengths() if cfg.batching == "length-grouped" else None
+    sampler = CurriculumSampler(
+        n,
+        cfg.global_batch,
+        cfg.micro_batch,
+        world,
+        rank,
+        spec,
+        batching=cfg.batching,
+        lengths=lengths,
+    )
     rspec = RelianceSpec(
         schedule=cfg.reliance,
         lambda_=cfg.lambda_,
@@ -720,7 +763,7 @@ def train(cfg: TrainConfig) -> dict:
             entity=cfg.wandb_entity or None,
             name=cfg.wandb_name or out.name,
             mode=cfg.wandb_mode or None,
-            images_dir=str(cur_dir),
+            images_dir=None if remote else str(cur_dir),
             config={
                 **to_dict(cfg),
                 "total_steps": total_steps,
@@ -763,15 +806,20 @@ def train(cfg: TrainConfig) -> dict:
                 step + 1, res["nonfinite"]
             )  # counts and warns; the weights were left as they were
             local_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            computed = sum(int(mb["attention_mask"].numel()) for mb in micro)  # with padding
             ran += 1
             want_stop = stop.requested or (cfg.max_steps_per_run and ran >= cfg.max_steps_per_run)
-            sync = torch.cat(
-                [res["acc"], torch.tensor([float(want_stop), local_tokens], dtype=torch.float64)]
-            )
-            sync = dist.all_reduce_sum(sync.to(engine.device)).cpu()  # NCCL: device tensors only
-            trained = dist.all_gather_object(
-                [int(p) for mb in micro for p in np.asarray(mb["positions"])]
-            )
+            extra = torch.tensor([float(want_stop), local_tokens, computed], dtype=torch.float64)
+            # the engine's sums are device tensors (no sync per micro-batch); NCCL: device only
+            sync = torch.cat([res["acc"].to(engine.device), extra.to(engine.device)])
+            sync = dist.all_reduce_sum(sync).cpu()
+            # what this rank trained is its share of the pure split of batch t (sampler): checked
+            # locally, so samples.jsonl can record batch t without gathering positions each step
+            got = [int(p) for mb in micro for p in np.asarray(mb["positions"])]
+            if got != sampler.rank_block(step).tolist():
+                raise RuntimeError(
+                    f"step {step}: the loaded micro-batches are not this rank's share"
+                )
             dt = time.perf_counter() - t0
             done = step + 1
             scalars = {
@@ -792,6 +840,7 @@ def train(cfg: TrainConfig) -> dict:
                 "grad_norm": engine.grad_norm(),
                 "samples_per_s": cfg.global_batch / dt,
                 "tokens_per_s": float(sync[6]) / dt,
+                "real_token_fraction": float(sync[6]) / max(1.0, float(sync[7])),
                 "step_time": dt,
                 "memory_mb": engine.memory_bytes() / 2**20,
                 "masked_tokens": res["n_masked"],
@@ -808,9 +857,7 @@ def train(cfg: TrainConfig) -> dict:
                 )
             monitor.log(done, scalars)
             if samples_f is not None:
-                samples_f.write(
-                    json.dumps({"step": done, "positions": [p for r in trained for p in r]}) + "\n"
-                )
+                samples_f.write(json.dumps({"step": done, "positions": positions.tolist()}) + "\n")
                 samples_f.flush()
             sampler.consumed_samples = (
                 done * cfg.global_batch

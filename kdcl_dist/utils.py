@@ -153,7 +153,11 @@ def _writable(d: Path) -> bool:
 
 
 def check_output_path(
-    path: str | os.PathLike, kind: str = "dir", key: str = "--out", replace: bool = False
+    path: str | os.PathLike,
+    kind: str = "dir",
+    key: str = "--out",
+    replace: bool = False,
+    allow_url: bool = False,
 ) -> Path:
     """Refuse an output path that cannot be written, before any work: one-line UserError.
 
@@ -163,11 +167,25 @@ def check_output_path(
     and renamed into place: it must not be a directory, and its directory (or the nearest
     existing parent) must be writable. replace=True (a directory written under a temporary
     name beside it and renamed over `path`): the parent must be writable as well.
+    allow_url: a URL (s3://...) is checked by `storage.check_output_url` instead (the command
+    stages its output locally and uploads it, `storage.staged_output`); refused otherwise.
     Writability is `os.access(W_OK | X_OK)`: read-only mounts and permissions as the kernel
     sees them for the real user (root passes permission bits, not a read-only mount).
     """
     from kdcl_dist.errors import UserError
 
+    if isinstance(path, str) and "://" in path:
+        from kdcl_dist import storage
+
+        if storage.is_url(path):
+            if not allow_url:
+                raise UserError(
+                    f"{storage.redact(path)}: this command writes {key} to a local directory; "
+                    "URLs are accepted by `shard`, `score` and `curriculum` (docs/data.md)"
+                )
+            # object storage: the backend, the bucket and a test write, before any work
+            storage.check_output_url(path, key)
+            return path
     if kind not in ("dir", "file"):
         raise ValueError(f"kind must be 'dir' or 'file', not {kind!r}")
     p = Path(path)

@@ -161,7 +161,17 @@ def test_existing_flag_names_still_parse():
     a = _parser("experiment").parse_args(
         ["--corpus", "c", "--out", "o", "--arms", "kd,kd-cl", "--yesno"]
     )
-    assert a.arms == "kd,kd-cl" and a.yesno and a.preset == "tiny"
+    assert a.arms == ["kd,kd-cl"] and a.yesno and a.preset == "tiny"
+
+
+def test_repeated_list_flag_accumulates():
+    # `--arms a --arms b` once kept only b (argparse's default), silently dropping arms
+    from kdcl_dist.config import resolve_args
+
+    a = _parser("experiment").parse_args(
+        ["--corpus", "c", "--out", "o", "--arms", "student-only", "--arms", "kd,kd-cl"]
+    )
+    assert resolve_args(a).arms == ["student-only", "kd", "kd-cl"]
 
 
 ROUND_TRIP = [

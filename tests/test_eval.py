@@ -136,6 +136,34 @@ def test_yesno_synthetic_labels_from_data(tiny_assets, tmp_path):
     assert r["accuracy"]["mean"] > r["majority_baseline"]["accuracy"] + 0.1
 
 
+def test_yesno_class_weights_balanced_rule():
+    from kdcl_dist.evaluate.yesno import class_weights
+
+    assert class_weights([0, 0, 0, 1], 2, "none") is None
+    w = class_weights([0, 0, 0, 1], 2, "balanced")
+    assert w == pytest.approx([4 / 6, 2.0])
+    # weighted counts are equal per label: the weighted loss has no prior towards the majority
+    assert 3 * w[0] == pytest.approx(1 * w[1])
+
+
+def test_yesno_select_on_dev_tests_the_best_dev_epoch(tiny_assets, tmp_path):
+    from kdcl_dist.evaluate.yesno import YesNoConfig, evaluate_yesno
+
+    task = _write_task(tmp_path / "task", n_train=48, n_test=24)
+    cfg = YesNoConfig(
+        seeds=1, epochs=3, batch_size=8, lr=5e-3, max_length=32, n_boot=200,
+        select="dev", class_weight="balanced",
+    )  # fmt: skip
+    r = evaluate_yesno(str(tiny_assets["student"]), str(task), cfg)
+    s = r["per_seed"][0]
+    by_epoch = s["dev_by_epoch"]
+    assert [e["epoch"] for e in by_epoch] == [1, 2, 3]
+    best = max(e["dev_macro_f1"] for e in by_epoch)
+    chosen = max(e["epoch"] for e in by_epoch if e["dev_macro_f1"] == best)
+    assert s["epoch_tested"] == chosen and s["dev_macro_f1"] == pytest.approx(best)
+    assert r["config"]["select"] == "dev" and r["config"]["class_weight"] == "balanced"
+
+
 def test_yesno_rejects_unseen_test_label(tmp_path):
     from kdcl_dist.errors import UserError
     from kdcl_dist.evaluate.yesno import load_task

@@ -138,6 +138,15 @@ def test_paper_preset_puts_the_hub_names_in_every_step(tmp_path, monkeypatch):
     assert train[train.index("--teacher") + 1] == teacher
     assert "paper" in train and "--allow-new-head" not in train
     assert "dmis-lab/biobert-base-cased-v1.1" in prep["models"]
+    # no --config unless the experiment was given one
+    assert not any("--config" in [str(x) for x in a_] for _, a_ in seen if a_ is not None)
+    # no --lr unless asked: train takes the preset's train.lr (the paper's 5e-5, not tiny's 5e-4)
+    assert "--lr" not in train
+    exp.cfg.lr = 3e-5
+    args = [
+        str(a) for a in exp.train_args(tmp_path, tmp_path, None, tmp_path, "random", "none", 2, 0)
+    ]
+    assert args[args.index("--lr") + 1] == "3e-05"
 
 
 def test_preparation_runs_with_pretrained_models_use_a_random_order_curriculum(
@@ -241,3 +250,31 @@ def test_minilm_preparation_on_real_abstracts(data_dir, tmp_path):
     assert checkpoint_lacks_head(prep["student"]) == []
     assert read_json(out / "cur" / "curriculum.json")["num_samples"] > 0
     assert "minilm" in prep["models"]
+
+
+def test_experiment_config_file_reaches_every_stage(tmp_path, monkeypatch):
+    # `experiment --config FILE` forwards FILE to each stage, so e.g. its eval_yesno section
+    # (select: dev, class_weight: balanced) configures the yes/no fine-tuning of every model
+    from kdcl_dist.experiment import Experiment, ExperimentConfig
+
+    seen = _record(monkeypatch)
+    monkeypatch.setattr(Experiment, "check_vocabulary", lambda self, t, s: None)
+    cfg_file = tmp_path / "study.yaml"
+    cfg_file.write_text("eval_yesno:\n  select: dev\n  class_weight: balanced\n")
+    corpus = _write_corpus(tmp_path / "c.jsonl", 60)
+    (tmp_path / "bioasq").mkdir()
+    exp = Experiment(
+        corpus,
+        tmp_path / "exp",
+        ExperimentConfig(steps=2, yesno=True, yesno_data=str(tmp_path / "bioasq")),
+        preset="paper",
+        config_file=str(cfg_file),
+    )
+    prep = exp.prepare()
+    exp.run_one("kd", 0, prep)
+    stage_steps = {
+        n: [str(x) for x in a] for n, a in seen if a is not None and "--preset" in map(str, a)
+    }
+    assert {"shard/train", "score/student", "train/kd-s0", "eval-yesno/kd-s0"} <= set(stage_steps)
+    for name, argv in stage_steps.items():
+        assert argv[argv.index("--config") + 1] == str(cfg_file.resolve()), name

@@ -271,3 +271,69 @@ def test_dataset_through_workers(curriculum, tiny_assets):
     assert not torch.equal(got[0]["labels"], got[2]["labels"])
     # scores ascend along the curriculum order
     assert float(got[0]["scores"].max()) <= float(got[1]["scores"].min())
+
+
+# ---- length-grouped batching (docs/training.md "Unpadded batches") ---------------------------
+
+
+def _computed(mbs, lengths):
+    return sum(len(mb) * int(lengths[mb].max()) for mb in mbs)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("mode", ["sequential", "random", "pacing-root"])
+def test_length_grouped_keeps_each_global_batch(world, mode):
+    """Same samples per global batch as `padded` at any world size; only the split changes:
+    micro-batches of similar length, fewer computed (padded) tokens, a pure function of t."""
+    n, B, m = 203, 32, 2 if world == 4 else 4
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(16, 513, size=n)
+    spec = OrderSpec(mode, seed=5, pacing_f0=0.3)
+    pad = [CurriculumSampler(n, B, m, world, r, spec) for r in range(world)]
+    grp = [
+        CurriculumSampler(n, B, m, world, r, spec, batching="length-grouped", lengths=lengths)
+        for r in range(world)
+    ]
+    real = computed_pad = computed_grp = 0
+    for t in range(10):
+        mbs = [mb for s in grp for mb in s.rank_micro_batches(t)]
+        assert all(len(mb) == m for mb in mbs) and len(mbs) == B // m
+        flat = np.concatenate(mbs)
+        np.testing.assert_array_equal(np.sort(flat), np.sort(grp[0].global_positions(t)))
+        np.testing.assert_array_equal(np.sort(flat), np.sort(pad[0].global_positions(t)))
+        # keys decode to the same items, and the split is pure (a fresh sampler agrees)
+        keys = [k for s in grp for k in s.rank_micro_batch_keys(t)]
+        assert [(k % n).tolist() for k in keys] == [mb.tolist() for mb in mbs]
+        again = CurriculumSampler(
+            n, B, m, world, world - 1, spec, batching="length-grouped", lengths=lengths
+        )
+        assert [x.tolist() for x in again.rank_micro_batches(t)] == [
+            x.tolist() for x in grp[-1].rank_micro_batches(t)
+        ]
+        # micro-step g of every rank holds the g-th band of lengths (ranks wait on each other)
+        for g in range(grp[0].grad_accum - 1):
+            here = max(int(lengths[s.rank_micro_batches(t)[g]].max()) for s in grp)
+            nxt = min(int(lengths[s.rank_micro_batches(t)[g + 1]].min()) for s in grp)
+            assert here <= nxt
+        real += int(lengths[flat].sum())
+        computed_pad += _computed([mb for s in pad for mb in s.rank_micro_batches(t)], lengths)
+        computed_grp += _computed(mbs, lengths)
+    assert real / computed_grp > real / computed_pad + 0.15
+    assert real / computed_grp > 0.85
+
+
+def test_length_grouped_needs_lengths_and_a_known_mode():
+    spec = OrderSpec("sequential")
+    with pytest.raises(ValueError, match="token length"):
+        CurriculumSampler(10, 4, 2, 1, 0, spec, batching="length-grouped")
+    with pytest.raises(UserError, match="train.batching"):
+        CurriculumSampler(10, 4, 2, 1, 0, spec, batching="packed")
+
+
+def test_token_lengths_from_the_offset_index(curriculum):
+    from kdcl_dist.data.reader import ShardSet
+
+    shards = ShardSet(curriculum, "curriculum.json")
+    got = shards.token_lengths()
+    want = [len(shards.get(p, with_meta=False).ids) for p in range(len(shards))]
+    assert got.tolist() == want and len(set(want)) > 2

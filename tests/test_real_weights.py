@@ -75,6 +75,18 @@ def test_minilm_resolves_through_the_package_and_loads(real):
     assert fresh_weights(t, {"missing_keys": ["cls.predictions.decoder.weight"]}) == []
 
 
+def test_every_loader_accepts_the_packaged_reference(real):
+    # eval yesno loads through load_pretrained with a sequence-classification class: `minilm`
+    # must resolve there too (it once went to the hub and failed offline)
+    from transformers import AutoModelForSequenceClassification
+
+    from kdcl_dist.kd.models import load_pretrained
+
+    m = load_pretrained(AutoModelForSequenceClassification, "minilm", num_labels=2)
+    assert type(m).__name__ == "BertForSequenceClassification"
+    assert m.config.name_or_path == real["dir"]
+
+
 def test_missing_package_names_the_extra(monkeypatch):
     from kdcl_dist.kd import models
 

@@ -31,10 +31,25 @@ step() {  # step NAME CMD...: run with a limit, keep its log, never stop the scr
   grep -v -E "^\[|Warning|warn" "$OUT/$name.log" | tail -25
 }
 
-step train_zero2 python3 -m kdcl_dist bench train --preset paper-size --device cuda --dtype bf16 \
-  --engine --ds-config ds_configs/zero2_bf16.json --json "$OUT/train_zero2.json"
+# MFU of the student-only and KD steps (plain loop and the DeepSpeed KDEngine) at max length
+# 128 and 512; the 512 run adds padded vs length-grouped micro-batches (real abstracts when
+# .device_carry/data is carried, else a labelled synthetic corpus) and device->host sync counts.
+PS="--preset paper-size --device cuda --dtype bf16 --engine --ds-config ds_configs/zero2_bf16.json"
+step train_128 python3 -m kdcl_dist bench train $PS --seq-len 128 --no-batching \
+  --json "$OUT/train_128.json"
+step train_512 python3 -m kdcl_dist bench train $PS --seq-len 512 --no-memory --micro-batch 32 \
+  --batching-steps 3 --batching-warmup 1 --json "$OUT/train_512.json"
+step train_512_ckpt python3 -m kdcl_dist bench train $PS --seq-len 512 --batch 64 --no-memory \
+  --no-batching --gradient-checkpointing --json "$OUT/train_512_ckpt.json"
+# KD from a cached sparse teacher (issue 14 item 2), when that flag exists in this checkout
+if python3 -m kdcl_dist bench train --help 2>/dev/null | grep -q -- "--teacher-cache"; then
+  for L in 128 512; do
+    step "train_cache_$L" python3 -m kdcl_dist bench train $PS --seq-len $L --no-memory \
+      --no-batching --teacher-cache --json "$OUT/train_cache_$L.json"
+  done
+fi
 step train_zero3 python3 -m kdcl_dist bench train --preset paper-size --device cuda --dtype bf16 \
-  --engine --ds-config ds_configs/zero3_bf16.json --no-memory --json "$OUT/train_zero3.json"
+  --engine --ds-config ds_configs/zero3_bf16.json --no-memory --no-batching --json "$OUT/train_zero3.json"
 step score python3 -m kdcl_dist bench score --device cuda --dtype bf16 --no-ranks --repeats 3 \
   --docs 2000 --naive-docs 200 --distilbert-docs 400 --workdir "$OUT/score-work"
 rm -rf "$OUT/score-work"

@@ -63,6 +63,27 @@ def add_arguments(p):
         help="pin to this many CPU cores and size the tokenizer pool to match (0 = every core)",
     )
     p.add_argument(
+        "--xml-ranks",
+        action="store_true",
+        help="instead: a multi-file MEDLINE download (NLM layout) sharded on 1 vs 2 ranks "
+        "(torchrun, one core and one thread per rank); prints the ratio (target >= 1.7)",
+    )
+    p.add_argument("--xml-files", type=int, default=8, help="--xml-ranks: baseline files")
+    p.add_argument("--xml-per-file", type=int, default=4000, help="--xml-ranks: citations per file")
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N synthetic abstracts in one jsonl through `shard` on 1 and 2 ranks: "
+        "time and peak RSS per rank (target <= 2 GiB)",
+    )
+    p.add_argument(
+        "--scale-ranks",
+        default="1,2",
+        help="--scale: world sizes to run, comma-separated (default 1,2)",
+    )
+    p.add_argument(
         "--no-breakdown",
         dest="breakdown",
         action="store_false",
@@ -177,6 +198,10 @@ def run(args) -> int:
     from kdcl_dist.data.build import ShardConfig, _Encoder, build_dataset
     from kdcl_dist.data.tokenizer import load_tokenizer, train_wordpiece
 
+    if args.xml_ranks or args.scale:
+        from kdcl_dist.bench import ingest_ranks
+
+        return ingest_ranks.run_xml_ranks(args) if args.xml_ranks else ingest_ranks.run_scale(args)
     n_cores, pool = _pin_threads(args.threads)
     repeats = max(3, args.repeats)
     work = (

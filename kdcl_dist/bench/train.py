@@ -101,7 +101,21 @@ def add_arguments(p):
         default=None,
         help="DeepSpeed config for --engine, a packaged name or a file (default cpu_fp32 on CPU, zero2_bf16 on GPU)",
     )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="--engine: activation checkpointing in the student",
+    )
+    p.add_argument(
+        "--teacher-dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="--engine: the teacher's dtype (auto: bf16 on GPU)",
+    )
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    from kdcl_dist.bench.train_batching import add_arguments as batching_arguments
+
+    batching_arguments(p)
 
 
 # ---- models and batch ---------------------------------------------------------------------
@@ -367,6 +381,24 @@ def measure_memory(args, preset, device, stepper) -> dict:
 # ---- the real engine (optional) -----------------------------------------------------------------
 
 
+def count_syncs(fn) -> int:
+    """Device->host synchronisations torch reports during `fn()` (CUDA sync debug mode: one
+    warning per synchronising call, DeepSpeed's own included)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
 def time_engine(args, preset, device, batch) -> dict:
     """KDEngine.step (DeepSpeed) with and without a teacher, single process."""
     import copy
@@ -396,7 +428,11 @@ def time_engine(args, preset, device, batch) -> dict:
             copy.deepcopy(teacher0) if with_teacher else None,
             cfg,
             world_size=1,
-            options=kde.EngineOptions(temperature=args.temperature),
+            options=kde.EngineOptions(
+                temperature=args.temperature,
+                gradient_checkpointing=args.gradient_checkpointing,
+                teacher_dtype=args.teacher_dtype,
+            ),
         )
         times = []
         for i in range(args.warmup + args.repeats):
@@ -409,6 +445,10 @@ def time_engine(args, preset, device, batch) -> dict:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         res[name] = times
+        if on_gpu:
+            import functools
+
+            res[f"{name}_syncs"] = count_syncs(functools.partial(eng.step, [batch], lambda p: 0.5))
         del eng
     res["ds_config"] = ds_path
     return res
@@ -459,14 +499,23 @@ def run(args) -> int:
         f"{measured / predicted:.3f} (target <= 1.10: {'met' if ok else 'NOT met'})"
     )
     print()
-    print(f"  {'step':34s}{'time s':>12s}{'samples/s':>12s}{'tokens/s':>12s}")
+    from kdcl_dist.bench import flops as fl
+
+    peak, peak_src = fl.peak_flops(device)
+    model_flops = {"student": f_s, "kd": f_s + f_t, "kd_full": f_s + f_t}
+    print(
+        f"  {'step':34s}{'time s':>12s}{'samples/s':>12s}{'tokens/s':>12s}   model FLOP rate [{peak_src}]"
+    )
     label = {
         "student": "student-only (masked-only head)",
         "kd": "KD (masked-only heads)",
         "kd_full": "KD (full-vocabulary logits)",
     }
     for v in VARIANTS:
-        print(f"  {label[v]:34s}{med[v]:12.4f}{B / med[v]:12.1f}{T / med[v]:12.0f}")
+        print(
+            f"  {label[v]:34s}{med[v]:12.4f}{B / med[v]:12.1f}{T / med[v]:12.0f}   "
+            f"{fl.rate_text(model_flops[v], med[v], peak)}"
+        )
     speedup = med["kd_full"] / med["kd"]
     print(f"  masked-only head speed-up over full-vocabulary logits (KD step): {speedup:.2f}x")
     if mem:
@@ -495,16 +544,42 @@ def run(args) -> int:
         "masked_head_speedup": speedup,
         "memory": mem,
         "flops": {"teacher_fwd": f_t, "student_fwd_bwd": f_s},
+        "peak": peak_src,
+        "mfu": None if peak is None else {v: model_flops[v] / med[v] / peak for v in VARIANTS},
+        "flops_per_s": {v: model_flops[v] / med[v] for v in VARIANTS},
     }
     if eng is not None:
-        me = {k: statistics.median(v) for k, v in eng.items() if k != "ds_config"}
+        me = {k: statistics.median(eng[k]) for k in ("student", "kd")}
         r = me["kd"] / me["student"]
         print(
             f"  KDEngine ({eng['ds_config']}): KD {me['kd']:.4f} s   student-only {me['student']:.4f} s   "
             f"ratio {r:.3f} (predicted {predicted:.3f}; measured/predicted {r / predicted:.3f})   "
             f"{B / me['kd']:.1f} samples/s"
         )
-        result["engine"] = {"median_s": me, "ratio": r, "ds_config": eng["ds_config"]}
+        print(
+            f"  KDEngine model FLOP rate: KD {fl.rate_text(model_flops['kd'], me['kd'], peak)}   "
+            f"student-only {fl.rate_text(model_flops['student'], me['student'], peak)}   "
+            f"({T / me['kd']:.0f} / {T / me['student']:.0f} tokens/s)"
+        )
+        if "kd_syncs" in eng:
+            print(
+                f"  KDEngine device->host syncs in one steady-state step (torch sync debug mode): "
+                f"KD {eng['kd_syncs']}   student-only {eng['student_syncs']}"
+            )
+        result["engine"] = {
+            "median_s": me,
+            "ratio": r,
+            "ds_config": eng["ds_config"],
+            "syncs": {k: eng.get(f"{k}_syncs") for k in ("student", "kd")},
+            "flops_per_s": {v: model_flops[v] / me[v] for v in ("student", "kd")},
+            "mfu": None
+            if peak is None
+            else {v: model_flops[v] / me[v] / peak for v in ("student", "kd")},
+        }
+    if args.batching:
+        from kdcl_dist.bench.train_batching import run_batching
+
+        result["batching"] = run_batching(args, preset, device, dtype, build_models)
     if args.json_out:
         from kdcl_dist.utils import write_json_atomic
 

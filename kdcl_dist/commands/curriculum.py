@@ -18,9 +18,13 @@ from kdcl_dist.config import add_config_args, add_options, resolve_args, write_r
 
 
 def add_arguments(p):
-    p.add_argument("--shards", required=True, help="source shard directory (dataset.json)")
-    p.add_argument("--scores", required=True, help="scores directory from `kdcl-dist score`")
-    p.add_argument("--out", required=True, help="curriculum directory to write")
+    p.add_argument(
+        "--shards", required=True, help="source shard directory (dataset.json) or its URL"
+    )
+    p.add_argument(
+        "--scores", required=True, help="scores directory from `kdcl-dist score` (or its URL)"
+    )
+    p.add_argument("--out", required=True, help="curriculum directory to write (or a URL)")
     from kdcl_dist.curriculum.build import CurriculumConfig
 
     add_options(p, CurriculumConfig, "curriculum")
@@ -28,16 +32,18 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from kdcl_dist import dist
+    from kdcl_dist import dist, storage
     from kdcl_dist.curriculum.build import build_curriculum
     from kdcl_dist.utils import check_output_path
 
-    check_output_path(args.out, "dir")  # every rank, before the process group and any work
+    # every rank, before the process group and any work
+    check_output_path(args.out, "dir", allow_url=True)
     cfg = resolve_args(args)
     with dist.stage() as info:
-        build_curriculum(
-            args.shards, args.scores, args.out, cfg, rank=info.rank, world=info.world_size
-        )
-        if info.rank == 0:
-            write_resolved(cfg, Path(args.out), "curriculum")
+        # an --out URL: written to a staging directory, uploaded at the end (curriculum.json last)
+        out_cm = storage.staged_output(args.out, info.rank, info.world_size)
+        with out_cm as out, storage.local_copy(args.scores) as scores:  # a URL: downloaded
+            build_curriculum(args.shards, scores, out, cfg, rank=info.rank, world=info.world_size)
+            if info.rank == 0:
+                write_resolved(cfg, Path(out), "curriculum")
     return 0

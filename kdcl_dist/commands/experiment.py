@@ -25,6 +25,20 @@ def add_arguments(p):
     p.add_argument(
         "--report-only", action="store_true", help="rebuild report.md from finished runs"
     )
+    p.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="write every step as a shell command to FILE (bash; FILE.slurm submits it as Slurm "
+        "jobs) instead of running them (docs/cluster.md)",
+    )
+    p.add_argument(
+        "--step", metavar="NAME", help="run one step by name (as a plan does), e.g. eval-mlm/kd-s0"
+    )
+    p.add_argument(
+        "--query",
+        metavar="WHAT",
+        help="print a value a plan fills in after earlier steps: steps, warmup_steps, lambda:ARM",
+    )
     add_config_args(
         p,
         None,
@@ -35,8 +49,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from kdcl_dist.errors import UserError
     from kdcl_dist.experiment import Experiment, write_report
-    from kdcl_dist.utils import check_output_path, read_json
+    from kdcl_dist.utils import check_output_path
 
     check_output_path(args.out, "dir")
 
@@ -47,16 +62,24 @@ def run(args) -> int:
     command = (
         "kdcl-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     )
-    exp = Experiment(Path(args.corpus), out, cfg, preset=args.preset, command=command)
+    exp = Experiment(
+        Path(args.corpus), out, cfg, preset=args.preset, command=command, config_file=args.config
+    )
+    if sum(bool(x) for x in (args.report_only, args.plan, args.step, args.query)) > 1:
+        raise UserError("experiment: give at most one of --report-only, --plan, --step, --query")
+    if args.plan:
+        check_output_path(args.plan, "file", key="--plan")
+        plan, slurm = exp.write_plan(Path(args.plan))
+        print(f"plan: {plan} (bash {plan}); Slurm: {slurm} (bash {slurm} submits it)")
+        return 0
+    if args.step:
+        exp.run_only(args.step)
+        return 0
+    if args.query:
+        print(exp.query(args.query))
+        return 0
     if args.report_only:
-        prep = {"steps": exp.steps(), "split": read_json(out / "data" / "split.json")}
-        if (out / "report.json").exists():  # the models and preparation of the last full run
-            last = read_json(out / "report.json").get("prep") or {}
-            prep["models"] = last.get("models")
-            for k in ("teacher_steps", "warmup_steps"):
-                if str(last.get(k, "")).isdigit():
-                    prep[k] = int(last[k])
-        print(f"report: {write_report(out, cfg, prep, 0.0, command)}")
+        print(f"report: {write_report(out, cfg, exp.report_prep(), 0.0, command)}")
         return 0
     exp.run()
     return 0

@@ -17,11 +17,13 @@ from kdcl_dist.config import add_config_args, add_options, resolve_args, write_r
 
 
 def add_arguments(p):
-    p.add_argument("--shards", required=True, help="source shard directory (dataset.json)")
+    p.add_argument(
+        "--shards", required=True, help="source shard directory (dataset.json) or its URL"
+    )
     p.add_argument(
         "--model", required=True, help="scoring model: HF model directory or name (the student)"
     )
-    p.add_argument("--out", required=True, help="scores directory to write")
+    p.add_argument("--out", required=True, help="scores directory to write (or a URL)")
     from kdcl_dist.curriculum.scoring import ScoreConfig
 
     add_options(p, ScoreConfig, "score")
@@ -29,16 +31,22 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from kdcl_dist import dist
+    from kdcl_dist import dist, storage
     from kdcl_dist.curriculum.scoring import precheck_head, score_shards
     from kdcl_dist.utils import check_output_path
 
-    check_output_path(args.out, "dir")  # every rank, before the process group and any work
+    # every rank, before the process group and any work
+    check_output_path(args.out, "dir", allow_url=True)
     cfg = resolve_args(args)
+    from kdcl_dist.data.reader import find_manifest
+
+    find_manifest(args.shards)  # a missing directory, bucket or key: one line, nothing written
     precheck_head(args.model, cfg.allow_new_head, "scores")
     with dist.stage() as info:
-        if info.rank == 0:  # before the work: scores.json, written last, marks a finished run
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            write_resolved(cfg, Path(args.out), "score")
-        score_shards(args.shards, args.model, args.out, cfg, rank=info.rank, world=info.world_size)
+        # an --out URL: written to a staging directory, uploaded at the end (scores.json last)
+        with storage.staged_output(args.out, info.rank, info.world_size) as out:
+            if info.rank == 0:  # before the work: scores.json, written last, marks a finished run
+                Path(out).mkdir(parents=True, exist_ok=True)
+                write_resolved(cfg, Path(out), "score")
+            score_shards(args.shards, args.model, out, cfg, rank=info.rank, world=info.world_size)
     return 0

@@ -333,12 +333,15 @@ class _Fetcher:
             raise UserError(
                 f"{self.src.dir / self.src.shards[shard]['name']}: sample {keys[local]} lacks ids or json"
             )
+        lo, hi = min(io_, mo), max(io_ + is_, mo + ms)
+        if self.src.store is not None:  # a URL: one ranged GET for both members
+            blob = self.src.read_range(shard, lo, hi - lo)
+            return keys[local], blob[io_ - lo : io_ - lo + is_], blob[mo - lo : mo - lo + ms]
         fd = self.fds.get(shard)
         if fd is None:
             fd = self.fds[shard] = os.open(
                 self.src.dir / self.src.shards[shard]["name"], os.O_RDONLY
             )
-        lo, hi = min(io_, mo), max(io_ + is_, mo + ms)
         blob = os.pread(fd, hi - lo, lo)  # the members are adjacent in the tar: one read for both
         if len(blob) != hi - lo:
             raise UserError(
@@ -636,13 +639,14 @@ def build_curriculum(
     shards_dir, scores_dir, out_dir, cfg: CurriculumConfig, rank: int = 0, world: int = 1
 ) -> dict | None:
     """Write the curriculum directory; returns curriculum.json on rank 0 (None elsewhere)."""
-    from kdcl_dist import dist
+    from kdcl_dist import dist, storage
+    from kdcl_dist.data.reader import has_file
 
     out = Path(out_dir)
-    src_path = Path(shards_dir)
-    if not (src_path / "dataset.json").exists():
+    src_path = shards_dir if storage.is_url(shards_dir) else Path(shards_dir)
+    if not has_file(src_path, "dataset.json"):
         raise UserError(
-            f"{src_path}: no dataset.json; --shards must be the source shards from `kdcl-dist shard`"
+            f"{storage.redact(str(src_path))}: no dataset.json; --shards must be the source shards from `kdcl-dist shard`"
         )
     src = ShardSet(src_path, "dataset.json")
     t0 = time.perf_counter()

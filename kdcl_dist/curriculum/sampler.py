@@ -17,6 +17,18 @@ Item keys. A sample's MLM mask depends on the epoch (a fresh mask draw each pass
 integer keys ``epoch · n_samples + position`` (plain ints, so any batch_sampler can carry them)
 and `CurriculumDataset` decodes them; a key < n_samples is epoch 0. `rank_micro_batches(step)`
 yields the bare positions. The collated batch always carries the bare positions.
+
+Batching (`batching`, docs/training.md "Unpadded batches"). `padded` is the layout above.
+`length-grouped` keeps exactly the same global batch t (docs/design.md §4.3: only how batch t is
+split into micro-batches and ranks changes) but sorts its B items by (token length, index in the
+batch) and cuts the sorted list into the W·G micro-batches of `micro_batch` items each; sorted
+micro-batch j goes to rank j mod W as its micro-batch j div W, so at every micro-step all ranks
+hold micro-batches of about the same length (ranks wait on each other at every gradient
+reduction). Samples of similar length share a micro-batch, so padding to the longest costs
+little (real ÷ computed tokens ≈ 0.97 at B = 256, micro-batch 8, max length 512 on the real
+abstracts: docs/benchmarks.md). The split is a pure function of (batch t, lengths, W), so a
+resume replays it exactly; the loss is normalised by the global masked-token count, so the
+gradient is the same sum whatever the split (kd/engine.py).
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from kdcl_dist.curriculum.order import (
 from kdcl_dist.errors import UserError
 
 IGNORE_INDEX = -100
+BATCHINGS = ("padded", "length-grouped")
 
 
 class CurriculumSampler:
@@ -47,7 +60,14 @@ class CurriculumSampler:
         world_size: int,
         rank: int,
         spec: OrderSpec,
+        batching: str = "padded",
+        lengths=None,
     ):
+        if batching not in BATCHINGS:
+            raise UserError(f"train.batching: {batching!r} is not one of {', '.join(BATCHINGS)}")
+        if batching == "length-grouped":
+            if lengths is None or len(lengths) != n_samples:
+                raise ValueError("length-grouped batching needs the token length of every sample")
         if micro_batch < 1 or world_size < 1:
             raise UserError(
                 f"train.micro_batch: micro batch {micro_batch} and world size {world_size} must be >= 1"
@@ -69,6 +89,8 @@ class CurriculumSampler:
         self.grad_accum = global_batch // per_step
         self.steps_per_epoch = steps_per_epoch(self.n_samples, self.global_batch)
         self.consumed_samples = 0
+        self.batching = batching
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
 
     # -- the order ----------------------------------------------------------------------
     @property
@@ -86,23 +108,34 @@ class CurriculumSampler:
         per_rank = self.global_batch // self.world_size
         return slice(r * per_rank, (r + 1) * per_rank)
 
-    def rank_block(self, step: int, rank: int | None = None) -> np.ndarray:
-        return self.global_positions(step)[self._rank_slice(rank)]
+    def _rank_index(self, positions: np.ndarray, rank: int | None) -> list[np.ndarray]:
+        """Indices into global batch t (length B) of this rank's micro-batches, in order."""
+        m, G, W = self.micro_batch, self.grad_accum, self.world_size
+        r = self.rank if rank is None else int(rank)
+        if self.batching == "padded":
+            sl = self._rank_slice(r)
+            block = np.arange(sl.start, sl.stop)
+            return [block[i * m : (i + 1) * m] for i in range(G)]
+        # length-grouped: stable sort by (length, index in the batch); sorted micro-batch
+        # j = g·W + r is rank r's g-th (module doc)
+        order = np.lexsort((np.arange(len(positions)), self.lengths[positions]))
+        return [order[(g * W + r) * m : (g * W + r + 1) * m] for g in range(G)]
 
-    def _split(self, block: np.ndarray) -> list[np.ndarray]:
-        m = self.micro_batch
-        return [block[i * m : (i + 1) * m] for i in range(self.grad_accum)]
+    def rank_block(self, step: int, rank: int | None = None) -> np.ndarray:
+        """This rank's positions of global batch `step` (its micro-batches laid end to end)."""
+        return np.concatenate(self.rank_micro_batches(step, rank))
 
     def rank_micro_batches(self, step: int, rank: int | None = None) -> list[np.ndarray]:
         """This rank's `grad_accum` micro-batches (positions) of global batch `step`."""
-        return self._split(self.rank_block(step, rank))
+        pos = self.global_positions(step)
+        return [pos[i] for i in self._rank_index(pos, rank)]
 
     def rank_micro_batch_keys(self, step: int, rank: int | None = None) -> list[np.ndarray]:
         """Like rank_micro_batches but as dataset keys epoch·n + position (see module doc);
         at an epoch boundary one batch holds items of two epochs."""
         pos, epochs = global_batch_items(self.spec, self.n_samples, self.global_batch, step)
-        sl = self._rank_slice(rank)
-        return self._split(epochs[sl] * np.int64(self.n_samples) + pos[sl])
+        keys = epochs * np.int64(self.n_samples) + pos
+        return [keys[i] for i in self._rank_index(pos, rank)]
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -51,7 +51,7 @@ import torch
 from kdcl_dist import FORMAT_VERSION
 from kdcl_dist.config import option
 from kdcl_dist.data.masking import MaskedRows, MaskSpec, mask_many, mask_sample
-from kdcl_dist.data.reader import ShardSet
+from kdcl_dist.data.reader import ShardSet, has_file
 from kdcl_dist.errors import UserError
 from kdcl_dist.utils import atomic_path, fingerprint, read_json, sha256_file, write_json_atomic
 
@@ -842,7 +842,7 @@ def score_shards(
     out.mkdir(parents=True, exist_ok=True)
     ss = (
         ShardSet(shards_dir, "dataset.json")
-        if (Path(shards_dir) / "dataset.json").exists()
+        if has_file(shards_dir, "dataset.json")
         else ShardSet(shards_dir)
     )
     dataset_fp = ss.fingerprint

@@ -5,11 +5,12 @@ documents are numbered in input order (global document index g) and document g b
 block j = g // shard_size. A block's samples fill output shards of at most shard_size
 samples: `shard-j.tar` (always), then `shard-j.1.tar`, `shard-j.2.tar`, ... only when the
 block yields more than shard_size samples (documents split by `too_long=split`). With W
-ranks, rank r tokenizes and writes the blocks j with j % W == r. Every rank streams (parses
-and cleans) the whole input itself, so duplicate detection sees every document in the same
-order on every rank and all ranks agree on g without exchanging hashes; tokenization and
-writing, the expensive part, are divided. Rank 0 then merges the per-block statistics into
-`dataset.json` in shard order. One rank
+ranks, rank r tokenizes and writes the blocks j with j % W == r. The parsing is divided too
+(kdcl_dist/data/ingest_plan.py): each rank parses its share of the input (whole files, or
+byte ranges of one large jsonl/txt), the ranks exchange document ids and content hashes
+once, and every rank computes the same global plan (NLM updates, dedup), so all ranks agree
+on g; each rank then reads its blocks' documents back from a spill under --out. Rank 0
+merges the per-block statistics into `dataset.json` in shard order. One rank
 and N ranks therefore write byte-identical shards.
 
 Per block j the stage writes, each atomically (temporary name, then rename):
@@ -38,6 +39,7 @@ import queue
 import re
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,7 @@ from typing import Iterable
 import numpy as np
 
 from kdcl_dist.config import option, to_dict
-from kdcl_dist.data import ingest
+from kdcl_dist.data import ingest, ingest_plan
 from kdcl_dist.data.shards import (
     Sample,
     ids_dtype,
@@ -110,6 +112,12 @@ class ShardConfig:
     )
     batch_size: int = option(1000, help="documents per tokenizer call", min=1)
     hf_split: str = option("train", help="hf inputs: split to read")
+    md5_mismatch: str = option(
+        "error",
+        help="an .xml.gz whose NLM .md5 file gives another digest: stop with an error "
+        "naming it, or skip the file and count it in dataset.json",
+        choices=("error", "skip"),
+    )
 
     def validate(self) -> None:
         if self.min_tokens > self.max_length:
@@ -544,6 +552,9 @@ def _prepare_out(out: Path, tinfo: dict, overwrite: bool) -> None:
         for p in out.glob(pat):
             if p.is_file():
                 p.unlink()
+    for p in out.glob(ingest_plan.SPILL_DIR + "*"):  # documents spilled by a killed run
+        if p.is_dir():
+            ingest_plan.remove_spill(p)
 
 
 def _remove_stale(out: Path, n_blocks: int, keep: set[str]) -> None:
@@ -676,8 +687,10 @@ def build_dataset(
         err = f"{type(e).__name__}:{e}"
         if world == 1:
             raise
-    counts = (result["written"], result["skipped"]) if result else (0, 0)
+    counts = (result["written"], result["skipped"], _peak_rss_mib()) if result else (0, 0, 0)
     gathered = dist.all_gather_object((err, counts)) if world > 1 else [(err, counts)]
+    if rank == 0:  # every rank has read back its documents: the shared spill can go
+        ingest_plan.remove_spill(out / ingest_plan.SPILL_DIR)
     bad = [(r, e) for r, (e, _) in enumerate(gathered) if e]
     if bad:
         r, e = bad[0]
@@ -689,6 +702,7 @@ def build_dataset(
     if rank == 0:
         result["written"] = sum(c[0] for _, c in gathered)
         result["skipped"] = sum(c[1] for _, c in gathered)
+        result["rss"] = [c[2] for _, c in gathered]
         try:
             manifest = _merge(out, cfg, result, time.perf_counter() - t0, world)
         except UserError as e:
@@ -706,7 +720,7 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
     from kdcl_dist import dist
     from kdcl_dist.data.tokenizer import check_mlm_tokenizer, tokenizer_info
 
-    specs = ingest.resolve_inputs(inputs, cfg.format)  # same error on every rank
+    specs, skipped = ingest.resolve_inputs_skipped(inputs, cfg.format)  # same error on every rank
     check_mlm_tokenizer(tok, tokenizer_name or getattr(tok, "name_or_path", "") or "the tokenizer")
     tinfo = tokenizer_info(tok, tokenizer_name or getattr(tok, "name_or_path", ""))
     enc = _Encoder(tok, cfg)
@@ -726,9 +740,7 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
 
     settings = _settings_key(cfg, tinfo, enc.dtype)
     settings_blob = repr(sorted(settings.items())).encode()
-    stats = ingest.IngestStats()
     opts = cfg.read_options(verbose=rank == 0)
-    docs = ingest.clean(ingest.read_documents(specs, opts, stats), opts, stats)
 
     bar = None
     if (
@@ -739,12 +751,53 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
         bar = progress_bar(
             None, "shard", "doc", progress=progress, mininterval=1.0, dynamic_ncols=True
         )
+    # Parsing divided across ranks (kdcl_dist/data/ingest_plan.py): each rank scans its
+    # units, the scans are exchanged once, every rank computes the same global plan.
+    divided = world > 1 and dist.is_initialized()
+    units = ingest_plan.make_units(specs, world if divided else 1, opts)
+    spill = out / (
+        ingest_plan.SPILL_DIR if divided else f"{ingest_plan.SPILL_DIR}-{rank}-{os.getpid()}"
+    )
+    spill.mkdir(parents=True, exist_ok=True)
+    try:
+        owner = ingest_plan.owners(units, world) if divided else [rank] * len(units)
+        scans = []
+        tick = (lambda: bar.update(1)) if bar is not None else None
+        for u, unit in enumerate(units):
+            if owner[u] == rank:
+                scans.append(ingest_plan.scan_unit(u, unit, opts, spill, cfg.md5_mismatch, tick))
+                if scans[-1].error:
+                    break  # the first error in unit order is reported; see make_plan
+        if divided:
+            parts = dist.all_gather_object(scans)
+            log.info(
+                "parsing divided: input units parsed per rank %s, records %s",
+                [len(p) for p in parts],
+                [sum(sc.documents for sc in p) for p in parts],
+            )
+            scans = sorted((sc for part in parts for sc in part), key=lambda sc: sc.unit)
+            del parts
+        plan = ingest_plan.make_plan(units, scans, opts, skipped)
+        del scans
+        return _write_blocks(
+            out, cfg, tinfo, enc, settings_blob, units, plan, spill, specs, bar, rank, world
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        if not divided:
+            ingest_plan.remove_spill(spill)
+
+
+def _write_blocks(out, cfg, tinfo, enc, settings_blob, units, plan, spill, specs, bar, rank, world):
+    """Tokenize and write the blocks j with j % world == rank, from the plan's documents."""
+    stats = plan.stats
     written = skipped = 0
     cur: list[tuple[int, ingest.Document]] = []
     digest = None
     g = -1
 
-    # Three threads overlap: the main thread reads and cleans documents and turns token ids
+    # Three threads overlap: the main thread reads the planned documents back and turns token ids
     # into samples; one thread runs the Rust tokenizer a batch ahead (it releases the GIL,
     # and its own pool uses every core); the writer thread encodes tars and indexes them.
     writer = _BackgroundWriter()
@@ -795,43 +848,30 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
         drain(keep=1)
         written += 1
 
-    failure: list[Exception] = []
-
-    def guarded(it):
-        try:
-            yield from it
-        except Exception as e:  # bad input: the shards completed before it are still written
-            failure.append(e)
-
+    docs = ingest_plan.my_documents(units, plan, spill, cfg.shard_size, rank, world)
+    cur_j = -1
     try:
-        for g, doc in enumerate(guarded(docs)):
+        for g, doc in docs:  # this rank's blocks, in g order (blocks are contiguous in g)
             j = g // cfg.shard_size
-            if j % world == rank:
-                if digest is None:
-                    digest = hashlib.sha256()
-                digest.update(f"{doc.id}\0{doc.source}\0".encode())
-                digest.update(doc.text.encode("utf-8", "surrogatepass"))
-                cur.append((g, doc))
-                if len(cur) == cfg.shard_size:
-                    finish(j)
-                    cur, digest = [], None
-            if bar is not None:
-                bar.update(1)
-        if cur and not failure:
-            finish(g // cfg.shard_size)
+            if cur and j != cur_j:
+                finish(cur_j)
+                cur, digest = [], None
+            cur_j = j
+            if digest is None:
+                digest = hashlib.sha256()
+            digest.update(f"{doc.id}\0{doc.source}\0".encode())
+            digest.update(doc.text.encode("utf-8", "surrogatepass"))
+            cur.append((g, doc))
+        if cur:
+            finish(cur_j)
         drain(keep=0)
     except BaseException:
         tokenizer.shutdown(wait=True, cancel_futures=True)
         writer.close(abort=True)
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     tokenizer.shutdown(wait=True)
     writer.close()
-    if failure:
-        raise failure[0]
-    n_docs = g + 1
+    n_docs = plan.n_docs
     if n_docs == 0:
         raise UserError(
             f"{', '.join(s.path for s in specs)}: no documents to write ({stats.documents} read; "
@@ -847,6 +887,7 @@ def _local_pass(inputs, tok, out, cfg, tokenizer_name, rank, world, progress):
         "written": written,
         "skipped": skipped,
         "dtype": np.dtype(enc.dtype).name,
+        "plan": plan,
     }
 
 
@@ -857,6 +898,7 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
     from kdcl_dist.data.shards import key_to_id, manifest_fingerprint
 
     stats: ingest.IngestStats = res["stats"]
+    plan: ingest_plan.Plan = res["plan"]
     entries, keys_seen = [], {}
     sums = {
         "too_short": 0,
@@ -930,6 +972,12 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
             }
             for s in res["specs"]
         ],
+        "skipped_files": {
+            "count": len(plan.skipped),
+            "by_reason": dict(sorted(Counter(x["reason"] for x in plan.skipped).items())),
+            "files": plan.skipped,
+        },
+        "updates": plan.updates,
         "config": to_dict(cfg),
     }
     write_resolved(cfg, out, "shard")
@@ -938,7 +986,7 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
         (out / RUN_MARKER).unlink()
     log.info(
         "%s: %d documents read, %d kept -> %d samples in %d shards (%d written now, %d reused); "
-        "dropped: %s; %.1fs on %d rank(s)",
+        "dropped: %s; %.1fs on %d rank(s); peak RSS per rank %s MiB",
         out,
         stats.documents,
         kept,
@@ -949,5 +997,13 @@ def _merge(out: Path, cfg: ShardConfig, res: dict, seconds: float, world: int) -
         ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none",
         seconds,
         world,
+        res.get("rss", []),
     )
     return manifest
+
+
+def _peak_rss_mib() -> int:
+    """This process's peak resident memory so far (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

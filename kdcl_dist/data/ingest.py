@@ -13,6 +13,10 @@ Input formats (chosen by `--format`, or by file suffix with `auto`):
 - `txt` (`.txt`, optionally `.gz`): one document per line (`text_unit=line`),
   documents separated by blank lines (`text_unit=paragraph`) or one document per file
   (`text_unit=file`, id = the file's path as in `source`, e.g. `abstracts/0001.txt`).
+- NLM downloads: `pubmedYYnNNNN.xml.gz` files are read in NLM's order; README, `.md5` and
+  other files beside them are skipped and counted (`resolve_inputs_skipped`, kdcl_dist/data/nlm.py);
+  `<DeleteCitation>` PMIDs and PMIDs of citations without abstract reach `IngestStats.hook`
+  so that the update semantics can be applied over all files (kdcl_dist/data/ingest_plan.py).
 - `xml` (`.xml`, `.xml.gz`): PubMed/MEDLINE XML as NLM publishes its baseline files
   (`MedlineCitationSet` or `PubmedArticleSet`). A document is the article title followed
   by every `AbstractText` part (its `Label` kept as `LABEL: text`). Parsed with
@@ -41,6 +45,8 @@ counted under exactly one drop reason (docs/design.md §4.6):
                                                             (error unless skip_bad_lines)
     undecodable    bytes that are not UTF-8 (or lone surrogates from JSON escapes)
     no_abstract    a MEDLINE citation without an abstract
+    replaced       a MEDLINE citation whose PMID a later file holds again (its newer version)
+    deleted        a MEDLINE citation a later file's <DeleteCitation> removes
     empty          nothing but whitespace in the body
     duplicate      same text as an earlier document (hash of whitespace-normalised text)
     duplicate_id   same id (exactly equal strings) as an earlier, different document
@@ -51,6 +57,8 @@ Documents that are too long are not dropped: the shard stage truncates or splits
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import gzip
 import hashlib
 import json
@@ -74,6 +82,8 @@ DROP_REASONS = (
     "bad_id",
     "undecodable",
     "no_abstract",
+    "replaced",
+    "deleted",
     "empty",
     "duplicate",
     "duplicate_id",
@@ -117,6 +127,9 @@ class InputSpec:
     format: str
     source: str  # short name recorded in each sample's metadata
     bytes: int = 0
+    md5: str | None = None  # NLM's `.md5` file beside it, checked before the file is read
+    start: int = 0  # a byte range of a jsonl/txt file (ingest_plan): lines starting in
+    end: int | None = None  # [start, end); None = the whole file
 
 
 @dataclass
@@ -127,6 +140,13 @@ class IngestStats:
     dropped: Counter = field(default_factory=Counter)
     per_input: dict = field(default_factory=dict)  # source -> records seen
     _warned: Counter = field(default_factory=Counter)
+    # called as hook(kind, id) for MEDLINE records that are not documents: "n" a citation
+    # without abstract (a newer version of its PMID still replaces the older), "x" a
+    # <DeleteCitation> PMID; set by ingest_plan, which applies NLM's update semantics
+    hook: object = None
+    # byte-range readers leave the file-level "not UTF-8 at all" check to the caller:
+    # (path, readable records, undecodable records) per range
+    range_checks: list = field(default_factory=list)
 
     def drop(self, reason: str, where: str, verbose: bool, detail: str = "") -> None:
         self.dropped[reason] += 1
@@ -157,17 +177,35 @@ def _is_hf_dir(p: Path) -> bool:
 
 
 def resolve_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputSpec]:
-    """Expand `--input` paths into files with a format each, in a deterministic order.
+    """Expand `--input` paths into files with a format each, in a deterministic order
+    (files that are not input, such as NLM's `.md5` files and README, are left out: see
+    `resolve_inputs_skipped`)."""
+    return resolve_inputs_skipped(paths, fmt)[0]
+
+
+def resolve_inputs_skipped(
+    paths: Iterable[str], fmt: str = "auto"
+) -> tuple[list[InputSpec], list[dict]]:
+    """`--input` paths (files, directories, glob patterns) -> (inputs, skipped files).
+
+    Directories are walked sorted. NLM citation files (`pubmedYYnNNNN.xml[.gz]`) are put in
+    NLM's order (`nlm.nlm_order`); when any input is one, the collection is an NLM download
+    and every file that is not `.xml`/`.xml.gz` (README, `.md5`, stray files) is skipped and
+    counted, never parsed. `.md5` files are always skipped (they are checked against the file
+    they name when it is read). Skipped: `[{"path", "reason"}]`.
 
     Raises a UserError naming the path for a missing file, an empty file, a directory with
     no readable input, or a file whose format cannot be told from its name.
     """
+    from kdcl_dist.data import nlm
+
     if fmt not in FORMATS:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     paths = list(paths)
     if not paths:
         raise UserError("--input: no input given; pass one or more files or directories")
-    out: list[InputSpec] = []
+    # entries: an hf InputSpec, or (file, source, found in a directory)
+    entries: list = []
     for raw in paths:
         p = Path(raw)
         if fmt == "hf" or (fmt == "auto" and _is_hf_dir(p)):
@@ -176,45 +214,89 @@ def resolve_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputSpec]:
                     f"{p}: not a `datasets` directory (no dataset_dict.json or state.json); "
                     "write it with Dataset.save_to_disk or pass a hub dataset name"
                 )
-            out.append(
+            entries.append(
                 InputSpec(str(p) if p.exists() else raw, "hf", p.name if p.exists() else raw)
             )
+            continue
+        if not p.exists() and any(c in raw for c in "*?["):
+            matched = sorted(Path(m) for m in glob.glob(raw, recursive=True))
+            if not matched:
+                raise UserError(f"{raw}: no file matches this pattern; check --input")
+            entries.extend((m, m.name, False) for m in matched if m.is_file())
             continue
         if not p.exists():
             raise UserError(f"{p}: input not found; check the path given to --input")
         if p.is_dir():
-            found = []
+            before = len(entries)
             all_files = sorted(p.rglob("*"))
             hf_dirs = [d for d in all_files if fmt == "auto" and _is_hf_dir(d)]
-            for (
-                d
-            ) in hf_dirs:  # a saved HF dataset inside the directory is one input, not JSON files
-                out.append(InputSpec(str(d), "hf", str(d.relative_to(p.parent))))
+            for d in hf_dirs:  # a saved HF dataset inside the directory is one input
+                entries.append(InputSpec(str(d), "hf", str(d.relative_to(p.parent))))
             for f in all_files:
                 if any(h in f.parents for h in hf_dirs):
                     continue
-                if (
-                    f.is_file()
-                    and not f.name.startswith(".")
-                    and (fmt != "auto" or _suffix_format(f))
-                ):
-                    found.append(f)
-            if hf_dirs and not found:
-                continue
-            if not found:
-                raise UserError(
-                    f"{p}: directory has no readable input (looked for "
-                    f"{', '.join(sorted(set(_SUFFIXES)))} files, optionally .gz); pass files or --format"
-                )
-            for f in found:
-                out.append(_file_spec(f, fmt, str(f.relative_to(p.parent))))
+                if f.is_file() and not f.name.startswith("."):
+                    entries.append((f, str(f.relative_to(p.parent)), True))
+            if len(entries) == before:
+                raise UserError(_no_input(p))
         else:
-            out.append(_file_spec(p, fmt, p.name))
+            entries.append((p, p.name, False))
+    files = [e for e in entries if isinstance(e, tuple)]
+    is_nlm = any(nlm.nlm_key(f.name) is not None for f, _, _ in files)
+    skipped: list[dict] = []
+    kept: list = []
+    for e in entries:
+        if not isinstance(e, tuple):
+            kept.append(e)
+            continue
+        f, source, in_dir = e
+        reason = None
+        if f.name.lower().endswith(".md5"):
+            reason = "md5_file"
+        elif (is_nlm or (fmt == "xml" and in_dir)) and not nlm.is_xml_name(f.name):
+            reason = "not_citation_xml"
+        elif in_dir and fmt == "auto" and not _suffix_format(f):
+            reason = "unknown_format"
+        if reason:
+            skipped.append({"path": str(f), "reason": reason})
+        else:
+            kept.append(e)
+    if is_nlm:  # NLM-named files in NLM's order, in the slots they occupy
+        slots = [i for i, e in enumerate(kept) if isinstance(e, tuple)]
+        by_path = {e[0]: e for i, e in enumerate(kept) if isinstance(e, tuple)}
+        order = nlm.nlm_order([kept[i][0] for i in slots])
+        for i, f in zip(slots, order):
+            kept[i] = by_path[f]
+    out: list[InputSpec] = []
+    for e in kept:
+        if isinstance(e, tuple):
+            f, source, _ = e
+            spec = _file_spec(f, fmt, source)
+            spec.md5 = str(m) if (m := nlm.md5_file_of(f)) is not None else None
+            out.append(spec)
+        else:
+            out.append(e)
+    if not out:
+        raise UserError(_no_input(Path(paths[0]) if len(paths) == 1 else Path(", ".join(paths))))
     sources = Counter(s.source for s in out)
     for s in out:  # two inputs with the same name: use the full path so ids stay unique
         if sources[s.source] > 1:
             s.source = s.path
-    return out
+    if skipped:
+        reasons = Counter(x["reason"] for x in skipped)
+        log.info(
+            "skipped %d file(s) that are not input (%s)",
+            len(skipped),
+            ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
+        )
+    return out, skipped
+
+
+def _no_input(p: Path) -> str:
+    return (
+        f"{p}: directory has no readable input (looked for "
+        f"{', '.join(sorted(set(_SUFFIXES)))} files, optionally .gz); pass files or --format"
+    )
 
 
 def _file_spec(f: Path, fmt: str, source: str) -> InputSpec:
@@ -341,8 +423,8 @@ def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Itera
     seen_ok = 0
     undecodable = 0
     try:
-        with _open_binary(spec.path) as f:
-            for lineno, raw in _lines(f, every_line=True):
+        with _open_range(spec) as (f, line0):
+            for lineno, raw in _lines(f, every_line=True, first=line0 + 1):
                 if not raw.strip():
                     continue
                 stats.documents += 1
@@ -387,16 +469,66 @@ def _read_jsonl(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Itera
         raise UserError(
             f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it"
         ) from None
-    _check_not_binary(spec, seen_ok, undecodable)
+    _check_not_binary(spec, seen_ok, undecodable, stats)
 
 
-def _lines(f, every_line: bool = False) -> Iterator[tuple[int, bytes]]:
+def _lines(f, every_line: bool = False, first: int = 1) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of a binary file, without a UTF-8 BOM at the start of the file
-    (or, with every_line, at the start of any line)."""
-    for lineno, raw in enumerate(f, 1):
+    (or, with every_line, at the start of any line); `first` = the first line's number."""
+    for lineno, raw in enumerate(f, first):
         if (lineno == 1 or every_line) and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         yield lineno, raw
+
+
+class _RangeReader:
+    """The lines of a file that start in [start, end) (`spec.start`/`spec.end`), so that
+    ranks can read disjoint byte ranges of one file; each line belongs to exactly one range."""
+
+    def __init__(self, f, end: int):
+        self.f, self.end = f, end
+
+    def __iter__(self):
+        while self.f.tell() < self.end:
+            line = self.f.readline()
+            if not line:
+                return
+            yield line
+
+
+@contextlib.contextmanager
+def _open_range(spec: InputSpec):
+    """(line iterable, number of lines before it) for a whole file or `spec`'s byte range."""
+    if spec.end is None:
+        with _open_binary(spec.path) as f:
+            yield f, 0
+        return
+    with open(spec.path, "rb") as f:
+        start = spec.start
+        if start > 0:  # the range starts with the first line that starts at or after `start`
+            f.seek(start - 1)
+            f.readline()
+            start = f.tell()
+        line0 = _count_newlines(spec.path, start)
+        yield _RangeReader(f, spec.end), line0
+
+
+def _count_newlines(path: str, end: int) -> int:
+    """Lines before byte `end` (for `file:line` messages and ids of a byte range).
+
+    Read in 8 MiB pieces into one buffer: an mmap of the prefix would count every page it
+    touched in the process's resident memory (ru_maxrss), up to the size of the file.
+    """
+    n, left = 0, end
+    buf = bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while left > 0:
+            got = f.readinto(memoryview(buf)[: min(left, len(buf))])
+            if not got:
+                break
+            n += buf.count(b"\n", 0, got)
+            left -= got
+    return n
 
 
 def _pretty_hint(line: str, lineno: int) -> str:
@@ -410,7 +542,12 @@ def _pretty_hint(line: str, lineno: int) -> str:
     return ""
 
 
-def _check_not_binary(spec: InputSpec, ok: int, undecodable: int) -> None:
+def _check_not_binary(
+    spec: InputSpec, ok: int, undecodable: int, stats: IngestStats | None = None
+) -> None:
+    if spec.end is not None and stats is not None:  # one range: the caller checks the file
+        stats.range_checks.append((spec.path, ok, undecodable))
+        return
     if undecodable and not ok:
         raise UserError(
             f"{spec.path}: not UTF-8 text ({undecodable} undecodable records, none readable); "
@@ -440,7 +577,7 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
         return Document(f"{spec.source}:{first_line}", text, spec.source)
 
     try:
-        with _open_binary(spec.path) as f:
+        with _open_range(spec) as (f, line0):  # a byte range only for text_unit=line
             if opts.text_unit == "file":
                 data = f.read()
                 if data.startswith(_BOM):
@@ -464,7 +601,7 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
                         seen_ok += 1
                         yield Document(spec.source, text, spec.source)
             elif opts.text_unit == "line":
-                for lineno, raw in _lines(f):
+                for lineno, raw in _lines(f, first=line0 + 1):
                     if raw.strip():
                         doc = emit([raw], lineno)
                         if doc is not None:
@@ -490,7 +627,7 @@ def _read_txt(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
         raise UserError(
             f"{spec.path}: truncated or corrupt gzip file ({e}); re-download or re-compress it"
         ) from None
-    _check_not_binary(spec, seen_ok, undecodable)
+    _check_not_binary(spec, seen_ok, undecodable, stats)
 
 
 def _read_json(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
@@ -685,6 +822,8 @@ def _citation_to_doc(el, spec: InputSpec, index: int, opts: ReadOptions, stats: 
             parts.append(f"{label}: {body}" if label else body)
     if not parts:
         stats.drop("no_abstract", where, False)  # common in MEDLINE: only counted
+        if pmid and stats.hook is not None:  # still a newer version of its PMID
+            stats.hook("n", f"pmid-{pmid}")
         return None
     title = ""
     if article is not None:
@@ -698,7 +837,7 @@ def _citation_to_doc(el, spec: InputSpec, index: int, opts: ReadOptions, stats: 
 def _read_xml(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterator[Document]:
     import xml.etree.ElementTree as ET
 
-    count = 0
+    count = deletions = 0
     depth = 0
     root = None
     try:
@@ -718,6 +857,13 @@ def _read_xml(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
                     el.clear()
                     if doc is not None:
                         yield doc
+                elif _local(el.tag) == "DeleteCitation":  # update files: PMIDs to remove
+                    for pm in el:
+                        if _local(pm.tag) == "PMID" and (pm.text or "").strip():
+                            deletions += 1
+                            if stats.hook is not None:
+                                stats.hook("x", f"pmid-{pm.text.strip()}")
+                    el.clear()
                 if depth == 1 and root is not None:
                     root.clear()  # finished a top-level record: free it (streaming)
     except (EOFError, zlib.error, gzip.BadGzipFile, ET.ParseError) as e:
@@ -725,7 +871,7 @@ def _read_xml(spec: InputSpec, opts: ReadOptions, stats: IngestStats) -> Iterato
             f"{spec.path}: truncated or corrupt XML/gzip after {count} citations ({e}); "
             "re-download the file (NLM publishes an .md5 beside each baseline file)"
         ) from None
-    if count == 0:
+    if count == 0 and deletions == 0:
         raise UserError(
             f"{spec.path}: no <MedlineCitation> records; is this a PubMed/MEDLINE XML file?"
         )

@@ -9,6 +9,11 @@ Random access reads exactly the bytes of a member (one seek + one read per membe
 tar members are never extracted to disk. File handles are opened lazily per process,
 so a ShardSet can be handed to DataLoader workers (each worker opens its own).
 
+A directory may also be an fsspec URL (`s3://bucket/shards`, `gs://...`, `https://...`;
+kdcl_dist/storage.py): the manifest and indexes are fetched whole, a sample is one ranged
+read through the offset index (its ids and meta members are adjacent in the tar), a whole
+shard one GET; transient errors are retried, permanent ones are one-line errors.
+
 Integrity: the manifest records each shard's size and sha256. `ShardSet(dir, verify=True)`
 checks a shard against them before its first read in a process (random access,
 `iter_shard`, `shard_bytes`); `verify()` / `verify_shard()` check on demand. A mismatch is a
@@ -25,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
+from kdcl_dist import storage
 from kdcl_dist.data.shards import Sample, decode_ids, decode_meta
 from kdcl_dist.errors import UserError
 from kdcl_dist.utils import read_json, sha256_file
@@ -32,7 +38,23 @@ from kdcl_dist.utils import read_json, sha256_file
 MANIFEST_NAMES = ("curriculum.json", "dataset.json")
 
 
+def has_file(directory, name: str) -> bool:
+    """Whether `directory` (a path or a URL) holds `name`."""
+    if storage.is_url(directory):
+        return storage.Store(directory).exists(name)
+    return (Path(directory) / name).exists()
+
+
 def find_manifest(directory: str | os.PathLike) -> Path:
+    if storage.is_url(directory):
+        st = storage.Store(directory)
+        st.check_dir()
+        for name in MANIFEST_NAMES:
+            if st.exists(name):
+                return st.path / name
+        raise UserError(
+            f"{st.path}: no dataset.json or curriculum.json; run `kdcl-dist shard` (or `curriculum`) to create it"
+        )
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"{d}: shard directory not found")
@@ -48,12 +70,14 @@ class ShardSet:
     def __init__(
         self, directory: str | os.PathLike, manifest_name: str | None = None, verify: bool = False
     ):
-        self.dir = Path(directory)
+        # a URL: self.dir is a storage.RemotePath (joins and messages), reads go through self.store
+        self.store = storage.Store(directory) if storage.is_url(directory) else None
+        self.dir = self.store.path if self.store else Path(directory)
         self.verify_reads = bool(verify)  # check size + sha256 before a shard's first read
         self._verified: set[int] = set()
         path = self.dir / manifest_name if manifest_name else find_manifest(self.dir)
         self.manifest_path = path
-        self.manifest = read_json(path, "manifest")
+        self.manifest = self._json(path.name, "manifest")
         if "shards" not in self.manifest:
             raise UserError(f"{path}: manifest has no 'shards' list; re-create it")
         self.shards = self.manifest["shards"]
@@ -62,6 +86,14 @@ class ShardSet:
         self._index: dict[int, dict] = {}
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+
+    def _json(self, name: str, what: str):
+        if self.store:
+            return self.store.read_json(name, what)
+        return read_json(self.dir / name, what)
+
+    def _exists(self, name: str) -> bool:
+        return self.store.exists(name) if self.store else (self.dir / name).exists()
 
     # -- metadata -------------------------------------------------------------------
     @property
@@ -87,7 +119,7 @@ class ShardSet:
     def index(self, shard: int) -> dict:
         if shard not in self._index:
             entry = self.shards[shard]
-            idx = read_json(self.dir / entry["index"], "shard offset index")
+            idx = self._json(entry["index"], "shard offset index")
             if idx.get("count") != entry["count"]:
                 raise UserError(
                     f"{self.dir / entry['index']}: offset index holds {idx.get('count')} samples, "
@@ -97,6 +129,56 @@ class ShardSet:
                 idx[k] = np.asarray(idx[k], dtype=np.int64)
             self._index[shard] = idx
         return self._index[shard]
+
+    def _ids_header(self, shard: int, local: int) -> tuple[int, int, int]:
+        """(header bytes, item size, token count) of one sample's `.npy` member: a short read."""
+        idx = self.index(shard)
+        size = int(idx["ids_size"][local])
+        import io
+
+        f = io.BytesIO(self._read(shard, int(idx["ids_offset"][local]), min(size, 4096)))
+        try:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(f)
+        except ValueError as e:
+            raise UserError(
+                f"{self.dir / self.shards[shard]['name']}: sample {local} is not a valid .npy "
+                f"member ({e}); {self._rerun_hint()}"
+            ) from e
+        return f.tell(), int(dtype.itemsize), int(shape[0]) if shape else 1
+
+    def token_lengths(self) -> np.ndarray:
+        """Token count of every sample (global position order), from the offset indices.
+
+        One header read per shard for its shortest and longest member (same header size: all
+        members between have it too, since an `.npy` header only grows with the shape's digits);
+        otherwise each member's header is read. Used to group training micro-batches by length.
+        The first read of a shard in a process checks it against the manifest, as every read
+        does: a damaged shard stops training at start-up instead of in a DataLoader worker.
+        """
+        out = np.empty(len(self), dtype=np.int64)
+        for shard in range(self.num_shards):
+            a, b = self.shard_range(shard)
+            if a == b:
+                continue
+            sizes = self.index(shard)["ids_size"]
+            lo, hi = int(np.argmin(sizes)), int(np.argmax(sizes))
+            (h_lo, item, n_lo), (h_hi, item_hi, n_hi) = (
+                self._ids_header(shard, lo),
+                self._ids_header(shard, hi),
+            )
+            ok = h_lo == h_hi and item == item_hi
+            n = (sizes - h_lo) // max(1, item)
+            if ok and n[lo] == n_lo and n[hi] == n_hi:
+                out[a:b] = n
+            else:
+                out[a:b] = [self._ids_header(shard, i)[2] for i in range(b - a)]
+        return out
 
     # -- integrity ------------------------------------------------------------------
     def _rerun_hint(self) -> str:
@@ -121,11 +203,11 @@ class ShardSet:
         path = self.dir / entry["name"]
         want = entry.get("sha256")
         if blob is None:
-            if not path.exists():
+            if not self._exists(entry["name"]):
                 raise UserError(
                     f"{path}: shard listed in {self.manifest_path.name} is missing; {self._rerun_hint()}"
                 )
-            size = path.stat().st_size
+            size = self.store.size(entry["name"]) if self.store else path.stat().st_size
         else:
             size = len(blob)
         if entry.get("bytes") and size != entry["bytes"]:
@@ -134,7 +216,10 @@ class ShardSet:
                 f"the shard is truncated or corrupt, {self._rerun_hint()}"
             )
         if want:
-            got = sha256_file(path) if blob is None else hashlib.sha256(blob).hexdigest()
+            if blob is not None:
+                got = hashlib.sha256(blob).hexdigest()
+            else:
+                got = self.store.sha256(entry["name"]) if self.store else sha256_file(path)
             if got != want:
                 raise UserError(
                     f"{path}: sha256 {got[:16]}... differs from {want[:16]}... recorded in "
@@ -154,10 +239,11 @@ class ShardSet:
     def shard_bytes(self, shard: int, verify: bool | None = None) -> bytes:
         """The whole shard file in memory (one sequential read), checked against the manifest
         when `verify` (default: the `verify` given to the ShardSet)."""
-        path = self.dir / self.shards[shard]["name"]
-        if not path.exists():
+        name = self.shards[shard]["name"]
+        path = self.dir / name
+        if not self._exists(name):
             raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
-        blob = path.read_bytes()
+        blob = self.store.read(name) if self.store else path.read_bytes()
         if self.verify_reads if verify is None else verify:
             self.verify_shard(shard, blob)  # the bytes handed out are the ones checked
         return blob
@@ -177,9 +263,14 @@ class ShardSet:
         return f
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        f = self._file(shard)
-        f.seek(offset)
-        blob = f.read(size)
+        if self.store:  # one ranged GET
+            name = self.shards[shard]["name"]
+            self._check(shard)  # a missing object: a one-line error from the read itself
+            blob = self.store.read(name, offset, offset + size)
+        else:
+            f = self._file(shard)
+            f.seek(offset)
+            blob = f.read(size)
         if len(blob) != size:
             raise UserError(
                 f"{self.dir / self.shards[shard]['name']}: truncated shard (short read); re-create it"
@@ -190,8 +281,17 @@ class ShardSet:
         shard, local = self.locate(position)
         return self.get_local(shard, local, with_meta)
 
+    read_range = _read  # (shard, offset, size) -> bytes: positioned read, local or ranged GET
+
     def get_local(self, shard: int, local: int, with_meta: bool = True) -> Sample:
         idx = self.index(shard)
+        if self.store and with_meta:  # ids and meta members are adjacent: one ranged read
+            io_, is_ = int(idx["ids_offset"][local]), int(idx["ids_size"][local])
+            mo, ms = int(idx["meta_offset"][local]), int(idx["meta_size"][local])
+            lo, hi = min(io_, mo), max(io_ + is_, mo + ms)
+            blob = self._read(shard, lo, hi - lo)
+            ids = decode_ids(blob[io_ - lo : io_ - lo + is_])
+            return Sample(idx["keys"][local], ids, decode_meta(blob[mo - lo : mo - lo + ms]))
         ids = decode_ids(
             self._read(shard, int(idx["ids_offset"][local]), int(idx["ids_size"][local]))
         )
@@ -211,13 +311,19 @@ class ShardSet:
     def iter_shard(self, shard: int) -> Iterator[Sample]:
         """Stream one shard front to back (one pass over the file, no seeks)."""
         path = self.dir / self.shards[shard]["name"]
-        if not path.exists():
-            raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
-        self._check(shard)
+        if self.store:  # one GET of the whole shard (retried), then the same scan in memory
+            import io
+
+            source = {"fileobj": io.BytesIO(self.shard_bytes(shard))}
+        else:
+            if not path.exists():
+                raise UserError(f"{path}: shard listed in {self.manifest_path.name} is missing")
+            self._check(shard)
+            source = {"name": path}
         current: dict = {}
         key = None
         try:
-            with tarfile.open(path, "r:") as tf:
+            with tarfile.open(mode="r:", **source) as tf:
                 for m in tf:
                     if not m.isfile():
                         continue

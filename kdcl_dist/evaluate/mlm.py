@@ -212,7 +212,7 @@ def evaluate_mlm(
     _check_tokenizer(ss, tok, tok_name)
     if not samples:
         raise UserError(
-            f"{shards}: no samples selected (split={cfg.split}, heldout_percent={cfg.heldout_percent}); "
+            f"{ss.dir}: no samples selected (split={cfg.split}, heldout_percent={cfg.heldout_percent}); "
             "use --split all for a separate held-out corpus or raise --heldout-percent"
         )
     m = load_mlm(str(model))
@@ -231,7 +231,7 @@ def evaluate_mlm(
     summary = {
         "model": str(model),
         "model_fingerprint": model_fingerprint(m),
-        "shards": str(shards),
+        "shards": str(ss.dir) if ss.store else str(shards),  # a URL: storage.redact'd
         "shards_fingerprint": ss.fingerprint,
         "split": cfg.split,
         "heldout_percent": cfg.heldout_percent,

@@ -64,6 +64,7 @@ HOSTINGS = ("replicated", "zero3")
 KD_POSITIONS = ("masked", "all")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 # finiteness flags of one step, in the order of the all-reduced vector (see KDEngine.step)
 NONFINITE_TERMS = ("teacher logits", "mlm loss", "kd loss", "cosine loss", "loss", "gradients")
 
@@ -445,6 +446,10 @@ def prepare_student_config(
     if not on_gpu and not offload:
         # FusedAdam is a CUDA kernel; torch's AdamW is DeepSpeed's documented CPU fallback.
         params["torch_adam"] = True
+    if not on_gpu:
+        # the GPU configs ask for torch's fused (one CUDA kernel) AdamW: `torch_adam` + `fused`,
+        # which needs no JIT build, unlike DeepSpeed's FusedAdam; CPU runs keep foreach AdamW
+        params.pop("fused", None)
     if grad_clip is not None:
         cfg["gradient_clipping"] = grad_clip
     if lr_schedule not in LR_SCHEDULES:
@@ -564,8 +569,35 @@ def prepare_teacher_config(
 # --------------------------------------------------------------------------------------
 
 
-def bind_selected_forward(model) -> None:
+def fp32_head_copy(model) -> torch.nn.Module:
+    """A standalone fp32 copy of a BERT/DistilBERT MLM head (its tied decoder weight copied), for
+    a teacher whose encoder runs in bf16/fp16 while its logits are computed in fp32."""
+    if hasattr(model, "cls"):  # BertForMaskedLM
+        head = copy.deepcopy(model.cls)
+    elif hasattr(model, "vocab_projector"):  # DistilBertForMaskedLM
+        head = torch.nn.Sequential(
+            *(
+                copy.deepcopy(m)
+                for m in (
+                    model.vocab_transform,
+                    model.activation,
+                    model.vocab_layer_norm,
+                    model.vocab_projector,
+                )
+            )
+        )
+    else:
+        raise UserError(
+            f"{type(model).__name__}: unsupported masked-LM architecture (need BERT or DistilBERT style MLM head)"
+        )
+    return head.float().requires_grad_(False).eval()
+
+
+def bind_selected_forward(model, fp32_head: torch.nn.Module | None = None) -> None:
     """Make `model(input_ids, attention_mask, flat_index)` return (hidden[M,H], logits[M,V]).
+
+    `fp32_head`: run this head (an `fp32_head_copy`) on the fp32-cast hidden rows instead of the
+    model's own head (the teacher's `--teacher-head-fp32`).
 
     The forward is replaced on the *instance* (not wrapped in a new module) so that the
     DeepSpeed engine still calls it through its own forward (ZeRO-3 hooks, backward hooks)
@@ -585,6 +617,8 @@ def bind_selected_forward(model) -> None:
         out = encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+        if fp32_head is not None:
+            return selected, fp32_head(selected.float())
         return selected, head(selected)
 
     model.forward = forward
@@ -635,12 +669,26 @@ def weight_decay_groups(model) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
+def teacher_torch_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    """The replicated teacher's dtype: `auto` is bf16 on a GPU (fp16 where bf16 is unsupported)
+    and fp32 on CPU; the others are taken as given."""
+    if name == "auto":
+        if not on_gpu:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 @dataclass
 class EngineOptions:
     temperature: float = 2.0
     kd_positions: str = "masked"
     cosine_weight: float = 0.0
     teacher_hosting: str = "replicated"
+    # replicated teacher's dtype: auto = bf16 (fp16 without bf16 support) on GPU, fp32 on CPU
+    teacher_dtype: str = "auto"
+    teacher_head_fp32: bool = False  # the teacher's LM head (its logits) in fp32
+    gradient_checkpointing: bool = False  # HF activation checkpointing in the student
 
 
 class KDEngine:
@@ -685,7 +733,23 @@ class KDEngine:
                     f"{hidden_size(student)}; the cosine term needs equal sizes (set cosine_weight=0)"
                 )
 
+        if options.teacher_dtype not in TEACHER_DTYPES:
+            raise UserError(
+                f"train.teacher_dtype: {options.teacher_dtype!r} is not one of {', '.join(TEACHER_DTYPES)}"
+            )
+        if options.teacher_dtype != "auto" and options.teacher_hosting == "zero3":
+            raise UserError(
+                f"train.teacher_dtype: {options.teacher_dtype} applies to the replicated teacher; "
+                "teacher hosting zero3 runs in its DeepSpeed config's precision (teacher_zero3 fp32, "
+                "teacher_zero3_bf16): choose that with --teacher-ds-config and leave teacher_dtype auto"
+            )
         student.train()
+        if options.gradient_checkpointing:
+            # recompute each layer's activations in backward: less memory for a larger micro-batch.
+            # Non-reentrant checkpointing works with ZeRO-3's hooks and inputs without grad.
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         bind_selected_forward(student)
         if param_groups not in PARAM_GROUP_LAYOUTS:
             raise ValueError(
@@ -715,11 +779,11 @@ class KDEngine:
         self.teacher_engine = None
         if teacher is not None:
             teacher.requires_grad_(False)
-            bind_selected_forward(teacher)
+            # the fp32 head is copied before the teacher is cast (its weights keep full precision)
+            head = fp32_head_copy(teacher).to(self.device) if options.teacher_head_fp32 else None
+            bind_selected_forward(teacher, head)
             if options.teacher_hosting == "replicated":
-                dtype = torch.float32
-                if self.on_gpu:
-                    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                dtype = teacher_torch_dtype(options.teacher_dtype, self.on_gpu)
                 self.teacher = teacher.to(device=self.device, dtype=dtype).eval()
             else:
                 if teacher_ds_config is None:
@@ -765,48 +829,59 @@ class KDEngine:
         n_masked, n_tokens = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
         scale = float(self.world_size * self.grad_accum)
 
-        # local sums over tokens of this rank (summed across ranks after the step for logging)
-        acc = torch.zeros(5, dtype=torch.float64)  # loss, mlm, kd, top-1 agreements, cosine
-        bad = torch.zeros(len(NONFINITE_TERMS), dtype=torch.float64)  # this rank's non-finite terms
+        # Local sums over tokens of this rank (summed across ranks after the step for logging)
+        # and the non-finite flags stay on the device until the step's one reduction
+        # (_boundary_step): no device->host sync per micro-batch. Host-side index arithmetic
+        # uses the CPU labels, which the loader delivered.
+        dev = self.device
+        acc = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, mlm, kd, agreements, cosine
+        bad = torch.zeros(len(NONFINITE_TERMS), dtype=torch.float64, device=dev)  # this rank's
         nonfinite = {"skipped": False}
         n_sel_local = 0
         for mb in micro_batches:
-            input_ids = mb["input_ids"].to(self.device)
-            attn = mb["attention_mask"].to(self.device)
+            input_ids = mb["input_ids"].to(dev, non_blocking=True)
+            attn = mb["attention_mask"].to(dev, non_blocking=True)
             labels_full = mb["labels"].reshape(-1)
             if all_mode:
-                flat_index = torch.nonzero(attn.reshape(-1).cpu() > 0).squeeze(1)
+                flat_index = torch.nonzero(mb["attention_mask"].reshape(-1) > 0).squeeze(1)
             else:
                 flat_index = torch.nonzero(labels_full != -100).squeeze(1)
-            labels = labels_full.index_select(0, flat_index).to(self.device)
+            labels_cpu = labels_full.index_select(0, flat_index)
+            sel_cpu = labels_cpu != -100
+            n_sel_local += int(sel_cpu.sum())
+            labels = labels_cpu.to(dev, non_blocking=True)
+            # rows at masked positions: all of them unless kd_positions="all"
+            sel = torch.nonzero(sel_cpu).squeeze(1).to(dev, non_blocking=True) if all_mode else None
             seq_len = input_ids.shape[1]
             row = (flat_index // seq_len).numpy()
             positions = np.asarray(mb["positions"])
             lam = lam_of_position(positions)
             lam_tok = (
-                torch.as_tensor(
-                    np.asarray(lam, dtype=np.float64)[row], dtype=torch.float32, device=self.device
+                torch.as_tensor(np.asarray(lam, dtype=np.float64)[row], dtype=torch.float32).to(
+                    dev, non_blocking=True
                 )
                 if np.ndim(lam)
                 else float(lam)
             )
-            fi = flat_index.to(self.device)
+            fi = flat_index.to(dev, non_blocking=True)
             s_h, s_logits = self.engine(input_ids, attn, fi)
             s_logits = s_logits.float()
+            one = torch.ones((), dtype=torch.bool, device=dev)
+            finite_t = finite_cos = one
             if "kd_w" in mb:  # a cached sparse teacher (kd/teacher_cache.py): no teacher forward
                 from kdcl_dist.kd.teacher_cache import cached_step_terms
 
                 res, agree = cached_step_terms(
-                    s_logits, mb, labels, lam_tok, self.opts.temperature, n_masked, self.device
+                    s_logits, mb, labels, lam_tok, self.opts.temperature, n_masked, dev
                 )
                 loss = res["loss"]
+                acc[3] += agree  # a device tensor: no host sync
             elif self.teacher is None:
                 mlm = (
                     F.cross_entropy(s_logits, labels, ignore_index=-100, reduction="sum") / n_masked
                 )
                 loss = mlm
-                res = {"loss": loss, "mlm": mlm, "kd": torch.zeros(())}
-                agree = 0.0
+                res = {"loss": loss, "mlm": mlm, "kd": torch.zeros((), device=dev)}
             else:
                 t_h, t_logits = self._teacher_forward(input_ids, attn, fi)
                 if all_mode:
@@ -824,61 +899,61 @@ class KDEngine:
                         s_logits, t_logits, labels, lam_tok, self.opts.temperature, n_masked
                     )
                 loss = res["loss"]
-                sel = labels != -100
+                s_sel = s_logits.detach() if sel is None else s_logits.detach().index_select(0, sel)
+                t_sel = t_logits if sel is None else t_logits.index_select(0, sel)
                 # counted here (not a mean) so that ranks can be summed exactly
-                agree = float((s_logits.detach()[sel].argmax(-1) == t_logits[sel].argmax(-1)).sum())
+                acc[3] += (s_sel.argmax(-1) == t_sel.argmax(-1)).sum()
+                finite_t = torch.isfinite(t_logits).all()
                 if self.opts.cosine_weight > 0:
-                    cos = losses.hidden_cosine_loss(s_h[sel].float(), t_h[sel], n_masked)
+                    sh = s_h if sel is None else s_h.index_select(0, sel)
+                    th = t_h if sel is None else t_h.index_select(0, sel)
+                    cos = losses.hidden_cosine_loss(sh.float(), th, n_masked)
                     loss = loss + self.opts.cosine_weight * cos
-                    acc[4] += float(cos.detach())
-            # which values are non-finite, in the order of NONFINITE_TERMS[:5] (one device sync)
-            one = torch.ones((), dtype=torch.bool, device=self.device)
+                    acc[4] += cos.detach()
+                    finite_cos = torch.isfinite(cos.detach())
+            # which values are non-finite, in the order of NONFINITE_TERMS[:5] (device tensors)
             finite = torch.stack(
                 [
-                    torch.isfinite(t_logits).all() if self.teacher is not None else one,
-                    torch.isfinite(res["mlm"].detach()).to(self.device),
-                    torch.isfinite(res["kd"].detach()).to(self.device),
-                    torch.isfinite(cos.detach())
-                    if self.teacher is not None and self.opts.cosine_weight > 0
-                    else one,
+                    finite_t,
+                    torch.isfinite(res["mlm"].detach()).to(dev),
+                    torch.isfinite(res["kd"].detach()).to(dev),
+                    finite_cos,
                     torch.isfinite(loss.detach()),
                 ]
-            ).cpu()
+            )
             bad[:5] = torch.maximum(bad[:5], (~finite).double())
-            bwd = loss * scale
-            if not bool(finite[4]):
-                # An inf loss can have finite gradients (CE of a -inf log-probability): make them
-                # NaN, so that DeepSpeed's overflow check (ZeRO 1-3, fp16/bf16) certainly skips
-                # the step that every rank is about to decide to skip. The term adds no module to
-                # the loss's graph: ZeRO-3 ranks must run the same backward hooks (gathers and
-                # reduce-scatters) in the same order, or they deadlock.
-                bwd = bwd + s_logits.sum() * float("nan")
+            # An inf loss can have finite gradients (CE of a -inf log-probability): make them NaN,
+            # so that DeepSpeed's overflow check (ZeRO 1-3, fp16/bf16) certainly skips the step
+            # that every rank is about to decide to skip. Decided on the device: the term is
+            # nan_to_num(Σ s_logits) × (0 if the loss is finite else NaN), so a finite loss adds
+            # exact zeros to the gradients. It adds no module to the loss's graph: ZeRO-3 ranks
+            # must run the same backward hooks (gathers and reduce-scatters) in the same order.
+            poison = torch.where(finite[4], 0.0, float("nan")).to(s_logits.dtype)
+            bwd = loss * scale + torch.nan_to_num(s_logits.sum()) * poison
             self.engine.backward(bwd)
             boundary = self.engine.is_gradient_accumulation_boundary()
             if self.zero_stage == 0 and boundary:
                 # DeepSpeed reports no norm for plain fp32 (it clips with torch); gradients are
-                # already averaged over ranks here, before the optimizer step
-                self._fp32_norm = math.sqrt(
-                    sum(
-                        float(p.grad.double().pow(2).sum())
-                        for p in self.engine.module.parameters()
-                        if p.grad is not None
-                    )
+                # already averaged over ranks here, before the optimizer step (one device sum)
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                norm = (
+                    torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt()
+                    if grads
+                    else torch.zeros((), dtype=torch.float64, device=dev)
                 )
-                if not math.isfinite(self._fp32_norm):
-                    bad[5] = 1
+                self._fp32_norm = norm
+                bad[5] = (~torch.isfinite(norm)).double()
+            acc[0] += loss.detach().double()
+            acc[1] += res["mlm"].detach().double()
+            acc[2] += res["kd"].detach().double()
             if boundary:
                 nonfinite = self._boundary_step(bad)
             else:
                 self.engine.step()
-            acc[0] += float(loss.detach())
-            acc[1] += float(res["mlm"].detach())
-            acc[2] += float(res["kd"].detach())
-            acc[3] += agree
-            n_sel_local += int((labels != -100).sum())
         self.last_step_time = time.perf_counter() - t0
         # acc[0..2,4] are already normalized by the global count: summing over ranks gives the
-        # global-batch values; acc[3] / n_masked is the global top-1 agreement.
+        # global-batch values; acc[3] / n_masked is the global top-1 agreement. `acc` is a
+        # device tensor (the caller reduces it with its own values: train.py).
         return {
             "acc": acc,
             "n_masked": n_masked,
@@ -902,12 +977,14 @@ class KDEngine:
         from kdcl_dist import dist
 
         k, w = len(NONFINITE_TERMS), self.world_size
-        # [flags | ranks whose loss side was non-finite | ranks whose gradients were]
-        vec = torch.zeros(k + 2 * w, dtype=torch.float64)
+        # [flags | ranks whose loss side was non-finite | ranks whose gradients were], built on
+        # the device: this reduction's result is the step's one device->host sync
+        vec = torch.zeros(k + 2 * w, dtype=torch.float64, device=self.device)
+        bad = bad.to(self.device)
         vec[:k] = bad
-        vec[k + self.rank] = float(bad[: k - 1].any())
-        vec[k + w + self.rank] = float(bad[k - 1])
-        g = dist.all_reduce_sum(vec.to(self.device)).cpu()
+        vec[k + self.rank] = bad[: k - 1].max()
+        vec[k + w + self.rank] = bad[k - 1]
+        g = dist.all_reduce_sum(vec).cpu()
         seen = [t for t, v in zip(NONFINITE_TERMS, g[:k].tolist()) if v > 0]
         # name the most upstream culprit: the parts of the loss if any, else the total, else grads
         # (a NaN loss on one rank reaches every rank's gradients through the all-reduce)

@@ -82,7 +82,10 @@ def check_materialized(model, source: str):
 def load_pretrained(auto_cls, name_or_path, **kwargs):
     """`auto_cls.from_pretrained(name_or_path, **kwargs)` under the process-wide HF load lock
     (`utils.HF_LOAD_LOCK`), refused by name when a tensor was left on the meta device.
-    With output_loading_info=True: (model, info), as from_pretrained returns them."""
+    With output_loading_info=True: (model, info), as from_pretrained returns them.
+    `name_or_path` may be a packaged reference (`minilm`, `pkg:P`): every loader accepts what
+    the CLI documents, not only the stages that resolve it themselves."""
+    name_or_path = resolve_model_ref(name_or_path)
     with HF_LOAD_LOCK:
         out = auto_cls.from_pretrained(name_or_path, **kwargs)
     if kwargs.get("output_loading_info"):

@@ -595,7 +595,7 @@ def sparse_kd_losses(
 
 
 def cached_step_terms(s_logits, mb: dict, labels, lam_tok, temperature, n_masked, device):
-    """(loss terms, top-1 agreement count) of one micro-batch from its cached targets; the
+    """(loss terms, top-1 agreement count as a device tensor) of one micro-batch from its cached targets; the
     agreement is with each position's largest stored weight (the most sampled id)."""
     ids = mb["kd_ids"].to(device)
     w = mb["kd_w"].to(device)
@@ -604,7 +604,7 @@ def cached_step_terms(s_logits, mb: dict, labels, lam_tok, temperature, n_masked
     )
     top = ids.gather(1, w.argmax(-1, keepdim=True)).squeeze(1)
     sel = labels != -100
-    agree = float((s_logits.detach()[sel].argmax(-1) == top[sel]).sum())
+    agree = (s_logits.detach()[sel].argmax(-1) == top[sel]).sum()
     return res, agree
 
 

@@ -34,7 +34,7 @@ WORK = {
     "kdcl_dist.dist": ("init", "stage"),
     "kdcl_dist.train": ("train", "init_distributed"),
     "kdcl_dist.data.tokenizer": ("load_tokenizer", "train_wordpiece"),
-    "kdcl_dist.data.ingest": ("resolve_inputs", "read_documents"),
+    "kdcl_dist.data.ingest": ("resolve_inputs", "resolve_inputs_skipped", "read_documents"),
     "kdcl_dist.kd.models": ("load_mlm", "load_pretrained", "init_model_dir"),
     "kdcl_dist.curriculum.scoring": ("score_shards",),
     "kdcl_dist.curriculum.build": ("build_curriculum",),
