@@ -41,10 +41,12 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # the object-storage tests run against moto's S3 server started on 127.0.0.1
-        "test": ["pytest>=7", "ruff>=0.4", "wandb>=0.16", "s3fs>=2024.2", "boto3>=1.34", "moto[server]>=5.0"],
+        # no explicit boto3: beside s3fs (aiobotocore pins botocore) it sent pip's resolver
+        # backtracking through boto3 releases for over 10 minutes; moto brings a matching one
+        "test": ["pytest>=7", "ruff>=0.4", "wandb>=0.16", "s3fs>=2024.2", "moto[server]>=5.0"],
         # object storage (docs/data.md, "Object storage"): s3:// through s3fs (aiohttp also
-        # gives fsspec https://); moto is the S3-compatible server the tests start locally
-        "s3": ["s3fs>=2024.2", "boto3>=1.34", "moto[server]>=5.0"],
+        # gives fsspec https://); the tests add moto, an S3-compatible server on 127.0.0.1
+        "s3": ["s3fs>=2024.2"],
         "gcs": ["gcsfs>=2024.2"],
         "azure": ["adlfs>=2024.2"],
         # Weights & Biases logging beside TensorBoard (train --wandb; docs/training.md)
