@@ -1081,6 +1081,8 @@ def check_run_settings(
         if key not in saved or not _setting_matters(key, saved):
             continue
         now, was = getattr(cfg, key), saved[key]
+        if key == "mask_seed" and now is None:  # unset means --seed, as train resolves it
+            now = cfg.seed
         if now != was:
             raise UserError(
                 f"{path}: train.{key} is {now} but the checkpoint was trained with {was}; resuming would "
