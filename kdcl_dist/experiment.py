@@ -227,6 +227,18 @@ class ExperimentConfig:
     yesno: bool = option(False, help="also fine-tune every run on the yes/no task (slow)")
     yesno_data: str = option("", help="BLURB-format task dir (default $KDCL_DATA_DIR/bioasq)")
     yesno_seeds: int = option(3, help="fine-tuning seeds per trained model", min=1)
+    yesno_arms: list[str] = option(
+        default_factory=list,
+        help="arms whose runs are fine-tuned on yes/no (unset: every arm); each fine-tuning costs "
+        "minutes on a CPU, so a CPU study may fine-tune only the arms it compares",
+        choices=tuple(ARMS),
+    )
+    yesno_reference_seeds: int = option(
+        0,
+        help="fine-tuning seeds of the starting teacher and student (0: yesno_seeds); they are one "
+        "model each, so their fine-tuning seeds are their only spread",
+        min=0,
+    )
     n_boot: int = option(10000, help="bootstrap replicates for the confidence intervals", min=100)
 
 
@@ -1035,7 +1047,7 @@ class Experiment:
         )
         return out
 
-    def eval_yesno(self, name: str, model: Path) -> Path | None:
+    def eval_yesno(self, name: str, model: Path, seeds: int = 0) -> Path | None:
         if not self.cfg.yesno:
             return None
         from kdcl_dist.utils import data_dir
@@ -1057,7 +1069,7 @@ class Experiment:
                 "--data",
                 data,
                 "--seeds",
-                self.cfg.yesno_seeds,
+                seeds or self.cfg.yesno_seeds,
                 "--out",
                 out,
                 "--no-progress",
@@ -1095,7 +1107,8 @@ class Experiment:
             launch or self.launch,
         )
         self.eval_mlm(f"{arm}-s{seed}", run / "model", in_process=self.eval_in_process)
-        self.eval_yesno(f"{arm}-s{seed}", run / "model")
+        if not self.cfg.yesno_arms or arm in self.cfg.yesno_arms:
+            self.eval_yesno(f"{arm}-s{seed}", run / "model")
 
     def references(self, prep: dict) -> None:
         """The starting teacher and student, evaluated like every run."""
@@ -1104,7 +1117,7 @@ class Experiment:
             ("reference-student", prep["student"]),
         ):
             self.eval_mlm(name, model, in_process=self.eval_in_process)
-            self.eval_yesno(name, model)
+            self.eval_yesno(name, model, self.cfg.yesno_reference_seeds)
 
     def jobs(self) -> list[tuple[str, int]]:
         return [(arm, seed) for seed in range(self.cfg.seeds) for arm in self.cfg.arms]
@@ -1299,7 +1312,8 @@ def _yesno_table(evals: Path, arms: list[str], yes: dict, cfg, res_json: dict) -
         "",
         "## Table 2: yes/no test accuracy (fine-tuned, higher is better)",
         "",
-        f"Each trained model fine-tuned with {cfg.yesno_seeds} seeds, averaged within its training seed. "
+        f"Each trained model fine-tuned with {cfg.yesno_seeds} seed(s), averaged within its training seed"
+        f"{'' if not refs else f'; the starting models with {cfg.yesno_reference_seeds or cfg.yesno_seeds}'}. "
         f"vs majority: accuracy − {100 * maj['accuracy']:.1f}% (always '{maj['label']}') with a t test over "
         "seeds and test questions; reference models have one trained model, so their unit is the fine-tuning seed.",
         "",

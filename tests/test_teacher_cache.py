@@ -37,7 +37,7 @@ def _masked_logits(assets, cur_dir, n_samples=6):
     return out["teacher"], out["student"], mb["labels"][sel], items
 
 
-def test_sampled_estimator_is_unbiased_and_topk_is_not(tiny_assets, cur):
+def test_sampled_and_hybrid_estimators_are_unbiased_and_topk_is_not(tiny_assets, cur):
     """Known answer: over R independent samplings, the mean of the cached KD term (value and a
     gradient projection) equals the full τ²·KL within 4 standard errors of the mean (the
     estimator's own sample variance / R); top-k's estimate misses it by far more."""
@@ -56,7 +56,6 @@ def test_sampled_estimator_is_unbiased_and_topk_is_not(tiny_assets, cur):
         (g,) = torch.autograd.grad(kd, x)
         return float(kd.detach()), float((g * direction).sum())
 
-    full = kd_and_grad(lambda x: masked_kd_losses(x, t, labels, 1.0, TAU, 1.0)["loss"])
     K, R = 8, 300
 
     def cached(x, n, ids, w, ent):
@@ -67,15 +66,40 @@ def test_sampled_estimator_is_unbiased_and_topk_is_not(tiny_assets, cur):
         W = torch.zeros(M, u).index_put_((row, col), w.float())
         return sparse_kd_losses(x, ids_m, W, ent, labels, 1.0, TAU, 1.0)["loss"]
 
-    est = []
-    for r in range(R):
-        u = np.random.default_rng(r).random((M, K))
-        n, ids, c, ent = sparse_targets(t, TAU, "sample", K, u)
-        est.append(kd_and_grad(lambda x, a=(n, ids, c / K, ent): cached(x, *a)))
-    est = np.asarray(est)
-    mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(R)
-    for j, what in enumerate(("τ²·KL", "gradient projection")):
-        assert abs(mean[j] - full[j]) <= 4 * se[j], (what, mean[j], full[j], se[j])
+    def estimates(teacher, method):
+        """R estimates (KD term, gradient projection) of `method`, and the full values."""
+        full = kd_and_grad(lambda x: masked_kd_losses(x, teacher, labels, 1.0, TAU, 1.0)["loss"])
+        est = []
+        for r in range(R):
+            u = np.random.default_rng(r).random((M, K))
+            n, ids, w, ent = sparse_targets(teacher, TAU, method, K, u, head=4)
+            if method == "sample":
+                w = w / K  # counts of K
+            sums = torch.zeros(M, dtype=torch.float64).index_add_(
+                0, torch.repeat_interleave(torch.arange(M), n), w.double()
+            )
+            assert torch.allclose(sums, torch.ones(M, dtype=torch.float64), atol=1e-5)
+            est.append(kd_and_grad(lambda x, a=(n, ids, w, ent): cached(x, *a)))
+        return np.asarray(est), full
+
+    # a teacher that puts ~3/4 of its mass on 4 ids per position, as trained teachers do
+    bump = torch.zeros_like(t).scatter_(
+        1, torch.randint(0, V, (M, 4), generator=torch.Generator().manual_seed(0)), 14.0
+    )
+    sd = {}
+    for name, teacher in (("flat", t), ("peaked", t + bump)):
+        for method in ("sample", "hybrid"):
+            est, full = estimates(teacher, method)
+            mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(R)
+            sd[name, method] = est.std(0, ddof=1)
+            for j, what in enumerate(("τ²·KL", "gradient projection")):
+                assert abs(mean[j] - full[j]) <= 4 * se[j], (name, method, what, mean[j], full[j])
+    head = torch.softmax((t + bump) / TAU, -1).topk(4, -1).values.sum(-1).mean()
+    assert head > 0.6, head
+    # the exact head takes the noise of the head's mass away (same K, same uniforms)
+    assert (sd["peaked", "hybrid"] < 0.5 * sd["peaked", "sample"]).all(), sd
+    full = kd_and_grad(lambda x: masked_kd_losses(x, t, labels, 1.0, TAU, 1.0)["loss"])
+    se = sd["flat", "sample"] / np.sqrt(R)
     n, ids, w, ent = sparse_targets(t, TAU, "topk", K)
     top = kd_and_grad(lambda x: cached(x, n, ids, w, ent))
     assert abs(top[0] - full[0]) > 20 * se[0], (top, full, se)  # biased: far outside

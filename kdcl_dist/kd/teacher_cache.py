@@ -12,6 +12,13 @@ What is stored (per curriculum sample i and mask draw k < D, at each masked posi
   K token ids drawn from q with replacement, stored as the distinct ids and their counts c_v;
   the training target is w_v = c_v / K. For any student p, E[Σ_v w_v·(−log p_v)] =
   Σ_v q_v·(−log p_v) = CE(q, p): the KD cross-entropy, and so its gradient, are unbiased.
+- method `hybrid` (unbiased, lower variance): the k = `head` most likely ids with their exact
+  q_v, and the remaining mass m = 1 − Σ_head q_v represented by K systematic draws from the tail
+  q restricted to the other ids (one uniform per position, K evenly spaced points on the tail's
+  CDF: each id's count is ⌊K·q_v/m⌋ or ⌈K·q_v/m⌉, expectation K·q_v/m), weight m·c_v/K. Still
+  E[w_v] = q_v, but the head — where a trained teacher puts most of its mass — carries no
+  sampling noise at all, and the tail's counts the least that unbiased counts can have. The
+  plain `sample` targets were measured worse than the live teacher (docs/benchmarks.md).
 - method `topk` (biased, for comparison): the k largest q_v renormalised over those k. It
   drops the tail of q, which the paper shows biases the student (over-confident on the head).
 - H(q) per position (fp32), so that the logged `loss_kd` estimates τ²·KL = τ²·(CE − H) on the
@@ -31,6 +38,7 @@ bytes per 1M samples) and one directory per curriculum shard `<shard>.tcache/` h
     entropy  fp32  [P]        H(q) in nats (fp32: an fp16 H would bias the logged KL)
     ids      uint16|int32 [E] token ids (uint16 when the vocabulary fits)
     weights  uint8 [E] (sample: counts of K) | fp16 [E] (topk: renormalised probabilities)
+             | fp32 [E] (hybrid: the target weights themselves; fp16 would round them)
 
 Each shard directory is written under a temporary name and renamed when complete; a re-run
 skips shards whose meta.json matches (teacher, curriculum, masks, τ, method, K, seeds), so a
@@ -60,7 +68,7 @@ from kdcl_dist.utils import fingerprint, id_hash64, read_json, sha256_file, writ
 
 log = logging.getLogger("kdcl_dist.teacher_cache")
 
-METHODS = ("sample", "topk")
+METHODS = ("sample", "hybrid", "topk")
 MANIFEST = "teacher_cache.json"
 ARRAYS = ("row_pos", "row_ent", "n_unique", "entropy", "ids", "weights")
 TRAIN_MASK_PROB = (
@@ -79,9 +87,16 @@ class TeacherCacheConfig:
     )
     method: str = option(
         "sample",
-        help="sample: K ids drawn from the teacher with replacement (unbiased); "
+        help="sample: K ids drawn from the teacher with replacement (unbiased); hybrid: the "
+        "--head most likely ids exact plus K systematic draws from the rest (unbiased, less noise); "
         "topk: the k most likely ids renormalised (biased)",
         choices=METHODS,
+    )
+    head: int = option(
+        16,
+        help="hybrid: ids kept with their exact probabilities (head + K must stay under 256)",
+        min=1,
+        max=254,
     )
     samples: int = option(
         32, help="K: draws per position (sample) or ids kept (topk)", min=1, max=255
@@ -126,9 +141,12 @@ def draw_uniforms(sample_ids, draws_of_rows, counts, K: int, seed: int) -> np.nd
     return np.concatenate(out) if out else np.zeros((0, K))
 
 
-def sparse_targets(logits: torch.Tensor, temperature: float, method: str, K: int, u=None):
+def sparse_targets(
+    logits: torch.Tensor, temperature: float, method: str, K: int, u=None, head: int = 16
+):
     """(n_unique [M] int64, ids [E] int64, weights [E] (counts int64 | probs float32), entropy [M])
-    of logits [M, V]; entries are grouped by position, ids ascending (sample) or by rank (topk)."""
+    of logits [M, V]; entries are grouped by position, ids ascending (sample), by rank (topk),
+    or head by rank then tail ids ascending (hybrid)."""
     log_q = F.log_softmax(logits.float() / temperature, dim=-1)
     q = log_q.exp()
     ent = -(q * log_q).sum(-1)
@@ -142,6 +160,8 @@ def sparse_targets(logits: torch.Tensor, temperature: float, method: str, K: int
         w = vals / vals.sum(-1, keepdim=True)
         n = torch.full((M,), k, dtype=torch.int64)
         return n, ids.reshape(-1).cpu(), w.reshape(-1).cpu(), ent.cpu()
+    if method == "hybrid":
+        return _hybrid_targets(q, ent, K, u, head)
     cdf = q.double().cumsum(-1)
     uu = torch.as_tensor(u, dtype=torch.float64, device=q.device) * cdf[:, -1:]
     ids = torch.searchsorted(cdf, uu, right=True).clamp_(max=q.shape[1] - 1)
@@ -152,6 +172,40 @@ def sparse_targets(logits: torch.Tensor, temperature: float, method: str, K: int
     starts = first.reshape(-1).nonzero().squeeze(1).cpu()
     counts = torch.diff(starts, append=torch.tensor([M * s.shape[1]]))
     return n, s.reshape(-1)[first.reshape(-1)].cpu(), counts, ent.cpu()
+
+
+def _hybrid_targets(q: torch.Tensor, ent: torch.Tensor, K: int, u, head: int):
+    """Exact head + systematic tail draws (module docstring); u [M, ≥1]: u[:, 0] is used."""
+    M, V = q.shape
+    h = min(int(head), V)
+    h_val, h_id = q.topk(h, dim=-1)
+    tail = q.double().scatter(1, h_id, 0.0)
+    cdf = tail.cumsum(-1)
+    mass = cdf[:, -1:]
+    u0 = torch.as_tensor(u, dtype=torch.float64, device=q.device)[:, :1]
+    points = (u0 + torch.arange(K, dtype=torch.float64, device=q.device)) / K * mass
+    t_id = torch.searchsorted(cdf, points, right=True).clamp_(max=V - 1)  # ascending already
+    first = torch.ones_like(t_id, dtype=torch.bool)
+    first[:, 1:] = t_id[:, 1:] != t_id[:, :-1]
+    starts = first.reshape(-1).nonzero().squeeze(1)
+    counts = torch.diff(starts, append=torch.tensor([M * K], device=starts.device))
+    t_n = first.sum(1)
+    t_w = (mass.expand(-1, K).reshape(-1)[starts] * counts / K).float()
+    t_ids = t_id.reshape(-1)[starts]
+    # interleave per position: its h head entries, then its tail entries
+    n = t_n + h
+    row_of_tail = torch.repeat_interleave(torch.arange(M, device=q.device), t_n)
+    pos_start = torch.cumsum(n, 0) - n
+    tail_rank = (
+        torch.arange(len(t_ids), device=q.device) - (torch.cumsum(t_n, 0) - t_n)[row_of_tail]
+    )
+    ids = torch.empty(int(n.sum()), dtype=torch.int64, device=q.device)
+    w = torch.empty(int(n.sum()), dtype=torch.float32, device=q.device)
+    head_at = (pos_start[:, None] + torch.arange(h, device=q.device)).reshape(-1)
+    ids[head_at], w[head_at] = h_id.reshape(-1), h_val.float().reshape(-1)
+    tail_at = pos_start[row_of_tail] + h + tail_rank
+    ids[tail_at], w[tail_at] = t_ids, t_w
+    return n.cpu(), ids.cpu(), w.cpu(), ent.cpu()
 
 
 # ---- building the cache ---------------------------------------------------------------------
@@ -172,6 +226,7 @@ def identity(
         "vocab_size": int(vocab),
         "method": cfg.method,
         "samples": int(cfg.samples),
+        **({"head": int(cfg.head)} if cfg.method == "hybrid" else {}),
         "temperature": float(cfg.temperature),
         "draws": int(cfg.draws),
         "mask_seed": int(cfg.mask_seed),
@@ -244,10 +299,13 @@ def cache_shard(model, device, sample_ids, toks, cfg, spec, pad_id, vocab, on_ba
             logits = head(hm)
             cnt = per_row_pos[members]
             u = None
-            if cfg.method == "sample":
+            if cfg.method in ("sample", "hybrid"):
                 si, k = np.divmod(members, D)
-                u = draw_uniforms([sample_ids[i] for i in si], k, cnt, cfg.samples, cfg.seed)
-            n, ids, w, ent = sparse_targets(logits, cfg.temperature, cfg.method, cfg.samples, u)
+                K_u = cfg.samples if cfg.method == "sample" else 1  # hybrid: one per position
+                u = draw_uniforms([sample_ids[i] for i in si], k, cnt, K_u, cfg.seed)
+            n, ids, w, ent = sparse_targets(
+                logits, cfg.temperature, cfg.method, cfg.samples, u, cfg.head
+            )
         n, ids, w, ent = n.numpy(), ids.numpy(), w.numpy(), ent.numpy()
         # scatter back: batch positions are row-major over `members`, each row's positions ascending
         pstart = np.concatenate([[0], np.cumsum(cnt)])
@@ -261,7 +319,7 @@ def cache_shard(model, device, sample_ids, toks, cfg, spec, pad_id, vocab, on_ba
         if on_batch is not None:
             on_batch(b)
     ids_dtype = np.uint16 if vocab <= 65536 else np.int32
-    w_dtype = np.uint8 if cfg.method == "sample" else np.float16
+    w_dtype = {"sample": np.uint8, "hybrid": np.float32, "topk": np.float16}[cfg.method]
     empty = (np.zeros(0, np.int64), np.zeros(0))
     ids_all = [e[0] if e is not None else empty[0] for e in row_entries]
     w_all = [e[1] if e is not None else empty[1] for e in row_entries]
@@ -296,6 +354,11 @@ def build_cache(
     from kdcl_dist.kd.models import model_fingerprint
 
     cur = Path(curriculum)
+    if cfg.method == "hybrid" and cfg.head + cfg.samples > 255:
+        raise UserError(
+            f"teacher_cache.head + teacher_cache.samples = {cfg.head + cfg.samples}: at most 255 "
+            "entries per position are stored (uint8 counts); lower --head or --samples"
+        )
     if not (cur / "curriculum.json").exists():
         raise UserError(
             f"{cur}: no curriculum.json; pass the directory `kdcl-dist curriculum` wrote"
