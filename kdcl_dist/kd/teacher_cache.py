@@ -12,13 +12,15 @@ What is stored (per curriculum sample i and mask draw k < D, at each masked posi
   K token ids drawn from q with replacement, stored as the distinct ids and their counts c_v;
   the training target is w_v = c_v / K. For any student p, E[Σ_v w_v·(−log p_v)] =
   Σ_v q_v·(−log p_v) = CE(q, p): the KD cross-entropy, and so its gradient, are unbiased.
-- method `hybrid` (unbiased, lower variance): the k = `head` most likely ids with their exact
-  q_v, and the remaining mass m = 1 − Σ_head q_v represented by K systematic draws from the tail
-  q restricted to the other ids (one uniform per position, K evenly spaced points on the tail's
-  CDF: each id's count is ⌊K·q_v/m⌋ or ⌈K·q_v/m⌉, expectation K·q_v/m), weight m·c_v/K. Still
-  E[w_v] = q_v, but the head — where a trained teacher puts most of its mass — carries no
-  sampling noise at all, and the tail's counts the least that unbiased counts can have. The
-  plain `sample` targets were measured worse than the live teacher (docs/benchmarks.md).
+- method `hybrid` (unbiased, far less noise): q = b·1 + (head − b) + r. The k = `head` most
+  likely ids are stored with their exact q_v − b; b = (1 − Σ_head q)/(V − k), the tail's mean, is
+  a baseline over the whole vocabulary whose term b·Σ_v log p_v the loss computes exactly (a
+  control variate: stored as one entry with the sentinel id V); only the residual r_v = q_v − b
+  of the tail is sampled — K/2 systematic draws ∝ r_v⁺ and K/2 ∝ r_v⁻ (one uniform per position,
+  evenly spaced points on each CDF), weights ±Σr^±·c_v/(K/2), so E[w_v] = r_v and, since
+  Σr⁺ = Σr⁻, the target's total mass is exactly 1. A near-uniform teacher has
+  r ≈ 0 (almost exact), a confident one puts its mass in the exact head. The plain `sample`
+  targets were measured worse than the live teacher (docs/benchmarks.md).
 - method `topk` (biased, for comparison): the k largest q_v renormalised over those k. It
   drops the tail of q, which the paper shows biases the student (over-confident on the head).
 - H(q) per position (fp32), so that the logged `loss_kd` estimates τ²·KL = τ²·(CE − H) on the
@@ -38,7 +40,7 @@ bytes per 1M samples) and one directory per curriculum shard `<shard>.tcache/` h
     entropy  fp32  [P]        H(q) in nats (fp32: an fp16 H would bias the logged KL)
     ids      uint16|int32 [E] token ids (uint16 when the vocabulary fits)
     weights  uint8 [E] (sample: counts of K) | fp16 [E] (topk: renormalised probabilities)
-             | fp32 [E] (hybrid: the target weights themselves; fp16 would round them)
+             | fp32 [E] (hybrid: signed weights, last entry of a position = b at id V)
 
 Each shard directory is written under a temporary name and renamed when complete; a re-run
 skips shards whose meta.json matches (teacher, curriculum, masks, τ, method, K, seeds), so a
@@ -94,7 +96,7 @@ class TeacherCacheConfig:
     )
     head: int = option(
         16,
-        help="hybrid: ids kept with their exact probabilities (head + K must stay under 256)",
+        help="hybrid: ids kept with their exact probabilities (head + K at most 254)",
         min=1,
         max=254,
     )
@@ -174,38 +176,56 @@ def sparse_targets(
     return n, s.reshape(-1)[first.reshape(-1)].cpu(), counts, ent.cpu()
 
 
-def _hybrid_targets(q: torch.Tensor, ent: torch.Tensor, K: int, u, head: int):
-    """Exact head + systematic tail draws (module docstring); u [M, ≥1]: u[:, 0] is used."""
-    M, V = q.shape
-    h = min(int(head), V)
-    h_val, h_id = q.topk(h, dim=-1)
-    tail = q.double().scatter(1, h_id, 0.0)
-    cdf = tail.cumsum(-1)
-    mass = cdf[:, -1:]
-    u0 = torch.as_tensor(u, dtype=torch.float64, device=q.device)[:, :1]
-    points = (u0 + torch.arange(K, dtype=torch.float64, device=q.device)) / K * mass
-    t_id = torch.searchsorted(cdf, points, right=True).clamp_(max=V - 1)  # ascending already
-    first = torch.ones_like(t_id, dtype=torch.bool)
-    first[:, 1:] = t_id[:, 1:] != t_id[:, :-1]
+def _systematic(mag: torch.Tensor, k: int, u0: torch.Tensor):
+    """k systematic draws per row ∝ mag [M, V]: (row, id, count) of the distinct ids drawn, and
+    each row's total Σ mag; expected count k·mag_v/Σ mag, realised ⌊·⌋ or ⌈·⌉."""
+    M, V = mag.shape
+    cdf = mag.cumsum(-1)
+    tot = cdf[:, -1:]
+    points = (u0 + torch.arange(k, dtype=torch.float64, device=mag.device)) / k * tot
+    ids = torch.searchsorted(cdf, points, right=True).clamp_(max=V - 1)  # ascending already
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
     starts = first.reshape(-1).nonzero().squeeze(1)
-    counts = torch.diff(starts, append=torch.tensor([M * K], device=starts.device))
-    t_n = first.sum(1)
-    t_w = (mass.expand(-1, K).reshape(-1)[starts] * counts / K).float()
-    t_ids = t_id.reshape(-1)[starts]
-    # interleave per position: its h head entries, then its tail entries
-    n = t_n + h
-    row_of_tail = torch.repeat_interleave(torch.arange(M, device=q.device), t_n)
+    counts = torch.diff(starts, append=torch.tensor([M * k], device=mag.device))
+    return starts // k, ids.reshape(-1)[starts], counts, tot.squeeze(1)
+
+
+def _hybrid_targets(q: torch.Tensor, ent: torch.Tensor, K: int, u, head: int):
+    """Exact head + uniform baseline + systematic draws of the tail's residual (module
+    docstring); u [M, ≥1]: u[:, 0] is used. The baseline is one entry with the sentinel id V."""
+    M, V = q.shape
+    h = min(int(head), V - 1)
+    dev = q.device
+    h_val, h_id = q.double().topk(h, dim=-1)
+    base = (1.0 - h_val.sum(-1, keepdim=True)).clamp_min(0.0) / (V - h)  # the tail's mean q
+    resid = (q.double() - base).scatter(1, h_id, 0.0)  # tail residuals: they sum to 0
+    u0 = torch.as_tensor(u, dtype=torch.float64, device=dev)[:, :1]
+    # positive and negative residuals drawn apart (K/2 each): their weights cancel exactly, so
+    # the target's total mass carries no noise
+    k_pos = max(1, K // 2)
+    k_neg = max(1, K - k_pos)
+    rp, ip, cp, tp = _systematic(resid.clamp_min(0.0), k_pos, u0)
+    rn, i_n, cn, tn = _systematic((-resid).clamp_min(0.0), k_neg, u0)
+    t_row = torch.cat([rp, rn])
+    order = torch.sort(t_row, stable=True).indices
+    t_row = t_row[order]
+    t_ids = torch.cat([ip, i_n])[order]
+    t_w = torch.cat([tp[rp] * cp / k_pos, -tn[rn] * cn / k_neg])[order]
+    t_n = torch.bincount(t_row, minlength=M)
+    # per position: its h head entries (q_v − b), its tail draws, then the baseline entry
+    n = h + t_n + 1
     pos_start = torch.cumsum(n, 0) - n
-    tail_rank = (
-        torch.arange(len(t_ids), device=q.device) - (torch.cumsum(t_n, 0) - t_n)[row_of_tail]
-    )
-    ids = torch.empty(int(n.sum()), dtype=torch.int64, device=q.device)
-    w = torch.empty(int(n.sum()), dtype=torch.float32, device=q.device)
-    head_at = (pos_start[:, None] + torch.arange(h, device=q.device)).reshape(-1)
-    ids[head_at], w[head_at] = h_id.reshape(-1), h_val.float().reshape(-1)
-    tail_at = pos_start[row_of_tail] + h + tail_rank
+    tail_rank = torch.arange(len(t_ids), device=dev) - (torch.cumsum(t_n, 0) - t_n)[t_row]
+    ids = torch.empty(int(n.sum()), dtype=torch.int64, device=dev)
+    w = torch.empty(int(n.sum()), dtype=torch.float64, device=dev)
+    head_at = (pos_start[:, None] + torch.arange(h, device=dev)).reshape(-1)
+    ids[head_at], w[head_at] = h_id.reshape(-1), (h_val - base).reshape(-1)
+    tail_at = pos_start[t_row] + h + tail_rank
     ids[tail_at], w[tail_at] = t_ids, t_w
-    return n.cpu(), ids.cpu(), w.cpu(), ent.cpu()
+    base_at = pos_start + n - 1
+    ids[base_at], w[base_at] = V, base.squeeze(1)
+    return n.cpu(), ids.cpu(), w.float().cpu(), ent.cpu()
 
 
 # ---- building the cache ---------------------------------------------------------------------
@@ -318,7 +338,7 @@ def cache_shard(model, device, sample_ids, toks, cfg, spec, pad_id, vocab, on_ba
             row_entries[r] = (ids[estart[a] : estart[z]], w[estart[a] : estart[z]])
         if on_batch is not None:
             on_batch(b)
-    ids_dtype = np.uint16 if vocab <= 65536 else np.int32
+    ids_dtype = np.uint16 if vocab < 65536 else np.int32  # hybrid's sentinel id V fits too
     w_dtype = {"sample": np.uint8, "hybrid": np.float32, "topk": np.float16}[cfg.method]
     empty = (np.zeros(0, np.int64), np.zeros(0))
     ids_all = [e[0] if e is not None else empty[0] for e in row_entries]
@@ -354,9 +374,9 @@ def build_cache(
     from kdcl_dist.kd.models import model_fingerprint
 
     cur = Path(curriculum)
-    if cfg.method == "hybrid" and cfg.head + cfg.samples > 255:
+    if cfg.method == "hybrid" and cfg.head + cfg.samples > 254:
         raise UserError(
-            f"teacher_cache.head + teacher_cache.samples = {cfg.head + cfg.samples}: at most 255 "
+            f"teacher_cache.head + teacher_cache.samples = {cfg.head + cfg.samples}: at most 254 "
             "entries per position are stored (uint8 counts); lower --head or --samples"
         )
     if not (cur / "curriculum.json").exists():
@@ -648,7 +668,13 @@ def sparse_kd_losses(
     valid = labels != IGNORE_INDEX
     ce = F.cross_entropy(s, labels.clamp_min(0), reduction="none") * valid
     log_ps = F.log_softmax(s / temperature, dim=-1)
-    cross = -(weights * log_ps.gather(1, ids)).sum(-1)
+    V = log_ps.shape[-1]
+    # id V (hybrid's baseline entry) stands for Σ_v log p_v: b·Σ_v log p_v exactly
+    sentinel = ids >= V
+    picked = torch.where(
+        sentinel, log_ps.sum(-1, keepdim=True), log_ps.gather(1, ids.clamp(max=V - 1))
+    )
+    cross = -(weights * picked).sum(-1)
     tau2 = float(temperature) ** 2
     kl_t = tau2 * (cross - entropy) * valid
     n = float(max(n_masked_global, 1.0))
@@ -665,7 +691,8 @@ def cached_step_terms(s_logits, mb: dict, labels, lam_tok, temperature, n_masked
     res = sparse_kd_losses(
         s_logits, ids, w, mb["kd_ent"].to(device), labels, lam_tok, temperature, n_masked
     )
-    top = ids.gather(1, w.argmax(-1, keepdim=True)).squeeze(1)
+    top_w = w.masked_fill(ids >= s_logits.shape[-1], float("-inf"))  # not hybrid's baseline
+    top = ids.gather(1, top_w.argmax(-1, keepdim=True)).squeeze(1)
     sel = labels != -100
     agree = (s_logits.detach()[sel].argmax(-1) == top[sel]).sum()
     return res, agree
