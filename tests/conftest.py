@@ -68,6 +68,28 @@ def corpus_docs(n: int = 400):
     return list(synthetic_documents(n))
 
 
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A WordPiece tokenizer (vocabulary 800) trained on 300 documents, for the ingestion tests.
+
+    Module scope: each test module trains its own, as when every module defined it.
+    tests/test_ingest.py overrides it with a larger one (400 documents, vocabulary 1000).
+    """
+    from kdcl_dist.data.tokenizer import train_wordpiece
+
+    d = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_wordpiece((t for _, t in corpus_docs(300)), d, vocab_size=800)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    """The `tok_dir` tokenizer, loaded."""
+    from kdcl_dist.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(tok_dir))
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """{'tokenizer', 'teacher', 'student', 'shards'} paths: a tokenizer, a tiny pair, 400 docs in 4 shards."""

@@ -31,22 +31,6 @@ from tests.conftest import REPO, corpus_docs, real_data_dir, run_cli
 from tests.test_ingest_bad_input import assert_nothing_partial, error_line
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from kdcl_dist.data.tokenizer import train_wordpiece
-
-    d = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_wordpiece((t for _, t in corpus_docs(300)), d, vocab_size=800)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from kdcl_dist.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(str(tok_dir))
-
-
 def _source(kind: str) -> list[bytes]:
     if kind == "real":
         d = real_data_dir()

@@ -43,22 +43,6 @@ AWKWARD_IDS = [
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from kdcl_dist.data.tokenizer import train_wordpiece
-
-    d = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_wordpiece((t for _, t in corpus_docs(300)), d, vocab_size=800)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from kdcl_dist.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(str(tok_dir))
-
-
-@pytest.fixture(scope="module")
 def texts():
     return [t for _, t in corpus_docs(60)]
 

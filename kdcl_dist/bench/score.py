@@ -118,22 +118,13 @@ def add_arguments(p):
 
 
 def _docs(n: int):
-    from kdcl_dist.utils import data_dir
+    """The first `n` abstracts, or `n` synthetic documents when none, with the corpus label."""
+    from kdcl_dist.bench import pubmed_or_synthetic
 
-    d = data_dir()
-    path = d / "pubmed" / "abstracts.jsonl" if d else None
-    if path is not None and path.exists():
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                out.append((r["id"], (r.get("title", "") + " " + r["text"]).strip()))
-                if len(out) >= n:
-                    break
-        return out, "PubMed abstracts (../shared/data)"
-    from kdcl_dist.data.synthetic import synthetic_documents
-
-    return list(synthetic_documents(n)), "synthetic corpus (no real data found)"
+    docs, path = pubmed_or_synthetic(n, n)
+    if path is not None:
+        return docs, "PubMed abstracts (../shared/data)"
+    return docs, "synthetic corpus (no real data found)"
 
 
 def _tiny_spec() -> dict:

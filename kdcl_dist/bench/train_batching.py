@@ -21,7 +21,6 @@ padded with the training collate. Printed side by side, from one run:
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -31,22 +30,13 @@ import numpy as np
 
 
 def _docs(limit: int):
-    from kdcl_dist.utils import data_dir
+    """Abstracts (0: all) or 4,000 synthetic documents when none, with the corpus label."""
+    from kdcl_dist.bench import pubmed_or_synthetic
 
-    d = data_dir()
-    path = d / "pubmed" / "abstracts.jsonl" if d else None
-    if path is not None and path.exists():
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                out.append((r["id"], (r.get("title", "") + " " + r["text"]).strip()))
-                if limit and len(out) >= limit:
-                    break
-        return out, f"real PubMed abstracts ({path})"
-    from kdcl_dist.data.synthetic import synthetic_documents
-
-    return list(synthetic_documents(limit or 4000)), "SYNTHETIC corpus (no real data found)"
+    docs, path = pubmed_or_synthetic(limit or None, limit or 4000)
+    if path is not None:
+        return docs, f"real PubMed abstracts ({path})"
+    return docs, "SYNTHETIC corpus (no real data found)"
 
 
 def prepare(args, root: Path):
