@@ -410,6 +410,7 @@ def train(cfg: TrainConfig) -> dict:
     from kdcl_dist.config import write_resolved
     from kdcl_dist.curriculum.order import OrderSpec, pool_fraction
     from kdcl_dist.curriculum.sampler import CurriculumDataset, CurriculumSampler, collate
+    from kdcl_dist.data.masking import MaskSpec
     from kdcl_dist.data.reader import ShardSet
     from kdcl_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from kdcl_dist.kd import engine as kde
@@ -471,6 +472,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 3. tokenizer and vocabularies (before any model is built)
     tok = load_tokenizer(cfg.student)
+    MaskSpec.from_tokenizer(tok)  # a tokenizer without a mask token: refused before any model
     want_fp = (manifest.get("tokenizer") or {}).get("fingerprint")
     if want_fp and want_fp != tokenizer_fingerprint(tok):
         raise UserError(

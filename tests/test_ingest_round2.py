@@ -691,3 +691,66 @@ def test_tokenizer_vocab_size_shortfall_warns_or_refuses(tmp_path, texts, capsys
         "(without --strict-vocab-size this is a warning)"
     )
     assert not strict.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def no_mask_model(tmp_path_factory, tiny_assets):
+    """The tiny student with its tokenizer's mask token removed (weights unchanged)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("nomask-model") / "student"
+    shutil.copytree(tiny_assets["student"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["mask_token"] = None
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _models_must_not_load(monkeypatch):
+    """Loading a model fails loudly: the refusal must come first."""
+    from kdcl_dist.curriculum import scoring
+    from kdcl_dist.kd import models
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(scoring, "load_scoring_model", boom)
+    monkeypatch.setattr(models, "load_mlm", boom)
+
+
+@pytest.mark.parametrize("cmd", ["score", "eval mlm", "train"])
+def test_tokenizer_without_mask_token_refused_before_any_model(
+    cmd, tmp_path, tiny_assets, no_mask_model, capsys, monkeypatch
+):
+    from _curriculum_fixture import build_curriculum
+
+    _models_must_not_load(monkeypatch)
+    out = tmp_path / "out"
+    argv = {
+        "score": ["score", "--shards", tiny_assets["shards"], "--model", no_mask_model],
+        "eval mlm": ["eval", "mlm", "--shards", tiny_assets["shards"], "--model", no_mask_model],
+        "train": [
+            "train",
+            "--curriculum",
+            build_curriculum(tiny_assets["shards"], tmp_path / "cur") and tmp_path / "cur",
+            "--student",
+            no_mask_model,
+            "--steps",
+            "1",
+            "--global-batch",
+            "4",
+            "--micro-batch",
+            "4",
+            "--reliance",
+            "none",
+        ],
+    }[cmd]
+    if cmd == "eval mlm":
+        out = tmp_path / "mlm.json"
+    assert main([str(a) for a in [*argv, "--out", out]]) == 2
+    name = cmd.split()[0]
+    assert error_line(capsys.readouterr().err, name) == (
+        f"kdcl-dist {name}: error: {_no_mask_message(no_mask_model)}"
+    )
+    # at most the resolved config that every command records first; no scores, no weights
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {"config.yaml"}

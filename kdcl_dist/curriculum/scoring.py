@@ -849,8 +849,10 @@ def score_shards(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = device or dist.device()
-    model = load_scoring_model(model_name, cfg, device)
     tok = load_tokenizer(str(model_name))
+    # a tokenizer without a mask token is refused here, before the model is loaded
+    spec = MaskSpec.from_tokenizer(tok, mask_prob=cfg.mask_prob)
+    model = load_scoring_model(model_name, cfg, device)
     want_tok = (ss.manifest.get("tokenizer") or {}).get("fingerprint")
     if want_tok and tokenizer_fingerprint(tok) != want_tok:
         raise UserError(
@@ -861,7 +863,6 @@ def score_shards(
         raise UserError(
             f"{model_name}: model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tok)})"
         )
-    spec = MaskSpec.from_tokenizer(tok, mask_prob=cfg.mask_prob)
     pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
     model_fp = model_fingerprint(model)
     ident = identity(model_fp, cfg, dataset_fp)

@@ -209,6 +209,7 @@ def evaluate_mlm(
     )  # fails fast on a bad dir
     tok_name = tokenizer or str(model)
     tok = load_tokenizer(tok_name)
+    spec = MaskSpec.from_tokenizer(tok, mask_prob=cfg.mask_prob)  # no mask token: refused here
     _check_tokenizer(ss, tok, tok_name)
     if not samples:
         raise UserError(
@@ -220,7 +221,6 @@ def evaluate_mlm(
         raise UserError(
             f"{model}: vocabulary of {m.config.vocab_size} tokens is smaller than the tokenizer's {len(tok)}"
         )
-    spec = MaskSpec.from_tokenizer(tok, mask_prob=cfg.mask_prob)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss_sum, n_masked = score_samples(
         m, samples, spec, cfg.masks, cfg.seed, cfg.batch_size, progress, device

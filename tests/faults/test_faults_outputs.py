@@ -311,6 +311,18 @@ def read_only(tmp_path_factory):
     os.chmod(d, 0o755)
 
 
+def unwritable_reason(d: Path) -> str:
+    """The end of the error line for `d`: a read-only mount (root), or a chmod 0555 directory that
+    a non-root user may not write (`utils.check_output_path` names the mode and owner then)."""
+    if os.statvfs(d).f_flag & os.ST_RDONLY:
+        return "on a read-only file system; choose a writable --out"
+    st = d.stat()
+    return (
+        f"not writable by this user (mode {st.st_mode & 0o7777:04o}, owner uid {st.st_uid}); "
+        "choose a writable --out or get write permission there"
+    )
+
+
 def argv_for(cmd: str, p: dict, out) -> list:
     """The command line of `cmd` with real inputs from the pipeline and `out` as its --out."""
     return {
@@ -416,31 +428,31 @@ RO_CASES = [
     (
         "tokenizer",
         "tok",
-        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+        "cannot be written there: {ro} is {reason}",
     ),
-    ("init-models", "", "is on a read-only file system; choose a writable --out"),
+    ("init-models", "", "is {reason}"),
     (
         "shard",
         "shards",
-        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+        "cannot be written there: {ro} is {reason}",
     ),
-    ("score", "", "is on a read-only file system; choose a writable --out"),
+    ("score", "", "is {reason}"),
     (
         "curriculum",
         "a/cur",
-        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+        "cannot be written there: {ro} is {reason}",
     ),
-    ("train", "", "is on a read-only file system; choose a writable --out"),
-    ("export", "", "is on a read-only file system; choose a writable --out"),
+    ("train", "", "is {reason}"),
+    ("export", "", "is {reason}"),
     (
         "eval mlm",
         "mlm.json",
-        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+        "cannot be written there: {ro} is {reason}",
     ),
     (
         "eval yesno",
         "yesno.json",
-        "cannot be written there: {ro} is on a read-only file system; choose a writable --out",
+        "cannot be written there: {ro} is {reason}",
     ),
 ]
 
@@ -449,7 +461,7 @@ RO_CASES = [
 def test_read_only_output_refused_before_any_work(pipe, read_only, tmp_path, cmd, sub, tail):
     out = read_only / sub if sub else read_only
     name = cmd.split()[0]
-    tail = tail.format(ro=read_only)
+    tail = tail.format(ro=read_only, reason=unwritable_reason(read_only))
     line = f"kdcl-dist {name}: error: {out}: --out {tail}"
     run = refused(argv_for(cmd, pipe, out), tmp_path / "logs", line)
     assert run.wall < 10, run.wall  # forked child, no imports: ~0.2 s when nothing else runs
@@ -459,8 +471,8 @@ def test_read_only_output_refused_before_any_work(pipe, read_only, tmp_path, cmd
 @pytest.mark.parametrize("cmd", DISTRIBUTED)
 def test_read_only_output_two_ranks_fail_alike(pipe, read_only, tmp_path, cmd):
     line = (
-        f"kdcl-dist {cmd}: error: {read_only / 'x'}: --out cannot be written there: {read_only} is on a "
-        "read-only file system; choose a writable --out"
+        f"kdcl-dist {cmd}: error: {read_only / 'x'}: --out cannot be written there: {read_only} is "
+        f"{unwritable_reason(read_only)}"
     )
     refused(argv_for(cmd, pipe, read_only / "x"), tmp_path / "logs", line, world=2)
 
