@@ -25,6 +25,7 @@ import argparse
 import errno
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -154,9 +155,52 @@ def disk_full_message(code: int, filename: str | None, args) -> str:
     )
 
 
+def _shown(value) -> str:
+    """A default as the help shows it (as config.option_help does: lists comma-joined, '' quoted)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, str):
+        return value if value else "''"
+    return str(value)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its choices and default, as the config options' do.
+
+    Used by every parser and sub-parser. Appends `(one of: a, b; default: x)` to a hand-written
+    option's help unless the help already lists them (config options: config.option_help writes
+    them, their argparse default is None). No default for `--x/--no-x` and store_true/false flags
+    (the flag says it), for None/SUPPRESS and for an empty list (nothing given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if text == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+            return text
+        tail = []
+        choices = action.choices
+        if choices and "one of:" not in text:
+            tail.append("one of: " + ", ".join(map(str, choices)).replace("%", "%%"))
+        d = action.default
+        if (
+            d is not None
+            and d is not argparse.SUPPRESS
+            and not isinstance(d, bool)
+            and d not in ([], ())
+            and not re.search(rf"\bdefault:? {re.escape(_shown(d))}(?![\w.-])", text)
+        ):
+            tail.append("default: " + _shown(d).replace("%", "%%"))
+        if not tail:
+            return text
+        return f"{text.rstrip()} ({'; '.join(tail)})" if text.strip() else f"({'; '.join(tail)})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error style: one `kdcl-dist <cmd>: error: ...` line, exit 2
-    (no usage block; --help shows it). Nested sub-parsers inherit the class."""
+    (no usage block; --help shows it). Nested sub-parsers inherit the class (argparse's
+    add_subparsers), so they too get HelpFormatter."""
+
+    def __init__(self, *args, formatter_class=None, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class or HelpFormatter, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -166,7 +210,6 @@ def _top_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="kdcl-dist",
         description="Distributed knowledge distillation with curriculum learning and selective reliance.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n"
         + "\n".join(f"  {k:<12} {v[1]}" for k, v in COMMANDS.items())
         + "\n\nRun `kdcl-dist <command> --help` for a command's options.",
@@ -186,6 +229,16 @@ def _relax_required(parser: argparse.ArgumentParser) -> None:
             action.required = False
 
 
+def command_parser(name: str):
+    """(module, parser) of `kdcl-dist <name>` with every option and nested command added."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = _Parser(
+        prog=f"kdcl-dist {name}", description=(module.__doc__ or COMMANDS[name][1]).strip()
+    )
+    module.add_arguments(parser)
+    return module, parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     top = _top_parser()
@@ -196,13 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name not in COMMANDS:
         top.error(f"unknown command '{name}'; choose from {', '.join(COMMANDS)}")
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = _Parser(
-        prog=f"kdcl-dist {name}",
-        description=(module.__doc__ or COMMANDS[name][1]).strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
+    module, parser = command_parser(name)
     if "--print-config" in argv:
         _relax_required(parser)
     args = parser.parse_args(argv[1:])

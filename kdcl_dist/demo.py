@@ -94,7 +94,7 @@ def pick_corpus(out: Path, corpus: str | None, cfg: DemoConfig) -> tuple[Path, s
     )
 
 
-def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
+def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig, progress: bool = True) -> Path:
     from kdcl_dist.experiment import Experiment, ExperimentConfig, torchrun_cli
 
     t0 = time.time()
@@ -128,7 +128,7 @@ def run_demo(out: str | Path, corpus: str | None, cfg: DemoConfig) -> Path:
         eval_masks=1,
         max_length=cfg.max_length,
     )
-    exp = Experiment(corpus_path, out, ecfg, preset="tiny")
+    exp = Experiment(corpus_path, out, ecfg, preset="tiny", progress=progress)
     prep = exp.prepare()
     # the KD-CL-SR run itself, on nproc local ranks
     run = out / "kd-cl-sr"

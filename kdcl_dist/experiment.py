@@ -265,6 +265,31 @@ def torchrun_cli(nproc: int) -> list[str]:
     ]
 
 
+# the stages that take --progress/--no-progress (`eval`: both eval mlm and eval yesno)
+PROGRESS_STAGES = frozenset(
+    {
+        "tokenizer",
+        "init-models",
+        "shard",
+        "score",
+        "curriculum",
+        "teacher-cache",
+        "train",
+        "export",
+        "eval",
+    }
+)
+
+
+def stage_argv(argv: list, progress: bool = True) -> list:
+    """A step's `kdcl-dist` arguments; with `progress` off (experiment/demo --no-progress),
+    `--no-progress` added for a stage that takes it (once)."""
+    argv = list(argv)
+    if not progress and argv and str(argv[0]) in PROGRESS_STAGES and "--no-progress" not in argv:
+        argv.append("--no-progress")
+    return argv
+
+
 class Runner:
     """Runs stage commands as subprocesses; a step is skipped when its `done` file exists.
 
@@ -278,6 +303,7 @@ class Runner:
         self.records: list[dict] = []
         self.concurrent = concurrent
         self.echo = echo
+        self.progress = True  # False: every step that takes it gets --no-progress (stage_argv)
         self._lock = threading.Lock()
 
     def env(self, nproc: int = 1) -> dict:
@@ -303,6 +329,7 @@ class Runner:
     ) -> dict:
         """Run `kdcl-dist <argv>` (or `launcher + argv`); a `Launch` builds its own prefix."""
         done = Path(done)
+        argv = stage_argv(argv, self.progress)
         log_path = self.log_path(name)
 
         def work():
@@ -485,11 +512,14 @@ class Experiment:
         preset: str = "tiny",
         command: str | None = None,
         config_file: str | None = None,
+        progress: bool = True,
     ):
         self.corpus, self.out, self.cfg, self.preset = Path(corpus), Path(out), cfg, preset
+        self.progress = progress  # False (--no-progress): passed to every stage that takes it
         self.config_file = str(Path(config_file).resolve()) if config_file else None
         self.command = command
         self.r = Runner(self.out, concurrent=1)  # preparation runs one step at a time
+        self.r.progress = progress
         self.launch = Launch.from_config(cfg)  # --launcher: how training and scoring start
         self.gpu_sets: list[list[str]] | None = None  # per concurrent run (check_launch)
         # writing a plan (kdcl_dist/plan.py): values known only after earlier steps are shell variables
@@ -1146,6 +1176,7 @@ class Experiment:
         from kdcl_dist.plan import StepDone, step_runner
 
         self.r = step_runner(self.out, name)
+        self.r.progress = self.progress
         try:
             prep = self.prepare()
             self.references(prep)

@@ -90,6 +90,9 @@ class PlanRecorder:
         return self.exp.out / "logs" / f"{name.replace('/', '_')}.log"
 
     def step(self, name: str, argv: list, done: Path, launcher=None) -> dict:
+        from kdcl_dist.experiment import stage_argv
+
+        argv = stage_argv(argv, self.exp.progress)
         env = {}
         if isinstance(launcher, Launch):
             prefix = launcher.prefix(self.log_path(name), name, in_allocation=True)
@@ -182,7 +185,7 @@ def write_plan(exp, path: Path, command: str | None = None) -> tuple[Path, Path]
         exp.preset,
         "--config",
         str(out / "config.yaml"),
-    ]
+    ] + ([] if exp.progress else ["--no-progress"])
     rec = PlanRecorder(exp, base)
     exp.r, exp.planning = rec, True
     prep = exp.prepare()

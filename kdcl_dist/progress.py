@@ -13,6 +13,7 @@ No carriage returns, so `grep`/`tail` of a Slurm log stay readable. The lines go
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -130,3 +131,39 @@ def progress_bar(
     if lines:
         return LogProgress(total=total, desc=desc, unit=unit, initial=initial)
     return None
+
+
+PROGRESS_HELP = (
+    "progress bars, shown only when stderr is a terminal (default); --no-progress: never "
+    "(periodic progress lines in logs stay)"
+)
+
+
+def add_progress_flag(parser, help: str = PROGRESS_HELP) -> None:
+    """`--progress/--no-progress` (dest `progress`, default True) for a command whose options are
+    not a config dataclass's (those with a `progress` field get the same flag from add_options)."""
+    import argparse
+
+    # default None here, so argparse does not append its own "(default: True)" to the help
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help=help
+    )
+    parser.set_defaults(progress=True)
+
+
+def quiet_libraries() -> None:
+    """--no-progress for what a command does not draw itself: tqdm bars of huggingface_hub
+    downloads, transformers/datasets loading, DeepSpeed, in this process and its children."""
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it as the default of `disable`
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    for module, fn in (
+        ("huggingface_hub.utils", "disable_progress_bars"),
+        ("transformers.utils.logging", "disable_progress_bar"),
+        ("datasets.utils.logging", "disable_progress_bar"),
+    ):
+        if module.split(".")[0] in sys.modules:  # already imported: the env vars came too late
+            try:
+                getattr(importlib.import_module(module), fn)()
+            except (ImportError, AttributeError):
+                pass

@@ -1,7 +1,7 @@
 """The command-line options generated from the config dataclasses (kdcl_dist.config.add_options).
 
-In-process (parser objects, no subprocesses): every option of every command has help text, config
-options show their default and choices, a bad choice is one error line (exit 2), --print-config
+In-process (parser objects, no subprocesses): every option of every command has help text, every
+option shows its default and choices, every long command takes --progress/--no-progress, a bad choice is one error line (exit 2), --print-config
 round-trips through --config, and the precedence preset < --config < flag < override holds.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
 
 import pytest
 import yaml
@@ -19,10 +20,7 @@ from kdcl_dist.config import resolve, resolve_args, split_overrides
 
 
 def _parser(name: str) -> argparse.ArgumentParser:
-    module = importlib.import_module(cli.COMMANDS[name][0])
-    p = cli._Parser(prog=f"kdcl-dist {name}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(p)
-    return p
+    return cli.command_parser(name)[1]  # the parser main() builds
 
 
 def _all_parsers():
@@ -66,6 +64,104 @@ def test_every_option_of_every_command_has_help():
             if not (a.help or "").strip():
                 missing.append(f"{prog} {'/'.join(a.option_strings) or a.dest}")
     assert not missing, "options without help text: " + ", ".join(missing)
+
+
+def _shown_default(action):
+    """The default the help must show, or None (unset, a bool flag, an empty list)."""
+    d = action.default
+    if d is None or d is argparse.SUPPRESS or isinstance(d, bool) or d in ([], ()):
+        return None
+    return cli._shown(d)
+
+
+def test_every_option_shows_its_default_and_choices():
+    hidden = []
+    for prog, p in _all_parsers():
+        assert p.formatter_class is cli.HelpFormatter, prog  # sub-parsers too
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction) or a.help == argparse.SUPPRESS:
+                continue
+            if isinstance(a, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            # the option's help exactly as --help prints it (through p's formatter), unwrapped
+            text = " ".join(p._get_formatter()._expand_help(a).split()) if a.help else ""
+            name = f"{prog} {'/'.join(a.option_strings) or a.dest}"
+            for c in a.choices or ():
+                if str(c) not in text:
+                    hidden.append(f"{name}: choice {c!r}")
+            shown = _shown_default(a)
+            if shown is not None and not re.search(
+                rf"default:? {re.escape(shown)}(?![\w.-])", text
+            ):
+                hidden.append(f"{name}: default {shown!r}")
+    assert not hidden, "not in --help: " + "; ".join(hidden)
+
+
+def test_help_adds_default_and_choices_once():
+    text = " ".join(_sub(_parser("bench"), "train").format_help().split())
+    assert (
+        "--device {auto,cpu,cuda} default auto: cuda when available (one of: auto, cpu, cuda)"
+        in text
+    )
+    assert "(default tiny)" in text and "default: tiny" not in text  # not said twice
+    text = " ".join(_sub(_parser("checkpoint"), "universal").format_help().split())
+    assert "--workers WORKERS extraction processes (default: 1)" in text
+    text = " ".join(_parser("init-models").format_help().split())
+    assert "(one of: distilbert, teacher; default: distilbert)" in text
+    train = " ".join(_parser("train").format_help().split())  # config options: unchanged
+    assert "one of: masked, all; default: masked)" in train and "default: None" not in train
+    assert "(default: True)" not in train and "default: []" not in train
+
+
+LONG_COMMANDS = [
+    "tokenizer",
+    "init-models",
+    "shard",
+    "score",
+    "curriculum",
+    "teacher-cache",
+    "train",
+    "export",
+    "eval mlm",
+    "eval yesno",
+    "experiment",
+    "demo",
+    *(f"bench {b}" for b in importlib.import_module("kdcl_dist.commands.bench").BENCHES),
+]
+
+
+@pytest.mark.parametrize("cmd", LONG_COMMANDS)
+def test_no_progress_on_every_long_command(cmd):
+    words = cmd.split()
+    p = _parser(words[0])
+    cli._relax_required(p)  # only the flag matters here
+    assert p.parse_args([*words[1:], "--no-progress"]).progress is False
+    assert p.parse_args([*words[1:], "--progress"]).progress is True
+    assert p.parse_args(words[1:]).progress in (True, None)  # None: the config default (on)
+
+
+def test_experiment_passes_no_progress_to_its_steps():
+    from kdcl_dist.experiment import PROGRESS_STAGES, stage_argv
+
+    # every stage named takes the flag (eval: both eval mlm and eval yesno)
+    for name in PROGRESS_STAGES:
+        p = _parser(name)
+        cli._relax_required(p)
+        subs = [[]] if name != "eval" else [["mlm"], ["yesno"]]
+        for sub in subs:
+            assert p.parse_args([*sub, "--no-progress"]).progress is False, (name, sub)
+    argv = ["score", "--shards", "s", "--out", "o", "seed=1"]
+    assert stage_argv(argv) == argv  # default: the steps decide (no terminal: no bar)
+    assert stage_argv(argv, progress=False) == [*argv, "--no-progress"]
+    once = ["eval", "mlm", "--model", "m", "--no-progress"]
+    assert stage_argv(once, progress=False) == once
+    assert stage_argv(["experiment", "--step", "x"], progress=False) == [
+        "experiment",
+        "--step",
+        "x",
+    ]
+    a = _parser("experiment").parse_args(["--corpus", "c", "--out", "o", "--no-progress"])
+    assert a.progress is False and _parser("demo").parse_args(["--no-progress"]).progress is False
 
 
 def test_help_shows_defaults_choices_and_presets():
@@ -266,3 +362,27 @@ def test_precedence_preset_config_flag_override(tmp_path, capsys):
         "9",
     )
     assert got["lr"] == 0.004 and got["warmup_steps"] == 9  # override > flag
+
+
+def test_experiment_plan_with_no_progress_passes_it_to_every_stage(tmp_path):
+    """`experiment --no-progress --plan`: in-process, no step runs; each stage line carries it once."""
+    import json
+
+    from kdcl_dist.data.synthetic import synthetic_documents
+    from kdcl_dist.experiment import PROGRESS_STAGES, Experiment, ExperimentConfig
+
+    corpus = tmp_path / "c.jsonl"
+    with open(corpus, "w") as f:
+        for doc_id, text in synthetic_documents(50, seed=3):
+            f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    cfg = ExperimentConfig(arms=["kd", "kd-cl"], seeds=1, steps=7)
+    exp = Experiment(corpus, tmp_path / "exp", cfg, progress=False)
+    plan, _ = exp.write_plan(tmp_path / "plan.sh")
+    lines = [x.split() for x in plan.read_text().splitlines() if x.strip().startswith("run_step ")]
+    stages = {}
+    for words in lines:
+        cmd = words[words.index("kdcl_dist") + 1] if "kdcl_dist" in words else None
+        stages.setdefault(cmd, []).append(words)
+        assert words.count("--no-progress") == 1, words  # experiment --step too: passed on
+    assert {"score", "curriculum", "train", "export", "shard", "experiment"} <= set(stages)
+    assert set(stages) - {"experiment"} <= PROGRESS_STAGES

@@ -4,7 +4,10 @@
 shared and noisy, so compare the ratios, not absolute times across runs.
 """
 
+import argparse
+
 from kdcl_dist.commands._dispatch import add_nested, run_nested
+from kdcl_dist.progress import PROGRESS_HELP, add_progress_flag, quiet_libraries
 
 BENCHES = {
     "ingest": ("kdcl_dist.bench.ingest", "shard stage throughput vs the tokenizer alone"),
@@ -31,7 +34,16 @@ BENCHES = {
 
 def add_arguments(parser):
     add_nested(parser, BENCHES)
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                if any("--no-progress" in x.option_strings for x in sub._actions):
+                    continue
+                # the benches draw no bars of their own (stages they start get --no-progress)
+                add_progress_flag(sub, PROGRESS_HELP + "; here the bars of the libraries it calls")
 
 
 def run(args):
+    if not args.progress:
+        quiet_libraries()
     return run_nested(args)

@@ -10,6 +10,7 @@ Uses $KDCL_DATA_DIR/pubmed/abstracts.jsonl (a subset) when present, else a synth
 from __future__ import annotations
 
 from kdcl_dist.config import add_config_args, add_options, resolve_args
+from kdcl_dist.progress import PROGRESS_HELP, add_progress_flag
 
 
 def add_arguments(p):
@@ -18,6 +19,11 @@ def add_arguments(p):
         "--corpus",
         default=None,
         help="jsonl corpus (default: real abstracts if present, else synthetic)",
+    )
+    add_progress_flag(
+        p,
+        PROGRESS_HELP + "; --no-progress is passed on to every step that takes it (steps log to "
+        "<out>/logs/, where no bar is drawn anyway)",
     )
     from kdcl_dist.demo import DemoConfig
 
@@ -32,5 +38,5 @@ def run(args) -> int:
     check_output_path(args.out, "dir")
 
     cfg = resolve_args(args)
-    run_demo(args.out, args.corpus, cfg)
+    run_demo(args.out, args.corpus, cfg, progress=args.progress)
     return 0

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from kdcl_dist.config import add_config_args, add_options, resolve_args, write_resolved
+from kdcl_dist.progress import PROGRESS_HELP, add_progress_flag
 
 
 def add_arguments(p):
@@ -22,6 +23,11 @@ def add_arguments(p):
     from kdcl_dist.experiment import ExperimentConfig
 
     add_options(p, ExperimentConfig, "experiment", helps={"arms": "comma-separated arms to run"})
+    add_progress_flag(
+        p,
+        PROGRESS_HELP + "; --no-progress is passed on to every step that takes it (steps log to "
+        "<out>/logs/, where no bar is drawn anyway)",
+    )
     p.add_argument(
         "--report-only", action="store_true", help="rebuild report.md from finished runs"
     )
@@ -63,7 +69,13 @@ def run(args) -> int:
         "kdcl-dist " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     )
     exp = Experiment(
-        Path(args.corpus), out, cfg, preset=args.preset, command=command, config_file=args.config
+        Path(args.corpus),
+        out,
+        cfg,
+        preset=args.preset,
+        command=command,
+        config_file=args.config,
+        progress=args.progress,
     )
     if sum(bool(x) for x in (args.report_only, args.plan, args.step, args.query)) > 1:
         raise UserError("experiment: give at most one of --report-only, --plan, --step, --query")

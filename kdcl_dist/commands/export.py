@@ -16,6 +16,8 @@ compared with the consolidated weights' (skip with --no-verify).
 
 from __future__ import annotations
 
+from kdcl_dist.progress import PROGRESS_HELP, add_progress_flag, quiet_libraries
+
 
 def add_arguments(p):
     p.add_argument(
@@ -38,10 +40,16 @@ def add_arguments(p):
     p.add_argument(
         "--no-verify", dest="verify", action="store_false", help="skip the reload-and-compare check"
     )
+    add_progress_flag(
+        p, PROGRESS_HELP + "; also the loading bars of DeepSpeed's consolidation and HF libraries"
+    )
 
 
 def run(args) -> int:
     import json
+
+    if not args.progress:
+        quiet_libraries()
 
     from kdcl_dist.utils import check_output_path, setup_logging
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from kdcl_dist.config import add_config_args, add_options, option, resolve_args, write_resolved
 from kdcl_dist.errors import UserError
+from kdcl_dist.progress import PROGRESS_HELP, add_progress_flag, quiet_libraries
 
 _TINY_TEACHER = {
     "type": "bert",
@@ -66,6 +67,7 @@ def add_arguments(p):
     p.add_argument("--teacher", help="check mode: teacher model directory or hub name")
     p.add_argument("--student", help="check mode: student model directory or hub name")
     p.add_argument("--overwrite", action="store_true", help="replace existing model directories")
+    add_progress_flag(p, PROGRESS_HELP + "; also the download and loading bars of HF libraries")
     p.add_argument(
         "--student-from-teacher",
         dest="student_from_teacher",
@@ -250,6 +252,8 @@ def run_pretrained(cfg, args) -> int:
 
 
 def run(args) -> int:
+    if not args.progress:
+        quiet_libraries()
     if args.student_from_teacher:
         if not args.layers or not args.out:
             raise UserError("--student-from-teacher: pass --layers N and --out DIR")

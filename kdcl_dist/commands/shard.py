@@ -20,6 +20,8 @@ __all__ = ["add_arguments", "run", "split_overrides"]  # split_overrides: kept i
 
 
 def add_arguments(p):
+    from kdcl_dist.progress import add_progress_flag
+
     p.add_argument(
         "--input",
         nargs="+",
@@ -40,13 +42,7 @@ def add_arguments(p):
     from kdcl_dist.data.build import ShardConfig
 
     add_options(p, ShardConfig, "shard")
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=True,
-        help="no progress bar (by default shown only on a terminal)",
-    )
+    add_progress_flag(p)
     add_config_args(p, "shard")
 
 

@@ -61,6 +61,8 @@ class TokenizerConfig:
 
 
 def add_arguments(p):
+    from kdcl_dist.progress import add_progress_flag
+
     p.add_argument(
         "--input",
         nargs="+",
@@ -74,13 +76,7 @@ def add_arguments(p):
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing tokenizer in --out"
     )
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=True,
-        help="no progress bar (by default shown only on a terminal)",
-    )
+    add_progress_flag(p)
     add_config_args(p, "tokenizer")
 
 

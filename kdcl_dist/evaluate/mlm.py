@@ -70,6 +70,8 @@ class EvalMLMConfig:
 
 
 def add_arguments(p):
+    from kdcl_dist.progress import add_progress_flag
+
     p.add_argument(
         "--model", required=True, help="HF masked-LM directory (export, init-models) or hub name"
     )
@@ -85,13 +87,7 @@ def add_arguments(p):
         default=None,
         help="write per-sample loss sums and masked counts (.npz) for paired statistics",
     )
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=True,
-        help="no progress bar (by default shown only on a terminal)",
-    )
+    add_progress_flag(p)
     add_config_args(p, "eval_mlm")
 
 

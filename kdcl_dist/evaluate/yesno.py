@@ -79,6 +79,8 @@ class YesNoConfig:
 
 
 def add_arguments(p):
+    from kdcl_dist.progress import add_progress_flag
+
     p.add_argument("--model", help="HF model directory or hub name (an MLM checkpoint is fine)")
     p.add_argument(
         "--data",
@@ -92,13 +94,7 @@ def add_arguments(p):
         "--baseline-only", action="store_true", help="only report the majority baseline (no model)"
     )
     p.add_argument("--out", default=None, help="write the result JSON here")
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=True,
-        help="no progress bar (by default shown only on a terminal)",
-    )
+    add_progress_flag(p)
     add_config_args(p, "eval_yesno")
 
 
