@@ -292,6 +292,12 @@ ROUND_TRIP = [
     ("curriculum", ["--shard-size", "50", "--nonfinite", "exclude", "--no-plots"]),
     ("shard", ["--input", "x.jsonl", "max_length=64", "--format", "jsonl", "--no-dedup"]),
     ("eval yesno", ["--seeds", "2", "--lr", "0.0001", "weight_decay=0.1"]),
+    ("tokenizer", ["--vocab-size", "3000", "--lowercase"]),
+    ("init-models", ["--preset", "minilm"]),
+    ("teacher-cache", ["--method", "hybrid", "--head", "8", "--draws", "2"]),
+    ("eval mlm", ["--masks", "3", "--split", "all"]),
+    ("experiment", ["--seeds", "4", "--arms", "kd", "--arms", "kd-cl", "--yesno"]),
+    ("demo", ["--steps", "20", "--max-docs", "300"]),
 ]
 
 
