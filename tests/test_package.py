@@ -144,6 +144,29 @@ def test_wheel_installs_and_runs_the_pipeline(tiny_assets, tmp_path):
     ).stdout.strip()
     assert Path(where).resolve().is_relative_to(venv.resolve()), where
     assert not Path(where).resolve().is_relative_to(REPO), where
+    # the wheel was installed with --no-deps (no registry in a test): instead, every requirement
+    # its metadata declares must be met by what the environment has (a missing or too old
+    # dependency, or a requirement lost from setup.py, fails here)
+    unmet = _sh(
+        [
+            py,
+            "-c",
+            "import importlib.metadata as md, sys\n"
+            "from packaging.requirements import Requirement\n"
+            "d = [x for x in md.distributions() if x.metadata['Name'] == 'kdcl_dist'"
+            " and str(x.locate_file('')).startswith(sys.prefix)][0]\n"
+            "reqs = [Requirement(r) for r in d.requires or []]\n"
+            "core = [r for r in reqs if not r.marker or r.marker.evaluate({'extra': ''})]\n"
+            "assert len(core) >= 5, core\n"
+            "bad = [f'{r} (have {v})' for r in core"
+            " for v in [md.version(r.name) if any(True for _ in md.distributions(name=r.name))"
+            " else None] if v is None or not r.specifier.contains(v, prereleases=True)]\n"
+            "print('; '.join(bad))",
+        ],
+        cwd=work,
+        env=env,
+    ).stdout.strip()
+    assert not unmet, f"the wheel's requirements are not met: {unmet}"
 
     launcher = Path(_sh([cli, "launcher"], cwd=work, env=env).stdout.strip())
     assert (
