@@ -203,3 +203,47 @@ def test_wandb_offline_run_and_resume(tiny_assets, cur, tmp_path):
     summary = runs[-1] / "files" / "wandb-summary.json"
     if summary.exists():  # written at finish by the wandb versions that keep it offline
         assert json.loads(summary.read_text())["train/step"] == 4
+
+
+def test_wandb_two_ranks_log_from_rank_0_only(tiny_assets, cur, tmp_path, monkeypatch):
+    """A real 2-process torchrun job with --wandb: one W&B run (rank 0's), nothing from rank 1."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'kdcl_dist[wandb]')")
+    from _curriculum_fixture import run_train
+
+    for k, v in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wbcache"),
+        "WANDB_DIR": str(tmp_path / "wbdir"),  # where a stray run of another rank would land
+    }.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    run_train(
+        2,
+        cur,
+        tiny_assets,
+        out,
+        "--teacher",
+        tiny_assets["teacher"],
+        "--global-batch",
+        8,
+        "--micro-batch",
+        4,
+        "--steps",
+        2,
+        "--save-every",
+        0,
+        "--wandb",
+        "--wandb-project",
+        "kdcl-test",
+    )
+    run_id = (out / "wandb_run_id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith(run_id), runs
+    assert b"train/loss" in (runs[0] / f"run-{run_id}.wandb").read_bytes()
+    stray = (
+        list((tmp_path / "wbdir").rglob("offline-run-*")) if (tmp_path / "wbdir").exists() else []
+    )
+    assert not stray, stray
