@@ -286,6 +286,43 @@ def test_check_run_settings_pure(ref):
         check_run_settings(saved, cfg(extend_steps=True), 3, start_step=4, path="ck")
 
 
+# a changed value for each recorded key the saved run (constant λ, sequential order) uses
+CHANGED = {
+    "lr": 0.123,
+    "lr_schedule": "constant",
+    "warmup_steps": 3,
+    "min_lr_ratio": 0.5,
+    "weight_decay": 0.2,
+    "grad_clip": 0.5,
+    "temperature": 4.0,
+    "kd_positions": "all",
+    "cosine_weight": 0.5,
+    "reliance": "none",
+    "lambda_": 0.9,
+    "order": "random",
+    "seed": 99,
+    "mask_seed": 77,
+    "global_batch": 16,
+}
+
+
+@pytest.mark.parametrize("key", list(CHANGED))
+def test_every_recorded_setting_change_is_refused_naming_the_key(ref, key):
+    from kdcl_dist.config import resolve
+    from kdcl_dist.train import RUN_SETTING_KEYS, TrainConfig, check_run_settings
+
+    assert key in RUN_SETTING_KEYS
+    saved = _marker(ref / "checkpoints" / "global_step4")["run_settings"]
+    flags = {"curriculum": "c", "student": "s", "out": "o", "teacher": "t"}
+    same = {k: saved[k] for k in RUN_SETTING_KEYS if saved.get(k) is not None}
+    assert saved.get(key) != CHANGED[key], (key, saved.get(key))
+    cfg = resolve(TrainConfig, "train", flags={**flags, **same, key: CHANGED[key]}, check=False)
+    with pytest.raises(
+        UserError, match=rf"^ck: train\.{key} is .* but the checkpoint was trained with"
+    ):
+        check_run_settings(saved, cfg, saved["total_steps"], start_step=4, path="ck")
+
+
 # ---- refusals in real runs ------------------------------------------------------------------
 
 
