@@ -347,7 +347,7 @@ def test_scoring_peak_memory_does_not_grow_with_the_shard(tmp_path):
     defaults), each in a fresh process (tests/_score_memory.py). Before the batches' results
     were copied out, the 5,000-sample shard took 44-642 MiB (6 runs); with the shard's prepared
     input built at once, 43 MiB (500 samples: 13-17); prepared a chunk of batches at a time
-    (~64k tokens), 21-26 MiB (500 samples: 13-15). What still differs: the shard's sample ids
+    (~64k tokens), ~23 MiB (500 samples: 13-14). What still differs: the shard's sample ids
     and token ids, held for the whole shard, and a second chunk in flight (500 samples are one)."""
     small = _probe(500, tmp_path)
     big = _probe(5000, tmp_path)

@@ -22,9 +22,11 @@ windows of ``window`` rows and packed greedily so that rows × padded length sta
 ``token_budget``; padding is excluded by the attention mask and never enters a loss, so a
 score does not depend on the batch it landed in (equal to float round-off across token
 budgets, bit-identical across world sizes, since batches are formed per source shard).
-Host side: a shard's masks for all K draws come from `mask_many` (mask_sample's output,
-row by row, at a fraction of the cost), batches are collated with whole-array numpy ops,
-and `score.workers` processes prepare shards ahead of the model (auto: on GPU only).
+Host side: a shard's batch plan is made from its lengths, then its batches are prepared a
+chunk (~64k tokens) at a time: the masks of the chunk's samples for all K draws come from
+`mask_many` (mask_sample's output, row by row, at a fraction of the cost), batches are
+collated with whole-array numpy ops; a helper thread prepares the next chunk, or
+`score.workers` processes prepare parts of shards ahead of the model (auto: on GPU only).
 Model computation (`Scorer`): embeddings and all encoder layers but the last on every
 position; the last layer after its key/value projections, and the LM head, on the masked
 positions only (`kd.models.encode_masked`; exact, tested against the HF forward).
@@ -99,7 +101,7 @@ class ScoreConfig:
     )
     prefetch: bool = option(
         True,
-        help="prepare the next shard's batches in a helper thread while scoring (when workers=0)",
+        help="prepare the next chunk of batches in a helper thread while scoring (when workers=0)",
     )
     workers: int = option(
         -1,
@@ -146,29 +148,66 @@ def effective_budget(cfg: ScoreConfig, device: torch.device) -> int:
 _NPY_DTYPES: dict[bytes, np.dtype] = {}
 
 
-def _ids_from_npy(blob: bytes) -> np.ndarray:
-    """Decode `.npy` bytes of a 1-D array without np.load's per-call overhead."""
-    if blob[6] == 1:
-        hlen, start = int.from_bytes(blob[8:10], "little"), 10
+def _ids_from_npy(blob, offset: int = 0, size: int | None = None) -> np.ndarray:
+    """Decode `.npy` bytes of a 1-D array without np.load's per-call overhead: the array in
+    blob[offset:offset+size] (all of blob by default), a view of it."""
+    size = len(blob) - offset if size is None else int(size)
+    head = bytes(blob[offset : offset + min(size, 12)])
+    if head[6] == 1:
+        hlen, start = int.from_bytes(head[8:10], "little"), 10
     else:
-        hlen, start = int.from_bytes(blob[8:12], "little"), 12
-    header = blob[start : start + hlen]
+        hlen, start = int.from_bytes(head[8:12], "little"), 12
+    header = bytes(blob[offset + start : offset + start + hlen])
     dt = _NPY_DTYPES.get(header)
     if dt is None:
         d = ast.literal_eval(header.decode("latin1"))
         if d.get("fortran_order") or len(d.get("shape", ())) != 1:
             from kdcl_dist.data.shards import decode_ids
 
-            return decode_ids(blob)
+            return decode_ids(bytes(blob[offset : offset + size]))
         dt = _NPY_DTYPES.setdefault(header, np.dtype(d["descr"]))
-    return np.frombuffer(blob, dtype=dt, offset=start + hlen)
+    body = start + hlen
+    if (size - body) % dt.itemsize:
+        raise ValueError(f"npy member of {size} bytes is not whole {dt} items")
+    return np.frombuffer(blob, dtype=dt, count=(size - body) // dt.itemsize, offset=offset + body)
 
 
 _READ_BLOCK = 1 << 20  # bytes read (and hashed) at a time from a local shard file
 
 
+class TokenRows:
+    """Token ids of consecutive samples in one array: sample i is flat[start[i]:start[i+1]]
+    (what a prepared shard keeps: no Python object per sample but its id)."""
+
+    def __init__(self, flat: np.ndarray, start: np.ndarray):
+        self.flat, self.start = flat, start
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[self.start[i] : self.start[i + 1]]
+
+    @property
+    def ntok(self) -> np.ndarray:
+        return np.diff(self.start)
+
+    @classmethod
+    def of(cls, arrays: list[np.ndarray]) -> TokenRows:
+        ntok = np.fromiter((len(t) for t in arrays), dtype=np.int64, count=len(arrays))
+        start = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(ntok, out=start[1:])
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
+        return cls(flat, start)
+
+
 def read_shard(
-    ss: ShardSet, shard: int, verify: bool = False, lo: int = 0, hi: int | None = None
+    ss: ShardSet,
+    shard: int,
+    verify: bool = False,
+    lo: int = 0,
+    hi: int | None = None,
+    rows: bool = False,
 ) -> tuple[list[str], list[np.ndarray]]:
     """(sample ids, token id arrays) of one shard: one sequential read, sliced by the offset index.
 
@@ -177,7 +216,8 @@ def read_shard(
     are decoded (every sample's members are checked to lie in the file, so a truncated shard
     fails on any range). A local file is read in blocks of `_READ_BLOCK` bytes, holding only
     the block a sample lies in (the file is several times its tokens: tar headers, metadata,
-    padding); a remote one in one read.
+    padding); a remote one in one read. rows: the token ids as one `TokenRows` (decoded
+    straight from the blocks; no object per sample) instead of an array per sample.
     """
     idx = ss.index(shard)
     entry = ss.shards[shard]
@@ -192,7 +232,8 @@ def read_shard(
     if ss.store is not None or not ordered:
         blob = ss.shard_bytes(shard, verify=verify)
         _check_members(idx, path, len(blob))
-        return _decode_samples(blob, 0, idx, lo, hi)
+        ids, toks = _decode_samples(blob, 0, idx, lo, hi)
+        return (ids, TokenRows.of(toks)) if rows else (ids, toks)
     if not path.exists():
         raise UserError(f"{path}: shard listed in {ss.manifest_path.name} is missing")
     with open(path, "rb") as f:
@@ -211,11 +252,13 @@ def read_shard(
             f.seek(base)
         buf = bytearray()
         ids, toks, err = [], [], None
+        blocks: list[np.ndarray] = []  # rows: each pass's token ids, concatenated
+        lens: list[int] = []
         j = lo
         while True:
             while j < hi and ends[j] <= base + len(buf):  # samples wholly in the buffer
                 try:
-                    a, b = _decode_samples(buf, base, idx, j, j + 1)
+                    a, b = _decode_samples(buf, base, idx, j, j + 1, view=rows)
                 except Exception as e:  # corrupt bytes: reported after the hash check
                     if h is None:
                         raise
@@ -224,6 +267,11 @@ def read_shard(
                 ids += a
                 toks += b
                 j += 1
+            a = b = None
+            if rows and toks:  # copy the views out: the buffer can be resized again
+                lens += [len(t) for t in toks]
+                blocks.append(np.concatenate(toks))
+                toks = []
             keep = int(starts[j]) if j < hi else base + len(buf)
             if keep > base:  # drop what no remaining sample needs
                 cut = min(keep - base, len(buf))
@@ -250,6 +298,12 @@ def read_shard(
             raise err
         if j < hi:
             raise UserError(f"{path}: truncated shard (short read); re-create it")
+    if rows:
+        ntok = np.array(lens, dtype=np.int64)
+        start = np.zeros(len(ntok) + 1, dtype=np.int64)
+        np.cumsum(ntok, out=start[1:])
+        flat = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.uint16)
+        return ids, TokenRows(flat, start)
     return ids, toks
 
 
@@ -264,25 +318,19 @@ def _check_members(idx: dict, path, size: int) -> None:
         )
 
 
-def _decode_samples(blob, base: int, idx: dict, lo: int, hi: int):
-    """(ids, token arrays) of samples lo..hi-1 from `blob`, the file's bytes from offset `base`."""
+def _decode_samples(blob, base: int, idx: dict, lo: int, hi: int, view: bool = False):
+    """(ids, token arrays) of samples lo..hi-1 from `blob`, the file's bytes from offset `base`.
+    view: the arrays are views of `blob` (no copy; drop them before `blob` is resized)."""
     ids, toks = [], []
     for j in range(lo, hi):
         mo, ms = int(idx["meta_offset"][j]) - base, int(idx["meta_size"][j])
         io_, is_ = int(idx["ids_offset"][j]) - base, int(idx["ids_size"][j])
         ids.append(str(json.loads(blob[mo : mo + ms])["id"]))
-        toks.append(_ids_from_npy(bytes(blob[io_ : io_ + is_])))
+        if view:
+            toks.append(_ids_from_npy(blob, io_, is_))
+        else:
+            toks.append(_ids_from_npy(bytes(blob[io_ : io_ + is_])))
     return ids, toks
-
-
-def compact_tokens(toks: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-    """(the same token arrays as views of one compact copy, their lengths): the shard file's
-    bytes (tar headers, metadata, padding: several times the tokens) are no longer held."""
-    ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
-    if not toks:
-        return [], ntok
-    flat = np.concatenate(toks)
-    return np.split(flat, np.cumsum(ntok[:-1])), ntok
 
 
 # ---- batch plan --------------------------------------------------------------------------
@@ -410,9 +458,9 @@ def to_batch(arr: BatchArrays, compact: bool = False) -> Batch:
 
 def check_token_ids(sample_ids, toks) -> None:
     """UserError unless every token id lies in [0, 2**31) (the compact batches are int32)."""
-    if not toks:
+    if not len(toks):
         return
-    flat = np.concatenate(toks)
+    flat = toks.flat if isinstance(toks, TokenRows) else np.concatenate(toks)
     if len(flat) and (int(flat.max()) >= 2**31 or int(flat.min()) < 0):
         raise UserError(
             f"token ids outside [0, 2**31) in a shard of {sample_ids[0]!r}...; re-create the shards "
@@ -464,7 +512,10 @@ def chunked_batch_arrays(
     Token ids are not range-checked here (`check_token_ids`)."""
     K = int(cfg.masks)
     chunk_tokens = CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens)
-    ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+    if isinstance(toks, TokenRows):
+        ntok = toks.ntok
+    else:
+        ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
     lengths = np.repeat(ntok, K)
     plan = plan_batches(lengths, cfg.token_budget, cfg.window)
     j = 0
@@ -1013,11 +1064,10 @@ class ShardPrep(torch.utils.data.Dataset):
 
     def _read(self, pos: int, lo: int = 0, hi: int | None = None):
         sample_ids, toks = read_shard(
-            self.ss, self.shards[pos], verify=self.cfg.verify and lo == 0, lo=lo, hi=hi
+            self.ss, self.shards[pos], verify=self.cfg.verify and lo == 0, lo=lo, hi=hi, rows=True
         )
-        toks, ntok = compact_tokens(toks)  # the file's bytes are freed here
         check_token_ids(sample_ids, toks)
-        return sample_ids, toks, ntok
+        return sample_ids, toks, toks.ntok
 
     def _chunks(self, sample_ids, toks, first: int = 0):
         return chunked_batch_arrays(sample_ids, toks, self.cfg, self.spec, self.pad_id, first=first)
