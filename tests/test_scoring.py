@@ -575,6 +575,60 @@ def test_vectorised_batches_equal_row_by_row(tiny_assets, budget, window):
         assert b.sample.tolist() == sample and b.n_tokens == int(att.sum())
 
 
+def _same_arrays(got, want):
+    assert len(got) == len(want) > 1
+    for g, w in zip(got, want):
+        assert len(g) == len(w) == 7 and g[6] == w[6]
+        for x, y in zip(g[:6], w[:6]):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "K,window,budget", [(2, 7, 300), (3, 7, 300), (2, 1000, 700), (3, 1000, 700), (2, 10**6, 900)]
+)
+def test_chunked_batches_equal_the_shards(tiny_assets, K, window, budget):
+    """Preparing a shard a chunk at a time (masks only of each chunk's samples), and in parts of
+    whole windows (the worker items, here tiny), gives exactly the whole-shard batches, in order
+    (window 7 with K 2 and 3: parts are lcm(7, K)/K-sample multiples; a window larger than the shard)."""
+    import dataclasses
+
+    from kdcl_dist.curriculum import scoring
+    from kdcl_dist.data.reader import ShardSet
+
+    tok, spec, sids, toks = _shard0(tiny_assets)
+    cfg = _cfg(masks=K, seed=5, token_budget=budget, window=window, verify=True)
+    want = scoring.shard_batch_arrays(sids, toks, cfg, spec, tok.pad_token_id)
+    for chunk_tokens in (1, 2000, scoring.CHUNK_TOKENS):
+        chunks = list(
+            scoring.chunked_batch_arrays(
+                sids, toks, cfg, spec, tok.pad_token_id, chunk_tokens=chunk_tokens
+            )
+        )
+        assert chunk_tokens > 1000 or len(chunks) == len(want)  # one batch per chunk
+        _same_arrays([a for c in chunks for a in c], want)
+    ss = ShardSet(tiny_assets["shards"])
+    unit = scoring.part_samples(window, K, 1)
+    assert unit == (
+        7 if window == 7 else 500 if K == 2 and window == 1000 else 1000 if K == 3 else 500000
+    )
+    size = scoring.part_samples(window, K, 20)  # several parts per shard where windows allow
+    for workers, prefetch in ((0, True), (0, False), (2, False)):
+        prep = scoring.ShardPrep(ss, [0, 1], cfg, spec, tok.pad_token_id, part_size=size)
+        shards = list(scoring.prepared_shards(prep, workers, prefetch))  # shard 0 not consumed
+        assert len(shards) == 2
+        prep = scoring.ShardPrep(ss, [1, 0], cfg, spec, tok.pad_token_id, part_size=size)
+        for i, got in zip([1, 0], scoring.prepared_shards(prep, workers, prefetch)):
+            ids, tk = scoring.read_shard(ss, i)
+            arrs = list(got.batches)
+            assert got.sample_ids == ids and got.n == len(ids)
+            assert got.ntok.tolist() == [len(t) for t in tk]
+            _same_arrays(arrs, scoring.shard_batch_arrays(ids, tk, cfg, spec, tok.pad_token_id))
+    if window == 7:
+        assert len(prep.parts) > 2  # the worker path took several parts of a shard
+    with pytest.raises(ValueError):
+        scoring.ShardPrep(ss, [0], dataclasses.replace(cfg, window=7), spec, 0, part_size=5)
+
+
 def test_compact_batches_give_identical_scores(tiny_assets):
     """The GPU path's compact batches (int32, lengths, mask built by the Scorer) score the same
     as the int64 batches, bitwise (checked on CPU)."""

@@ -355,7 +355,7 @@ def _host_once(shards, model_dir, cfg, device, workers: int, passes: int) -> tup
     ntok = 0
     t = time.perf_counter()
     for item in prepared_shards(prep, workers, prefetch=False):
-        for a in item[2]:
+        for a in item.batches:
             ntok += to_batch(a, compact=True).n_tokens  # what the GPU path hands the model
     return ntok / (time.perf_counter() - t), ntok
 

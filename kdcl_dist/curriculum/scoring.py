@@ -22,9 +22,11 @@ windows of ``window`` rows and packed greedily so that rows × padded length sta
 ``token_budget``; padding is excluded by the attention mask and never enters a loss, so a
 score does not depend on the batch it landed in (equal to float round-off across token
 budgets, bit-identical across world sizes, since batches are formed per source shard).
-Host side: a shard's masks for all K draws come from `mask_many` (mask_sample's output,
-row by row, at a fraction of the cost), batches are collated with whole-array numpy ops,
-and `score.workers` processes prepare shards ahead of the model (auto: on GPU only).
+Host side: a shard's batch plan is made from its lengths, then its batches are prepared a
+chunk (~64k tokens) at a time: the masks of the chunk's samples for all K draws come from
+`mask_many` (mask_sample's output, row by row, at a fraction of the cost), batches are
+collated with whole-array numpy ops; a helper thread prepares the next chunk, or
+`score.workers` processes prepare parts of shards ahead of the model (auto: on GPU only).
 Model computation (`Scorer`): embeddings and all encoder layers but the last on every
 position; the last layer after its key/value projections, and the LM head, on the masked
 positions only (`kd.models.encode_masked`; exact, tested against the HF forward).
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -98,7 +101,7 @@ class ScoreConfig:
     )
     prefetch: bool = option(
         True,
-        help="prepare the next shard's batches in a helper thread while scoring (when workers=0)",
+        help="prepare the next chunk of batches in a helper thread while scoring (when workers=0)",
     )
     workers: int = option(
         -1,
@@ -145,45 +148,188 @@ def effective_budget(cfg: ScoreConfig, device: torch.device) -> int:
 _NPY_DTYPES: dict[bytes, np.dtype] = {}
 
 
-def _ids_from_npy(blob: bytes) -> np.ndarray:
-    """Decode `.npy` bytes of a 1-D array without np.load's per-call overhead."""
-    if blob[6] == 1:
-        hlen, start = int.from_bytes(blob[8:10], "little"), 10
+def _ids_from_npy(blob, offset: int = 0, size: int | None = None) -> np.ndarray:
+    """Decode `.npy` bytes of a 1-D array without np.load's per-call overhead: the array in
+    blob[offset:offset+size] (all of blob by default), a view of it."""
+    size = len(blob) - offset if size is None else int(size)
+    head = bytes(blob[offset : offset + min(size, 12)])
+    if head[6] == 1:
+        hlen, start = int.from_bytes(head[8:10], "little"), 10
     else:
-        hlen, start = int.from_bytes(blob[8:12], "little"), 12
-    header = blob[start : start + hlen]
+        hlen, start = int.from_bytes(head[8:12], "little"), 12
+    header = bytes(blob[offset + start : offset + start + hlen])
     dt = _NPY_DTYPES.get(header)
     if dt is None:
         d = ast.literal_eval(header.decode("latin1"))
         if d.get("fortran_order") or len(d.get("shape", ())) != 1:
             from kdcl_dist.data.shards import decode_ids
 
-            return decode_ids(blob)
+            return decode_ids(bytes(blob[offset : offset + size]))
         dt = _NPY_DTYPES.setdefault(header, np.dtype(d["descr"]))
-    return np.frombuffer(blob, dtype=dt, offset=start + hlen)
+    body = start + hlen
+    if (size - body) % dt.itemsize:
+        raise ValueError(f"npy member of {size} bytes is not whole {dt} items")
+    return np.frombuffer(blob, dtype=dt, count=(size - body) // dt.itemsize, offset=offset + body)
+
+
+_READ_BLOCK = 1 << 20  # bytes read (and hashed) at a time from a local shard file
+
+
+class TokenRows:
+    """Token ids of consecutive samples in one array: sample i is flat[start[i]:start[i+1]]
+    (what a prepared shard keeps: no Python object per sample but its id)."""
+
+    def __init__(self, flat: np.ndarray, start: np.ndarray):
+        self.flat, self.start = flat, start
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[self.start[i] : self.start[i + 1]]
+
+    @property
+    def ntok(self) -> np.ndarray:
+        return np.diff(self.start)
+
+    @classmethod
+    def of(cls, arrays: list[np.ndarray]) -> TokenRows:
+        ntok = np.fromiter((len(t) for t in arrays), dtype=np.int64, count=len(arrays))
+        start = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(ntok, out=start[1:])
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
+        return cls(flat, start)
 
 
 def read_shard(
-    ss: ShardSet, shard: int, verify: bool = False
+    ss: ShardSet,
+    shard: int,
+    verify: bool = False,
+    lo: int = 0,
+    hi: int | None = None,
+    rows: bool = False,
 ) -> tuple[list[str], list[np.ndarray]]:
     """(sample ids, token id arrays) of one shard: one sequential read, sliced by the offset index.
 
-    verify: check the bytes against the size and sha256 in the manifest first (one hash
-    pass over bytes already in memory), so a corrupt shard is a one-line error, not scores.
+    verify: check the bytes against the size and sha256 in the manifest (hashed as they are
+    read), so a corrupt shard is a one-line error, not scores. lo, hi: only samples lo..hi-1
+    are decoded (every sample's members are checked to lie in the file, so a truncated shard
+    fails on any range). A local file is read in blocks of `_READ_BLOCK` bytes, holding only
+    the block a sample lies in (the file is several times its tokens: tar headers, metadata,
+    padding); a remote one in one read. rows: the token ids as one `TokenRows` (decoded
+    straight from the blocks; no object per sample) instead of an array per sample.
     """
     idx = ss.index(shard)
-    path = ss.dir / ss.shards[shard]["name"]
-    blob = ss.shard_bytes(shard, verify=verify)
-    ids, toks = [], []
-    for j in range(len(idx["keys"])):
-        mo, ms = int(idx["meta_offset"][j]), int(idx["meta_size"][j])
-        io_, is_ = int(idx["ids_offset"][j]), int(idx["ids_size"][j])
-        if mo < 0 or io_ < 0 or mo + ms > len(blob) or io_ + is_ > len(blob):
+    entry = ss.shards[shard]
+    path = ss.dir / entry["name"]
+    mo_a, ms_a = idx["meta_offset"], idx["meta_size"]
+    io_a, is_a = idx["ids_offset"], idx["ids_size"]
+    n = len(idx["keys"])
+    hi = n if hi is None else min(int(hi), n)
+    lo = min(int(lo), hi)
+    starts, ends = np.minimum(mo_a, io_a), np.maximum(mo_a + ms_a, io_a + is_a)
+    ordered = bool(np.all(starts[1:] >= ends[:-1])) if n else True
+    if ss.store is not None or not ordered:
+        blob = ss.shard_bytes(shard, verify=verify)
+        _check_members(idx, path, len(blob))
+        ids, toks = _decode_samples(blob, 0, idx, lo, hi)
+        return (ids, TokenRows.of(toks)) if rows else (ids, toks)
+    if not path.exists():
+        raise UserError(f"{path}: shard listed in {ss.manifest_path.name} is missing")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        want = entry.get("sha256") if verify else None
+        if verify and entry.get("bytes") and size != entry["bytes"]:
             raise UserError(
-                f"{path}: sample {idx['keys'][j]} is missing a member or the shard is truncated; re-create it"
+                f"{path}: {size} bytes, {ss.manifest_path.name} records {entry['bytes']}; "
+                f"the shard is truncated or corrupt, {ss._rerun_hint()}"
             )
+        _check_members(idx, path, size)
+        h = hashlib.sha256() if want else None
+        base = 0  # file offset of buf[0]
+        if h is None and lo < hi:  # nothing to hash: start at the first sample wanted
+            base = int(starts[lo])
+            f.seek(base)
+        buf = bytearray()
+        ids, toks, err = [], [], None
+        blocks: list[np.ndarray] = []  # rows: each pass's token ids, concatenated
+        lens: list[int] = []
+        j = lo
+        while True:
+            while j < hi and ends[j] <= base + len(buf):  # samples wholly in the buffer
+                try:
+                    a, b = _decode_samples(buf, base, idx, j, j + 1, view=rows)
+                except Exception as e:  # corrupt bytes: reported after the hash check
+                    if h is None:
+                        raise
+                    err, j = e, hi
+                    break
+                ids += a
+                toks += b
+                j += 1
+            a = b = None
+            if rows and toks:  # copy the views out: the buffer can be resized again
+                lens += [len(t) for t in toks]
+                blocks.append(np.concatenate(toks))
+                toks = []
+            keep = int(starts[j]) if j < hi else base + len(buf)
+            if keep > base:  # drop what no remaining sample needs
+                cut = min(keep - base, len(buf))
+                del buf[:cut]
+                base += cut
+            if j >= hi and h is None:
+                break
+            block = f.read(_READ_BLOCK)
+            if not block:
+                break
+            if h is not None:
+                h.update(block)
+            if j < hi:
+                buf += block
+            else:
+                base += len(block)
+        if h is not None and h.hexdigest() != want:
+            got = h.hexdigest()
+            raise UserError(
+                f"{path}: sha256 {got[:16]}... differs from {want[:16]}... recorded in "
+                f"{ss.manifest_path.name}; the shard is corrupt, {ss._rerun_hint()}"
+            )
+        if err is not None:
+            raise err
+        if j < hi:
+            raise UserError(f"{path}: truncated shard (short read); re-create it")
+    if rows:
+        ntok = np.array(lens, dtype=np.int64)
+        start = np.zeros(len(ntok) + 1, dtype=np.int64)
+        np.cumsum(ntok, out=start[1:])
+        flat = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.uint16)
+        return ids, TokenRows(flat, start)
+    return ids, toks
+
+
+def _check_members(idx: dict, path, size: int) -> None:
+    mo_a, ms_a = idx["meta_offset"], idx["meta_size"]
+    io_a, is_a = idx["ids_offset"], idx["ids_size"]
+    bad = (mo_a < 0) | (io_a < 0) | (mo_a + ms_a > size) | (io_a + is_a > size)
+    if bad.any():
+        raise UserError(
+            f"{path}: sample {idx['keys'][int(np.flatnonzero(bad)[0])]} is missing a member or "
+            "the shard is truncated; re-create it"
+        )
+
+
+def _decode_samples(blob, base: int, idx: dict, lo: int, hi: int, view: bool = False):
+    """(ids, token arrays) of samples lo..hi-1 from `blob`, the file's bytes from offset `base`.
+    view: the arrays are views of `blob` (no copy; drop them before `blob` is resized)."""
+    ids, toks = [], []
+    for j in range(lo, hi):
+        mo, ms = int(idx["meta_offset"][j]) - base, int(idx["meta_size"][j])
+        io_, is_ = int(idx["ids_offset"][j]) - base, int(idx["ids_size"][j])
         ids.append(str(json.loads(blob[mo : mo + ms])["id"]))
-        toks.append(_ids_from_npy(blob[io_ : io_ + is_]))
+        if view:
+            toks.append(_ids_from_npy(blob, io_, is_))
+        else:
+            toks.append(_ids_from_npy(bytes(blob[io_ : io_ + is_])))
     return ids, toks
 
 
@@ -310,10 +456,24 @@ def to_batch(arr: BatchArrays, compact: bool = False) -> Batch:
     )
 
 
+def check_token_ids(sample_ids, toks) -> None:
+    """UserError unless every token id lies in [0, 2**31) (the compact batches are int32)."""
+    if not len(toks):
+        return
+    flat = toks.flat if isinstance(toks, TokenRows) else np.concatenate(toks)
+    if len(flat) and (int(flat.max()) >= 2**31 or int(flat.min()) < 0):
+        raise UserError(
+            f"token ids outside [0, 2**31) in a shard of {sample_ids[0]!r}...; re-create the shards "
+            "with the model's tokenizer"
+        )
+
+
 def shard_batch_arrays(
     sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int
 ) -> list[BatchArrays]:
-    """All batches of one shard as numpy arrays: mask (all rows at once), plan, collate."""
+    """All batches of one shard as numpy arrays: mask (all rows at once), plan, collate.
+
+    (Reference form, the whole shard at once; the pass uses `chunked_batch_arrays`, same batches.)"""
     m = mask_many(toks, sample_ids, cfg.masks, "score", cfg.seed, spec)
     if len(m.flat) and (int(m.flat.max()) >= 2**31 or int(m.flat.min()) < 0):
         raise UserError(
@@ -327,10 +487,77 @@ def shard_batch_arrays(
     ]
 
 
+# Padded tokens (rows x longest row) of the batches prepared together: the masks and collated
+# arrays of one chunk are what preparation holds at a time (~50 bytes per token at K = 2).
+CHUNK_TOKENS = 1 << 16
+
+
+def chunked_batch_arrays(
+    sample_ids,
+    toks,
+    cfg: ScoreConfig,
+    spec: MaskSpec,
+    pad_id: int,
+    first: int = 0,
+    chunk_tokens: int | None = None,
+):
+    """Yield the batches of `shard_batch_arrays` (same arrays, same order) in lists ("chunks")
+    of consecutive batches of about `chunk_tokens` padded tokens, so that preparing a shard
+    holds one chunk's masks and batches at a time, not the shard's.
+
+    The whole plan is made first (from the lengths alone); each chunk then masks only the
+    samples its batches take rows of (all K draws; a mask depends only on the sample's id, the
+    draw and the seed) and collates from those. `first`: added to each batch's sample index
+    (when `sample_ids` are samples first.. of a shard whose rows start on a window boundary).
+    Token ids are not range-checked here (`check_token_ids`)."""
+    K = int(cfg.masks)
+    chunk_tokens = CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens)
+    if isinstance(toks, TokenRows):
+        ntok = toks.ntok
+    else:
+        ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+    lengths = np.repeat(ntok, K)
+    plan = plan_batches(lengths, cfg.token_budget, cfg.window)
+    j = 0
+    while j < len(plan):
+        e, total = j, 0
+        while e < len(plan):
+            t = len(plan[e]) * int(lengths[plan[e]].max())
+            if e > j and total + t > chunk_tokens:
+                break
+            total += t
+            e += 1
+        members = plan[j:e]
+        samples = np.unique(np.concatenate(members) // K)
+        m = mask_many(
+            [toks[i] for i in samples.tolist()],
+            [sample_ids[i] for i in samples.tolist()],
+            K,
+            "score",
+            cfg.seed,
+            spec,
+        )
+        out = []
+        for rows in members:
+            i, k = np.divmod(rows, K)
+            inp, lens, r, c, tg, si, nt = collate_rows(
+                m, np.searchsorted(samples, i) * K + k, pad_id
+            )
+            out.append((inp, lens, r, c, tg, samples[si] + first, nt))
+        del m, members
+        yield out
+        j = e
+
+
 def batches_for_shard(sample_ids, toks, cfg: ScoreConfig, spec: MaskSpec, pad_id: int):
-    """Yield the collated batches of one shard (targets filled from the unmasked ids)."""
-    for arr in shard_batch_arrays(sample_ids, toks, cfg, spec, pad_id):
-        yield to_batch(arr)
+    """Yield the collated batches of one shard (targets filled from the unmasked ids), prepared
+    a chunk at a time."""
+    check_token_ids(sample_ids, toks)
+    for chunk in chunked_batch_arrays(sample_ids, toks, cfg, spec, pad_id):
+        for j in range(len(chunk)):
+            a, chunk[j] = chunk[j], None
+            yield to_batch(a)
+            del a
 
 
 def shard_tokens(ss: ShardSet, shard: int) -> int:
@@ -536,6 +763,13 @@ def _batches_released(arrays: list, compact: bool):
         del a
 
 
+def _as_batches(arrays, compact: bool):
+    """The tensors of each batch of an iterable of batch arrays, one at a time."""
+    for a in arrays:
+        yield to_batch(a, compact)
+        del a
+
+
 def _defer_writes(device: torch.device) -> bool:
     """Write shard k's score file after shard k+1's batches are queued on the device, so the
     GPU does not idle while the host copies back, writes and fetches the next shard. Not on
@@ -724,41 +958,186 @@ def _fault_hook(rank: int):
 # ---- preparing shards ahead of the model -----------------------------------------------------
 
 
+# Samples a worker prepares as one item at least (rounded up to whole windows): its batches
+# travel to the scoring process as one message, so this bounds what the workers hand over.
+PART_SAMPLES = 2048
+
+
+def part_samples(window: int, masks: int, target: int | None = None) -> int:
+    """Samples per part of a shard: the smallest multiple of lcm(window, K)/K that is >= target,
+    so that a part's rows (r = i*K + k) are whole windows of the shard's batch plan and its
+    batches are exactly the shard's batches over those rows."""
+    unit = math.lcm(int(window), int(masks)) // int(masks)
+    target = PART_SAMPLES if target is None else int(target)
+    return unit * max(1, -(-target // unit))
+
+
+@dataclass
+class _Head:  # a shard's first event: its sample count and its first (or only) ids/lengths
+    n: int
+    sample_ids: list
+    ntok: np.ndarray
+
+
+@dataclass
+class _Piece:  # the ids/lengths of a later part of the shard (worker items)
+    sample_ids: list
+    ntok: np.ndarray
+
+
+_END = object()  # a shard's last event
+
+
+class PreparedShard:
+    """One shard as the scoring loop takes it: `n` samples; `batches` yields its batch arrays
+    as they are prepared (a chunk at a time), each dropped from its chunk once handed out;
+    `sample_ids` and `ntok` are complete once `batches` is exhausted."""
+
+    def __init__(self, head: _Head, next_event):
+        self.n = int(head.n)
+        self._ids, self._ntok = [head.sample_ids], [head.ntok]
+        self.done = False
+        self.batches = self._batches(next_event)
+
+    def _batches(self, next_event):
+        while True:
+            ev = next_event()
+            if ev is _END:
+                self.done = True
+                return
+            if isinstance(ev, UserError):
+                self.done = True
+                raise ev
+            if isinstance(ev, _Piece):
+                self._ids.append(ev.sample_ids)
+                self._ntok.append(ev.ntok)
+                continue
+            for j in range(len(ev)):  # a chunk: list of batch arrays
+                a, ev[j] = ev[j], None
+                yield a
+                del a
+            del ev
+
+    @property
+    def sample_ids(self) -> list:
+        return [s for part in self._ids for s in part]
+
+    @property
+    def ntok(self) -> np.ndarray:
+        return np.concatenate(self._ntok) if self._ntok else np.zeros(0, np.int64)
+
+
 class ShardPrep(torch.utils.data.Dataset):
-    """Item j: (sample ids, token counts, batch arrays) of shard `shards[j]`, or the UserError
-    that reading it raised (returned, not raised, so it reaches the caller as one line)."""
+    """Preparation of the shards `shards` (read, verify, mask, plan, collate), a chunk of batches
+    at a time (`chunked_batch_arrays`).
+
+    `shard_events(pos)`: the events of shard `shards[pos]` (a `_Head`, its chunks, `_END`; or
+    the UserError that reading it raised, returned, not raised, so it reaches the caller as one
+    line), lazily: one read of the shard, then one chunk at a time (helper thread / inline).
+    As a Dataset (DataLoader workers), item k is part `parts[k]`: samples lo..hi-1 of a shard,
+    whole windows of its plan (`part_samples`), as (pos, lo, sample ids, token counts, batch
+    arrays) or a UserError. The first part of a shard verifies the file (the later parts read
+    the same file, after that part reached the caller, and decode only their samples)."""
 
     def __init__(
-        self, ss: ShardSet, shards: list[int], cfg: ScoreConfig, spec: MaskSpec, pad_id: int
+        self,
+        ss: ShardSet,
+        shards: list[int],
+        cfg: ScoreConfig,
+        spec: MaskSpec,
+        pad_id: int,
+        part_size: int | None = None,
     ):
         self.ss, self.shards, self.cfg, self.spec, self.pad_id = ss, list(shards), cfg, spec, pad_id
+        size = part_size or part_samples(cfg.window, cfg.masks)
+        if (size * cfg.masks) % cfg.window:
+            raise ValueError(f"part of {size} samples is not whole windows of {cfg.window} rows")
+        self.parts: list[tuple[int, int, int, bool]] = []  # (pos, lo, hi, last part of the shard)
+        for pos, i in enumerate(self.shards):
+            n = int(ss.shards[i]["count"])
+            los = list(range(0, n, size)) or [0]
+            for lo in los:
+                self.parts.append((pos, lo, lo + size, lo == los[-1]))
 
     def __len__(self) -> int:
-        return len(self.shards)
+        return len(self.parts)
 
-    def __getitem__(self, j: int):
+    def _read(self, pos: int, lo: int = 0, hi: int | None = None):
+        sample_ids, toks = read_shard(
+            self.ss, self.shards[pos], verify=self.cfg.verify and lo == 0, lo=lo, hi=hi, rows=True
+        )
+        check_token_ids(sample_ids, toks)
+        return sample_ids, toks, toks.ntok
+
+    def _chunks(self, sample_ids, toks, first: int = 0):
+        return chunked_batch_arrays(sample_ids, toks, self.cfg, self.spec, self.pad_id, first=first)
+
+    def shard_events(self, pos: int):
         try:
-            sample_ids, toks = read_shard(self.ss, self.shards[j], verify=self.cfg.verify)
+            sample_ids, toks, ntok = self._read(pos)
+        except UserError as e:
+            yield e
+            return
+        yield _Head(len(sample_ids), sample_ids, ntok)
+        yield from self._chunks(sample_ids, toks)
+        yield _END
+
+    def __getitem__(self, k: int):
+        pos, lo, hi, _last = self.parts[k]
+        try:
+            sample_ids, toks, ntok = self._read(pos, lo, hi)
         except UserError as e:
             return e
-        ntok = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
-        return (
-            sample_ids,
-            ntok,
-            shard_batch_arrays(sample_ids, toks, self.cfg, self.spec, self.pad_id),
-        )
+        batches = [a for chunk in self._chunks(sample_ids, toks, lo) for a in chunk]
+        return pos, lo, sample_ids, ntok, batches
 
 
 def _as_is(x):
     return x
 
 
+def _worker_events(prep: ShardPrep, it):
+    """The event stream of `prep`'s shards from the DataLoader's part items (in order)."""
+    parts = prep.parts
+    k = 0
+    while k < len(parts):
+        pos, lo, _hi, last = parts[k]
+        got = next(it)
+        k += 1
+        if isinstance(got, UserError):
+            yield got
+            while not last:  # the rest of this shard is not used
+                last = parts[k][3]
+                next(it)
+                k += 1
+            continue
+        _pos, _lo, sample_ids, ntok, batches = got
+        del got
+        if lo == 0:
+            yield _Head(int(prep.ss.shards[prep.shards[pos]]["count"]), sample_ids, ntok)
+        else:
+            yield _Piece(sample_ids, ntok)
+        yield batches
+        del batches
+        if last:
+            yield _END
+
+
+def _inline_events(prep: ShardPrep):
+    for pos in range(len(prep.shards)):
+        yield from prep.shard_events(pos)
+
+
 def prepared_shards(prep: ShardPrep, workers: int, prefetch: bool = True):
-    """Generator over `prep`'s items in order: from `workers` DataLoader processes (each item a
-    whole shard; numpy arrays travel through the worker pipe, no shared-memory handles), else
-    from one helper thread one shard ahead (prefetch), else inline. Closing it stops the
-    workers/thread."""
-    n = len(prep)
+    """Generator over `prep`'s shards in order, each a `PreparedShard` (or the UserError that
+    reading it raised), whose batches are prepared a chunk at a time: by `workers` DataLoader
+    processes (an item is a part of a shard, whole windows of it: `ShardPrep.parts`; numpy
+    arrays travel through the worker pipe, no shared-memory handles), else by one helper thread
+    one chunk ahead (prefetch, across shards too), else inline. A shard's batches must be
+    consumed before the next shard is asked for (what is left of them is skipped then), and
+    the generator kept open until they are. Closing it stops the workers/thread."""
+    n = len(prep.shards)
+    pool = loader_it = None
     if workers > 0:
         loader = torch.utils.data.DataLoader(
             prep,
@@ -768,29 +1147,44 @@ def prepared_shards(prep: ShardPrep, workers: int, prefetch: bool = True):
             collate_fn=_as_is,
             prefetch_factor=2,
         )
-        it = iter(loader)
-        try:
-            for _ in range(n):
-                yield next(it)
-        finally:
-            shutdown = getattr(it, "_shutdown_workers", None)
+        loader_it = iter(loader)
+        events = _worker_events(prep, loader_it)
+        next_event = events.__next__
+    elif prefetch:
+        events = _inline_events(prep)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="kdcl-score-prep")
+        state = {"next": pool.submit(next, events, _END)}
+
+        def next_event():
+            ev = state["next"].result()
+            state["next"] = pool.submit(next, events, _END)
+            return ev
+    else:
+        events = _inline_events(prep)
+        next_event = events.__next__
+    try:
+        prev = None
+        for _ in range(n):
+            if prev is not None and not prev.done:
+                for _a in prev.batches:  # the caller left part of the previous shard
+                    pass
+            ev = next_event()
+            if isinstance(ev, UserError):
+                prev = None
+                yield ev
+                continue
+            prev = PreparedShard(ev, next_event)
+            del ev
+            yield prev
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if loader_it is not None:
+            shutdown = getattr(loader_it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
-            del it
-        return
-    if not prefetch or n < 2:
-        for j in range(n):
-            yield prep[j]
-        return
-    pool = ThreadPoolExecutor(1, thread_name_prefix="kdcl-score-prep")
-    try:
-        nxt = pool.submit(prep.__getitem__, 0)
-        for j in range(n):
-            cur = nxt.result()
-            nxt = pool.submit(prep.__getitem__, j + 1) if j + 1 < n else None
-            yield cur
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+            del loader_it
+        events.close()
 
 
 # ---- the stage ---------------------------------------------------------------------------
@@ -954,15 +1348,15 @@ def score_shards(
                     write(pending)
                     pending = None
                 raise got
-            sample_ids, ntok_i, batches = got
             launched = launch_shard(
                 scorer,
-                _batches_released(batches, compact),
-                len(sample_ids),
-                len(sample_ids) * cfg.masks,
+                _as_batches(got.batches, compact),
+                got.n,
+                got.n * cfg.masks,
                 on_batch,
             )
-            del got, batches
+            sample_ids, ntok_i = got.sample_ids, got.ntok
+            del got
             if pending is not None:
                 write(pending)
             pending = (ss.shards[i], sample_ids, ntok_i, launched)
