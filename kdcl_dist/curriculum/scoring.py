@@ -1229,7 +1229,7 @@ def score_shards(
     """
     from kdcl_dist import dist
     from kdcl_dist.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from kdcl_dist.kd.models import model_fingerprint
+    from kdcl_dist.kd.models import check_model_path, model_fingerprint
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -1243,6 +1243,7 @@ def score_shards(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = device or dist.device()
+    check_model_path(model_name)  # a missing model is named as such, not as a tokenizer
     tok = load_tokenizer(str(model_name))
     # a tokenizer without a mask token is refused here, before the model is loaded
     spec = MaskSpec.from_tokenizer(tok, mask_prob=cfg.mask_prob)

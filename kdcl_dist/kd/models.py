@@ -219,6 +219,15 @@ def _lacks(d: Path, keys: set[str]) -> list[str] | None:
     return head
 
 
+def check_model_path(ref: str) -> str:
+    """The resolved path of a model reference; a local path that does not exist is a one-line error."""
+    path = resolve_model_ref(str(ref))
+    p = Path(path)
+    if (p.is_absolute() or path.startswith(".")) and not p.exists():
+        raise UserError(f"{ref}: model path not found; pass a model directory or a hub name")
+    return path
+
+
 def load_mlm(
     name_or_path: str,
     dtype: torch.dtype | None = None,
@@ -239,10 +248,7 @@ def load_mlm(
     from transformers import AutoModelForMaskedLM
 
     ref = str(name_or_path)
-    path = resolve_model_ref(ref)
-    p = Path(path)
-    if (p.is_absolute() or path.startswith(".")) and not p.exists():
-        raise UserError(f"{ref}: model path not found; pass a model directory or a hub name")
+    path = check_model_path(ref)
     kwargs = {"trust_remote_code": trust_remote_code, "output_loading_info": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
