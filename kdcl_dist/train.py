@@ -405,7 +405,34 @@ def _worker_init(_):
 # --------------------------------------------------------------------------------------
 
 
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def train(cfg: TrainConfig) -> dict:
+    """Run training; see `_train`. A 1-rank process group that this call creates for itself is
+    destroyed on return, and the launcher variables it set are undone, so a caller that trains in
+    process (a notebook, a test, a refused run) keeps no port bound and passes no stale
+    MASTER_PORT to the processes it starts later."""
+    owns_group = (
+        dist.env_info().world_size <= 1
+        and "MASTER_ADDR" not in os.environ
+        and not dist.is_initialized()
+    )
+    saved = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    try:
+        return _train(cfg)
+    finally:
+        if owns_group:
+            if dist.is_initialized():
+                torch.distributed.destroy_process_group()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _train(cfg: TrainConfig) -> dict:
     from kdcl_dist import checkpoint as ckpt
     from kdcl_dist.config import write_resolved
     from kdcl_dist.curriculum.order import OrderSpec, pool_fraction

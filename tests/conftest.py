@@ -132,3 +132,32 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, check: bool
             f"kdcl-dist {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
         )
     return p
+
+
+# Launcher variables a test must not leave behind: `train.init_distributed` fills them for a
+# single process, and a later `kdcl-dist` subprocess inheriting MASTER_PORT would rendezvous on
+# a port this pytest process still holds (EADDRINUSE in every later test).
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group(request):
+    before = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    yield
+    import torch.distributed as tdist
+
+    leaked = [k for k in _LAUNCH_ENV if os.environ.get(k) != before[k]]
+    group = tdist.is_available() and tdist.is_initialized()
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if group:
+        tdist.destroy_process_group()
+    if leaked or group:
+        pytest.fail(
+            f"{request.node.nodeid} left {'a process group and ' if group else ''}"
+            f"launcher variables {leaked} in the pytest process (undone now)",
+            pytrace=False,
+        )
