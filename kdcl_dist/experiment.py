@@ -156,6 +156,13 @@ class ExperimentConfig:
         help="pretrained student (same vocabulary as the teacher; its tokenizer builds the shards); "
         "unset: the preset's models.student",
     )
+    tokenizer: str = option(
+        "",
+        help="a trained tokenizer directory for random-init models, used instead of training one "
+        "on the corpus: HF's WordPiece trainer breaks ties in hash order, so two trainings on one "
+        "corpus can differ (huggingface/tokenizers#1794); pass an earlier run's tokenizer to make "
+        "two experiments comparable (unset: trained here; pretrained models use the student's)",
+    )
     teacher_steps: int | None = option(
         None,
         help="teacher adaptation steps (unset: same as --steps with random-init models, "
@@ -764,6 +771,23 @@ class Experiment:
 
         check_same_vocabulary(load_tokenizer(teacher), load_tokenizer(student), teacher, student)
 
+    def check_given_tokenizer(self, pretrained: bool) -> None:
+        """`tokenizer=DIR`: only for random-init models, and it must load (one line, before work)."""
+        from kdcl_dist.data.tokenizer import load_tokenizer
+
+        if pretrained:
+            raise UserError(
+                f"experiment.tokenizer: {self.cfg.tokenizer} given with pretrained models, whose "
+                "shards use the student's own tokenizer; drop tokenizer="
+            )
+        d = Path(self.cfg.tokenizer)
+        if not (d / "tokenizer_config.json").is_file():
+            raise UserError(
+                f"experiment.tokenizer: {d} is not a tokenizer directory (no tokenizer_config.json); "
+                "pass the `tokenizer` directory of an earlier run or of `kdcl-dist tokenizer --out`"
+            )
+        load_tokenizer(str(d))
+
     def prep_steps(self, pretrained: bool) -> tuple[int | None, int | None]:
         """(teacher adaptation, student warm-up) steps; None: a quarter of / all of --steps (tiny)."""
         c = self.cfg
@@ -797,6 +821,8 @@ class Experiment:
         models = self.resolve_models()
         pretrained = models is not None
         t_steps, w_steps = self.prep_steps(pretrained)
+        if c.tokenizer:  # every refusal before any work
+            self.check_given_tokenizer(pretrained)
         if pretrained:  # every refusal before any work
             self.check_heads(models, t_steps, w_steps)
             if not models["from_teacher"]:
@@ -815,18 +841,21 @@ class Experiment:
             f"({c.heldout_percent}% by id hash)"
         )
         if not pretrained:
-            r.step(
-                "tokenizer",
-                [
+            if c.tokenizer:  # an earlier run's: WordPiece training is not deterministic
+                p["tokenizer"] = Path(c.tokenizer).resolve()
+            else:
+                r.step(
                     "tokenizer",
-                    *self.preset_args(),
-                    "--input",
-                    p["data"] / "train.jsonl",
-                    "--out",
-                    p["tokenizer"],
-                ],
-                p["tokenizer"] / "tokenizer_config.json",
-            )
+                    [
+                        "tokenizer",
+                        *self.preset_args(),
+                        "--input",
+                        p["data"] / "train.jsonl",
+                        "--out",
+                        p["tokenizer"],
+                    ],
+                    p["tokenizer"] / "tokenizer_config.json",
+                )
             r.step(
                 "init-models",
                 [

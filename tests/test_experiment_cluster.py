@@ -328,8 +328,23 @@ def test_plan_run_with_bash_gives_the_in_process_report(in_process, tmp_path):
     work, corpus, ref = in_process
     plan = tmp_path / "plan.sh"
     out = tmp_path / "exp"
-    run_cli("experiment", "--corpus", corpus, "--out", out, *GRID, "--plan", plan, env=ENV)
+    # the in-process run's tokenizer: HF's WordPiece trainer breaks ties in hash order, so a
+    # second training on the same corpus may differ (huggingface/tokenizers#1794)
+    tok = work / "ref" / "tokenizer"
+    run_cli(
+        "experiment",
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        *GRID,
+        f"tokenizer={tok}",
+        "--plan",
+        plan,
+        env=ENV,
+    )
     text = plan.read_text()
+    assert "kdcl_dist tokenizer" not in text and f"--tokenizer {tok}" in text
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
     assert "need STEPS steps" in text and "need LAMBDA_kd_cl_matched lambda:kd-cl-matched" in text
     assert not (out / "data").exists()  # writing the plan runs nothing
@@ -380,3 +395,44 @@ def _have(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_given_tokenizer_is_checked_before_any_work(tmp_path):
+    """experiment tokenizer=DIR: a directory without a tokenizer, or a tokenizer beside pretrained
+    models, is a one-line refusal before any step runs."""
+    corpus = _corpus(tmp_path / "corpus.jsonl")
+    p = run_cli(
+        "experiment",
+        "--corpus",
+        corpus,
+        "--out",
+        tmp_path / "a",
+        f"tokenizer={tmp_path}",
+        check=False,
+        env=ENV,
+    )
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        f"kdcl-dist experiment: error: experiment.tokenizer: {tmp_path} is not a tokenizer directory "
+        "(no tokenizer_config.json); pass the `tokenizer` directory of an earlier run or of "
+        "`kdcl-dist tokenizer --out`"
+    )
+    assert not (tmp_path / "a" / "data").exists()
+    tok = tmp_path / "tok"
+    run_cli("tokenizer", "--input", corpus, "--out", tok, "--vocab-size", "300", env=ENV)
+    p = run_cli(
+        "experiment",
+        "--corpus",
+        corpus,
+        "--out",
+        tmp_path / "b",
+        "--preset",
+        "minilm",
+        f"tokenizer={tok}",
+        check=False,
+        env=ENV,
+    )
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        f"kdcl-dist experiment: error: experiment.tokenizer: {tok} given with pretrained models, "
+        "whose shards use the student's own tokenizer; drop tokenizer="
+    )
+    assert not (tmp_path / "b" / "data").exists()
